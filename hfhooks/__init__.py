@@ -1,0 +1,40 @@
+"""hfhooks: gradient masking, attribution alignment, saliency unlearning and layer restoration for
+Hugging Face ``Trainer`` runs and plain PyTorch — via callbacks and module/tensor hooks only.
+
+The core (names, masks, scores) works without a Trainer; callbacks are thin adapters over it.
+"""
+
+from hfhooks._version import __version__
+from hfhooks.artifacts import ArtifactError, model_fingerprint
+from hfhooks.layers import (
+    LayerList,
+    attention_head_slices,
+    find_layers,
+    mlp_projections,
+    mlp_unit_slices,
+)
+from hfhooks.masks import MaskFileError, ParamMask
+from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
+from hfhooks.saliency import SCORES, Scores, compute_saliency
+from hfhooks.topk import topk_masks
+
+__all__ = [
+    "SCORES",
+    "ArtifactError",
+    "LayerList",
+    "MaskFileError",
+    "ParamIndex",
+    "ParamMask",
+    "Scores",
+    "UnknownParameterError",
+    "__version__",
+    "attention_head_slices",
+    "canonical_name",
+    "compute_saliency",
+    "find_layers",
+    "mlp_projections",
+    "mlp_unit_slices",
+    "model_fingerprint",
+    "topk_masks",
+    "unwrap_model",
+]

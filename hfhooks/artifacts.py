@@ -1,0 +1,163 @@
+"""Self-describing safetensors artifacts: stamping, integrity digest, atomic writes, clean read errors.
+
+Every file hfhooks writes (masks, diffs) is a plain safetensors file whose ``__metadata__`` says what it is
+(``hfhooks.kind``), who wrote it (``hfhooks.version``), and carries a SHA-256 digest over all other metadata
+and every tensor's bytes. Reading verifies the digest, so a truncated, bit-flipped or hand-edited file is a
+clear :class:`ArtifactError`, never a silently different mask. Writes go to a temporary file in the target
+directory and are renamed into place, so an interrupted save never leaves half a file under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from hfhooks._version import __version__
+
+__all__ = ["FORMAT_VERSION", "ArtifactError", "model_fingerprint", "read_artifact", "write_artifact"]
+
+FORMAT_VERSION = "1"
+_DIGEST = "hfhooks.digest"
+_STAMP_KEYS = {"hfhooks.kind", "hfhooks.version", "hfhooks.format_version", _DIGEST}
+
+
+class ArtifactError(ValueError):
+    """A file that is not a valid hfhooks artifact of the expected kind (corrupt, truncated, foreign)."""
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """A fingerprint of a model's architecture: canonical names and shapes (not values, not dtypes).
+
+    Two models with the same fingerprint accept the same masks. Stored in artifacts as provenance.
+    """
+    from hfhooks.params import ParamIndex, unwrap_model
+
+    index = model if hasattr(model, "shapes") else ParamIndex(model)
+    h = hashlib.sha256()
+    n = 0
+    for name, shape in sorted(index.shapes().items()):
+        h.update(f"{name}:{list(shape)};".encode())
+        n += int(torch.Size(shape).numel())
+    cfg = getattr(unwrap_model(index.model), "config", None)
+    return {
+        "sha256": h.hexdigest()[:16],
+        "num_tensors": len(index),
+        "num_parameters": n,
+        "model_type": getattr(cfg, "model_type", type(unwrap_model(index.model)).__name__),
+    }
+
+
+def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in sorted(metadata.items()) if k != _DIGEST}).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_artifact(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], kind: str, meta: Mapping[str, Any]
+) -> Path:
+    """Write ``tensors`` with stamped metadata to ``path`` atomically; ``meta`` values are stored as JSON."""
+    path = Path(path)
+    metadata = {
+        "format": "pt",
+        "hfhooks.kind": kind,
+        "hfhooks.version": __version__,
+        "hfhooks.format_version": FORMAT_VERSION,
+    }
+    for key, value in meta.items():
+        metadata[f"hfhooks.{key}"] = json.dumps(value, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata[_DIGEST] = _digest(metadata, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _sniff(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        return "a torch.save() zip archive (a pickle)"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return "a Python pickle"
+    return None
+
+
+def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify an artifact of ``kind``; return its tensors and its decoded ``hfhooks.*`` metadata.
+
+    Raises :class:`ArtifactError` with a message saying what is wrong (missing, pickle, truncated or corrupt,
+    not an hfhooks file, another kind, a newer format, digest mismatch) — never a bare parser exception.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such file.")
+    pickled = _sniff(path)
+    if pickled:
+        raise ArtifactError(
+            f"{path} is {pickled}, not safetensors. hfhooks never unpickles masks or diffs (pickles can run code); "
+            "convert the tensors yourself and save them with hfhooks (e.g. ParamMask(...).save(path))."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # safetensors raises SafetensorError, OSError, or a Rust PanicException
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+    found = metadata.get("hfhooks.kind")
+    if found is None:
+        sample = ", ".join(list(tensors)[:3]) or "no tensors"
+        raise ArtifactError(
+            f"{path} is a safetensors file but not an hfhooks artifact (no 'hfhooks.kind' metadata; tensors: "
+            f"{sample}). Expected an hfhooks {kind} file."
+        )
+    if found != kind:
+        raise ArtifactError(f"{path} is an hfhooks {found!r} file, not a {kind!r} file.")
+    version = metadata.get("hfhooks.format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format_version {version!r}; this hfhooks ({__version__}) reads {FORMAT_VERSION!r}. "
+            "Upgrade hfhooks to read files written by newer versions."
+        )
+    if metadata.get(_DIGEST) != _digest(metadata, tensors):
+        raise ArtifactError(
+            f"{path} failed its integrity check (digest mismatch): the file was modified or corrupted."
+        )
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not key.startswith("hfhooks."):
+            continue
+        short = key[len("hfhooks.") :]
+        if key in _STAMP_KEYS:
+            decoded[short] = value
+            continue
+        try:
+            decoded[short] = json.loads(value)
+        except ValueError:
+            raise ArtifactError(f"{path}: metadata {key!r} is not valid JSON.") from None
+    return tensors, decoded

@@ -1,0 +1,382 @@
+"""``ParamMask``: which coordinates of which parameters may change (1 = trainable / kept).
+
+A mask is keyed by canonical parameter names (see :mod:`hfhooks.params`). Each entry is one of:
+
+* ``element`` — a bool tensor of the parameter's shape;
+* ``row`` — a bool vector over dim 0 (whole output rows of a Linear, e.g. MLP units of an up-projection);
+* ``column`` — a bool vector over dim 1 (whole input columns, e.g. MLP units of a down-projection).
+
+Names absent from a mask are treated as all-zero by the set algebra (``&``, ``|``); ``~`` inverts within
+the mask's own names. :meth:`ParamMask.complete` adds the model's other parameters with a fill value.
+
+Saved files are safetensors with one ``U8`` tensor per parameter holding the bit-packed mask (big bit order,
+as ``numpy.packbits``) — 1 bit per element — plus metadata giving shapes, granularity, density, the score
+and selection used, and a fingerprint of the model. Read one without hfhooks::
+
+    from safetensors import safe_open; import numpy as np, json
+    with safe_open("mask.safetensors", "np") as f:
+        info = json.loads(f.metadata()["hfhooks.tensors"])
+        name = next(iter(info)); meta = info[name]
+        bits = np.unpackbits(f.get_tensor(name), count=meta["length"]).astype(bool)
+        # element masks: bits.reshape(meta["shape"]); row/column masks: one flag per row/column
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfhooks.artifacts import ArtifactError, model_fingerprint, read_artifact, write_artifact
+from hfhooks.layers import Slices
+from hfhooks.params import ParamIndex, UnknownParameterError
+from hfhooks.topk import topk_masks
+
+__all__ = ["GRANULARITIES", "MaskFileError", "ParamMask"]
+
+GRANULARITIES = ("element", "row", "column")
+_AXIS = {"row": 0, "column": 1}
+
+
+class MaskFileError(ArtifactError):
+    """A mask file that cannot be loaded: corrupt, truncated, foreign, or internally inconsistent."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    granularity: str
+    shape: tuple[int, ...]
+    bits: torch.Tensor  # bool; element: `shape`; row: (shape[0],); column: (shape[1],)
+
+    def dense(self) -> torch.Tensor:
+        if self.granularity == "element":
+            return self.bits
+        axis = _AXIS[self.granularity]
+        view = [1] * len(self.shape)
+        view[axis] = self.shape[axis]
+        return self.bits.reshape(view).expand(self.shape)
+
+    def count(self) -> int:
+        kept = int(self.bits.sum())
+        if self.granularity == "element":
+            return kept
+        other = int(np.prod(self.shape)) // self.shape[_AXIS[self.granularity]]
+        return kept * other
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+class ParamMask:
+    """A 0/1 mask over a model's parameters, keyed by canonical names.
+
+    Build one from scores (:meth:`from_scores`), from structural slices (:meth:`from_slices`), from bool
+    tensors (``ParamMask({"name": bool_tensor})``) or from a file (:meth:`load`).
+
+    >>> import torch
+    >>> m = ParamMask.from_scores({"w": torch.tensor([[0.1, 0.9], [0.5, 0.2]])}, ratio=0.5)
+    >>> m["w"].tolist(), m.density()
+    ([[False, True], [True, False]], 0.5)
+    """
+
+    def __init__(
+        self, masks: Mapping[str, torch.Tensor] | None = None, *, metadata: Mapping[str, Any] | None = None
+    ):
+        self._entries: dict[str, _Entry] = {}
+        for name, bits in (masks or {}).items():
+            bits = torch.as_tensor(bits)
+            if bits.dtype != torch.bool:
+                if bits.is_floating_point() or not bool(((bits == 0) | (bits == 1)).all()):
+                    raise ValueError(
+                        f"Mask for {name!r} must be boolean or 0/1 integers, got dtype {bits.dtype}."
+                    )
+                bits = bits.bool()
+            self._entries[name] = _Entry("element", tuple(bits.shape), bits.detach().cpu())
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    # -- constructors --------------------------------------------------------------------------------------
+    @classmethod
+    def _from_entries(
+        cls, entries: Mapping[str, _Entry], metadata: Mapping[str, Any] | None = None
+    ) -> ParamMask:
+        mask = cls(metadata=metadata)
+        mask._entries = dict(entries)
+        return mask
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Mapping[str, torch.Tensor],
+        ratio: float,
+        scope: str = "global",
+        largest: bool = True,
+    ) -> ParamMask:
+        """Keep the top ``ratio`` fraction of elements by score (the bottom fraction if ``largest=False``).
+
+        ``scope="global"`` applies one threshold across all tensors (SalUn); ``"tensor"`` selects within each
+        tensor. Selection is exact and memory-bounded (no concatenation or full sort; see
+        :func:`hfhooks.topk.topk_masks`). Exactly ``round(ratio * N)`` elements are kept; ties at the
+        threshold go to earlier tensors (in ``scores`` order) and, within a tensor, lower flat indices.
+        """
+        masks = topk_masks(scores, ratio, scope=scope, largest=largest)
+        meta = dict(getattr(scores, "metadata", {}) or {})
+        meta["selection"] = {
+            "ratio": ratio,
+            "scope": scope,
+            "largest": largest,
+            "ties": "stable: earlier tensor, lower flat index",
+        }
+        return cls(masks, metadata=meta)
+
+    @classmethod
+    def from_slices(
+        cls, slices: Slices, shapes: nn.Module | ParamIndex | Mapping[str, Iterable[int]]
+    ) -> ParamMask:
+        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.layers`).
+
+        ``shapes`` is the model (or its :class:`ParamIndex`) or an explicit ``{name: shape}``. 1-D parameters
+        (biases) become element masks.
+        """
+        if isinstance(shapes, nn.Module):
+            shapes = ParamIndex(shapes)
+        shape_of = (
+            shapes.shapes() if isinstance(shapes, ParamIndex) else {k: tuple(v) for k, v in shapes.items()}
+        )
+        entries = {}
+        for name, (axis, idx) in slices.items():
+            if name not in shape_of:
+                raise UnknownParameterError(f"Slice names unknown parameter {name!r}.")
+            shape = tuple(shape_of[name])
+            if axis not in (0, 1) or axis >= len(shape):
+                raise ValueError(
+                    f"Axis {axis} is invalid for {name!r} of shape {shape}: use 0 (rows) or 1 (columns)."
+                )
+            bits = torch.zeros(shape[axis], dtype=torch.bool)
+            bits[torch.as_tensor(idx, dtype=torch.long)] = True
+            gran = "element" if len(shape) == 1 else ("row" if axis == 0 else "column")
+            entries[name] = _Entry(gran, shape, bits)
+        return cls._from_entries(entries)
+
+    @classmethod
+    def full(
+        cls, model: nn.Module | ParamIndex, value: bool = True, names: Iterable[str] | None = None
+    ) -> ParamMask:
+        """A mask of constant ``value`` over ``names`` (default: every parameter of ``model``)."""
+        index = model if isinstance(model, ParamIndex) else ParamIndex(model)
+        wanted = list(names) if names is not None else index.names()
+        return cls({n: torch.full(tuple(index.info(n).shape), value, dtype=torch.bool) for n in wanted})
+
+    # -- access --------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The dense bool mask of parameter ``name`` (an expanded view for row/column masks)."""
+        if name not in self._entries:
+            raise UnknownParameterError(f"{name!r} is not in this mask ({len(self)} tensors).")
+        return self._entries[name].dense()
+
+    def granularity(self, name: str) -> str:
+        return self._entries[name].granularity
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def vector(self, name: str) -> torch.Tensor:
+        """The stored bits: the full bool tensor (element) or the per-row / per-column bool vector."""
+        return self._entries[name].bits
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: dense bool tensor}`` (materialised copies)."""
+        return {n: e.dense().clone() for n, e in self._entries.items()}
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """``{name: (kept, total)}``."""
+        return {n: (e.count(), e.numel()) for n, e in self._entries.items()}
+
+    def density(self, name: str | None = None) -> float:
+        """Fraction of ones in one tensor, or over all tensors when ``name`` is None."""
+        if name is not None:
+            if name not in self._entries:
+                raise UnknownParameterError(f"{name!r} is not in this mask ({len(self)} tensors).")
+            entry = self._entries[name]
+            return entry.count() / entry.numel() if entry.numel() else 0.0
+        kept = sum(e.count() for e in self._entries.values())
+        total = sum(e.numel() for e in self._entries.values())
+        return kept / total if total else 0.0
+
+    def densities(self) -> dict[str, float]:
+        return {n: (k / t if t else 0.0) for n, (k, t) in self.counts().items()}
+
+    def __repr__(self) -> str:
+        grans = sorted({e.granularity for e in self._entries.values()})
+        return f"ParamMask({len(self)} tensors, {'/'.join(grans) or 'empty'}, density={self.density():.4f})"
+
+    # -- set algebra ---------------------------------------------------------------------------------------
+    def _combine(self, other: ParamMask, op) -> ParamMask:
+        if not isinstance(other, ParamMask):
+            return NotImplemented
+        entries: dict[str, _Entry] = {}
+        for name in [*self._entries, *(n for n in other._entries if n not in self._entries)]:
+            a, b = self._entries.get(name), other._entries.get(name)
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(
+                    f"Cannot combine masks: {name!r} has shape {a.shape} in one and {b.shape} in the other."
+                )
+            ref = a or b
+            if a is None or b is None:  # absent = all zero
+                zero = _Entry(ref.granularity, ref.shape, torch.zeros_like(ref.bits))
+                a, b = a or zero, b or zero
+            if a.granularity == b.granularity:
+                entries[name] = _Entry(a.granularity, a.shape, op(a.bits, b.bits))
+            else:
+                entries[name] = _Entry("element", a.shape, op(a.dense(), b.dense()))
+        return ParamMask._from_entries(entries)
+
+    def __and__(self, other: ParamMask) -> ParamMask:
+        return self._combine(other, torch.logical_and)
+
+    def __or__(self, other: ParamMask) -> ParamMask:
+        return self._combine(other, torch.logical_or)
+
+    def __invert__(self) -> ParamMask:
+        return ParamMask._from_entries(
+            {n: _Entry(e.granularity, e.shape, ~e.bits) for n, e in self._entries.items()}, self.metadata
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ParamMask) or set(self._entries) != set(other._entries):
+            return False
+        return all(
+            self._entries[n].shape == other._entries[n].shape and torch.equal(self[n], other[n])
+            for n in self._entries
+        )
+
+    __hash__ = None  # mutable container semantics
+
+    def complete(self, model: nn.Module | ParamIndex, fill: bool = False) -> ParamMask:
+        """This mask plus every other parameter of ``model`` filled with ``fill``."""
+        index = model if isinstance(model, ParamIndex) else ParamIndex(model)
+        missing = [n for n in index.names() if n not in self._entries]
+        return self | ParamMask.full(index, fill, missing)
+
+    # -- checks --------------------------------------------------------------------------------------------
+    def validate(self, model: nn.Module | ParamIndex) -> dict[str, nn.Parameter]:
+        """Check every name resolves in ``model`` (wrapped or not) with the right shape.
+
+        Returns ``{canonical name: live Parameter}``. Raises :class:`~hfhooks.params.UnknownParameterError`
+        listing the nearest names for unknown ones, and ``ValueError`` naming both shapes on a mismatch.
+        An empty mask is an error: it would make every hook a silent no-op.
+        """
+        if not self._entries:
+            raise ValueError("The mask is empty: it names no parameter, so applying it would do nothing.")
+        index = model if isinstance(model, ParamIndex) else ParamIndex(model)
+        resolved: dict[str, nn.Parameter] = {}
+        unknown = [n for n in self._entries if n not in index]
+        if unknown:
+            detail = index._unknown_message(unknown[0])
+            more = f" ({len(unknown)} unknown names in total)" if len(unknown) > 1 else ""
+            fp = self.metadata.get("model")
+            origin = (
+                f" The mask was computed on a {fp.get('model_type')} model with fingerprint {fp.get('sha256')}."
+                if isinstance(fp, dict)
+                else ""
+            )
+            raise UnknownParameterError(f"Mask does not fit this model{more}. {detail}{origin}")
+        for name, entry in self._entries.items():
+            param = index.param(name)
+            if tuple(param.shape) != entry.shape:
+                raise ValueError(
+                    f"Mask shape mismatch for {name!r}: mask {entry.shape}, model {tuple(param.shape)}. "
+                    "The mask was computed on a different model configuration."
+                )
+            resolved[index.canonical(name)] = param
+        return resolved
+
+    # -- I/O -----------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, model: nn.Module | None = None, **extra: Any) -> Path:
+        """Save as a bit-packed safetensors mask file (atomically). ``model`` adds its fingerprint."""
+        tensors: dict[str, torch.Tensor] = {}
+        info: dict[str, dict[str, Any]] = {}
+        for name, entry in self._entries.items():
+            bits = entry.bits.reshape(-1).numpy()
+            tensors[name] = torch.from_numpy(np.packbits(bits, bitorder="big"))
+            info[name] = {
+                "shape": list(entry.shape),
+                "granularity": entry.granularity,
+                "length": int(bits.size),
+                "ones": int(entry.bits.sum()),
+                "density": round(entry.count() / entry.numel(), 6) if entry.numel() else 0.0,
+            }
+        meta = {k: v for k, v in self.metadata.items() if k not in ("tensors", "semantics")}
+        if model is not None:
+            meta["model"] = model_fingerprint(model)
+        meta.update(extra)
+        meta["semantics"] = "1=trainable"
+        meta["tensors"] = info
+        return write_artifact(path, tensors, "mask", meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ParamMask:
+        """Load a mask file written by :meth:`save`, verifying its integrity and internal consistency."""
+        try:
+            tensors, meta = read_artifact(path, "mask")
+        except MaskFileError:
+            raise
+        except ArtifactError as e:
+            raise MaskFileError(str(e)) from None
+        info = meta.pop("tensors", None)
+        if not isinstance(info, dict) or set(info) != set(tensors):
+            raise MaskFileError(
+                f"{path}: 'hfhooks.tensors' metadata does not list exactly the stored tensors."
+            )
+        entries: dict[str, _Entry] = {}
+        for name, packed in tensors.items():
+            entries[name] = _decode_entry(path, name, packed, info[name])
+        return cls._from_entries(entries, meta)
+
+
+def _decode_entry(path: Any, name: str, packed: torch.Tensor, info: Any) -> _Entry:
+    def bad(why: str) -> MaskFileError:
+        return MaskFileError(f"{path}: tensor {name!r}: {why}")
+
+    if not isinstance(info, dict):
+        raise bad("metadata entry is not an object")
+    shape, gran, length = info.get("shape"), info.get("granularity"), info.get("length")
+    if gran not in GRANULARITIES:
+        raise bad(f"granularity {gran!r} is not one of {GRANULARITIES}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise bad(f"invalid shape {shape!r}")
+    if gran != "element" and len(shape) < 2:
+        raise bad(f"{gran} mask needs a parameter of at least 2 dimensions, shape is {shape}")
+    expected = int(np.prod(shape)) if gran == "element" else shape[_AXIS[gran]]
+    if length != expected:
+        raise bad(
+            f"length {length!r} does not match shape {shape} at {gran} granularity (expected {expected})"
+        )
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (expected + 7) // 8:
+        raise bad(
+            f"expected a U8 vector of {(expected + 7) // 8} bytes, got {packed.dtype} {tuple(packed.shape)}"
+        )
+    bits = np.unpackbits(packed.numpy(), bitorder="big")
+    if bits[expected:].any():
+        raise bad("non-zero padding bits")
+    bits = torch.from_numpy(bits[:expected].astype(bool))
+    if info.get("ones") != int(bits.sum()):
+        raise bad(f"holds {int(bits.sum())} ones but its metadata says {info.get('ones')!r}")
+    return _Entry(gran, tuple(shape), bits.reshape(shape) if gran == "element" else bits)

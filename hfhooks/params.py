@@ -1,0 +1,259 @@
+"""Canonical parameter names across wrappers, and selectors over them.
+
+Every mask, score and diff in hfhooks is keyed by the *canonical* name of a parameter: its name in the
+unwrapped base model (``model.layers.3.mlp.up_proj.weight``). Training wraps models in layers of containers
+that rename parameters (DDP adds ``module.``, ``torch.compile`` adds ``_orig_mod.``, PEFT adds
+``base_model.model.`` and ``.base_layer``, FSDP1 and activation checkpointing add their own segments).
+Research code that keyed masks by whatever ``named_parameters()`` printed at the time silently stopped
+applying them once the model was wrapped; :class:`ParamIndex` resolves canonical names to the live
+``Parameter`` objects once, when hooks are attached, and fails loudly on names it does not know.
+
+Example:
+    >>> import transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                num_hidden_layers=2, num_attention_heads=2)
+    >>> index = ParamIndex(transformers.LlamaForCausalLM(cfg))
+    >>> index.param("model.layers.1.mlp.up_proj.weight").shape
+    torch.Size([32, 16])
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ParamIndex",
+    "ParamInfo",
+    "UnknownParameterError",
+    "canonical_name",
+    "unwrap_model",
+]
+
+# Leading segments added by outer wrappers. Order does not matter: they are stripped repeatedly.
+_PREFIXES = (
+    "module.",
+    "_orig_mod.",
+    "base_model.model.",
+    "_fsdp_wrapped_module.",
+    "_checkpoint_wrapped_module.",
+)
+# Segments that inner wrappers insert anywhere in a name.
+_INNER_SEGMENTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "base_layer"}
+
+
+class UnknownParameterError(KeyError):
+    """A canonical name (or pattern) that matches nothing in the model; the message lists the nearest names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+def canonical_name(name: str) -> str:
+    """Return the canonical form of a parameter name as printed by a (possibly wrapped) model.
+
+    Strips DDP / torch.compile / PEFT / FSDP1 / activation-checkpoint wrapper segments and PEFT's
+    ``modules_to_save.<adapter>`` / ``original_module`` containers. LoRA adapter weights keep their own
+    segment (``...q_proj.lora_A.default.weight``) since they do not exist in the base model.
+
+    >>> canonical_name("module._orig_mod.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
+    'model.layers.0.self_attn.q_proj.weight'
+    >>> canonical_name("base_model.model.score.modules_to_save.default.weight")
+    'score.weight'
+    """
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                stripped = True
+    parts = name.split(".")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if part in _INNER_SEGMENTS or part == "original_module":
+            i += 1
+        elif part == "modules_to_save" and i + 1 < len(parts):
+            i += 2  # drop "modules_to_save.<adapter_name>"
+        else:
+            out.append(part)
+            i += 1
+    return ".".join(out)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel DDP, FSDP1, torch.compile and PEFT containers off ``model`` and return the base model.
+
+    The returned module is the one whose ``named_parameters()`` (after :func:`canonical_name`) define the
+    canonical names. For a PeftModel this is the base transformers model with LoRA layers injected.
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        cls = type(model).__name__
+        if cls in {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"} or (
+            cls == "OptimizedModule" and hasattr(model, "_orig_mod")
+        ):
+            model = model.module if hasattr(model, "module") else model._orig_mod
+        elif (
+            hasattr(model, "peft_config")
+            and hasattr(model, "base_model")
+            and hasattr(model.base_model, "model")
+        ):
+            model = model.base_model.model  # PeftModel -> LoraModel -> transformers model
+    return model
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """Where a canonical parameter lives in the (wrapped) model."""
+
+    name: str  # canonical name
+    full_name: str  # name as printed by the wrapped model's named_parameters()
+    param: nn.Parameter
+    module: nn.Module  # the module that owns the parameter directly (e.g. an nn.Linear or Conv1D)
+    aliases: tuple[str, ...] = ()  # other canonical names of the same tensor (tied weights)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+
+class ParamIndex:
+    """Canonical name ⇄ live parameter map for one model, built once.
+
+    Tied weights appear once, under the first name ``named_parameters()`` yields; the other names resolve as
+    aliases. Under PEFT ``modules_to_save`` the trainable copy is the live parameter for the canonical name.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._infos: dict[str, ParamInfo] = {}
+        self._alias: dict[str, str] = {}
+        self._by_full: dict[str, str] = {}
+        by_tensor: dict[int, str] = {}
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                canon = canonical_name(full)
+                if id(param) in by_tensor and by_tensor[id(param)] != canon:
+                    first = by_tensor[id(param)]
+                    self._alias[canon] = first
+                    info = self._infos[first]
+                    if canon not in info.aliases:
+                        self._infos[first] = ParamInfo(
+                            info.name, info.full_name, info.param, info.module, (*info.aliases, canon)
+                        )
+                    continue
+                if canon in self._infos and ".original_module." in full:
+                    continue  # PEFT modules_to_save: the trainable copy is the live one; original is shadowed
+                by_tensor[id(param)] = canon
+                self._infos[canon] = ParamInfo(canon, full, param, module)
+                self._by_full[full] = canon
+
+    # -- lookups -------------------------------------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._infos or name in self._alias)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def names(self) -> list[str]:
+        """Canonical names, in the model's registration order."""
+        return list(self._infos)
+
+    def info(self, name: str) -> ParamInfo:
+        """Resolve a canonical name (or an alias of a tied weight) to its :class:`ParamInfo`."""
+        if name in self._infos:
+            return self._infos[name]
+        if name in self._alias:
+            return self._infos[self._alias[name]]
+        canon = canonical_name(name)
+        if canon != name and canon in self:
+            return self.info(canon)
+        raise UnknownParameterError(self._unknown_message(name))
+
+    def param(self, name: str) -> nn.Parameter:
+        """The live ``Parameter`` for a canonical name."""
+        return self.info(name).param
+
+    def canonical(self, name: str) -> str:
+        """Canonical name for a name as printed by the wrapped model, a canonical name, or an alias."""
+        if name in self._by_full:
+            return self._by_full[name]
+        return self.info(name).name
+
+    def items(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, info in self._infos.items():
+            yield name, info.param
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(i.param.shape) for n, i in self._infos.items()}
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self._infos), n=3, cutoff=0.5)
+        hint = (
+            f" Nearest matches: {', '.join(close)}."
+            if close
+            else f" The model has {len(self)} parameters, e.g. {next(iter(self._infos), '?')}."
+        )
+        return f"Unknown parameter name {name!r}.{hint} Names are canonical (unwrapped base-model) names; see hfhooks.ParamIndex(model).names()."
+
+    # -- selection -----------------------------------------------------------------------------------------
+    def select(
+        self,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        layers: Iterable[int] | slice | None = None,
+        trainable_only: bool = False,
+    ) -> list[str]:
+        """Canonical names matching any ``include`` pattern and no ``exclude`` pattern.
+
+        Patterns are globs (``*.mlp.*``) or regular expressions (``re:layers\\.[0-3]\\.``); a plain name
+        matches itself. ``layers`` keeps only parameters of those decoder layers (see :func:`find_layers`).
+        A pattern that matches nothing raises :class:`UnknownParameterError` naming the nearest parameters,
+        because a selector that silently selects nothing is how masks end up never applied.
+        """
+        names = self.names()
+        if trainable_only:
+            names = [n for n in names if self._infos[n].param.requires_grad]
+        if include is not None:
+            keep: list[str] = []
+            for pat in _as_list(include):
+                hit = [n for n in names if _match(pat, n)]
+                if not hit:
+                    raise UnknownParameterError(self._unknown_message(pat))
+                keep.extend(h for h in hit if h not in keep)
+            names = [n for n in names if n in set(keep)]
+        for pat in _as_list(exclude or []):
+            names = [n for n in names if not _match(pat, n)]
+        if layers is not None:
+            from hfhooks.layers import find_layers, layer_of, select_layers  # layers.py builds on this module
+
+            blocks = find_layers(self.model)
+            wanted = set(select_layers(blocks, layers))
+            names = [n for n in names if layer_of(n, blocks) in wanted]
+        return names
+
+
+def _as_list(x: str | Iterable[str]) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+def _match(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern == name

@@ -1,0 +1,268 @@
+"""Gradient-based saliency scores over a dataloader, keyed by canonical parameter names.
+
+Scores (accumulated over batches; ``g_b`` is batch ``b``'s gradient at the current weights θ):
+
+* ``grad_abs_sum`` — ``|Σ_b g_b|`` (SalUn's weight saliency: sum signed gradients, take abs at the end);
+* ``grad_sum_abs`` — ``Σ_b |g_b|``;
+* ``fisher`` — ``Σ_b g_b²`` (empirical Fisher at batch granularity);
+* ``grad_x_weight`` — ``|θ ⊙ Σ_b g_b|`` (SNIP-like connection sensitivity);
+* ``act_x_grad`` — neuron scores on module activations: ``|a_j · ∂L/∂a_j|``, max over positions, mean over
+  examples; by default on the input of every MLP down-projection (the MLP hidden units).
+
+The model is scored in eval mode (dropout off, as SalUn does) and left exactly as found: training mode of
+every module, weights, ``.grad`` and ``requires_grad``. Gradients are folded into one fp32 buffer per
+parameter by a post-accumulate-grad hook and freed immediately, so memory is one fp32 score per scored
+parameter plus the transient gradient of one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfhooks.layers import find_layers, mlp_projections
+from hfhooks.params import ParamIndex
+
+__all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved"]
+
+SCORES = ("grad_abs_sum", "grad_sum_abs", "fisher", "grad_x_weight", "act_x_grad")
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class Scores(dict):
+    """``{canonical name: fp32 score tensor}`` with a ``metadata`` dict (score kind, batches, examples)."""
+
+    def __init__(self, *args: Any, metadata: Mapping[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+
+@contextlib.contextmanager
+def model_state_preserved(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Restore every module's training flag, and ``.grad`` / ``requires_grad`` of ``params``, on exit.
+
+    On entry the gradients of ``params`` are set aside (``.grad = None``) so that work inside the block
+    starts from clean gradients; they are put back on exit, even if the block raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(params)
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = (
+        model(**batch)
+        if isinstance(batch, Mapping)
+        else model(*batch)
+        if isinstance(batch, (list, tuple))
+        else model(batch)
+    )
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "The model returned no loss for this batch. Include labels in the batch (HF models compute the loss "
+            "from `labels`) or pass loss_fn=lambda model, batch: ... returning a scalar."
+        )
+    return loss
+
+
+def _select_params(index: ParamIndex, params: str | Iterable[str]) -> dict[str, nn.Parameter]:
+    if params == "trainable":
+        chosen = {n: p for n, p in index.items() if p.requires_grad}
+        if not chosen:
+            raise ValueError(
+                "The model has no trainable parameters; pass params='all' to score frozen weights."
+            )
+        return chosen
+    if params == "all":
+        return dict(index.items())
+    if params == "base":  # frozen base weights of a PeftModel (LoRA adapters excluded)
+        return {n: p for n, p in index.items() if ".lora_" not in n}
+    return {n: index.param(n) for n in index.select(params)}
+
+
+def compute_saliency(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    score: str = "grad_abs_sum",
+    loss_fn: LossFn | None = None,
+    params: str | Iterable[str] = "trainable",
+    modules: Iterable[str] | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> Scores:
+    """Score parameters (or neurons) of ``model`` by gradients of a loss over ``dataloader``.
+
+    Args:
+        model: any ``nn.Module``, including PEFT / DDP / compiled wrappers (keys are canonical names).
+        dataloader: an iterable of batches (dicts for HF models). Batches are moved to the model's device.
+        score: one of :data:`SCORES`.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default: ``model(**batch).loss``. The sign does not
+            matter for the absolute-value scores (SalUn uses −CE on the forget set).
+        params: ``"trainable"`` (default; on a PeftModel the LoRA parameters), ``"all"`` (frozen weights
+            too — on a PeftModel, base weights), ``"base"`` (all but LoRA adapters), or patterns for
+            :meth:`ParamIndex.select`.
+        modules: for ``act_x_grad``: canonical module names whose *input* activations are scored; default:
+            every MLP down-projection (so score ``j`` is MLP hidden unit ``j``).
+        max_batches: stop after this many batches.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`Scores` — fp32 tensors on the parameters' devices; for ``act_x_grad`` keys are module names
+        and values have one entry per unit.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not one of {SCORES}.")
+    index = ParamIndex(model)
+    targets = _select_params(index, params) if score != "act_x_grad" else {}
+    loss_fn = loss_fn or _default_loss
+    device = next(model.parameters()).device
+    all_params = [p for _, p in index.items()]
+    with model_state_preserved(model, all_params):
+        model.eval()
+        for p in all_params:  # only scored parameters need gradients; the rest are skipped by autograd
+            p.requires_grad_(any(p is t for t in targets.values()) if score != "act_x_grad" else False)
+        if score == "act_x_grad":
+            scores, n_batches, n_examples = _neuron_scores(
+                model, index, dataloader, loss_fn, modules, device, max_batches, progress
+            )
+        else:
+            scores, n_batches, n_examples = _param_scores(
+                model, targets, dataloader, score, loss_fn, device, max_batches, progress
+            )
+    if n_batches == 0:
+        raise ValueError("The dataloader yielded no batches: nothing to score.")
+    return Scores(scores, metadata={"score": score, "batches": n_batches, "examples": n_examples})
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (list, tuple)):
+        batch = batch[0] if batch else None
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() else 1
+
+
+def _batches(dataloader: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[Any]:
+    total = None
+    with contextlib.suppress(TypeError):
+        total = len(dataloader)  # type: ignore[arg-type]
+    if max_batches is not None:
+        total = min(total, max_batches) if total is not None else max_batches
+    for i, batch in enumerate(tqdm(dataloader, total=total, desc=desc, disable=not progress, leave=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        yield batch
+
+
+def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress):
+    buffers = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in targets.items()}
+
+    def make_hook(buf: torch.Tensor):
+        def fold(p: torch.Tensor) -> None:
+            g = p.grad.float()
+            if score in ("grad_abs_sum", "grad_x_weight"):
+                buf.add_(g)
+            elif score == "grad_sum_abs":
+                buf.add_(g.abs())
+            else:  # fisher
+                buf.addcmul_(g, g)
+            p.grad = None  # free it now: peak memory stays at one score buffer per parameter
+
+        return fold
+
+    handles = [p.register_post_accumulate_grad_hook(make_hook(buffers[n])) for n, p in targets.items()]
+    n_batches = n_examples = 0
+    try:
+        for batch in _batches(dataloader, max_batches, progress, f"saliency ({score})"):
+            batch = _to_device(batch, device)
+            loss = loss_fn(model, batch)
+            if not loss.requires_grad:
+                raise ValueError("The loss does not depend on any scored parameter (no grad_fn).")
+            loss.backward()
+            n_batches += 1
+            n_examples += _batch_size(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, buf in buffers.items():
+        if score == "grad_abs_sum":
+            buf.abs_()
+        elif score == "grad_x_weight":
+            buf.mul_(targets[n].detach().float()).abs_()
+    return buffers, n_batches, n_examples
+
+
+def _default_neuron_modules(index: ParamIndex) -> list[str]:
+    return [path for i in range(len(find_layers(index.model))) for path in mlp_projections(index, i)[1]]
+
+
+def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batches, progress):
+    module_names = list(modules) if modules is not None else _default_neuron_modules(index)
+    by_name = {}
+    for name in module_names:
+        info = index.info(f"{name}.weight")
+        by_name[name] = info.module
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_pre_hook(name: str):
+        def capture(module: nn.Module, args: tuple) -> tuple:
+            act = args[0].detach().requires_grad_(True)  # a leaf we can read the gradient of
+
+            def on_grad(grad: torch.Tensor) -> None:
+                contrib = (act.detach() * grad).abs().float()
+                per_example = contrib.reshape(contrib.shape[0], -1, contrib.shape[-1]).amax(dim=1)
+                total = per_example.sum(0)
+                sums[name] = sums[name] + total if name in sums else total
+
+            act.register_hook(on_grad)
+            return (act, *args[1:])
+
+        return capture
+
+    for name, module in by_name.items():
+        handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
+    n_batches = n_examples = 0
+    try:
+        for batch in _batches(dataloader, max_batches, progress, "saliency (act_x_grad)"):
+            batch = _to_device(batch, device)
+            loss = loss_fn(model, batch)
+            if not loss.requires_grad:
+                raise ValueError("The loss does not depend on the scored activations (no grad_fn).")
+            loss.backward()
+            n_batches += 1
+            n_examples += _batch_size(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in module_names if n not in sums]
+    if missing and n_batches:
+        raise ValueError(f"Modules {missing[:3]} never ran in the forward pass; they cannot be scored.")
+    return {n: sums[n] / max(n_examples, 1) for n in module_names if n in sums}, n_batches, n_examples
