@@ -10,6 +10,7 @@ from hfhooks.layers import (
     LayerList,
     attention_head_slices,
     find_layers,
+    layer_of,
     mlp_projections,
     mlp_unit_slices,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "canonical_name",
     "compute_saliency",
     "find_layers",
+    "layer_of",
     "mlp_projections",
     "mlp_unit_slices",
     "model_fingerprint",

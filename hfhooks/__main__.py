@@ -1,0 +1,3 @@
+from hfhooks.cli import main
+
+raise SystemExit(main())
