@@ -6,6 +6,8 @@ The core (names, masks, scores) works without a Trainer; callbacks are thin adap
 
 from hfhooks._version import __version__
 from hfhooks.artifacts import ArtifactError, model_fingerprint
+from hfhooks.callbacks import GradientMaskCallback
+from hfhooks.freeze import GradientMask
 from hfhooks.layers import (
     LayerList,
     attention_head_slices,
@@ -22,6 +24,8 @@ from hfhooks.topk import topk_masks
 __all__ = [
     "SCORES",
     "ArtifactError",
+    "GradientMask",
+    "GradientMaskCallback",
     "LayerList",
     "MaskFileError",
     "ParamIndex",
