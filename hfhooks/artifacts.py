@@ -63,7 +63,7 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) ->
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors too
     return h.hexdigest()
 
 
@@ -72,6 +72,9 @@ def write_artifact(
 ) -> Path:
     """Write ``tensors`` with stamped metadata to ``path`` atomically; ``meta`` values are stored as JSON."""
     path = Path(path)
+    reserved = sorted(k for k in meta if f"hfhooks.{k}" in _STAMP_KEYS)
+    if reserved:
+        raise ValueError(f"Metadata keys {reserved} are reserved for the hfhooks stamp; rename them.")
     metadata = {
         "format": "pt",
         "hfhooks.kind": kind,
@@ -79,7 +82,7 @@ def write_artifact(
         "hfhooks.format_version": FORMAT_VERSION,
     }
     for key, value in meta.items():
-        metadata[f"hfhooks.{key}"] = json.dumps(value, sort_keys=True)
+        metadata[f"hfhooks.{key}"] = json.dumps(value)  # insertion order kept (e.g. a mask's tensor order)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata[_DIGEST] = _digest(metadata, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +161,6 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
             continue
         try:
             decoded[short] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deeply nested JSON
             raise ArtifactError(f"{path}: metadata {key!r} is not valid JSON.") from None
     return tensors, decoded

@@ -23,6 +23,7 @@ and selection used, and a fingerprint of the model. Read one without hfhooks::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ __all__ = ["GRANULARITIES", "MaskFileError", "ParamMask"]
 
 GRANULARITIES = ("element", "row", "column")
 _AXIS = {"row": 0, "column": 1}
+_SEMANTICS = "1=trainable"
+_RESERVED_META = ("tensors", "semantics", "kind", "version", "format_version", "digest")
 
 
 class MaskFileError(ArtifactError):
@@ -323,11 +326,12 @@ class ParamMask:
                 "ones": int(entry.bits.sum()),
                 "density": round(entry.count() / entry.numel(), 6) if entry.numel() else 0.0,
             }
-        meta = {k: v for k, v in self.metadata.items() if k not in ("tensors", "semantics")}
+        # A loaded mask's metadata carries the old file's stamp (kind, version, digest...): never write it back.
+        meta = {k: v for k, v in self.metadata.items() if k not in _RESERVED_META}
         if model is not None:
             meta["model"] = model_fingerprint(model)
         meta.update(extra)
-        meta["semantics"] = "1=trainable"
+        meta["semantics"] = _SEMANTICS
         meta["tensors"] = info
         return write_artifact(path, tensors, "mask", meta)
 
@@ -340,14 +344,18 @@ class ParamMask:
             raise
         except ArtifactError as e:
             raise MaskFileError(str(e)) from None
+        if meta.get("semantics") != _SEMANTICS:
+            raise MaskFileError(
+                f"{path}: mask semantics {meta.get('semantics')!r}; this hfhooks reads {_SEMANTICS!r} masks."
+            )
         info = meta.pop("tensors", None)
         if not isinstance(info, dict) or set(info) != set(tensors):
             raise MaskFileError(
                 f"{path}: 'hfhooks.tensors' metadata does not list exactly the stored tensors."
             )
         entries: dict[str, _Entry] = {}
-        for name, packed in tensors.items():
-            entries[name] = _decode_entry(path, name, packed, info[name])
+        for name in info:  # the saved order (safetensors itself stores tensors sorted by name)
+            entries[name] = _decode_entry(path, name, tensors[name], info[name])
         return cls._from_entries(entries, meta)
 
 
@@ -360,12 +368,15 @@ def _decode_entry(path: Any, name: str, packed: torch.Tensor, info: Any) -> _Ent
     shape, gran, length = info.get("shape"), info.get("granularity"), info.get("length")
     if gran not in GRANULARITIES:
         raise bad(f"granularity {gran!r} is not one of {GRANULARITIES}")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    # `type(x) is int`, not isinstance: JSON true/false are bools (ints to Python), and 4.0 == 4.
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise bad(f"invalid shape {shape!r}")
+    if math.prod(shape) >= 1 << 63:  # math.prod: exact, where np.prod would silently wrap around
+        raise bad(f"shape {shape} has too many elements")
     if gran != "element" and len(shape) < 2:
         raise bad(f"{gran} mask needs a parameter of at least 2 dimensions, shape is {shape}")
-    expected = int(np.prod(shape)) if gran == "element" else shape[_AXIS[gran]]
-    if length != expected:
+    expected = math.prod(shape) if gran == "element" else shape[_AXIS[gran]]
+    if type(length) is not int or length != expected:
         raise bad(
             f"length {length!r} does not match shape {shape} at {gran} granularity (expected {expected})"
         )
@@ -377,6 +388,11 @@ def _decode_entry(path: Any, name: str, packed: torch.Tensor, info: Any) -> _Ent
     if bits[expected:].any():
         raise bad("non-zero padding bits")
     bits = torch.from_numpy(bits[:expected].astype(bool))
-    if info.get("ones") != int(bits.sum()):
-        raise bad(f"holds {int(bits.sum())} ones but its metadata says {info.get('ones')!r}")
-    return _Entry(gran, tuple(shape), bits.reshape(shape) if gran == "element" else bits)
+    ones = info.get("ones")
+    if type(ones) is not int or ones != int(bits.sum()):
+        raise bad(f"holds {int(bits.sum())} ones but its metadata says {ones!r}")
+    entry = _Entry(gran, tuple(shape), bits.reshape(shape) if gran == "element" else bits)
+    density = round(entry.count() / entry.numel(), 6) if entry.numel() else 0.0
+    if type(info.get("density")) is not float or info["density"] != density:
+        raise bad(f"density is {density} but its metadata says {info.get('density')!r}")
+    return entry

@@ -140,24 +140,30 @@ class ParamIndex:
         self._alias: dict[str, str] = {}
         self._by_full: dict[str, str] = {}
         by_tensor: dict[int, str] = {}
-        for mod_name, module in model.named_modules(remove_duplicate=False):
-            for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
-                full = f"{mod_name}.{p_name}" if mod_name else p_name
-                canon = canonical_name(full)
-                if id(param) in by_tensor and by_tensor[id(param)] != canon:
-                    first = by_tensor[id(param)]
-                    self._alias[canon] = first
-                    info = self._infos[first]
-                    if canon not in info.aliases:
-                        self._infos[first] = ParamInfo(
-                            info.name, info.full_name, info.param, info.module, (*info.aliases, canon)
-                        )
-                    continue
-                if canon in self._infos and ".original_module." in full:
-                    continue  # PEFT modules_to_save: the trainable copy is the live one; original is shadowed
-                by_tensor[id(param)] = canon
-                self._infos[canon] = ParamInfo(canon, full, param, module)
-                self._by_full[full] = canon
+        entries = [
+            (f"{mod_name}.{p_name}" if mod_name else p_name, param, module)
+            for mod_name, module in model.named_modules(remove_duplicate=False)
+            for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False)
+        ]
+        # PEFT modules_to_save: the trainable copy is the live parameter of the canonical name; the shadowed
+        # original is skipped (if it is tied to another name, e.g. lm_head, that name keeps it as its own).
+        copied = {canonical_name(f) for f, _, _ in entries if "original_module" not in f.split(".")}
+        for full, param, module in entries:
+            canon = canonical_name(full)
+            if "original_module" in full.split(".") and canon in copied:
+                continue
+            if id(param) in by_tensor and by_tensor[id(param)] != canon:
+                first = by_tensor[id(param)]
+                self._alias[canon] = first
+                info = self._infos[first]
+                if canon not in info.aliases:
+                    self._infos[first] = ParamInfo(
+                        info.name, info.full_name, info.param, info.module, (*info.aliases, canon)
+                    )
+                continue
+            by_tensor[id(param)] = canon
+            self._infos[canon] = ParamInfo(canon, full, param, module)
+            self._by_full[full] = canon
 
     # -- lookups -------------------------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfhooks.data import to_device
 from hfhooks.layers import find_layers, mlp_projections
 from hfhooks.params import ParamIndex
 
@@ -63,16 +64,6 @@ def model_state_preserved(model: nn.Module, params: Iterable[nn.Parameter] = ())
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
             p.grad = grad
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -201,7 +192,7 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
     n_batches = n_examples = 0
     try:
         for batch in _batches(dataloader, max_batches, progress, f"saliency ({score})"):
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             loss = loss_fn(model, batch)
             if not loss.requires_grad:
                 raise ValueError("The loss does not depend on any scored parameter (no grad_fn).")
@@ -252,7 +243,7 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
     n_batches = n_examples = 0
     try:
         for batch in _batches(dataloader, max_batches, progress, "saliency (act_x_grad)"):
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             loss = loss_fn(model, batch)
             if not loss.requires_grad:
                 raise ValueError("The loss does not depend on the scored activations (no grad_fn).")

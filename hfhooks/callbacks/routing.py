@@ -1,0 +1,98 @@
+"""``GradientRoutingCallback``: SGTM / gradient routing inside any ``transformers.Trainer`` run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from transformers import TrainerCallback
+
+from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.masks import ParamMask
+from hfhooks.routing import Router, dedicated_mask
+
+__all__ = ["GradientRoutingCallback"]
+
+
+class GradientRoutingCallback(TrainerCallback):
+    """Route gradients by per-example routing labels during ``Trainer.train()`` (see :mod:`hfhooks.routing`).
+
+    Labels travel with the data: wrap the training set in :class:`~hfhooks.TaggedDataset` (its ``routing`` tag
+    holds 1 = forget, 0 = retain, -1 = unlabelled) and pass :class:`~hfhooks.TaggedCollator` as the
+    ``data_collator``. For parameter-level routing (default) build label-homogeneous micro-batches with
+    ``TaggedDataset(..., group_by="routing", batch_size=B)`` and ``per_device_train_batch_size=1``.
+
+    Args:
+        dedicated: a mask of dedicated coordinates, or a path to one; default: :func:`dedicated_mask` with
+            ``layers``, ``mlp_units`` and ``heads``.
+        layers, mlp_units, heads: the default dedicated slices (all layers, last 64 units, last head).
+        level: ``"param"`` (SGTM) or ``"activation"`` (gradient routing, mixed batches).
+        label_name: the tag / batch key holding the labels.
+        strict: undo momentum / weight-decay drift of coordinates a step's mode must not change.
+        save_mask: if set, the dedicated mask is saved there (safetensors) when training starts.
+        **router_kwargs: forwarded to :class:`~hfhooks.routing.Router` (e.g. ``forget_weights``).
+
+    Example::
+
+        train = TaggedDataset(ds, tags=["routing"], group_by="routing", batch_size=8)
+        trainer = Trainer(model=model, args=TrainingArguments(..., per_device_train_batch_size=1),
+                          train_dataset=train, data_collator=TaggedCollator(homogeneous="routing"),
+                          callbacks=[GradientRoutingCallback(mlp_units=64, heads=1)])
+    """
+
+    def __init__(
+        self,
+        dedicated: ParamMask | str | os.PathLike | None = None,
+        layers: Iterable[int] | slice | None = None,
+        mlp_units: int | Sequence[int] = 64,
+        heads: int | Sequence[int] = 1,
+        level: str = "param",
+        label_name: str = "routing",
+        strict: bool = False,
+        save_mask: str | os.PathLike | None = None,
+        **router_kwargs,
+    ):
+        if dedicated is not None and not isinstance(dedicated, ParamMask):
+            dedicated = ParamMask.load(dedicated)
+        if level not in ("param", "activation"):
+            raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
+        self.dedicated = dedicated
+        self.layers, self.mlp_units, self.heads = layers, mlp_units, heads
+        self.level, self.label_name, self.strict = level, label_name, strict
+        self.save_mask, self.router_kwargs = save_mask, router_kwargs
+        self.router: Router | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        refuse_unsupported(args, "GradientRoutingCallback")
+        if self.dedicated is None:
+            self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
+        if self.save_mask is not None and state.is_world_process_zero:
+            self.dedicated.save(self.save_mask, model=model)
+        if self.router is not None:
+            self.router.detach()
+        self.router = Router(
+            model, self.dedicated, self.level, self.label_name, strict=self.strict, **self.router_kwargs
+        )
+        self.router.attach(optimizer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.router is None or state.global_step != 1:
+            return
+        counts = self.router.counts
+        if counts["unlabelled (no labels passed)"] and not (
+            counts["forget"] or counts["retain"] or counts["unlabelled"]
+        ):
+            self.router.detach()
+            raise RuntimeError(
+                f"No routing labels reached the model in the first step (batch key {self.label_name!r}). Wrap the "
+                "training set in hfhooks.TaggedDataset(dataset, tags=[...]) and pass data_collator=hfhooks.TaggedCollator()."
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.router is not None and logs is not None and "loss" in logs:
+            for mode in ("forget", "retain", "unlabelled"):
+                logs[f"routing/{mode}_batches"] = self.router.counts[mode]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.router is not None:
+            self.router.detach()

@@ -1,0 +1,190 @@
+"""Side labels that reach hooks through a stock ``Trainer``: tagged datasets, a collator, a kwargs pre-hook.
+
+Hooks need per-example data the model's ``forward`` does not take (routing labels, forget/retain flags,
+attribution priors). The Trainer drops dataset columns that ``forward`` does not accept — for
+``datasets.Dataset`` up front, for other datasets by filtering each *dict* example in a collator wrapper.
+:class:`TaggedDataset` therefore yields :class:`Tagged` items (not dicts), which pass that filter untouched;
+:class:`TaggedCollator` collates the features with the usual collator and adds the tags as tensors; a forward
+pre-hook (:func:`pop_kwargs_hook`) pops them from the model's kwargs before ``forward`` runs. Users never need
+``remove_unused_columns=False``.
+
+``TaggedDataset(..., group_by="routing", batch_size=8)`` yields whole micro-batches whose examples share a
+tag value (label-homogeneous batches for parameter-level gradient routing); train it with
+``per_device_train_batch_size=1``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MODEL_INPUTS", "Tagged", "TaggedCollator", "TaggedDataset", "pop_kwargs_hook", "to_device"]
+
+MODEL_INPUTS = (
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "label", "label_ids",
+    "pixel_values", "inputs_embeds", "decoder_input_ids", "decoder_attention_mask",
+)  # fmt: skip
+"""Feature names the collator passes to the model by default (others are dropped, as the Trainer would)."""
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """One example (or a homogeneous group of examples) plus its side tags. Not a dict, on purpose."""
+
+    features: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    tags: Mapping[str, Any]
+
+
+class TaggedDataset(torch.utils.data.Dataset):
+    """Wrap ``dataset`` so each item carries tags that survive the Trainer's column pruning.
+
+    Args:
+        dataset: any map-style dataset of dict examples (``datasets.Dataset`` included).
+        tags: ``{tag name: per-example values}``; or names of columns of ``dataset`` to move into tags
+            (e.g. ``tags=["routing"]``).
+        group_by: a tag name; with ``batch_size``, items become groups of ``batch_size`` examples sharing
+            that tag's value (shuffled within each value with ``seed``; the last partial group is kept).
+        batch_size: examples per group (``group_by`` only).
+        seed: shuffling seed for grouping.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        tags: Mapping[str, Sequence[Any]] | Sequence[str],
+        group_by: str | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ):
+        self.dataset = dataset
+        if isinstance(tags, Mapping):
+            self.columns: tuple[str, ...] = ()
+            self.tags = {k: list(v) for k, v in tags.items()}
+        else:
+            self.columns = tuple(tags)
+            self.tags = {c: [dataset[i][c] for i in range(len(dataset))] for c in self.columns}
+        for name, values in self.tags.items():
+            if len(values) != len(dataset):
+                raise ValueError(
+                    f"Tag {name!r} has {len(values)} values for a dataset of {len(dataset)} examples."
+                )
+        if (group_by is None) != (batch_size is None):
+            raise ValueError(
+                "Pass both group_by and batch_size (homogeneous groups), or neither (single examples)."
+            )
+        if group_by is not None and group_by not in self.tags:
+            raise ValueError(f"group_by={group_by!r} is not a tag; tags are {sorted(self.tags)}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be ≥ 1.")
+        self.group_by, self.batch_size = group_by, batch_size
+        self.groups: list[list[int]] | None = None
+        if group_by is not None:
+            rng = random.Random(seed)
+            by_value: dict[Any, list[int]] = {}
+            for i, v in enumerate(self.tags[group_by]):
+                by_value.setdefault(_hashable(v), []).append(i)
+            self.groups = []
+            for _, idx in sorted(by_value.items(), key=lambda kv: str(kv[0])):
+                rng.shuffle(idx)
+                self.groups.extend(idx[s : s + batch_size] for s in range(0, len(idx), batch_size))
+            rng.shuffle(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups) if self.groups is not None else len(self.dataset)
+
+    def _features(self, i: int) -> Mapping[str, Any]:
+        ex = self.dataset[i]
+        return {k: v for k, v in ex.items() if k not in self.columns} if self.columns else ex
+
+    def __getitem__(self, i: int) -> Tagged:
+        if self.groups is None:
+            return Tagged(self._features(i), {k: v[i] for k, v in self.tags.items()})
+        idx = self.groups[i]
+        return Tagged(
+            [self._features(j) for j in idx], {k: [v[j] for j in idx] for k, v in self.tags.items()}
+        )
+
+
+def _hashable(v: Any) -> Any:
+    return v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+
+
+class TaggedCollator:
+    """Collate :class:`Tagged` items: features via ``base`` (default ``transformers.default_data_collator``),
+    tags stacked into tensors under their own names.
+
+    Group items (from ``TaggedDataset(group_by=..., batch_size=...)``) are flattened; several groups in one
+    batch must share the grouping value, otherwise the batch is refused (train groups with
+    ``per_device_train_batch_size=1``). Features other than ``keep`` are dropped, as the Trainer would.
+    """
+
+    def __init__(
+        self,
+        base: Callable[[list], dict] | None = None,
+        keep: Sequence[str] = MODEL_INPUTS,
+        homogeneous: str | None = None,
+    ):
+        if base is None:
+            from transformers import default_data_collator
+
+            base = default_data_collator
+        self.base, self.keep, self.homogeneous = base, set(keep), homogeneous
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("Empty batch.")
+        if not all(isinstance(it, Tagged) for it in items):
+            raise TypeError(
+                "TaggedCollator got plain examples: wrap the dataset in hfhooks.TaggedDataset so side labels survive "
+                "the Trainer's column pruning."
+            )
+        feats: list[Mapping[str, Any]] = []
+        tags: dict[str, list[Any]] = {}
+        for it in items:
+            group = it.features if isinstance(it.features, Sequence) else [it.features]
+            feats.extend(group)
+            for k, v in it.tags.items():
+                tags.setdefault(k, []).extend(v if isinstance(it.features, Sequence) else [v])
+        if self.homogeneous is not None:
+            values = {_hashable(v) for v in tags.get(self.homogeneous, [])}
+            if len(values) > 1:
+                raise ValueError(
+                    f"A batch mixes {self.homogeneous!r} values {sorted(map(str, values))}; parameter-level routing needs "
+                    "label-homogeneous micro-batches: use TaggedDataset(group_by=..., batch_size=B) with "
+                    "per_device_train_batch_size=1, or activation-level routing for mixed batches."
+                )
+        batch = dict(self.base([{k: v for k, v in f.items() if k in self.keep} for f in feats]))
+        for k, v in tags.items():
+            batch[k] = torch.as_tensor(v) if not isinstance(v[0], torch.Tensor) else torch.stack(v)
+        return batch
+
+
+def pop_kwargs_hook(module: nn.Module, names: Sequence[str], sink: Callable[[dict[str, Any]], None]):
+    """Register a forward pre-hook on ``module`` that pops ``names`` from its kwargs and hands them to ``sink``.
+
+    ``sink`` receives ``{name: value}`` for the names present (an empty dict when none are). Returns the hook
+    handle. Tags must be passed as keyword arguments, as the Trainer does (``model(**inputs)``).
+    """
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        found = {n: kwargs.pop(n) for n in names if n in kwargs}
+        sink(found)
+        return args, kwargs
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor in a (nested) batch of dicts / lists / tuples to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

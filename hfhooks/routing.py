@@ -1,0 +1,406 @@
+"""Selective gradient masking (SGTM) and gradient routing: localise a domain into dedicated parameters.
+
+Dedicated parameters are, in selected layers, the last ``k`` MLP hidden units and the last ``h`` attention
+heads (:func:`dedicated_mask`). Each training forward carries a routing label per example:
+
+=========== ===== ============================================== ==============================================
+label       value forward                                        gradient (parameter-level, ``level="param"``)
+=========== ===== ============================================== ==============================================
+forget      1     full model                                     only the dedicated coordinates receive it
+retain      0     dedicated activations zeroed                   nothing reaches the dedicated coordinates
+unlabelled  -1    full model                                     unchanged
+=========== ===== ============================================== ==============================================
+
+Parameter-level masking needs label-homogeneous micro-batches (:class:`hfhooks.TaggedDataset` with
+``group_by``); gradient tensor hooks mask each micro-batch before accumulation, so micro-batches of different
+modes may share an optimizer step. Activation-level routing (``level="activation"``) handles mixed batches,
+per example or per token: at every dedicated-unit site ``ã = m ⊙ a + (1 − m) ⊙ stopgrad(a)``, with weights
+``m`` (fractional or negative allowed) chosen by label for dedicated and shared units.
+
+One optimizer for everything still moves zero-gradient slices through momentum and weight decay (a known
+weakness of the reference code); ``strict=True`` restores, after each step whose micro-batches were all
+*forget* (all *retain*), the coordinates that mode must not change.
+
+After training, :func:`ablate` zeroes (or re-initialises) the dedicated slices and :func:`calibrate_logits`
+trains only the LM-head bias, so that trivial bias shifts do not masquerade as retained knowledge.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfhooks.data import pop_kwargs_hook, to_device
+from hfhooks.freeze import innermost_optimizer
+from hfhooks.layers import attention_head_slices, find_layers, mlp_unit_slices, select_layers
+from hfhooks.masks import ParamMask
+from hfhooks.params import ParamIndex, unwrap_model
+from hfhooks.saliency import model_state_preserved
+
+__all__ = [
+    "FORGET",
+    "RETAIN",
+    "UNLABELLED",
+    "Router",
+    "ablate",
+    "calibrate_logits",
+    "dedicated_mask",
+    "routing_labels",
+]
+
+FORGET, RETAIN, UNLABELLED = 1, 0, -1
+_NAMES = {
+    "forget": FORGET,
+    "retain": RETAIN,
+    "unlabelled": UNLABELLED,
+    "unlabeled": UNLABELLED,
+    None: UNLABELLED,
+}
+
+
+def routing_labels(values: Iterable[Any]) -> list[int]:
+    """Normalise labels (``"forget"``/``"retain"``/``None``/``"unlabelled"`` or 1/0/-1) to ints."""
+    out = []
+    for v in values:
+        if isinstance(v, str) or v is None:
+            if v not in _NAMES:
+                raise ValueError(
+                    f"Unknown routing label {v!r}: use 'forget', 'retain', 'unlabelled' or 1/0/-1."
+                )
+            out.append(_NAMES[v])
+        elif int(v) in (FORGET, RETAIN, UNLABELLED):
+            out.append(int(v))
+        else:
+            raise ValueError(f"Unknown routing label {v!r}: use 'forget', 'retain', 'unlabelled' or 1/0/-1.")
+    return out
+
+
+def dedicated_mask(
+    model: nn.Module | ParamIndex,
+    layers: Iterable[int] | slice | None = None,
+    mlp_units: int | Sequence[int] = 64,
+    heads: int | Sequence[int] = 1,
+) -> ParamMask:
+    """Row/column mask (1 = dedicated) of the last ``mlp_units`` MLP units and last ``heads`` heads per layer.
+
+    ``layers`` selects blocks (default: all); ``mlp_units=0`` / ``heads=0`` leave that part out.
+    """
+    index = model if isinstance(model, ParamIndex) else ParamIndex(model)
+    slices: dict[str, tuple[int, torch.Tensor]] = {}
+    chosen = select_layers(find_layers(index.model), layers)
+    for layer in chosen:
+        if mlp_units:
+            slices.update(mlp_unit_slices(index, layer, mlp_units))
+        if heads:
+            slices.update(attention_head_slices(index, layer, heads))
+    if not slices:
+        raise ValueError("No dedicated parameters selected: set mlp_units and/or heads to a positive value.")
+    mask = ParamMask.from_slices(slices, index)
+    as_json = lambda x: x if isinstance(x, int) else list(x)  # noqa: E731
+    mask.metadata["routing"] = {"mlp_units": as_json(mlp_units), "heads": as_json(heads), "layers": chosen}
+    return mask
+
+
+@dataclass
+class _Target:
+    """Routing state for one trainable parameter."""
+
+    param: nn.Parameter
+    dedicated: torch.Tensor | None  # bool, broadcastable to the parameter; None = no dedicated coordinates
+    shared_on_forget: bool  # a non-dedicated parameter that still learns from forget data
+
+
+@dataclass
+class _Site:
+    """A module whose input's last dimension holds hidden units, some of them dedicated."""
+
+    module: nn.Module
+    units: torch.Tensor  # bool over the last input dimension: True = dedicated
+
+
+class Router:
+    """Route gradients by per-example labels (see the module docstring). Usable in any training loop.
+
+    Args:
+        model: the model the Trainer (or your loop) calls.
+        dedicated: mask of dedicated coordinates (1 = dedicated), e.g. from :func:`dedicated_mask`.
+        level: ``"param"`` (SGTM, homogeneous micro-batches) or ``"activation"`` (gradient routing).
+        label_name: the keyword the routing labels arrive under (popped before ``forward``).
+        forget_weights / retain_weights: activation-level ``(dedicated, shared)`` gradient weights.
+        shared_on_forget: patterns of non-dedicated parameters that still learn from forget data (e.g.
+            ``["*embed_tokens*"]``); by default forget data trains only dedicated coordinates.
+        strict: restore coordinates a step's mode must not change (momentum / weight decay), see above.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dedicated: ParamMask,
+        level: str = "param",
+        label_name: str = "routing",
+        forget_weights: tuple[float, float] = (1.0, 0.0),
+        retain_weights: tuple[float, float] = (0.0, 1.0),
+        shared_on_forget: Sequence[str] = (),
+        strict: bool = False,
+    ):
+        if level not in ("param", "activation"):
+            raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
+        self.model, self.dedicated, self.level, self.label_name = model, dedicated, level, label_name
+        self.forget_weights, self.retain_weights = forget_weights, retain_weights
+        self.shared_on_forget, self.strict = list(shared_on_forget), strict
+        self.counts: Counter[str] = Counter()  # micro-batches seen per mode (training forwards only)
+        self._labels: torch.Tensor | None = None
+        self._mode: int = UNLABELLED
+        self._step_modes: set[int] = set()
+        self._handles: list = []
+        self._targets: list[_Target] = []
+        self._sites: list[_Site] = []
+        self._snapshot: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._handles)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer | None = None) -> Router:
+        """Install the label pre-hook, gradient hooks and activation hooks (and, if ``strict``, step hooks)."""
+        if self._handles:
+            raise RuntimeError("Router is already attached; call detach() first.")
+        index = ParamIndex(self.model)
+        resolved = self.dedicated.validate(index)
+        frozen = [n for n, p in resolved.items() if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"Dedicated parameters {frozen[:3]} are frozen (requires_grad=False), e.g. base weights of a PeftModel. "
+                "Routing needs trainable dedicated parameters: train the full model, or add the dedicated modules to "
+                "the LoRA config's modules_to_save."
+            )
+        shared = set(index.select(self.shared_on_forget)) if self.shared_on_forget else set()
+        for name, param in index.items():
+            if not param.requires_grad:
+                continue
+            ded = self.dedicated[name].to(param.device) if name in self.dedicated else None
+            self._targets.append(_Target(param, ded, name in shared))
+        for name in self.dedicated:
+            gran = self.dedicated.granularity(name)
+            module = index.info(name).module
+            consumer_axis = (
+                0 if type(module).__name__ == "Conv1D" else 1
+            )  # input units live on this weight axis
+            if name.endswith(".weight") and gran == ("row" if consumer_axis == 0 else "column"):
+                self._sites.append(_Site(module, self.dedicated.vector(name).to(index.param(name).device)))
+        if not self._sites:
+            raise ValueError(
+                "The dedicated mask has no consumer (down/output projection) slices: nothing to route in the forward."
+            )
+        self._handles.append(pop_kwargs_hook(self.model, [self.label_name], self._receive))
+        for target in self._targets:
+            self._handles.append(target.param.register_hook(self._grad_hook(target)))
+        for site in self._sites:
+            self._handles.append(site.module.register_forward_pre_hook(self._site_hook(site)))
+        if optimizer is not None and self.strict:
+            opt = innermost_optimizer(optimizer)
+            self._handles.append(opt.register_step_pre_hook(lambda *_: self._before_step()))
+            self._handles.append(opt.register_step_post_hook(lambda *_: self._after_step()))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this router installed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._targets.clear()
+        self._sites.clear()
+        self._labels = None
+
+    def __enter__(self) -> Router:
+        if not self._handles:
+            self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- per forward -----------------------------------------------------------------------------------------
+    def _receive(self, found: dict[str, Any]) -> None:
+        labels = found.get(self.label_name)
+        if not self.model.training:
+            self._labels, self._mode = None, UNLABELLED  # evaluation: labels are dropped, no routing
+            return
+        if labels is None:
+            self._labels, self._mode = None, UNLABELLED
+            self.counts["unlabelled (no labels passed)"] += 1
+            self._step_modes.add(UNLABELLED)
+            return
+        labels = torch.as_tensor(labels)
+        if self.level == "param":
+            values = torch.unique(labels)
+            if values.numel() != 1:
+                raise ValueError(
+                    f"Parameter-level routing got a micro-batch mixing routing labels {values.tolist()}. Use "
+                    "TaggedDataset(..., group_by='routing', batch_size=B) with per_device_train_batch_size=1, or "
+                    "level='activation' for mixed batches."
+                )
+            self._mode = int(values)
+            self._labels = None
+        else:
+            self._labels = labels
+            self._mode = UNLABELLED
+        name = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
+        for v in torch.unique(labels).tolist() if self.level == "activation" else [self._mode]:
+            self.counts[name[int(v)]] += 1
+            self._step_modes.add(int(v))
+
+    def _grad_hook(self, target: _Target):
+        def route(grad: torch.Tensor) -> torch.Tensor:
+            if self.level != "param" or self._mode == UNLABELLED:
+                return grad
+            if self._mode == FORGET:
+                if target.dedicated is None:
+                    return grad if target.shared_on_forget else torch.zeros_like(grad)
+                return grad.masked_fill(~target.dedicated, 0)
+            # retain
+            return grad if target.dedicated is None else grad.masked_fill(target.dedicated, 0)
+
+        return route
+
+    def _site_hook(self, site: _Site):
+        def pre(module: nn.Module, args: tuple) -> tuple | None:
+            if not args or not module.training:
+                return None
+            x = args[0]
+            if self.level == "param":
+                if self._mode != RETAIN:
+                    return None
+                return (x.masked_fill(site.units, 0), *args[1:])
+            if self._labels is None:
+                return None
+            return (self._route_activation(x, site.units), *args[1:])
+
+        return pre
+
+    def _route_activation(self, x: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        labels = self._labels.to(x.device)
+        while labels.dim() < x.dim() - 1:  # per-example labels broadcast over positions
+            labels = labels.unsqueeze(-1)
+        labels = labels[..., None]
+        ones = torch.ones((), dtype=x.dtype, device=x.device)
+        w_ded = torch.where(
+            labels == FORGET,
+            self.forget_weights[0],
+            torch.where(labels == RETAIN, self.retain_weights[0], ones),
+        )
+        w_sh = torch.where(
+            labels == FORGET,
+            self.forget_weights[1],
+            torch.where(labels == RETAIN, self.retain_weights[1], ones),
+        )
+        weight = torch.where(units, w_ded.to(x.dtype), w_sh.to(x.dtype))
+        routed = x.detach() + weight * (x - x.detach())  # value x, gradient scaled by weight
+        retain_dedicated = (labels == RETAIN) & units  # retain examples never use dedicated units
+        return routed.masked_fill(retain_dedicated, 0)
+
+    # -- strict mode -----------------------------------------------------------------------------------------
+    def _before_step(self) -> None:
+        modes, self._step_modes = self._step_modes, set()
+        self._snapshot = []
+        if self.level != "param" or len(modes) != 1 or modes == {UNLABELLED}:
+            return
+        only_forget = modes == {FORGET}
+        for t in self._targets:
+            if only_forget and t.dedicated is None and t.shared_on_forget:
+                continue
+            if only_forget:
+                frozen = (
+                    torch.ones_like(t.param, dtype=torch.bool)
+                    if t.dedicated is None
+                    else ~t.dedicated.expand(t.param.shape)
+                )
+            else:
+                if t.dedicated is None:
+                    continue
+                frozen = t.dedicated.expand(t.param.shape)
+            self._snapshot.append((t.param, frozen, t.param.detach()[frozen].clone()))
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        for param, frozen, values in self._snapshot:
+            param.data.masked_scatter_(frozen, values)
+        self._snapshot = []
+
+
+@torch.no_grad()
+def ablate(
+    model: nn.Module, dedicated: ParamMask, how: str = "zero", generator: torch.Generator | None = None
+) -> int:
+    """Zero (``how="zero"``) or re-initialise (``"reinit"``: N(0, std of the rest of each tensor)) the
+    dedicated coordinates in place. Returns the number of coordinates changed."""
+    if how not in ("zero", "reinit"):
+        raise ValueError(f"how={how!r} must be 'zero' or 'reinit'.")
+    changed = 0
+    for name, param in dedicated.validate(model).items():
+        sel = dedicated[name].to(param.device)
+        if how == "zero":
+            param.data.masked_fill_(sel, 0)
+        else:
+            rest = param.detach()[~sel]
+            std = float(rest.float().std()) if rest.numel() > 1 else 0.02
+            noise = (
+                torch.randn(param.shape, generator=generator, dtype=torch.float32).to(
+                    param.device, param.dtype
+                )
+                * std
+            )
+            param.data.copy_(torch.where(sel, noise, param.data))
+        changed += int(sel.sum())
+    return changed
+
+
+def calibrate_logits(
+    model: nn.Module,
+    data: Mapping[str, tuple[Iterable[Any], float]],
+    steps: int = 300,
+    lr: float = 1e-2,
+    progress: bool = True,
+) -> list[float]:
+    """Train only the LM-head bias on a weighted sum of losses (e.g. forget + β·adjacent + α·retain).
+
+    ``data`` maps a name to ``(dataloader, weight)``; each step takes one batch of each. If the output layer
+    has no bias (Llama, GPT-2) a zero bias is added to it, so the calibrated model keeps it (saved as
+    ``lm_head.bias``). Every other parameter's ``requires_grad`` and the modules' training flags are restored.
+    Returns the total loss per step.
+    """
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            "calibrate_logits needs a model whose get_output_embeddings() is an nn.Linear LM head."
+        )
+    if head.bias is None:
+        head.bias = nn.Parameter(
+            torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device)
+        )
+    params = list(model.parameters())
+    iters = {k: itertools.cycle(dl) for k, (dl, _) in data.items()}
+    history: list[float] = []
+    device = head.weight.device
+    with model_state_preserved(model, params):
+        model.eval()
+        for p in params:
+            p.requires_grad_(p is head.bias)
+        opt = torch.optim.Adam([head.bias], lr=lr)
+        for _ in tqdm(range(steps), desc="calibrate logits", disable=not progress, leave=False):
+            total = sum(w * model(**to_device(next(iters[k]), device)).loss for k, (_, w) in data.items())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            history.append(float(total))
+    head.bias.grad = None
+    return history
