@@ -6,8 +6,19 @@ The core (names, masks, scores) works without a Trainer; callbacks are thin adap
 
 from hfhooks._version import __version__
 from hfhooks.artifacts import ArtifactError, model_fingerprint
-from hfhooks.callbacks import GradientMaskCallback, GradientRoutingCallback
+from hfhooks.callbacks import (
+    GradientMaskCallback,
+    GradientRoutingCallback,
+    SaliencyUnlearningCallback,
+    UnlearningEvalCallback,
+)
 from hfhooks.data import Tagged, TaggedCollator, TaggedDataset
+from hfhooks.evaluation import (
+    average_gap,
+    mia_efficacy,
+    relearn_attack,
+    unlearning_metrics,
+)
 from hfhooks.freeze import GradientMask
 from hfhooks.layers import (
     LayerList,
@@ -17,6 +28,7 @@ from hfhooks.layers import (
     mlp_projections,
     mlp_unit_slices,
 )
+from hfhooks.loss_hooks import LossHook
 from hfhooks.masks import MaskFileError, ParamMask
 from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
 from hfhooks.routing import (
@@ -31,9 +43,17 @@ from hfhooks.routing import (
 )
 from hfhooks.saliency import SCORES, Scores, compute_saliency
 from hfhooks.topk import topk_masks
+from hfhooks.unlearning import (
+    OBJECTIVES,
+    UnlearningObjective,
+    forget_retain_dataset,
+    reference_logprobs,
+    salun,
+)
 
 __all__ = [
     "FORGET",
+    "OBJECTIVES",
     "RETAIN",
     "SCORES",
     "UNLABELLED",
@@ -42,28 +62,39 @@ __all__ = [
     "GradientMaskCallback",
     "GradientRoutingCallback",
     "LayerList",
+    "LossHook",
     "MaskFileError",
     "ParamIndex",
     "ParamMask",
     "Router",
+    "SaliencyUnlearningCallback",
     "Scores",
     "Tagged",
     "TaggedCollator",
     "TaggedDataset",
     "UnknownParameterError",
+    "UnlearningEvalCallback",
+    "UnlearningObjective",
     "__version__",
     "ablate",
     "attention_head_slices",
+    "average_gap",
     "calibrate_logits",
     "canonical_name",
     "compute_saliency",
     "dedicated_mask",
     "find_layers",
+    "forget_retain_dataset",
     "layer_of",
+    "mia_efficacy",
     "mlp_projections",
     "mlp_unit_slices",
     "model_fingerprint",
+    "reference_logprobs",
+    "relearn_attack",
     "routing_labels",
+    "salun",
     "topk_masks",
+    "unlearning_metrics",
     "unwrap_model",
 ]

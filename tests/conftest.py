@@ -184,7 +184,9 @@ def lora(model: nn.Module, target_modules, modules_to_save=None, **kw) -> nn.Mod
     """``peft.get_peft_model`` with a tiny LoRA config (warnings about tiny/untied models silenced)."""
     import peft
 
-    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=target_modules, modules_to_save=modules_to_save, **kw)
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=target_modules, modules_to_save=modules_to_save, **kw
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.get_peft_model(model, cfg)

@@ -1,0 +1,114 @@
+"""Replace or extend a model's loss from hooks, scaled the way the ``Trainer`` expects.
+
+Callbacks never see the batch or the loss, and ``compute_loss_func`` only sees outputs and labels. A forward
+pre-hook, though, sees every keyword the Trainer passes (labels, ``num_items_in_batch``, side tags), and a
+forward hook may return a modified output. :class:`LossHook` uses both: the pre-hook pops side tags and
+records labels; the forward hook calls ``fn(outputs, labels, tags)`` — which returns the new *per-micro-batch
+mean* loss — and writes it into ``outputs.loss``.
+
+Scaling. When the Trainer passes ``num_items_in_batch`` (models whose ``forward`` takes ``**kwargs``), it
+expects the loss already normalised over the whole accumulated batch and skips its division by the number of
+accumulation steps; otherwise it divides by it. The hook therefore rescales a micro-batch mean ``m`` to
+``m · items / num_items_in_batch`` in the first case (``items`` = label entries of this micro-batch, counted
+as the Trainer counts them: shifted by one for causal LMs, ``-100`` ignored), and leaves it alone in the
+second. Either way gradient accumulation and multi-device runs give the same gradients as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LossHook", "count_items", "is_causal_lm"]
+
+LossFn = Callable[[Any, torch.Tensor | None, dict[str, Any]], torch.Tensor]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the Trainer shifts labels for this model when counting items (decoder-only LM heads)."""
+    from hfhooks.params import unwrap_model
+
+    base = unwrap_model(model)
+    return type(base).__name__.endswith(("ForCausalLM", "LMHeadModel")) and not getattr(
+        getattr(base, "config", None), "is_encoder_decoder", False
+    )
+
+
+def count_items(labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Label entries that count towards ``num_items_in_batch`` (as ``Trainer._get_num_items_in_batch``)."""
+    return (labels[..., 1:] if causal else labels).ne(-100).sum()
+
+
+class LossHook:
+    """Swap a model's loss for ``fn(outputs, labels, tags)`` on every forward where ``active()`` is true.
+
+    Args:
+        model: the module the Trainer calls (outputs must be a dict-like ``ModelOutput`` or a dict).
+        fn: returns the new loss as a mean over this micro-batch (a scalar tensor with grad).
+        tags: keyword names to pop from the forward's kwargs and hand to ``fn`` (e.g. ``["unlearn"]``).
+        pop_labels: also remove ``labels`` before ``forward`` (saves the model computing a loss it discards).
+        active: when to apply (default: in training mode only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fn: LossFn,
+        tags: Sequence[str] = (),
+        pop_labels: bool = False,
+        active: Callable[[nn.Module], bool] | None = None,
+    ):
+        self.model, self.fn, self.tags, self.pop_labels = model, fn, list(tags), pop_labels
+        self.active = active or (lambda m: m.training)
+        self.causal = is_causal_lm(model)
+        self._handles: list = []
+        self._ctx: dict[str, Any] = {}
+
+    def attach(self) -> LossHook:
+        if self._handles:
+            raise RuntimeError("LossHook is already attached.")
+        self._handles.append(self.model.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._post, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._ctx = {}
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._handles)
+
+    def __enter__(self) -> LossHook:
+        return self.attach() if not self._handles else self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        tags = {t: kwargs.pop(t) for t in self.tags if t in kwargs}
+        if not self.active(module):
+            self._ctx = {}
+            return args, kwargs
+        labels = kwargs.get("labels")
+        if self.pop_labels and labels is not None:
+            kwargs.pop("labels")
+        self._ctx = {"tags": tags, "labels": labels, "num_items": kwargs.get("num_items_in_batch")}
+        return args, kwargs
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        ctx, self._ctx = self._ctx, {}
+        if not ctx:
+            return outputs
+        loss = self.fn(outputs, ctx["labels"], ctx["tags"])
+        num_items = ctx["num_items"]
+        if num_items is not None and ctx["labels"] is not None:
+            items = count_items(ctx["labels"], self.causal).to(loss.device)
+            loss = loss * items / torch.as_tensor(num_items, device=loss.device)
+        outputs["loss"] = loss
+        return outputs

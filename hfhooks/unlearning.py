@@ -1,0 +1,259 @@
+"""Forgetting objectives and the SalUn recipe (weight-saliency mask + forgetting objective, hard-frozen).
+
+Each training example carries an ``unlearn`` tag: ``1`` = forget set, ``0`` = retain set. The objective is a
+mean over the micro-batch of per-example terms (classification: one label per example; language models:
+token labels, ``-100`` ignored, shifted by one for causal LMs):
+
+================ ============================================== =======================================
+objective        forget example                                  retain example (× ``retain_weight`` α)
+================ ============================================== =======================================
+``random_labels`` CE(x, y′) with a random y′ ≠ y (SalUn's RL)     CE(x, y)
+``ga``           −NLL(x, y)  (gradient ascent)                    NLL(x, y)  (α = 0 gives pure GA)
+``graddiff``     −NLL(x, y)                                       NLL(x, y)
+``npo``          (2/β)·softplus(β·(log πθ(y|x) − log π_ref(y|x)))  NLL(x, y)
+================ ============================================== =======================================
+
+For language models NLL is the mean token NLL of the example and log π(y|x) the sum of its token
+log-probabilities. NPO's reference log-probabilities are computed once, before training, at the original
+weights (:func:`reference_logprobs`) and looked up by an ``example_id`` tag — no second model in memory.
+
+SalUn (:func:`salun`): score weights by ``|Σ ∇θ L_f|`` on the forget set at θ₀ in eval mode, keep the top
+``ratio`` globally, train with the objective while :class:`~hfhooks.GradientMask` keeps every other coordinate
+bit-identical (the reference code's gradient-only masking let weight decay and momentum move them).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfhooks.data import TaggedCollator, TaggedDataset, to_device
+from hfhooks.freeze import GradientMask
+from hfhooks.loss_hooks import LossHook, is_causal_lm
+from hfhooks.masks import ParamMask
+from hfhooks.saliency import compute_saliency, model_state_preserved
+
+__all__ = [
+    "OBJECTIVES",
+    "UnlearningObjective",
+    "forget_retain_dataset",
+    "objective_hook",
+    "reference_logprobs",
+    "salun",
+    "sequence_logprobs",
+]
+
+OBJECTIVES = ("random_labels", "ga", "graddiff", "npo")
+FORGET_TAG, ID_TAG = "unlearn", "example_id"
+
+
+def forget_retain_dataset(forget: Any, retain: Any, forget_repeats: int = 1) -> TaggedDataset:
+    """One dataset of forget examples (tag ``unlearn=1``) and retain examples (``0``), each with an
+    ``example_id`` (forget examples first, ``0 … len(forget)-1``). ``forget_repeats`` up-samples the forget set."""
+    if len(forget) == 0:
+        raise ValueError("The forget set is empty: there is nothing to unlearn.")
+    examples = [forget[i] for _ in range(forget_repeats) for i in range(len(forget))]
+    ids = [i for _ in range(forget_repeats) for i in range(len(forget))]
+    examples += [retain[i] for i in range(len(retain))]
+    ids += list(range(len(forget), len(forget) + len(retain)))
+    flags = [1] * (len(examples) - len(retain)) + [0] * len(retain)
+    return TaggedDataset(_ListDataset(examples), tags={FORGET_TAG: flags, ID_TAG: ids})
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _token_terms(
+    logits: torch.Tensor, labels: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (sum of token log-probs of the labels, number of label tokens)."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    valid = labels.ne(-100)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+    dims = tuple(range(1, tok.dim()))
+    return tok.sum(dims), valid.sum(dims)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log π(y|x), number of label tokens)`` per example, for class labels ``[B]`` or token labels ``[B, T]``."""
+    if labels.dim() == 1 and logits.dim() == 2:  # classification
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return logp, torch.ones_like(logp)
+    return _token_terms(logits, labels, causal)
+
+
+@dataclass
+class UnlearningObjective:
+    """A forgetting objective (see the module docstring) as a loss over one micro-batch.
+
+    Args:
+        name: one of :data:`OBJECTIVES`.
+        retain_weight: α, the weight of the retain term (0 disables it).
+        beta: NPO's inverse temperature β (default 0.1, as in the NPO paper).
+        num_classes: for ``random_labels`` (taken from the logits if omitted).
+        seed: seed of the random-label generator.
+    """
+
+    name: str = "random_labels"
+    retain_weight: float = field(default=1.0, metadata={"help": "α: weight of the retain term"})
+    beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature β"})
+    num_classes: int | None = None
+    seed: int = 0
+    reference: torch.Tensor | None = field(default=None, repr=False)  # NPO: ref log-probs by example_id
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective {self.name!r} is not one of {OBJECTIVES}.")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight={self.retain_weight} must be ≥ 0.")
+        if self.beta <= 0:
+            raise ValueError(f"beta={self.beta} must be > 0.")
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        forget: torch.Tensor,
+        example_id: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """Mean over the micro-batch of per-example terms; ``forget`` is a 0/1 tensor per example."""
+        if labels is None:
+            raise ValueError("Unlearning objectives need labels in the batch.")
+        forget = forget.to(logits.device).bool()
+        classification = labels.dim() == 1 and logits.dim() == 2
+        if self.name == "random_labels" and not classification:
+            raise ValueError(
+                "random_labels needs a classification model (logits [B, C], labels [B]); use ga, graddiff or npo for LMs."
+            )
+        logp, n_tok = sequence_logprobs(logits, labels, causal)
+        nll = -logp / n_tok.clamp_min(1)  # mean token NLL (or CE for classification)
+        retain_term = self.retain_weight * nll
+        if self.name == "random_labels":
+            c = self.num_classes or logits.shape[-1]
+            shift = torch.randint(1, c, labels.shape, generator=self._generator).to(labels.device)
+            wrong = (labels + shift) % c
+            forget_term = F.cross_entropy(logits.float(), wrong, reduction="none")
+        elif self.name in ("ga", "graddiff"):
+            forget_term = -nll
+            if self.name == "ga" and self.retain_weight == 0:
+                retain_term = torch.zeros_like(nll)
+        else:  # npo
+            if self.reference is None or example_id is None:
+                raise ValueError(
+                    "NPO needs reference log-probabilities (reference_logprobs) and an example_id tag."
+                )
+            ref = self.reference.to(logp.device)[example_id.to(logp.device).clamp(0, len(self.reference) - 1)]
+            forget_term = (2.0 / self.beta) * F.softplus(self.beta * (logp - ref))
+        per_example = torch.where(forget, forget_term, retain_term)
+        return per_example.mean()
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model: nn.Module,
+    forget: Any,
+    collate: Callable | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``log π_ref(y|x)`` of every forget example at the current weights (eval mode), in dataset order."""
+    causal = is_causal_lm(model)
+    collate = collate or TaggedCollator().base
+    device = next(model.parameters()).device
+    out = []
+    with model_state_preserved(model):
+        model.eval()
+        loader = torch.utils.data.DataLoader(forget, batch_size=batch_size, collate_fn=collate)
+        for batch in tqdm(loader, desc="NPO reference", disable=not progress, leave=False):
+            batch = to_device(dict(batch), device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            out.append(sequence_logprobs(logits, labels, causal)[0].cpu())
+    return torch.cat(out)
+
+
+def objective_hook(model: nn.Module, objective: UnlearningObjective) -> LossHook:
+    """A :class:`LossHook` that replaces the model's loss with ``objective`` (tags ``unlearn``, ``example_id``)."""
+    causal = is_causal_lm(model)
+
+    def fn(outputs: Any, labels: torch.Tensor, tags: Mapping[str, Any]) -> torch.Tensor:
+        if FORGET_TAG not in tags:
+            raise RuntimeError(
+                "No 'unlearn' tags reached the model: build the training set with hfhooks.forget_retain_dataset(...) "
+                "and pass data_collator=hfhooks.TaggedCollator()."
+            )
+        return objective(
+            outputs["logits"], labels, torch.as_tensor(tags[FORGET_TAG]), tags.get(ID_TAG), causal
+        )
+
+    return LossHook(model, fn, tags=[FORGET_TAG, ID_TAG])
+
+
+def salun(
+    model: nn.Module,
+    forget: Any,
+    retain: Any,
+    objective: UnlearningObjective | str = "random_labels",
+    ratio: float = 0.5,
+    mask: ParamMask | None = None,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    collate: Callable | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ParamMask:
+    """SalUn without a Trainer: compute (or use) the saliency mask, then unlearn in place. Returns the mask.
+
+    ``optimizer`` builds the optimizer from parameters (default: SGD lr 0.013, momentum 0.9, weight decay 5e-4,
+    the reference defaults). Forget and retain examples are shuffled together each epoch.
+    """
+    objective = UnlearningObjective(objective) if isinstance(objective, str) else objective
+    base_collate = collate or TaggedCollator().base
+    if mask is None:
+        loader = torch.utils.data.DataLoader(forget, batch_size=batch_size, collate_fn=base_collate)
+        mask = ParamMask.from_scores(
+            compute_saliency(model, loader, "grad_abs_sum", progress=progress), ratio
+        )
+    if objective.name == "npo" and objective.reference is None:
+        objective.reference = reference_logprobs(model, forget, base_collate, progress=progress)
+    data = forget_retain_dataset(forget, retain)
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=g, collate_fn=TaggedCollator(base_collate)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (
+        optimizer(params) if optimizer else torch.optim.SGD(params, lr=0.013, momentum=0.9, weight_decay=5e-4)
+    )
+    device = next(model.parameters()).device
+    model.train()
+    with GradientMask(model, mask).attach(opt), objective_hook(model, objective):
+        for batch in tqdm(itertools.chain.from_iterable(loader for _ in range(epochs)), total=epochs * len(loader),
+                          desc=f"SalUn ({objective.name})", disable=not progress, leave=False):  # fmt: skip
+            loss = model(**to_device(batch, device))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return mask
