@@ -29,7 +29,7 @@ MODEL_INPUTS = (
     "input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "label", "label_ids",
     "pixel_values", "inputs_embeds", "decoder_input_ids", "decoder_attention_mask",
 )  # fmt: skip
-"""Feature names the collator passes to the model by default (others are dropped, as the Trainer would)."""
+"""Common model input names, for ``TaggedCollator(keep=MODEL_INPUTS)`` (pass only these, as the Trainer would)."""
 
 
 @dataclass(frozen=True)
@@ -120,20 +120,22 @@ class TaggedCollator:
 
     Group items (from ``TaggedDataset(group_by=..., batch_size=...)``) are flattened; several groups in one
     batch must share the grouping value, otherwise the batch is refused (train groups with
-    ``per_device_train_batch_size=1``). Features other than ``keep`` are dropped, as the Trainer would.
+    ``per_device_train_batch_size=1``). String fields are dropped; with ``keep`` (e.g. :data:`MODEL_INPUTS`)
+    only those features are passed on, as the Trainer's column pruning would.
     """
 
     def __init__(
         self,
         base: Callable[[list], dict] | None = None,
-        keep: Sequence[str] = MODEL_INPUTS,
+        keep: Sequence[str] | None = None,
         homogeneous: str | None = None,
     ):
         if base is None:
             from transformers import default_data_collator
 
             base = default_data_collator
-        self.base, self.keep, self.homogeneous = base, set(keep), homogeneous
+        self.base, self.homogeneous = base, homogeneous
+        self.keep = set(keep) if keep is not None else None
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
         if not items:
@@ -158,10 +160,17 @@ class TaggedCollator:
                     "label-homogeneous micro-batches: use TaggedDataset(group_by=..., batch_size=B) with "
                     "per_device_train_batch_size=1, or activation-level routing for mixed batches."
                 )
-        batch = dict(self.base([{k: v for k, v in f.items() if k in self.keep} for f in feats]))
+        batch = dict(self.base([{k: v for k, v in f.items() if self._keeps(k, v)} for f in feats]))
         for k, v in tags.items():
             batch[k] = torch.as_tensor(v) if not isinstance(v[0], torch.Tensor) else torch.stack(v)
         return batch
+
+    def _keeps(self, key: str, value: Any) -> bool:
+        if self.keep is not None:
+            return key in self.keep
+        return not isinstance(value, str) and not (
+            isinstance(value, (list, tuple)) and value and isinstance(value[0], str)
+        )
 
 
 def pop_kwargs_hook(module: nn.Module, names: Sequence[str], sink: Callable[[dict[str, Any]], None]):

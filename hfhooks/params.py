@@ -250,6 +250,11 @@ class ParamIndex:
             blocks = find_layers(self.model)
             wanted = set(select_layers(blocks, layers))
             names = [n for n in names if layer_of(n, blocks) in wanted]
+            if not names:
+                raise UnknownParameterError(
+                    f"No parameter matches include={include!r} within layers {sorted(wanted)} of {blocks.path}; "
+                    "parameters outside the block list (embeddings, final norm, heads) have no layer."
+                )
         return names
 
 

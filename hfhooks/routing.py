@@ -401,6 +401,6 @@ def calibrate_logits(
             opt.zero_grad()
             total.backward()
             opt.step()
-            history.append(float(total))
+            history.append(float(total.detach()))
     head.bias.grad = None
     return history

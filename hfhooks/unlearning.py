@@ -1,8 +1,9 @@
 """Forgetting objectives and the SalUn recipe (weight-saliency mask + forgetting objective, hard-frozen).
 
 Each training example carries an ``unlearn`` tag: ``1`` = forget set, ``0`` = retain set. The objective is a
-mean over the micro-batch of per-example terms (classification: one label per example; language models:
-token labels, ``-100`` ignored, shifted by one for causal LMs):
+mean over the micro-batch of per-example terms, each example weighted by its number of label tokens
+(classification: one label per example; language models: token labels, ``-100`` ignored, shifted by one for
+causal LMs) — the Trainer's ``num_items_in_batch`` convention, so accumulation equals one big batch:
 
 ================ ============================================== =======================================
 objective        forget example                                  retain example (× ``retain_weight`` α)
@@ -137,7 +138,7 @@ class UnlearningObjective:
         example_id: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:
-        """Mean over the micro-batch of per-example terms; ``forget`` is a 0/1 tensor per example."""
+        """Token-weighted mean over the micro-batch of per-example terms; ``forget`` is 0/1 per example."""
         if labels is None:
             raise ValueError("Unlearning objectives need labels in the batch.")
         forget = forget.to(logits.device).bool()
@@ -166,7 +167,10 @@ class UnlearningObjective:
             ref = self.reference.to(logp.device)[example_id.to(logp.device).clamp(0, len(self.reference) - 1)]
             forget_term = (2.0 / self.beta) * F.softplus(self.beta * (logp - ref))
         per_example = torch.where(forget, forget_term, retain_term)
-        return per_example.mean()
+        # Token-weighted mean: example i counts n_i times (its label tokens; 1 for classification), matching
+        # the Trainer's num_items_in_batch so gradient accumulation equals one big batch.
+        weight = n_tok.to(per_example.dtype)
+        return (per_example * weight).sum() / weight.sum().clamp_min(1)
 
 
 @torch.no_grad()

@@ -49,3 +49,27 @@ def test_ddp_gradient_mask_bit_identical_on_both_ranks(tmp_path):
     assert trained > 0, "nothing trained: the test would pass vacuously"
     for name in ranks[0][1]:  # DDP keeps ranks in sync
         assert torch.equal(ranks[0][1][name], ranks[1][1][name]), f"{name}: ranks diverged"
+
+
+def test_ddp_unlearning_eval_callback_agrees_across_ranks_and_with_one_process(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from hfhooks import unlearning_metrics
+
+    torchrun("unlearning_eval_ddp.py", "--out", str(tmp_path))
+    runs = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0] == runs[1], "ranks disagree on the evaluation"
+    assert [h["step"] for h in runs[0]["history"]] == [2, 4]
+    # the sharded, gathered evaluation equals a single-process evaluation of the same weights
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("script", SCRIPTS / "unlearning_eval_ddp.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = script.Classifier()
+    model.load_state_dict(load_file(tmp_path / "weights0.safetensors"))
+    train, test = script.blobs(101, 1), script.blobs(37, 2)
+    single = unlearning_metrics(model, train[:11], train[11:], test)
+    assert single == runs[0]["final"]

@@ -598,3 +598,13 @@ def test_select_trainable_only() -> None:
     ]
     with pytest.raises(UnknownParameterError):
         index.select("*.self_attn.*", trainable_only=True)
+
+
+def test_select_with_layers_matching_nothing_raises():
+    from conftest import make_model
+
+    from hfhooks import ParamIndex, UnknownParameterError
+
+    index = ParamIndex(make_model("llama"))
+    with pytest.raises(UnknownParameterError, match="within layers"):
+        index.select("lm_head.weight", layers=[0])
