@@ -6,7 +6,9 @@ The core (names, masks, scores) works without a Trainer; callbacks are thin adap
 
 from hfhooks._version import __version__
 from hfhooks.artifacts import ArtifactError, model_fingerprint
+from hfhooks.attribution import AttributionAlignment, attribute, deletion_insertion, faithfulness
 from hfhooks.callbacks import (
+    AttributionAlignmentCallback,
     GradientMaskCallback,
     GradientRoutingCallback,
     SaliencyUnlearningCallback,
@@ -58,6 +60,8 @@ __all__ = [
     "SCORES",
     "UNLABELLED",
     "ArtifactError",
+    "AttributionAlignment",
+    "AttributionAlignmentCallback",
     "GradientMask",
     "GradientMaskCallback",
     "GradientRoutingCallback",
@@ -78,11 +82,14 @@ __all__ = [
     "__version__",
     "ablate",
     "attention_head_slices",
+    "attribute",
     "average_gap",
     "calibrate_logits",
     "canonical_name",
     "compute_saliency",
     "dedicated_mask",
+    "deletion_insertion",
+    "faithfulness",
     "find_layers",
     "forget_retain_dataset",
     "layer_of",

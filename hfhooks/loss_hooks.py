@@ -43,14 +43,18 @@ def count_items(labels: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 class LossHook:
-    """Swap a model's loss for ``fn(outputs, labels, tags)`` on every forward where ``active()`` is true.
+    """Swap a model's loss for ``fn(outputs, labels, tags)`` (or add it) on every forward where ``active()``.
 
     Args:
         model: the module the Trainer calls (outputs must be a dict-like ``ModelOutput`` or a dict).
-        fn: returns the new loss as a mean over this micro-batch (a scalar tensor with grad).
+        fn: returns the new loss (``mode="replace"``) or an extra term (``mode="add"``) as a mean over this
+            micro-batch — a scalar tensor with grad. ``fn`` may also read the forward's kwargs via
+            :attr:`inputs` (valid during the call).
         tags: keyword names to pop from the forward's kwargs and hand to ``fn`` (e.g. ``["unlearn"]``).
         pop_labels: also remove ``labels`` before ``forward`` (saves the model computing a loss it discards).
         active: when to apply (default: in training mode only).
+        mode: ``"replace"`` the model's loss, or ``"add"`` the term to it (the model's own loss is already in
+            the Trainer's scaling; only the added term is rescaled).
     """
 
     def __init__(
@@ -60,8 +64,12 @@ class LossHook:
         tags: Sequence[str] = (),
         pop_labels: bool = False,
         active: Callable[[nn.Module], bool] | None = None,
+        mode: str = "replace",
     ):
-        self.model, self.fn, self.tags, self.pop_labels = model, fn, list(tags), pop_labels
+        if mode not in ("replace", "add"):
+            raise ValueError(f"mode={mode!r} must be 'replace' or 'add'.")
+        self.model, self.fn, self.tags, self.pop_labels, self.mode = model, fn, list(tags), pop_labels, mode
+        self.inputs: dict[str, Any] = {}
         self.active = active or (lambda m: m.training)
         self.causal = is_causal_lm(model)
         self._handles: list = []
@@ -99,16 +107,26 @@ class LossHook:
         if self.pop_labels and labels is not None:
             kwargs.pop("labels")
         self._ctx = {"tags": tags, "labels": labels, "num_items": kwargs.get("num_items_in_batch")}
+        self.inputs = dict(kwargs)
         return args, kwargs
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
         ctx, self._ctx = self._ctx, {}
         if not ctx:
             return outputs
-        loss = self.fn(outputs, ctx["labels"], ctx["tags"])
+        try:
+            loss = self.fn(outputs, ctx["labels"], ctx["tags"])
+        finally:
+            self.inputs = {}
+        if loss is None:  # fn chose to skip this micro-batch
+            return outputs
         num_items = ctx["num_items"]
         if num_items is not None and ctx["labels"] is not None:
             items = count_items(ctx["labels"], self.causal).to(loss.device)
             loss = loss * items / torch.as_tensor(num_items, device=loss.device)
+        if self.mode == "add":
+            if outputs.get("loss") is None:
+                raise ValueError("LossHook(mode='add') needs the model to compute its own loss: pass labels.")
+            loss = outputs["loss"] + loss
         outputs["loss"] = loss
         return outputs

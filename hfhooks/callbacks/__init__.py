@@ -1,11 +1,13 @@
 """Trainer callbacks: thin adapters that wire the core into ``transformers.Trainer``'s lifecycle."""
 
+from hfhooks.callbacks.attribution import AttributionAlignmentCallback
 from hfhooks.callbacks.evaluation import UnlearningEvalCallback
 from hfhooks.callbacks.gradient_mask import GradientMaskCallback
 from hfhooks.callbacks.routing import GradientRoutingCallback
 from hfhooks.callbacks.unlearning import SaliencyUnlearningCallback
 
 __all__ = [
+    "AttributionAlignmentCallback",
     "GradientMaskCallback",
     "GradientRoutingCallback",
     "SaliencyUnlearningCallback",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from hfhooks.callbacks._logging import add_to_logs
 from hfhooks.evaluation import average_gap, unlearning_metrics
 
 __all__ = ["UnlearningEvalCallback"]
@@ -61,7 +62,7 @@ class UnlearningEvalCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending is not None and logs is not None:
-            logs.update({f"unlearn/{k}": round(v, 4) for k, v in self._pending.items()})
+            add_to_logs(state, logs, {f"unlearn/{k}": round(v, 4) for k, v in self._pending.items()})
             self._pending = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

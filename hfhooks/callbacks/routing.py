@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from transformers import TrainerCallback
 
 from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._logging import add_to_logs
 from hfhooks.masks import ParamMask
 from hfhooks.routing import Router, dedicated_mask
 
@@ -90,8 +91,11 @@ class GradientRoutingCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.router is not None and logs is not None and "loss" in logs:
-            for mode in ("forget", "retain", "unlabelled"):
-                logs[f"routing/{mode}_batches"] = self.router.counts[mode]
+            add_to_logs(
+                state,
+                logs,
+                {f"routing/{m}_batches": self.router.counts[m] for m in ("forget", "retain", "unlabelled")},
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.router is not None:

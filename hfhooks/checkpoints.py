@@ -1,0 +1,798 @@
+"""Streaming, atomic reading and writing of Hugging Face safetensors checkpoints.
+
+A :class:`Checkpoint` is a lazy view of a checkpoint directory — ``model.safetensors``, a sharded
+``model.safetensors.index.json`` + shards, a PEFT ``adapter_model.safetensors``, or a single ``.safetensors``
+file. Headers are parsed and validated up front (a malformed header or index is a :class:`CheckpointError`
+naming the file and the problem); tensors are read one at a time with :func:`safetensors.safe_open`.
+
+:func:`edit_checkpoint` writes an edited copy without ever holding more than the tensors it is computing:
+
+* every output shard is streamed to disk tensor by tensor — the header is known up front because edits keep
+  each tensor's dtype and shape — and unchanged tensors are copied byte for byte by the kernel
+  (``os.copy_file_range``), so peak memory is about one source tensor plus one output tensor, whatever the
+  size of the model or of its shards;
+* everything is written into a temporary directory next to the output and renamed into place at the end. A
+  crash or ``SIGKILL`` mid-edit leaves the source untouched and nothing under the output name (the next edit
+  of the same output removes the orphaned temporary directory). An in-place edit swaps the directories
+  atomically (``renameat2(RENAME_EXCHANGE)`` on Linux): the source files are never re-saved over themselves,
+  so a model memory-mapped from them keeps reading consistent bytes;
+* each output shard keeps ``{"format": "pt"}`` and records the edit under ``hfhooks.edits`` (also in the
+  index), and config / tokenizer / generation files are copied along.
+
+Pickled ``pytorch_model.bin`` checkpoints are refused unless ``allow_pickle=True`` (then loaded with
+``torch.load(weights_only=True)``); the output is always safetensors.
+
+Example:
+    >>> import tempfile, torch, transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                num_hidden_layers=2, num_attention_heads=2)
+    >>> src = tempfile.mkdtemp() + "/model"
+    >>> transformers.LlamaForCausalLM(cfg).save_pretrained(src, max_shard_size="8KB")
+    >>> ckpt = Checkpoint(src)
+    >>> ckpt.kind, len(ckpt.files) > 1
+    ('sharded', True)
+    >>> out = edit_checkpoint(src, src + "-zeroed", {"model.norm.weight": lambda load: torch.zeros_like(load())},
+    ...                       record={"op": "example"}, progress=False)
+    >>> Checkpoint(out).get("model.norm.weight").abs().sum().item()
+    0.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import struct
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
+from safetensors import safe_open
+
+from hfhooks._version import __version__
+from hfhooks.artifacts import ArtifactError
+from hfhooks.params import UnknownParameterError, canonical_name
+
+__all__ = [
+    "ADAPTER_NAME",
+    "INDEX_NAME",
+    "WEIGHTS_NAME",
+    "Checkpoint",
+    "CheckpointError",
+    "TensorInfo",
+    "edit_checkpoint",
+    "read_safetensors_header",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_NAME = "adapter_model.safetensors"
+_PICKLE_NAME = "pytorch_model.bin"
+_PICKLE_INDEX = "pytorch_model.bin.index.json"
+_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+_COPY_CHUNK = 64 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+):
+    if hasattr(torch, _attr):
+        _DTYPES[_code] = getattr(torch, _attr)
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+# Files never copied into a new output directory: weights (rewritten) and training state (stale after an edit).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_SKIP_FILES = {"trainer_state.json"}
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint that cannot be read safely: missing, malformed header or index, pickled, inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a checkpoint lives: its file and absolute byte range (``None`` for pickles)."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int | None = None
+    end: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: ``({name: TensorInfo}, __metadata__)``.
+
+    Checks everything a reader relies on — header length, JSON, dtypes, shapes, that every tensor's byte range
+    matches its shape and that the ranges tile the data section exactly — and raises :class:`CheckpointError`
+    saying what is wrong. Tensors are returned in file order.
+    """
+    path = Path(path)
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors file: {why}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes is too short for a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise bad(f"header length {n} exceeds the file ({size} bytes) or the 100 MB limit")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad("the header is not valid UTF-8 JSON (truncated or corrupt?)") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad("__metadata__ must map strings to strings")
+    base = 8 + n
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise bad(f"entry {name!r} is not an object")
+        dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+        if dtype is None:
+            raise bad(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+        ):
+            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * _itemsize(dtype):
+            raise bad(
+                f"tensor {name!r}: {end - begin} bytes do not hold a {entry['dtype']} tensor of {shape}"
+            )
+        infos.append(TensorInfo(name, path, dtype, tuple(shape), base + begin, base + end))
+    infos.sort(key=lambda i: (i.start, i.end))
+    cursor = base
+    for info in infos:
+        if info.start != cursor:
+            raise bad(f"tensor {info.name!r} does not start where the previous one ends (overlap or gap)")
+        cursor = info.end
+    if cursor != size:
+        raise bad(f"the data section ends at byte {cursor} but the file has {size} bytes (truncated?)")
+    return {i.name: i for i in infos}, metadata
+
+
+def _sniff_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head.startswith(b"PK") or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5)
+
+
+class Checkpoint:
+    """A lazy, validated view of a Hugging Face checkpoint directory or a single ``.safetensors`` file.
+
+    Supported layouts (first match wins): ``model.safetensors.index.json`` + shards, ``model.safetensors``,
+    ``adapter_model.safetensors`` (a PEFT adapter), a lone ``*.safetensors`` file in the directory, a path to a
+    ``.safetensors`` file, and — only with ``allow_pickle=True`` — ``pytorch_model.bin`` (+ index), loaded
+    with ``torch.load(weights_only=True, mmap=True)``.
+
+    Names are the names stored in the file (for full models, the canonical names of :mod:`hfhooks.params`;
+    for adapters, :func:`~hfhooks.params.canonical_name` of them is what layer lookups use).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.allow_pickle = allow_pickle
+        self.kind: str
+        self.index_metadata: dict[str, Any] = {}
+        self.shard_metadata: dict[Path, dict[str, str]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self._handles: dict[Path, Any] = {}
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory.")
+        if self.path.is_file():
+            self.dir = self.path.parent
+            self._load_files([self.path], "single")
+        else:
+            self.dir = self.path
+            self._discover()
+
+    # -- discovery -------------------------------------------------------------------------------------------
+    def _discover(self) -> None:
+        d = self.dir
+        if (d / INDEX_NAME).is_file():
+            self._load_index(d / INDEX_NAME, "sharded")
+        elif (d / WEIGHTS_NAME).is_file():
+            self._load_files([d / WEIGHTS_NAME], "single")
+        elif (d / ADAPTER_NAME).is_file():
+            self._load_files([d / ADAPTER_NAME], "adapter")
+        elif (d / _PICKLE_INDEX).is_file() or (d / _PICKLE_NAME).is_file():
+            self._load_pickle()
+        else:
+            lone = sorted(d.glob("*.safetensors"))
+            if len(lone) == 1:
+                self._load_files(lone, "single")
+            else:
+                found = ", ".join(sorted(p.name for p in d.iterdir())[:8]) or "an empty directory"
+                raise CheckpointError(
+                    f"{d} holds no checkpoint: expected {WEIGHTS_NAME}, {INDEX_NAME} (+ shards) or {ADAPTER_NAME}; "
+                    f"found {found}."
+                )
+
+    def _load_files(self, files: list[Path], kind: str) -> None:
+        self.kind = kind
+        self.files = files
+        for file in files:
+            infos, meta = read_safetensors_header(file)
+            self.shard_metadata[file] = meta
+            for name, info in infos.items():
+                if name in self._infos:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} also appears in {self._infos[name].file}."
+                    )
+                self._infos[name] = info
+
+    def _read_index(self, index_path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{index_path}: not a readable JSON index: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: the index has no 'weight_map' object (or it is empty).")
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not file:
+                raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {file!r} is not a file name.")
+            parts = Path(file).parts
+            if Path(file).is_absolute() or ".." in parts or "\\" in file:
+                raise CheckpointError(
+                    f"{index_path}: weight_map[{name!r}] = {file!r} points outside the checkpoint directory."
+                )
+        meta = index.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(
+                f"{index_path}: 'metadata' must be a JSON object, got {type(meta).__name__}."
+            )
+        return weight_map, meta
+
+    def _load_index(self, index_path: Path, kind: str) -> None:
+        weight_map, self.index_metadata = self._read_index(index_path)
+        files = sorted({self.dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing[:5])}.")
+        self._load_files(files, kind)
+        for name, file in weight_map.items():
+            info = self._infos.get(name)
+            if info is None or info.file != self.dir / file:
+                where = f"it is in {info.file.name}" if info else "no shard holds it"
+                raise CheckpointError(f"{index_path}: the index puts {name!r} in {file}, but {where}.")
+        extra = sorted(set(self._infos) - set(weight_map))
+        if extra:
+            raise CheckpointError(
+                f"{index_path}: shards hold tensors the index does not list (e.g. {extra[0]!r}); the index is stale."
+            )
+
+    def _load_pickle(self) -> None:
+        d = self.dir
+        if not self.allow_pickle:
+            raise CheckpointError(
+                f"{d} holds a pickled checkpoint ({_PICKLE_NAME}); loading pickles can run arbitrary code. Convert it "
+                "to safetensors, or pass allow_pickle=True (CLI: --allow-pickle) to load it with "
+                "torch.load(weights_only=True)."
+            )
+        if (d / _PICKLE_INDEX).is_file():
+            weight_map, self.index_metadata = self._read_index(d / _PICKLE_INDEX)
+            files = sorted({d / f for f in weight_map.values()})
+        else:
+            files = [d / _PICKLE_NAME]
+        self.kind, self.files, self._pickled = "pickle", files, {}
+        seen: dict[int, str] = {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(
+                    f"{file}: cannot be loaded with torch.load(weights_only=True): {e}"
+                ) from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: expected a state dict, got {type(state).__name__}.")
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                key = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+                if t.numel() and key in seen:  # tied weights: keep the first name, like save_pretrained
+                    continue
+                seen[key] = name
+                self._pickled[name] = t
+                self._infos[name] = TensorInfo(name, file, t.dtype, tuple(t.shape))
+
+    # -- access ----------------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Tensor names, in file order (shard by shard)."""
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        """:class:`TensorInfo` of ``name``; unknown names raise :class:`UnknownParameterError` with the nearest."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise UnknownParameterError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(self._infos), n=3, cutoff=0.5)
+        hint = f" Nearest: {', '.join(close)}." if close else f" It holds {len(self)} tensors."
+        return f"{self.path} has no tensor {name!r}.{hint}"
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: i.shape for n, i in self._infos.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(i.nbytes for i in self._infos.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a private copy: editing it never touches the file)."""
+        info = self.info(name)
+        if self._pickled is not None:
+            return self._pickled[name].clone()
+        handle = self._handles.get(info.file)
+        if handle is None:
+            if len(self._handles) >= 2:  # keep at most two shards open
+                self._handles.pop(next(iter(self._handles)))
+            try:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"{info.file}: safetensors cannot open it: {e}") from None
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` one at a time, in file order."""
+        for name in self._infos:
+            yield name, self.get(name)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The directory's ``config.json`` (``adapter_config.json`` for adapters) as a dict, if present."""
+        file = self.dir / ("adapter_config.json" if self.kind == "adapter" else "config.json")
+        if not file.is_file():
+            return None
+        try:
+            cfg = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not valid JSON: {e}") from None
+        return cfg if isinstance(cfg, dict) else None
+
+    def canonical_names(self) -> dict[str, str]:
+        """``{canonical name: stored name}`` (identity for full models; strips PEFT prefixes for adapters)."""
+        return {canonical_name(n): n for n in self._infos}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({str(self.path)!r}, {self.kind}, {len(self)} tensors in {len(self.files)} file(s))"
+        )
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if sys.byteorder != "little" and flat.element_size() > 1:  # pragma: no cover - big-endian hosts
+        flat = flat.clone().view(torch.uint8).reshape(-1, flat.element_size()).flip(1).reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class _ShardWriter:
+    """Streams one safetensors file: the header first (planned entries), then each tensor's bytes in order."""
+
+    def __init__(self, path: Path, entries: list[TensorInfo], metadata: Mapping[str, str]):
+        self.path, self.entries = path, entries
+        header: dict[str, Any] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for e in entries:
+            end = offset + e.nbytes
+            header[e.name] = {"dtype": _CODES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align the data section, as safetensors does
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.position = 0
+        _write_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw))
+
+    def _next(self, nbytes: int) -> None:
+        expected = self.entries[self.position]
+        if nbytes != expected.nbytes:  # pragma: no cover - guarded by edit_checkpoint's dtype/shape check
+            raise RuntimeError(f"{expected.name}: wrote {nbytes} bytes, planned {expected.nbytes}")
+        self.position += 1
+
+    def write(self, t: torch.Tensor) -> None:
+        data = _tensor_bytes(t)
+        self._next(data.nbytes)
+        _write_all(self.fd, data)
+
+    def copy(self, info: TensorInfo) -> None:
+        """Copy a tensor's bytes from its source file (kernel-side when possible, never through Python memory)."""
+        self._next(info.end - info.start)
+        src = os.open(info.file, os.O_RDONLY)
+        try:
+            _copy_range(src, self.fd, info.start, info.end - info.start)
+        finally:
+            os.close(src)
+
+    def close(self, fsync: bool) -> None:
+        try:
+            if fsync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    data = data.cast("B") if data.format != "B" else data
+    while data.nbytes:  # os.write may write less (e.g. at most 2 GiB per call on Linux)
+        n = os.write(fd, data[:_COPY_CHUNK])
+        data = data[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    copied = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while copied < count:
+                n = os.copy_file_range(src_fd, dst_fd, count - copied, offset + copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    while copied < count:  # portable fallback, chunked
+        chunk = os.pread(src_fd, min(_COPY_CHUNK, count - copied), offset + copied)
+        if not chunk:
+            raise CheckpointError(f"source file ended early while copying {count} bytes (truncated?)")
+        _write_all(dst_fd, memoryview(chunk))
+        copied += len(chunk)
+
+
+def _plan_shards(
+    source: Checkpoint, names: list[str], max_shard_size: int | str | None
+) -> list[tuple[str, list[str]]]:
+    """Output file names and their tensors: the source layout, or a fresh split (huggingface_hub's rule)."""
+    if max_shard_size is None:
+        if source.kind == "pickle":
+            max_shard_size = "5GB"
+        else:
+            by_file: dict[str, list[str]] = {}
+            for n in names:
+                by_file.setdefault(source.info(n).file.name, []).append(n)
+            if source.kind == "single" and source.path.is_file():
+                return [(WEIGHTS_NAME, names)]
+            return list(by_file.items())
+    pattern = "adapter_model{suffix}.safetensors" if source.kind == "adapter" else "model{suffix}.safetensors"
+    split = split_state_dict_into_shards_factory(
+        {n: source.info(n) for n in names},
+        get_storage_size=lambda info: info.nbytes,
+        filename_pattern=pattern,
+        max_shard_size=parse_size_to_int(max_shard_size)
+        if isinstance(max_shard_size, str)
+        else max_shard_size,
+    )
+    order = {n: i for i, n in enumerate(names)}
+    return [(file, sorted(ts, key=order.__getitem__)) for file, ts in split.filename_to_tensors.items()]
+
+
+def _is_copied_file(path: Path, skip: set[str]) -> bool:
+    name = path.name
+    return (
+        path.is_file()
+        and name not in skip
+        and name not in _SKIP_FILES
+        and not name.endswith(".index.json")
+        and not name.endswith(_WEIGHT_SUFFIXES)
+        and not name.startswith(".")
+    )
+
+
+def _temp_dir_for(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.hfhooks-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    (tmp / ".hfhooks-partial").write_text(json.dumps({"pid": os.getpid(), "output": str(out)}))
+    return tmp
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove temporary directories left next to ``out`` by edits whose process no longer exists."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.hfhooks-(\d+)-[0-9a-f]+$")
+    for entry in out.parent.iterdir():
+        m = pattern.match(entry.name)
+        if not m or not (entry / ".hfhooks-partial").is_file():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if res != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        dst.mkdir()
+        for child in src.iterdir():
+            _link_or_copy(child, dst / child.name)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+Loader = Callable[[], torch.Tensor]
+
+
+def edit_checkpoint(
+    source: str | os.PathLike | Checkpoint,
+    out: str | os.PathLike | None,
+    edits: Mapping[str, Callable[[Loader], torch.Tensor]],
+    *,
+    drop: Iterable[str] = (),
+    record: Mapping[str, Any] | None = None,
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    copy_files: bool | Iterable[str] = True,
+    fsync: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    desc: str = "editing",
+) -> Path:
+    """Write ``source`` with some tensors replaced, streaming and atomically; return the output directory.
+
+    Args:
+        source: a checkpoint directory (or file), or an open :class:`Checkpoint`.
+        out: the output directory (must not exist unless ``overwrite=True``); ``None`` edits ``source`` in
+            place — the new files are written next to it and the directories are swapped at the end, and
+            every non-weight file (optimizer state, trainer state…) is kept.
+        edits: ``{name: fn}``; ``fn(load)`` returns the new tensor, where ``load()`` reads the source tensor on
+            demand. The result must keep the source tensor's dtype and shape. Other tensors are copied bytewise.
+        drop: names to leave out of the output.
+        record: what the edit was (stored as JSON under ``hfhooks.edits`` in every shard and in the index).
+        max_shard_size: re-shard the output (e.g. ``"2GB"``); default: keep the source's file layout.
+        overwrite: replace an existing ``out`` (atomically, like an in-place edit).
+        copy_files: copy the source directory's other files (config, tokenizer, generation config; not
+            training state) into a new output — ``True``, ``False``, or explicit file names.
+        fsync: flush every file to stable storage before the rename (slower; survives power loss too).
+        progress: show a tqdm progress bar (bytes written).
+        allow_pickle: accept a pickled ``pytorch_model.bin`` source (read with ``weights_only=True``).
+    """
+    from tqdm.auto import tqdm
+
+    src = source if isinstance(source, Checkpoint) else Checkpoint(source, allow_pickle=allow_pickle)
+    in_place = out is None
+    if in_place:
+        if not src.path.is_dir():
+            raise ValueError(f"In-place edits need a checkpoint directory; {src.path} is a file. Pass out=.")
+        out_path = src.dir
+    else:
+        out_path = Path(out)
+        if out_path.resolve() == src.dir.resolve() and src.path.is_dir():
+            in_place = True
+        elif out_path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{out_path} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
+            )
+        elif out_path.exists() and not out_path.is_dir():
+            raise FileExistsError(f"{out_path} exists and is not a directory.")
+    drop = set(drop)
+    for name in [*edits, *drop]:
+        src.info(name)  # unknown names fail before anything is written
+    names = [n for n in src if n not in drop]
+    if not names:
+        raise ValueError("The edit would drop every tensor of the checkpoint.")
+    plan = _plan_shards(src, names, max_shard_size)
+    edit_record = {"hfhooks_version": __version__, "source": str(src.path), **dict(record or {})}
+
+    _remove_stale_temps(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_dir_for(out_path)
+    try:
+        total = sum(src.info(n).nbytes for n in names)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+        weight_map: dict[str, str] = {}
+        shard_meta_base = next(iter(src.shard_metadata.values()), {}) if src.shard_metadata else {}
+        for file_name, tensors in plan:
+            src_file = src.info(tensors[0]).file
+            meta = dict(src.shard_metadata.get(src_file, shard_meta_base))
+            history = _history(meta.get("hfhooks.edits"))
+            meta.update({"format": "pt", "hfhooks.edits": json.dumps([*history, edit_record])})
+            writer = _ShardWriter(tmp / file_name, [src.info(n) for n in tensors], meta)
+            try:
+                for name in tensors:
+                    info = src.info(name)
+                    fn = edits.get(name)
+                    if fn is not None:
+                        new = fn(lambda name=name: src.get(name))
+                        if (
+                            not isinstance(new, torch.Tensor)
+                            or tuple(new.shape) != info.shape
+                            or new.dtype != info.dtype
+                        ):
+                            got = (
+                                f"{new.dtype} {tuple(new.shape)}"
+                                if isinstance(new, torch.Tensor)
+                                else type(new).__name__
+                            )
+                            raise ValueError(
+                                f"The edit of {name!r} returned {got}; it must keep the source's {info.dtype} "
+                                f"{info.shape}."
+                            )
+                        writer.write(new)
+                        del new
+                    elif info.start is None:  # pickled source: no byte range to copy
+                        writer.write(src.get(name))
+                    else:
+                        writer.copy(info)
+                    weight_map[name] = file_name
+                    bar.update(info.nbytes)
+            finally:
+                writer.close(fsync)
+        bar.close()
+        if len(plan) > 1:
+            index_meta = {k: v for k, v in src.index_metadata.items() if k != "hfhooks.edits"}
+            index_meta["total_size"] = total
+            index_meta["hfhooks.edits"] = [*_history(src.index_metadata.get("hfhooks.edits")), edit_record]
+            index_name = "adapter_model.safetensors.index.json" if src.kind == "adapter" else INDEX_NAME
+            (tmp / index_name).write_text(
+                json.dumps({"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+                + "\n"
+            )
+        weight_files = set(src.files) | {src.dir / INDEX_NAME, src.dir / _PICKLE_INDEX}
+        if in_place:
+            for entry in src.dir.iterdir():
+                if entry not in weight_files and not (tmp / entry.name).exists() and entry != tmp:
+                    if entry.name.startswith(f".{out_path.name}.hfhooks-"):
+                        continue
+                    _link_or_copy(entry, tmp / entry.name)
+        elif copy_files and src.path.is_dir():
+            wanted = None if copy_files is True else set(copy_files)
+            for entry in sorted(src.dir.iterdir()):
+                if wanted is not None and entry.name not in wanted:
+                    continue
+                if entry in weight_files or (wanted is None and not _is_copied_file(entry, set())):
+                    continue
+                if entry.is_file() and not (tmp / entry.name).exists():
+                    shutil.copy2(entry, tmp / entry.name)
+        (tmp / ".hfhooks-partial").unlink()
+        if fsync:
+            _fsync_dir(tmp)
+        src.close()
+        _finalize(tmp, out_path, replace=in_place or out_path.exists())
+        if fsync:
+            _fsync_dir(out_path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_path
+
+
+def _history(raw: Any) -> list[Any]:
+    if isinstance(raw, list):
+        return raw
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            value = json.loads(raw)
+            return value if isinstance(value, list) else []
+    return []
+
+
+def _finalize(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished temporary directory into place: a plain rename, or an atomic swap then cleanup."""
+    if not replace:
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+        return
+    old = out.parent / f".{out.name}.hfhooks-old-{secrets.token_hex(4)}"  # pragma: no cover - non-Linux
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
