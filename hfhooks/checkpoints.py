@@ -72,6 +72,7 @@ __all__ = [
     "CheckpointError",
     "TensorInfo",
     "edit_checkpoint",
+    "layer_map",
     "read_safetensors_header",
 ]
 
@@ -441,6 +442,39 @@ class Checkpoint:
         )
 
 
+def layer_map(names: Iterable[str]) -> tuple[str | None, dict[str, int | None]]:
+    """The block-list path and each name's decoder-layer index, inferred from parameter names alone.
+
+    Works without a model (checkpoints, diffs): the known block paths of :mod:`hfhooks.layers` are tried first
+    (``model.layers``, ``transformer.h``…), then the most common ``<path>.<int>.`` prefix. Names are made
+    canonical first (PEFT adapter names work). Names outside the block list map to ``None``.
+
+    >>> layer_map(["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"])[1]
+    {'model.embed_tokens.weight': None, 'model.layers.1.mlp.up_proj.weight': 1}
+    """
+    from hfhooks.layers import _LAYER_PATHS
+
+    names = list(names)
+    canon = {n: canonical_name(n) for n in names}
+    counts: dict[str, set[int]] = {}
+    for c in canon.values():
+        for m in re.finditer(r"\.(\d+)\.", "." + c):
+            if m.start():  # the path before ".<int>."
+                counts.setdefault(c[: m.start() - 1], set()).add(int(m.group(1)))
+    path = next((p for p in _LAYER_PATHS if p in counts), None)
+    if path is None:
+        multi = [(len(v), p) for p, v in counts.items() if len(v) > 1]
+        path = max(multi)[1] if multi else None
+    out: dict[str, int | None] = {}
+    for n, c in canon.items():
+        idx = None
+        if path is not None and c.startswith(path + "."):
+            head = c[len(path) + 1 :].split(".", 1)[0]
+            idx = int(head) if head.isdigit() else None
+        out[n] = idx
+    return path, out
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().cpu().contiguous().reshape(-1)
@@ -653,7 +687,9 @@ def edit_checkpoint(
             place — the new files are written next to it and the directories are swapped at the end, and
             every non-weight file (optimizer state, trainer state…) is kept.
         edits: ``{name: fn}``; ``fn(load)`` returns the new tensor, where ``load()`` reads the source tensor on
-            demand. The result must keep the source tensor's dtype and shape. Other tensors are copied bytewise.
+            demand. The result must keep the source tensor's dtype and shape; it may also be the
+            :class:`TensorInfo` of a tensor in another safetensors file, whose bytes are then copied without
+            loading them. Tensors not named are copied bytewise.
         drop: names to leave out of the output.
         record: what the edit was (stored as JSON under ``hfhooks.edits`` in every shard and in the index).
         max_shard_size: re-shard the output (e.g. ``"2GB"``); default: keep the source's file layout.
@@ -711,21 +747,27 @@ def edit_checkpoint(
                     fn = edits.get(name)
                     if fn is not None:
                         new = fn(lambda name=name: src.get(name))
-                        if (
-                            not isinstance(new, torch.Tensor)
-                            or tuple(new.shape) != info.shape
-                            or new.dtype != info.dtype
-                        ):
+                        ok = isinstance(new, torch.Tensor | TensorInfo) and (
+                            tuple(new.shape) == info.shape and new.dtype == info.dtype
+                        )
+                        if not ok:
                             got = (
                                 f"{new.dtype} {tuple(new.shape)}"
-                                if isinstance(new, torch.Tensor)
+                                if hasattr(new, "dtype")
                                 else type(new).__name__
                             )
                             raise ValueError(
                                 f"The edit of {name!r} returned {got}; it must keep the source's {info.dtype} "
                                 f"{info.shape}."
                             )
-                        writer.write(new)
+                        if isinstance(new, TensorInfo):
+                            if new.start is None:
+                                raise ValueError(
+                                    f"The edit of {name!r} returned a TensorInfo with no byte range."
+                                )
+                            writer.copy(new)  # bytes of another file, copied by the kernel
+                        else:
+                            writer.write(new)
                         del new
                     elif info.start is None:  # pickled source: no byte range to copy
                         writer.write(src.get(name))

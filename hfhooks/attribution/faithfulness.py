@@ -36,7 +36,7 @@ def _prob(model: nn.Module, ids: torch.Tensor, batch: dict[str, Any], labels: to
 def _order(attr: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Indices of valid positions by descending attribution; invalid positions last."""
     scores = attr.float().masked_fill(~valid, float("-inf"))
-    return scores.argsort(-1, descending=True, stable=True)
+    return torch.argsort(scores, dim=-1, descending=True, stable=True)
 
 
 def _apply(
