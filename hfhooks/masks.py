@@ -69,8 +69,8 @@ class _Entry:
         kept = int(self.bits.sum())
         if self.granularity == "element":
             return kept
-        other = int(np.prod(self.shape)) // self.shape[_AXIS[self.granularity]]
-        return kept * other
+        axis_len = self.shape[_AXIS[self.granularity]]
+        return kept * (int(np.prod(self.shape)) // axis_len) if axis_len else 0
 
     def numel(self) -> int:
         return int(np.prod(self.shape)) if self.shape else 1

@@ -225,7 +225,12 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
 
     def make_pre_hook(name: str):
         def capture(module: nn.Module, args: tuple) -> tuple:
-            act = args[0].detach().requires_grad_(True)  # a leaf we can read the gradient of
+            act = args[0]
+            if not act.requires_grad:
+                # Only the first scored site sees no graph (parameters do not require grad while scoring
+                # neurons); making it a leaf lets every later activation depend on it. Detaching later sites
+                # too would cut the paths through later layers and give partial dL/da.
+                act = act.detach().requires_grad_(True)
 
             def on_grad(grad: torch.Tensor) -> None:
                 contrib = (act.detach() * grad).abs().float()
