@@ -12,6 +12,17 @@ from hypothesis import strategies as st
 import hfhooks.topk as topk_mod
 from hfhooks import ParamMask, topk_masks
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny chunks mean thousands of 65 536-bin histogram ops; with intra-op threads each one waits for a
+    second core, which on a loaded machine costs a scheduler slice apiece. One thread keeps this file fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPECIAL = (0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0, 65504.0, -65504.0, 1e-30, -1e-30)
