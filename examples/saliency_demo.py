@@ -9,7 +9,7 @@ What it does:
  4. inspects the saved mask with the ``hfhooks mask info`` CLI, loads both masks back and checks them;
  5. prints a results table and writes ``results.json``.
 
-Run: ``make demo`` (or ``python examples/demo.py --out outputs``).
+Run: ``python examples/saliency_demo.py --out outputs/saliency`` (part of ``make demo``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ import torch
 import transformers
 from torch import nn
 
+# One intra-op thread per test process: `make test` runs two xdist workers on two cores, and oversubscribed
+# torch threads make small tensor ops tens of times slower under contention.
+torch.set_num_threads(1)
+
 VOCAB = 64
 HIDDEN = 32
 HEADS = 4
