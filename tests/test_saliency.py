@@ -273,9 +273,7 @@ def test_llama_missing_labels_without_loss_fn():
     assert set(got) == {"lm_head.weight"}
 
 
-@pytest.mark.parametrize(
-    "layer", [0, 1], ids=["first", "last"]
-)
+@pytest.mark.parametrize("layer", [0, 1], ids=["first", "last"])
 def test_llama_act_x_grad_matches_hand_computation(layer):
     model = tiny_llama()
     batches = llama_batches(n=3, bsz=3, seq=6)
