@@ -70,9 +70,11 @@ __all__ = [
     "WEIGHTS_NAME",
     "Checkpoint",
     "CheckpointError",
+    "TensorBlocks",
     "TensorInfo",
     "edit_checkpoint",
     "layer_map",
+    "parse_layers",
     "read_safetensors_header",
 ]
 
@@ -130,6 +132,19 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class TensorBlocks:
+    """A tensor an edit produces block by block: flat, contiguous pieces in order, written as they come.
+
+    Lets an edit stream a large tensor through a small reused buffer instead of materialising it. The blocks
+    must add up to exactly ``shape`` × ``dtype``; an exception raised while producing them aborts the edit.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    blocks: Iterable[torch.Tensor]
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -232,7 +247,6 @@ class Checkpoint:
         self.shard_metadata: dict[Path, dict[str, str]] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
-        self._handles: dict[Path, Any] = {}
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory.")
         if self.path.is_file():
@@ -389,20 +403,13 @@ class Checkpoint:
         return sum(i.nbytes for i in self._infos.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a private copy: editing it never touches the file)."""
+        """Load one tensor (copy-on-write: editing it never touches the file)."""
         info = self.info(name)
         if self._pickled is not None:
             return self._pickled[name].clone()
-        handle = self._handles.get(info.file)
-        if handle is None:
-            if len(self._handles) >= 2:  # keep at most two shards open
-                self._handles.pop(next(iter(self._handles)))
-            try:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            except Exception as e:
-                raise CheckpointError(f"{info.file}: safetensors cannot open it: {e}") from None
-        try:
-            return handle.get_tensor(name)
+        try:  # a short-lived handle: pages of the memory map stay resident only while the tensor lives
+            with safe_open(str(info.file), framework="pt") as handle:
+                return handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
 
@@ -428,7 +435,9 @@ class Checkpoint:
         return {canonical_name(n): n for n in self._infos}
 
     def close(self) -> None:
-        self._handles.clear()
+        """Release resources (files are opened per read, so this only drops cached pickled tensors)."""
+        if self._pickled is not None:
+            self._pickled.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -475,6 +484,48 @@ def layer_map(names: Iterable[str]) -> tuple[str | None, dict[str, int | None]]:
     return path, out
 
 
+def parse_layers(spec: str | int | slice | Iterable[int], num_layers: int) -> list[int]:
+    """Normalise a layer selection to sorted indices: ``"4:8"`` (Python slice, end excluded), ``"2,5,-1"``,
+    an int, a ``slice``/``range`` or indices (negative ones count from the end).
+
+    >>> parse_layers("2:5", 8), parse_layers("-2:", 8), parse_layers("0,7", 8)
+    ([2, 3, 4], [6, 7], [0, 7])
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) > 3:
+                raise ValueError(f"Layer range {spec!r}: use 'start:end' (end excluded).")
+            try:
+                spec = slice(*[int(p) if p.strip() else None for p in parts])
+            except ValueError:
+                raise ValueError(f"Layer range {spec!r}: use integers, e.g. '4:8'.") from None
+        else:
+            try:
+                spec = [int(p) for p in text.split(",") if p.strip()]
+            except ValueError:
+                raise ValueError(
+                    f"Layer list {spec!r}: use integers, e.g. '2,3,5' or a range '4:8'."
+                ) from None
+    if isinstance(spec, int):
+        spec = [spec]
+    if isinstance(spec, slice):
+        out = list(range(num_layers))[spec]
+    else:
+        out = []
+        for i in spec:
+            if not -num_layers <= int(i) < num_layers:
+                raise IndexError(
+                    f"Layer {i} out of range: the model has {num_layers} layers (0…{num_layers - 1})."
+                )
+            out.append(int(i) % num_layers)
+        out = sorted(set(out))
+    if not out:
+        raise ValueError(f"The layer selection {spec!r} is empty for a model with {num_layers} layers.")
+    return out
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().cpu().contiguous().reshape(-1)
@@ -510,6 +561,21 @@ class _ShardWriter:
         data = _tensor_bytes(t)
         self._next(data.nbytes)
         _write_all(self.fd, data)
+
+    def write_blocks(self, name: str, blocks: TensorBlocks) -> None:
+        expected = self.entries[self.position]
+        total = 0
+        for block in blocks.blocks:
+            if block.dtype != expected.dtype:
+                raise ValueError(
+                    f"The edit of {name!r} produced a {block.dtype} block; expected {expected.dtype}."
+                )
+            data = _tensor_bytes(block)
+            _write_all(self.fd, data)
+            total += data.nbytes
+        if total != expected.nbytes:
+            raise ValueError(f"The edit of {name!r} produced {total} bytes; expected {expected.nbytes}.")
+        self.position += 1
 
     def copy(self, info: TensorInfo) -> None:
         """Copy a tensor's bytes from its source file (kernel-side when possible, never through Python memory)."""
@@ -689,7 +755,7 @@ def edit_checkpoint(
         edits: ``{name: fn}``; ``fn(load)`` returns the new tensor, where ``load()`` reads the source tensor on
             demand. The result must keep the source tensor's dtype and shape; it may also be the
             :class:`TensorInfo` of a tensor in another safetensors file, whose bytes are then copied without
-            loading them. Tensors not named are copied bytewise.
+            loading them, or :class:`TensorBlocks` streamed as computed. Tensors not named are copied bytewise.
         drop: names to leave out of the output.
         record: what the edit was (stored as JSON under ``hfhooks.edits`` in every shard and in the index).
         max_shard_size: re-shard the output (e.g. ``"2GB"``); default: keep the source's file layout.
@@ -747,7 +813,7 @@ def edit_checkpoint(
                     fn = edits.get(name)
                     if fn is not None:
                         new = fn(lambda name=name: src.get(name))
-                        ok = isinstance(new, torch.Tensor | TensorInfo) and (
+                        ok = isinstance(new, torch.Tensor | TensorInfo | TensorBlocks) and (
                             tuple(new.shape) == info.shape and new.dtype == info.dtype
                         )
                         if not ok:
@@ -766,6 +832,8 @@ def edit_checkpoint(
                                     f"The edit of {name!r} returned a TensorInfo with no byte range."
                                 )
                             writer.copy(new)  # bytes of another file, copied by the kernel
+                        elif isinstance(new, TensorBlocks):
+                            writer.write_blocks(name, new)  # written as computed: no full-size output
                         else:
                             writer.write(new)
                         del new

@@ -11,10 +11,10 @@ Guarantees:
   :class:`BaseMismatchError` naming the tensors that differ (``check_base=False`` applies anyway, e.g. for task
   arithmetic on purpose).
 * **Exactness, stated.** :meth:`WeightDiff.between` checks per tensor whether ``base + Δ`` reproduces the
-  target bit for bit (``exact``) and whether ``target − Δ`` reproduces the base (``exact_inverse``). With
-  ``bfloat16``/``float16`` weights and the default ``float32`` Δ both always hold; for ``float32`` weights
-  pass ``dtype=torch.float64`` to make them hold. Operations that lose exactness (scaling, quantising,
-  masking) clear the flags instead of lying.
+  target bit for bit (``exact``) and whether ``target − Δ`` reproduces the base (``exact_inverse``). The
+  default ``float32`` Δ is exact for ``bfloat16``/``float16`` weights unless a coordinate changes magnitude
+  by more than 2¹⁶; ``dtype=torch.float64`` makes both flags hold for ``float32`` weights too (up to 2²⁹).
+  Operations that lose exactness (scaling, quantising, masking, adding) clear the flags instead of lying.
 * **Bounded memory.** Diffs between checkpoint directories stream tensor by tensor into the diff file
   (``out=``); a large diff file is read lazily (``WeightDiff.load(path, lazy=True)``), with each tensor's
   CRC-32 verified as it is read; applying to a checkpoint streams through
@@ -35,7 +35,7 @@ File format (an hfhooks artifact of kind ``diff``, readable with plain ``safeten
 Example:
     >>> import torch
     >>> base, tuned = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    >>> d = WeightDiff.between(base, tuned, progress=False)
+    >>> d = WeightDiff.between(base, tuned, dtype=torch.float64, progress=False)
     >>> d.exact, sorted(d.names())
     (True, ['bias', 'weight'])
     >>> _ = d.apply(base)
@@ -46,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import hashlib
 import json
@@ -54,6 +55,7 @@ import os
 import re
 import tempfile
 import warnings
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -69,11 +71,13 @@ from hfhooks.artifacts import FORMAT_VERSION, ArtifactError, _digest
 from hfhooks.checkpoints import (
     Checkpoint,
     CheckpointError,
+    TensorBlocks,
     _copy_range,
     _tensor_bytes,
     _write_all,
     edit_checkpoint,
     layer_map,
+    parse_layers,
     read_safetensors_header,
 )
 from hfhooks.masks import ParamMask
@@ -477,8 +481,8 @@ class WeightDiff:
 
         Args:
             names: only these tensors (names, globs, or ``re:`` regexes); default: all.
-            dtype: storage dtype of Δ; default ``float32`` (``float64`` for ``float64`` weights). With
-                ``float64`` for ``float32`` weights, ``exact`` and ``exact_inverse`` hold.
+            dtype: storage dtype of Δ; default ``float32`` (``float64`` for ``float64`` weights). Use
+                ``torch.float64`` when ``float32`` weights must round-trip bit for bit (see ``exact``).
             storage: ``"dense"``, ``"sparse"`` (``mask`` = where the weights changed) or ``"auto"`` (per
                 tensor, whichever is smaller).
             changed_only: leave out tensors that did not change (listed under ``metadata["unchanged"]``).
@@ -516,7 +520,7 @@ class WeightDiff:
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
-            return _write_diff(out, entries(), meta, len(common), progress, desc="diff")
+            return _write_diff(out, entries(), meta, common, progress, desc="diff")
         diff = cls(metadata=meta)
         unchanged = []
         for n, entry in _progress(entries(), len(common), progress, "diff"):
@@ -638,7 +642,7 @@ class WeightDiff:
     def restrict(
         self,
         *,
-        layers: Iterable[int] | slice | None = None,
+        layers: str | Iterable[int] | slice | None = None,
         names: str | Iterable[str] | None = None,
         mask: ParamMask | None = None,
     ) -> WeightDiff:
@@ -656,12 +660,7 @@ class WeightDiff:
                 raise ValueError(
                     "These tensor names have no decoder-layer structure; restrict by names instead."
                 )
-            n_layers = 1 + max(i for i in of.values() if i is not None)
-            wanted = set(
-                range(n_layers)[layers]
-                if isinstance(layers, slice)
-                else [_norm_layer(i, n_layers) for i in layers]
-            )
+            wanted = set(parse_layers(layers, 1 + max(i for i in of.values() if i is not None)))
             keep = [n for n in keep if of[n] in wanted]
             ops["layers"] = sorted(wanted)
             if not keep:
@@ -847,7 +846,7 @@ class WeightDiff:
         """Write the diff as a safetensors artifact (streamed tensor by tensor; atomic). Returns the path."""
         meta = {**{k: v for k, v in self.metadata.items() if k not in _RESERVED_META}, **extra}
         items = ((n, e) for n, e in self.entries.items())
-        written = _write_diff(path, items, meta, len(self), progress, desc="save diff")
+        written = _write_diff(path, items, meta, list(self.entries), progress, desc="save diff")
         return Path(written.metadata["path"])
 
     @classmethod
@@ -942,7 +941,7 @@ def _between_entry(
     if not base.is_floating_point() or not tuned.is_floating_point():
         raise ValueError(f"Diffs are defined on floating-point weights, got {base.dtype} / {tuned.dtype}.")
     dt = dtype or torch.promote_types(torch.promote_types(base.dtype, tuned.dtype), torch.float32)
-    delta = tuned.to(dt) - base.to(dt)
+    delta = tuned.to(dt, copy=True).sub_(base)  # one temporary of Δ's size
     changed = not _bitwise_equal(base, tuned)
     exact = tuned.dtype == base.dtype and _bitwise_equal(_plus(base, delta, 1.0), tuned)
     exact_inv = tuned.dtype == base.dtype and _bitwise_equal(_plus(tuned, delta, -1.0), base)
@@ -962,18 +961,53 @@ def _between_entry(
     return DiffEntry(tuple(delta.shape), delta.dtype, "sparse", _const(_sparse_payload(delta, nz)), **fields)
 
 
-def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
-    """``θ + scale·Δ`` computed in the wider dtype, cast back; coordinates with Δ = 0 are kept bit for bit."""
+_CHUNK = 1 << 18  # elements per step of the blocked update: cache-sized, no large temporaries
+_NEG_ZERO = {2: -(1 << 15), 4: -(1 << 31), 8: -(1 << 63)}
+
+
+def _plus_blocks(
+    theta: torch.Tensor, delta: torch.Tensor, scale: float
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``θ + scale·Δ`` in cache-sized blocks ``(start, end, values)`` through reused buffers (the values are
+    overwritten by the next block). Computed in the wider dtype and cast back; where Δ = 0, θ is kept bit for
+    bit — ``x + 0`` is ``x`` except for ``−0.0``, so the select only runs on blocks where θ holds one."""
     ct = torch.promote_types(torch.promote_types(theta.dtype, delta.dtype), torch.float32)
-    d = delta.to(ct)
-    if scale != 1.0:
-        d = d * scale
-    summed = (theta.to(ct) + d).to(theta.dtype)
-    return torch.where(delta != 0, summed, theta)
+    tf, df = theta.contiguous().reshape(-1), delta.contiguous().reshape(-1)
+    n = tf.numel()
+    neg_zero = _NEG_ZERO.get(tf.element_size())
+    ti = tf.view(_INT_VIEW[tf.element_size()]) if neg_zero is not None else None
+    buf = torch.empty(min(n, _CHUNK), dtype=ct)
+    obuf = torch.empty(min(n, _CHUNK), dtype=theta.dtype)
+    mask = torch.empty(min(n, _CHUNK), dtype=torch.bool)
+    for i in range(0, n, _CHUNK):
+        j = min(i + _CHUNK, n)
+        b, o, m = buf[: j - i], obuf[: j - i], mask[: j - i]
+        b.copy_(tf[i:j])
+        if scale == 1.0:
+            b.add_(df[i:j])
+        else:
+            b.add_(df[i:j], alpha=scale)
+        o.copy_(b)
+        if ti is not None and int(ti[i:j].min()) == neg_zero:  # −0.0 is the smallest integer pattern
+            torch.eq(df[i:j], 0, out=m)
+            torch.where(m, tf[i:j], o, out=o)
+        yield i, j, o
+
+
+def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """``θ + scale·Δ`` as a new tensor (see :func:`_plus_blocks`)."""
+    out = torch.empty(theta.shape, dtype=theta.dtype)
+    of = out.view(-1)
+    for i, j, block in _plus_blocks(theta, delta, scale):
+        of[i:j].copy_(block)
+    return out
 
 
 def _add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float) -> torch.Tensor:
-    payload = entry.load()
+    return _add_payload(theta, entry, entry.load(), scale)
+
+
+def _add_payload(theta: torch.Tensor, entry: DiffEntry, payload: Payload, scale: float) -> torch.Tensor:
     if entry.storage == "sparse":  # touch only the masked coordinates
         mask = payload["mask"]
         out = theta.clone()
@@ -984,14 +1018,37 @@ def _add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float) -> torch.Ten
 
 def _apply_fn(
     name: str, entry: DiffEntry, scale: float, check_base: bool
-) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor]:
-    def fn(load: Callable[[], torch.Tensor]) -> torch.Tensor:
+) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor | TensorBlocks]:
+    """The streaming edit for one tensor: read θ and Δ, check θ's fingerprint and Δ's CRC on a helper thread
+    while θ + scale·Δ is computed and written block by block; a failed check aborts the edit."""
+
+    def fn(load: Callable[[], torch.Tensor]) -> torch.Tensor | TensorBlocks:
         theta = load()
+        checks = []
         if check_base and entry.base is not None:
-            fp = tensor_fingerprint(theta)
-            if fp != entry.base:
-                raise BaseMismatchError(_mismatch_message([(name, entry.base, fp)], 1))
-        return _add_delta(theta, entry, scale)
+            checks.append(_pool().submit(tensor_fingerprint, theta))
+        deferred = _DEFERRED.get(entry.load)
+        if deferred is not None:
+            payload, verify = deferred()
+            checks.append(_pool().submit(verify))
+        else:
+            payload = entry.load()
+
+        def finish() -> None:
+            results = [c.result() for c in checks]  # re-raises a DiffFileError from verify()
+            if check_base and entry.base is not None and results[0] != entry.base:
+                raise BaseMismatchError(_mismatch_message([(name, entry.base, results[0])], 1))
+
+        if entry.storage != "dense":
+            out = _add_payload(theta, entry, payload, scale)
+            finish()
+            return out
+
+        def blocks() -> Iterator[torch.Tensor]:
+            yield from (block for _, _, block in _plus_blocks(theta, payload["values"], scale))
+            finish()
+
+        return TensorBlocks(theta.dtype, tuple(theta.shape), blocks())
 
     return fn
 
@@ -1058,12 +1115,6 @@ def _select(names: Sequence[str], patterns: str | Iterable[str] | None, quiet: b
     return [n for n in names if n in set(keep)]
 
 
-def _norm_layer(i: int, n: int) -> int:
-    if not -n <= i < n:
-        raise IndexError(f"Layer {i} out of range: the diff spans layers 0…{n - 1}.")
-    return i % n
-
-
 def _progress(it: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
     if not enabled:
         return it
@@ -1073,135 +1124,37 @@ def _progress(it: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterab
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------------
-def _lora_scaling(cfg: Mapping[str, Any], module: str) -> float:
-    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    for key, value in (cfg.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            r = value
-    for key, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            alpha = value
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
 def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype) -> WeightDiff:
-    from hfhooks.lora import lora_layers
+    from hfhooks.lora import lora_delta_weights, modules_to_save_copies
 
-    layers = lora_layers(model)
-    if not layers and not any("modules_to_save" in n for n, _ in model.named_modules()):
+    index = ParamIndex(model)
+    deltas = lora_delta_weights(model, adapter, dtype)
+    copies = modules_to_save_copies(model, adapter)
+    if not deltas and not copies:
         raise ValueError(
             f"{type(model).__name__} has no LoRA layers; pass a PeftModel or an adapter directory."
         )
-    index = ParamIndex(model)
-    module_names = {id(m): n for n, m in model.named_modules()}
-    deltas: dict[str, torch.Tensor] = {}
-    bases: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for layer in layers.values():
-        adapters = [adapter] if adapter is not None else list(layer.active_adapters)
-        for name in adapters:
-            if name not in getattr(layer, "lora_A", {}) and name not in getattr(
-                layer, "lora_embedding_A", {}
-            ):
-                continue
-            if getattr(layer, "use_dora", {}).get(name, False):
-                raise NotImplementedError(
-                    "DoRA adapters rescale weight columns by a learned magnitude, so their effect is not s·B·A; "
-                    "merge the adapter (merge_and_unload) and diff the merged model against the base instead."
-                )
-            used.add(name)
-            prefix = canonical_name(module_names[id(layer)])
-            base_layer = layer.get_base_layer()
-            s = layer.scaling[name]
-            if name in getattr(layer, "lora_A", {}):
-                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                if a.dim() != 2:  # convolutions and other layouts: PEFT's own formula
-                    delta = layer.get_delta_weight(name).detach().to(dtype).cpu()
-                else:
-                    delta = (b.detach().to(dtype) @ a.detach().to(dtype)) * s
-                    if getattr(layer, "fan_in_fan_out", False):
-                        delta = delta.T
-                bias = getattr(layer.lora_B[name], "bias", None)
-                if bias is not None and getattr(base_layer, "bias", None) is not None:
-                    key = f"{prefix}.bias"
-                    deltas[key] = deltas.get(key, 0) + bias.detach().to(dtype).cpu() * s
-                    bases[key] = base_layer.bias
-            else:  # nn.Embedding: lora_embedding_A (r, num_embeddings), _B (dim, r)
-                a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-                delta = (b.detach().to(dtype) @ a.detach().to(dtype)).T * s
-            key = f"{prefix}.weight"
-            deltas[key] = deltas.get(key, 0) + delta.cpu().contiguous()
-            bases[key] = base_layer.weight
-    if adapter is not None and adapter not in used and layers:
-        raise ValueError(f"Adapter {adapter!r} is on no LoRA layer of this model.")
-    for full, module in model.named_modules():  # modules_to_save: trainable copy − original
-        if type(module).__name__ != "ModulesToSaveWrapper":
-            continue
-        name = adapter or module.active_adapter
-        name = name[0] if isinstance(name, list | tuple) else name
-        if name not in module.modules_to_save:
-            continue
-        for p_name, p in module.modules_to_save[name].named_parameters():
-            orig = module.original_module.get_parameter(p_name)
-            key = canonical_name(f"{full}.{p_name}")
-            deltas[key] = p.detach().to(dtype).cpu() - orig.detach().to(dtype).cpu()
-            bases[key] = orig
     diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": adapter or "active"}], "scale": 1.0})
-    for key, delta in deltas.items():
+    for key, (orig, copy) in copies.items():  # a full copy: keep it exact
+        diff.entries[key] = _between_entry(
+            orig, copy, torch.float64 if orig.dtype == torch.float32 else None, "dense"
+        )
+    for key, (delta, base) in deltas.items():
         if key not in index:
             raise UnknownParameterError(index._unknown_message(key))
         diff.entries[key] = _dense_entry(
-            delta, base=tensor_fingerprint(bases[key]), changed=bool(delta.ne(0).any())
+            delta, base=tensor_fingerprint(base), changed=bool(delta.ne(0).any())
         )
     diff._refresh_fingerprints()
     return diff
 
 
 def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype) -> WeightDiff:
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} is not a PEFT adapter directory (no adapter_config.json).")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{cfg_file}: not a LoRA adapter config (peft_type={cfg.get('peft_type')!r}).")
-    if cfg.get("use_dora"):
-        raise NotImplementedError("DoRA adapters are not s·B·A; merge the adapter and diff the merged model.")
-    ckpt = Checkpoint(path)
+    from hfhooks.lora import adapter_delta_weights
+
     src = _Source(base) if base is not None else None
-    modules: dict[str, dict[str, str]] = {}
-    for stored in ckpt:
-        canon = canonical_name(stored)
-        m = re.match(
-            r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$", canon
-        )
-        if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = stored
-    if not modules:
-        raise CheckpointError(f"{path}: the adapter holds no lora_A / lora_B tensors.")
     diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": str(path)}], "scale": 1.0})
-    for module, parts in sorted(modules.items()):
-        s = _lora_scaling(cfg, module)
-        if "lora_A" in parts and "lora_B" in parts:
-            a, b = ckpt.get(parts["lora_A"]).to(dtype), ckpt.get(parts["lora_B"]).to(dtype)
-            if a.dim() != 2 or b.dim() != 2:
-                raise NotImplementedError(
-                    f"{module}: only linear LoRA adapters can be read from a directory."
-                )
-            delta = (b @ a) * s
-            if cfg.get("fan_in_fan_out"):
-                delta = delta.T
-        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
-            a, b = (
-                ckpt.get(parts["lora_embedding_A"]).to(dtype),
-                ckpt.get(parts["lora_embedding_B"]).to(dtype),
-            )
-            delta = (b @ a).T * s
-        else:
-            raise CheckpointError(f"{path}: {module} has only one of its two LoRA matrices.")
-        key = f"{module}.weight"
+    for key, delta in adapter_delta_weights(path, dtype).items():
         fields: dict[str, Any] = {"changed": bool(delta.ne(0).any())}
         if src is not None:
             if key not in src:
@@ -1213,7 +1166,7 @@ def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype) -> WeightDiff:
                     f"{key}: adapter Δ is {tuple(delta.shape)}, base weight is {src.shape(key)}."
                 )
             fields["base"] = tensor_fingerprint(src.get(key))
-        diff.entries[key] = _dense_entry(delta.contiguous(), **fields)
+        diff.entries[key] = _dense_entry(delta, **fields)
     diff._refresh_fingerprints()
     return diff
 
@@ -1320,13 +1273,14 @@ def _meta_digest(metadata: Mapping[str, str]) -> str:
 
 
 class _DataFile(Mapping[str, torch.Tensor]):
-    """Tensors written to a scratch file, read back one at a time (a lazy mapping for the digest)."""
+    """The data section of a file being written, from byte ``base`` on; tensors are read back one at a time
+    (a lazy mapping, so the artifact digest never needs more than one tensor in memory)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    def __init__(self, fd: int, base: int):
+        self.fd, self.base = fd, base
         self.infos: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         self.size = 0
+        os.lseek(fd, base, os.SEEK_SET)
 
     def add(self, name: str, t: torch.Tensor) -> str:
         data = _tensor_bytes(t)
@@ -1341,9 +1295,9 @@ class _DataFile(Mapping[str, torch.Tensor]):
         view = memoryview(buf)
         got = 0
         while got < len(buf):
-            n = os.preadv(self.fd, [view[got:]], start + got)
+            n = os.preadv(self.fd, [view[got:]], self.base + start + got)
             if n <= 0:
-                raise OSError("scratch file ended early")
+                raise OSError("the file being written ended early")
             got += n
         return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
 
@@ -1373,27 +1327,43 @@ def _entry_meta(e: DiffEntry, crcs: dict[str, str], nnz: int | None) -> dict[str
     return info
 
 
+def _header_bytes(metadata: Mapping[str, str], data: _DataFile) -> bytes:
+    from hfhooks.checkpoints import _CODES
+
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    for name, (dtype, shape, start, end) in data.infos.items():
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
 def _write_diff(
     path: str | os.PathLike,
     items: Iterable[tuple[str, DiffEntry | None]],
     meta: Mapping[str, Any],
-    total: int,
+    names: Sequence[str],
     progress: bool,
     desc: str,
 ) -> WeightDiff:
-    """Stream entries into a diff file: data to a scratch file, then header + data, digest, atomic rename."""
+    """Stream entries into a diff file, atomically.
+
+    Tensors are written straight into the data section behind a reserved header (one pass, one tensor in
+    memory); the header — which needs every tensor's offsets, CRCs and exactness — is written last, padded with
+    spaces (valid JSON) to the reserved size. A header that outgrows its reservation is rewritten in front of a
+    copy of the data (slower, still correct).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
-    scratch = _DataFile(path.parent / f"{tmp.name}.data")
+    reserve = 65536 + sum(2048 + 24 * len(n) for n in names) + 4 * len(json.dumps(meta, default=str))
+    reserve += -reserve % 8
+    data = _DataFile(fd, 8 + reserve)
     try:
         infos: dict[str, dict[str, Any]] = {}
         per_base: dict[str, tuple[tuple[int, ...], str | None]] = {}
         per_target: dict[str, tuple[tuple[int, ...], str | None]] = {}
         unchanged: list[str] = list(meta.get("unchanged", []))
-        for name, entry in _progress(items, total, progress, desc):
+        for name, entry in _progress(items, len(names), progress, desc):
             if entry is None:
                 unchanged.append(name)
                 continue
@@ -1401,19 +1371,18 @@ def _write_diff(
                 raise ValueError(f"Tensor name {name!r} contains {_SEP!r}, which diff files reserve.")
             payload = entry.load()
             stored = _stored(name, entry, payload)
-            crcs = {k: scratch.add(k, v) for k, v in sorted(stored.items())}
+            crcs = {k: data.add(k, v) for k, v in sorted(stored.items())}
             nnz = int(payload["mask"].sum()) if payload.get("mask") is not None else None
             infos[name] = _entry_meta(entry, crcs, nnz)
             per_base[name] = (entry.shape, entry.base)
             per_target[name] = (entry.shape, entry.target)
             del payload, stored
-        flags = [i["exact"] for i in infos.values()]
         full_meta = {k: v for k, v in meta.items() if k not in _RESERVED_META}
         full_meta.update(
             {
                 "base": _model_fingerprint(per_base),
                 "target": _model_fingerprint(per_target),
-                "exact": _all_flags(flags),
+                "exact": _all_flags(i["exact"] for i in infos.values()),
                 "exact_inverse": _all_flags(i["exact_inverse"] for i in infos.values()),
                 "unchanged": unchanged,
                 "tensors": infos,
@@ -1428,27 +1397,27 @@ def _write_diff(
         for key, value in full_meta.items():
             metadata[f"hfhooks.{key}"] = json.dumps(value)
         metadata["hfhooks.meta_digest"] = json.dumps(_meta_digest(metadata))
-        metadata["hfhooks.digest"] = _digest(metadata, scratch)
-        header: dict[str, Any] = {"__metadata__": metadata}
-        for name, (dtype, shape, start, end) in scratch.infos.items():
-            from hfhooks.checkpoints import _CODES
-
-            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        out = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-        try:
-            _write_all(out, memoryview(len(raw).to_bytes(8, "little") + raw))
-            _copy_range(scratch.fd, out, 0, scratch.size)
-        finally:
-            os.close(out)
+        metadata["hfhooks.digest"] = _digest(metadata, data)
+        raw = _header_bytes(metadata, data)
+        if len(raw) <= reserve:
+            os.pwrite(fd, reserve.to_bytes(8, "little") + raw + b" " * (reserve - len(raw)), 0)
+        else:  # pragma: no cover - only with enormous metadata
+            raw += b" " * (-len(raw) % 8)
+            fd2, tmp2 = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                _write_all(fd2, memoryview(len(raw).to_bytes(8, "little") + raw))
+                _copy_range(fd, fd2, 8 + reserve, data.size)
+            finally:
+                os.close(fd2)
+            os.replace(tmp2, tmp)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        os.close(scratch.fd)
-        scratch.path.unlink(missing_ok=True)
     diff = _read_diff(path, lazy=True)
     diff.metadata["path"] = str(path)
     return diff
@@ -1633,7 +1602,12 @@ def _payload_from(entry: DiffEntry, name: str, parts: Mapping[str, torch.Tensor]
 
 
 class _LazyReader:
-    """Reads a diff file's entries on demand with ``safe_open``, checking each tensor's CRC-32."""
+    """Reads a diff file's entries on demand with ``safe_open``, checking each tensor's CRC-32.
+
+    ``load()`` verifies before returning. :func:`_deferred_loader` exposes the same read with the checks
+    returned as a callable, so :meth:`WeightDiff.apply` can run them on a helper thread (``zlib.crc32``
+    releases the GIL) while the update is computed.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -1641,7 +1615,7 @@ class _LazyReader:
     def loader(
         self, entry: DiffEntry, name: str, parts: list[str], crcs: Mapping[str, str]
     ) -> Callable[[], Payload]:
-        def load() -> Payload:
+        def read() -> tuple[Payload, Callable[[], None]]:
             from safetensors import safe_open
 
             tensors = {}
@@ -1651,11 +1625,36 @@ class _LazyReader:
                         tensors[part] = f.get_tensor(part)
             except Exception as e:
                 raise DiffFileError(f"{self.path}: cannot read {name!r}: {e}") from None
-            for part, t in tensors.items():
-                if _crc(t) != crcs[part]:
-                    raise DiffFileError(
-                        f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
-                    )
-            return _payload_from(entry, name, tensors, self.path)
 
+            def verify() -> None:
+                for part, t in tensors.items():
+                    if _crc(t) != crcs[part]:
+                        raise DiffFileError(
+                            f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
+                        )
+
+            if entry.storage != "dense":
+                verify()  # decoding reads masks and codes: check them first
+                return _payload_from(entry, name, tensors, self.path), lambda: None
+            return _payload_from(entry, name, tensors, self.path), verify
+
+        def load() -> Payload:
+            payload, verify = read()
+            verify()
+            return payload
+
+        _DEFERRED[load] = read
         return load
+
+
+_DEFERRED: weakref.WeakKeyDictionary[
+    Callable[[], Payload], Callable[[], tuple[Payload, Callable[[], None]]]
+] = weakref.WeakKeyDictionary()
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfhooks-crc")
+    return _POOL

@@ -15,13 +15,28 @@ rows/columns are refused, since freezing them there would not freeze the effecti
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
 from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex
+from hfhooks.params import ParamIndex, canonical_name
 
-__all__ = ["lora_aware_mask", "lora_layers"]
+__all__ = [
+    "adapter_delta_weights",
+    "lora_aware_mask",
+    "lora_delta_weights",
+    "lora_layers",
+    "lora_scaling",
+    "modules_to_save_copies",
+]
 
 
 def lora_layers(model: nn.Module) -> dict[int, nn.Module]:
@@ -132,3 +147,144 @@ def _only(mask: ParamMask, name: str) -> ParamMask:
     return ParamMask.from_slices(
         {name: (0 if gran == "row" else 1, mask.vector(name).nonzero().flatten())}, {name: mask.shape(name)}
     )
+
+
+# -- LoRA adapters as weight deltas ----------------------------------------------------------------------------
+_DORA = (
+    "DoRA adapters rescale weight columns by a learned magnitude, so their effect is not s·B·A; merge the "
+    "adapter (merge_and_unload) and diff the merged model against the base instead."
+)
+
+
+def lora_scaling(config: Mapping[str, Any], module: str) -> float:
+    """PEFT's scaling ``s`` for ``module`` from an adapter config: ``lora_alpha / r`` (``/ √r`` with rsLoRA),
+    with ``rank_pattern`` / ``alpha_pattern`` overrides matched on the module name's suffix."""
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    for key, value in (config.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            r = value
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            alpha = value
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def lora_delta_weights(
+    model: nn.Module, adapter: str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{canonical base weight name: (ΔW, base tensor)}`` for every LoRA module of a ``PeftModel``.
+
+    ``ΔW = s·B·A`` per module and adapter (``adapter``: one name; default: the active adapters, summed), with
+    the layer's own scaling (rsLoRA and rank/alpha patterns included), transposed for ``fan_in_fan_out``
+    (GPT-2's ``Conv1D``) and ``(B·A)ᵀ`` for embeddings; a ``lora_B`` bias adds ``s·bias`` to the base bias.
+    A and B are never combined separately. DoRA raises ``NotImplementedError``.
+    """
+    module_names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    used: set[str] = set()
+    layers = lora_layers(model)
+
+    def add(key: str, delta: torch.Tensor, base: torch.Tensor) -> None:
+        prev = out.get(key)
+        out[key] = ((prev[0] + delta) if prev else delta.contiguous(), base.detach())
+
+    for layer in layers.values():
+        for name in [adapter] if adapter is not None else list(layer.active_adapters):
+            if name not in getattr(layer, "lora_A", {}) and name not in getattr(
+                layer, "lora_embedding_A", {}
+            ):
+                continue
+            if getattr(layer, "use_dora", {}).get(name, False):
+                raise NotImplementedError(_DORA)
+            used.add(name)
+            prefix = canonical_name(module_names[id(layer)])
+            base_layer, s = layer.get_base_layer(), layer.scaling[name]
+            if name in getattr(layer, "lora_A", {}):
+                a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+                if a.dim() != 2:  # convolutions and other layouts: PEFT's own formula
+                    delta = layer.get_delta_weight(name).detach().to(dtype)
+                else:
+                    delta = (b.to(dtype) @ a.to(dtype)) * s
+                    delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+                bias = getattr(layer.lora_B[name], "bias", None)
+                if bias is not None and getattr(base_layer, "bias", None) is not None:
+                    add(f"{prefix}.bias", bias.detach().to(dtype).cpu() * s, base_layer.bias)
+            else:  # nn.Embedding: lora_embedding_A is (r, num_embeddings), lora_embedding_B (dim, r)
+                a, b = layer.lora_embedding_A[name].detach(), layer.lora_embedding_B[name].detach()
+                delta = (b.to(dtype) @ a.to(dtype)).T * s
+            add(f"{prefix}.weight", delta.cpu(), base_layer.weight)
+    if adapter is not None and layers and adapter not in used:
+        raise ValueError(f"Adapter {adapter!r} is on no LoRA layer of this model.")
+    return out
+
+
+def modules_to_save_copies(
+    model: nn.Module, adapter: str | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{canonical name: (original tensor, trainable copy)}`` for PEFT ``modules_to_save`` wrappers."""
+    out = {}
+    for full, module in model.named_modules():
+        if type(module).__name__ != "ModulesToSaveWrapper":
+            continue
+        name = adapter or module.active_adapter
+        name = name[0] if isinstance(name, list | tuple) else name
+        if name not in module.modules_to_save:
+            continue
+        for p_name, p in module.modules_to_save[name].named_parameters():
+            orig = module.original_module.get_parameter(p_name)
+            out[canonical_name(f"{full}.{p_name}")] = (orig.detach().cpu(), p.detach().cpu())
+    return out
+
+
+def adapter_delta_weights(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``{canonical base weight name: ΔW}`` from a saved LoRA adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``), without building the model. Linear and embedding adapters."""
+    from hfhooks.checkpoints import Checkpoint, CheckpointError
+
+    path = Path(path)
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a PEFT adapter directory (no adapter_config.json).")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+        found = cfg.get("peft_type") if isinstance(cfg, dict) else cfg
+        raise CheckpointError(f"{cfg_file}: not a LoRA adapter config (peft_type={found!r}).")
+    if cfg.get("use_dora"):
+        raise NotImplementedError(_DORA)
+    ckpt = Checkpoint(path)
+    modules: dict[str, dict[str, str]] = {}
+    pattern = re.compile(
+        r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$"
+    )
+    for stored in ckpt:
+        m = pattern.match(canonical_name(stored))
+        if m:
+            modules.setdefault(m.group(1), {})[m.group(2)] = stored
+    if not modules:
+        raise CheckpointError(f"{path}: the adapter holds no lora_A / lora_B tensors.")
+    out = {}
+    for module, parts in sorted(modules.items()):
+        s = lora_scaling(cfg, module)
+        if "lora_A" in parts and "lora_B" in parts:
+            a, b = ckpt.get(parts["lora_A"]).to(dtype), ckpt.get(parts["lora_B"]).to(dtype)
+            if a.dim() != 2 or b.dim() != 2:
+                raise NotImplementedError(
+                    f"{module}: only linear LoRA adapters can be read from a directory."
+                )
+            delta = (b @ a) * s
+            delta = delta.T if cfg.get("fan_in_fan_out") else delta
+        elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
+            a, b = (
+                ckpt.get(parts["lora_embedding_A"]).to(dtype),
+                ckpt.get(parts["lora_embedding_B"]).to(dtype),
+            )
+            delta = (b @ a).T * s
+        else:
+            raise CheckpointError(f"{path}: {module} has only one of its two LoRA matrices.")
+        out[f"{module}.weight"] = delta.contiguous()
+    return out

@@ -1,0 +1,128 @@
+"""``LayerRestorationCallback``: restore decoder layers to reference weights at train end and/or at each save."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hfhooks.layers import find_layers, layer_of
+from hfhooks.params import ParamIndex
+from hfhooks.restoration import RestoreReport, parse_layers, restore_layers
+
+__all__ = ["LayerRestorationCallback"]
+
+_WHEN = ("train_end", "save")
+_MODES = ("inplace", "variant")
+
+
+class LayerRestorationCallback(TrainerCallback):
+    """Selective layer restoration wired into ``Trainer.train()`` (see :func:`hfhooks.restore_layers`).
+
+    Args:
+        reference: the weights to restore from — the pre-trained model, its checkpoint directory, or
+            ``{name: tensor}``.
+        layers: the decoder layers, e.g. ``"4:8"`` or ``range(4, 8)``.
+        when: ``"train_end"``, ``"save"`` or both (a tuple).
+        mode: ``"inplace"`` — at train end the live model is restored (what ``trainer.save_model()`` writes
+            afterwards); at a save the checkpoint's weights are replaced atomically (optimizer and trainer
+            state are kept, so a resume continues from the restored weights). ``"variant"`` — the trained
+            weights are left alone and a restored copy is written next to them: ``<checkpoint>/<variant>/`` at
+            each save, ``<output_dir>/<variant>/`` at train end.
+        variant: the variant directory's name.
+        embeddings, final_norm, lm_head, adapters: as in :func:`hfhooks.restore_layers`.
+
+    Checkpoint edits stream shard by shard (bounded memory) and run on the main process only; the live model
+    is restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
+    ``callback.reports``.
+
+    Example::
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds,
+                          callbacks=[LayerRestorationCallback("path/to/base", "4:8", when=("save", "train_end"),
+                                                              mode="variant")])
+    """
+
+    def __init__(
+        self,
+        reference: Any,
+        layers: str | int | slice | Iterable[int],
+        *,
+        when: str | Iterable[str] = "train_end",
+        mode: str = "inplace",
+        variant: str = "restored",
+        embeddings: bool = False,
+        final_norm: bool = False,
+        lm_head: bool = False,
+        adapters: str = "zero",
+    ):
+        self.when = {when} if isinstance(when, str) else set(when)
+        if not self.when or not self.when <= set(_WHEN):
+            raise ValueError(f"when={when!r}: use 'train_end', 'save' or both.")
+        if mode not in _MODES:
+            raise ValueError(f"mode={mode!r}: use 'inplace' or 'variant'.")
+        if adapters not in ("zero", "drop"):
+            raise ValueError(f"adapters={adapters!r}: use 'zero' or 'drop'.")
+        if not variant or os.sep in variant or variant.startswith("."):
+            raise ValueError(f"variant={variant!r} must be a plain directory name.")
+        if isinstance(reference, str | os.PathLike) and not Path(reference).exists():
+            raise FileNotFoundError(f"Reference checkpoint {reference} does not exist.")
+        self.reference, self.layers, self.mode, self.variant = reference, layers, mode, variant
+        self.options = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
+        self.adapters = adapters
+        self.reports: list[RestoreReport] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        if "save" not in self.when or not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not ckpt.is_dir():
+            warnings.warn(f"LayerRestorationCallback: {ckpt} was not found; nothing restored.", stacklevel=2)
+            return
+        out = ckpt if self.mode == "inplace" else ckpt / self.variant
+        report = restore_layers(
+            ckpt,
+            self.reference,
+            self.layers,
+            out=out,
+            overwrite=True,
+            adapters=self.adapters,
+            progress=False,
+            **self.options,
+        )
+        self.reports.append(report)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if "train_end" not in self.when or model is None:
+            return
+        if self.mode == "inplace":
+            self.reports.append(
+                restore_layers(model, self.reference, self.layers, adapters=self.adapters, **self.options)
+            )
+            return
+        # variant: restore, save a copy, then put the trained weights back (only what restoration touches)
+        index, blocks = ParamIndex(model), find_layers(model)
+        chosen = set(parse_layers(self.layers, len(blocks)))
+        extra = any(self.options.values())
+        before = {  # only what restoration can touch: the chosen layers (and the non-layer tensors if asked)
+            n: p.detach().clone()
+            for n, p in index.items()
+            if layer_of(n, blocks) in chosen or (extra and layer_of(n, blocks) is None)
+        }
+        report = restore_layers(model, self.reference, self.layers, adapters="zero", **self.options)
+        try:
+            if state.is_world_process_zero:
+                out = Path(args.output_dir) / self.variant
+                model.save_pretrained(out)
+                report.path = out
+        finally:
+            with torch.no_grad():
+                for n, value in before.items():
+                    index.param(n).copy_(value)
+        self.reports.append(report)
