@@ -11,10 +11,20 @@ from hfhooks.callbacks import (
     AttributionAlignmentCallback,
     GradientMaskCallback,
     GradientRoutingCallback,
+    LayerRestorationCallback,
     SaliencyUnlearningCallback,
     UnlearningEvalCallback,
 )
+from hfhooks.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
 from hfhooks.data import Tagged, TaggedCollator, TaggedDataset
+from hfhooks.diffs import (
+    BaseMismatchError,
+    DiffFileError,
+    WeightDiff,
+    consensus_mask,
+    consensus_merge,
+    tall_masks,
+)
 from hfhooks.evaluation import (
     average_gap,
     mia_efficacy,
@@ -33,6 +43,7 @@ from hfhooks.layers import (
 from hfhooks.loss_hooks import LossHook
 from hfhooks.masks import MaskFileError, ParamMask
 from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
+from hfhooks.restoration import crc_scores, restore_layers, search_restoration
 from hfhooks.routing import (
     FORGET,
     RETAIN,
@@ -62,10 +73,15 @@ __all__ = [
     "ArtifactError",
     "AttributionAlignment",
     "AttributionAlignmentCallback",
+    "BaseMismatchError",
+    "Checkpoint",
+    "CheckpointError",
+    "DiffFileError",
     "GradientMask",
     "GradientMaskCallback",
     "GradientRoutingCallback",
     "LayerList",
+    "LayerRestorationCallback",
     "LossHook",
     "MaskFileError",
     "ParamIndex",
@@ -79,6 +95,7 @@ __all__ = [
     "UnknownParameterError",
     "UnlearningEvalCallback",
     "UnlearningObjective",
+    "WeightDiff",
     "__version__",
     "ablate",
     "attention_head_slices",
@@ -87,8 +104,12 @@ __all__ = [
     "calibrate_logits",
     "canonical_name",
     "compute_saliency",
+    "consensus_mask",
+    "consensus_merge",
+    "crc_scores",
     "dedicated_mask",
     "deletion_insertion",
+    "edit_checkpoint",
     "faithfulness",
     "find_layers",
     "forget_retain_dataset",
@@ -99,8 +120,11 @@ __all__ = [
     "model_fingerprint",
     "reference_logprobs",
     "relearn_attack",
+    "restore_layers",
     "routing_labels",
     "salun",
+    "search_restoration",
+    "tall_masks",
     "topk_masks",
     "unlearning_metrics",
     "unwrap_model",

@@ -3,6 +3,7 @@
 from hfhooks.callbacks.attribution import AttributionAlignmentCallback
 from hfhooks.callbacks.evaluation import UnlearningEvalCallback
 from hfhooks.callbacks.gradient_mask import GradientMaskCallback
+from hfhooks.callbacks.restoration import LayerRestorationCallback
 from hfhooks.callbacks.routing import GradientRoutingCallback
 from hfhooks.callbacks.unlearning import SaliencyUnlearningCallback
 
@@ -10,6 +11,7 @@ __all__ = [
     "AttributionAlignmentCallback",
     "GradientMaskCallback",
     "GradientRoutingCallback",
+    "LayerRestorationCallback",
     "SaliencyUnlearningCallback",
     "UnlearningEvalCallback",
 ]
