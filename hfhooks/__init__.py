@@ -24,6 +24,7 @@ from hfhooks.diffs import (
     consensus_mask,
     consensus_merge,
     tall_masks,
+    tensor_fingerprint,
 )
 from hfhooks.evaluation import (
     average_gap,
@@ -43,7 +44,15 @@ from hfhooks.layers import (
 from hfhooks.loss_hooks import LossHook
 from hfhooks.masks import MaskFileError, ParamMask
 from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
-from hfhooks.restoration import crc_scores, restore_layers, search_restoration
+from hfhooks.restoration import (
+    CRCPrompt,
+    RestorationSearch,
+    RestoreReport,
+    crc_prompts,
+    crc_scores,
+    restore_layers,
+    search_restoration,
+)
 from hfhooks.routing import (
     FORGET,
     RETAIN,
@@ -74,6 +83,7 @@ __all__ = [
     "AttributionAlignment",
     "AttributionAlignmentCallback",
     "BaseMismatchError",
+    "CRCPrompt",
     "Checkpoint",
     "CheckpointError",
     "DiffFileError",
@@ -86,6 +96,8 @@ __all__ = [
     "MaskFileError",
     "ParamIndex",
     "ParamMask",
+    "RestorationSearch",
+    "RestoreReport",
     "Router",
     "SaliencyUnlearningCallback",
     "Scores",
@@ -106,6 +118,7 @@ __all__ = [
     "compute_saliency",
     "consensus_mask",
     "consensus_merge",
+    "crc_prompts",
     "crc_scores",
     "dedicated_mask",
     "deletion_insertion",
@@ -125,6 +138,7 @@ __all__ = [
     "salun",
     "search_restoration",
     "tall_masks",
+    "tensor_fingerprint",
     "topk_masks",
     "unlearning_metrics",
     "unwrap_model",
