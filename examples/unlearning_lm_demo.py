@@ -19,8 +19,8 @@ What it does:
     = the answer), on the trained templates and on the held-out paraphrases; then a relearning attack
     (``relearn_attack``: fine-tune on the forget set, steps until forget exact match ≥ 50 %).
 
-Run: ``python examples/unlearning_lm_demo.py --out outputs/unlearning_lm`` (≈ 4 min on 2 CPU cores) or
-``--quick`` (≈ 1 min).
+Run: ``python examples/unlearning_lm_demo.py --out outputs/unlearning_lm`` (≈ 4 min on 2 shared CPU cores) or
+``--quick`` (≈ 1–2 min). Results: ``docs/unlearning.md``.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def unlearn(original, objective, ratio, forget, retain_pool, target, out: Path, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/unlearning_lm")
-    p.add_argument("--quick", action="store_true", help="fewer facts and epochs (≈ 1 min)")
+    p.add_argument("--quick", action="store_true", help="fewer facts (≈ 1-2 min)")
     p.add_argument("--countries", type=int, default=40)
     p.add_argument("--people", type=int, default=80)
     p.add_argument("--hidden", type=int, default=128)
