@@ -85,6 +85,12 @@ def mia_efficacy(member: torch.Tensor, nonmember: torch.Tensor, target: torch.Te
         from sklearn.svm import SVC
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("MIA-efficacy needs scikit-learn: pip install 'hfhooks[benchmarks]'.") from e
+    for name, t in (("member", member), ("non-member", nonmember), ("target", target)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"MIA-efficacy got non-finite {name} confidences: the model produces NaN/inf logits (it diverged; "
+                "lower the learning rate or check the objective)."
+            )
     x = torch.cat([member, nonmember]).double().numpy()[:, None]
     y = [1] * len(member) + [0] * len(nonmember)
     clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)

@@ -192,7 +192,7 @@ def reference_logprobs(
         for batch in tqdm(loader, desc="NPO reference", disable=not progress, leave=False):
             batch = to_device(dict(batch), device)
             labels = batch.pop("labels")
-            logits = model(**batch).logits
+            logits = model(**batch)["logits"]
             out.append(sequence_logprobs(logits, labels, causal)[0].cpu())
     return torch.cat(out)
 
@@ -240,7 +240,8 @@ def salun(
         mask = ParamMask.from_scores(
             compute_saliency(model, loader, "grad_abs_sum", progress=progress), ratio
         )
-    if objective.name == "npo" and objective.reference is None:
+    own_reference = objective.name == "npo" and objective.reference is None
+    if own_reference:  # computed for this run only: reset afterwards so a reused objective never goes stale
         objective.reference = reference_logprobs(model, forget, base_collate, progress=progress)
     data = forget_retain_dataset(forget, retain)
     g = torch.Generator().manual_seed(seed)
@@ -260,4 +261,6 @@ def salun(
             opt.zero_grad()
             loss.backward()
             opt.step()
+    if own_reference:
+        objective.reference = None
     return mask

@@ -330,3 +330,47 @@ def test_reference_logprobs_match_model_at_theta0():
         out = model(input_ids=ids, labels=ids)
     # mean token NLL from the model equals -ref / tokens on average
     torch.testing.assert_close(-ref.sum() / (5 * 5), out.loss, rtol=1e-4, atol=1e-5)
+
+
+def test_diverged_model_gives_a_clear_error_not_an_sklearn_crash():
+    class NaNModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, labels=None):
+            return {"logits": torch.full((x.shape[0], 3), float("nan")) + self.w}
+
+    data = [{"x": torch.tensor([float(i)]), "labels": torch.tensor(i % 3)} for i in range(6)]
+    with pytest.raises(ValueError, match="diverged"):
+        unlearning_metrics(NaNModel(), data, data, data, collate=TaggedCollator().base)
+
+
+def test_npo_reference_is_never_reused_across_runs():
+    """A reused objective must not keep the first model's reference log-probs (stale-reference bug)."""
+    obj = UnlearningObjective("npo", retain_weight=1.0)
+    data = blobs(24)
+    m1, m2 = MLPClassifier(dropout=0.0), MLPClassifier(dropout=0.0)
+    salun(m1, data[:6], data[6:], objective=obj, epochs=1, batch_size=8, collate=keep_x, progress=False)
+    assert obj.reference is None  # computed for that run only
+    ref2 = reference_logprobs(m2, data[:6], keep_x, progress=False)
+    seen = {}
+    orig = reference_logprobs
+
+    def spy(model, forget, *a, **k):
+        seen["ref"] = orig(model, forget, *a, **k)
+        return seen["ref"]
+
+    import hfhooks.unlearning as U
+
+    U.reference_logprobs, saved = spy, U.reference_logprobs
+    try:
+        salun(m2, data[:6], data[6:], objective=obj, epochs=1, batch_size=8, collate=keep_x, progress=False)
+    finally:
+        U.reference_logprobs = saved
+    torch.testing.assert_close(seen["ref"], ref2)
+
+
+def test_reference_logprobs_accept_plain_dict_outputs():
+    ref = reference_logprobs(MLPClassifier(dropout=0.0), blobs(5), keep_x, progress=False)
+    assert ref.shape == (5,) and bool((ref <= 0).all())

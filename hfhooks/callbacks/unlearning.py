@@ -69,6 +69,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
         self.save_mask, self.progress = save_mask, progress
         self.freezer: GradientMask | None = None
         self.hook = None
+        self._own_reference = False
 
     def _compute_mask(self, model) -> ParamMask:
         loader = torch.utils.data.DataLoader(self.forget, batch_size=self.batch_size, collate_fn=self.collate)
@@ -87,10 +88,12 @@ class SaliencyUnlearningCallback(TrainerCallback):
             self.mask = self._compute_mask(model)
             if self.save_mask is not None and state.is_world_process_zero:
                 self.mask.save(self.save_mask, model=model)
-        if self.objective.name == "npo" and self.objective.reference is None:
+        if self.objective.name == "npo" and (self.objective.reference is None or self._own_reference):
+            # NPO's reference is this run's θ₀: recomputed at every train start, never reused from another model
             self.objective.reference = reference_logprobs(
                 model, self.forget, self.collate, self.batch_size, self.progress
             )
+            self._own_reference = True
         self.freezer = GradientMask(model, self.mask, self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
 
