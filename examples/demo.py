@@ -26,12 +26,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# "{out}" is replaced by the section's artifact directory.
 SECTIONS = {
-    "saliency": ["examples/saliency_demo.py"],
-    "routing": ["examples/routing_demo.py", "--quick"],
-    "unlearning": ["benchmarks/bench_unlearning.py", "--quick"],
-    "attribution": ["examples/decoy_digits.py", "--quick"],
-    "restoration": ["examples/restoration_demo.py", "--quick"],
+    "saliency": ["examples/saliency_demo.py", "--out", "{out}"],
+    "routing": ["examples/routing_demo.py", "--quick", "--out", "{out}"],
+    "unlearning": [
+        "benchmarks/bench_unlearning.py",
+        "--quick",
+        "--out",
+        "{out}/results.json",
+        "--plot",
+        "{out}/unlearning_gap.png",
+    ],
+    "attribution": ["examples/decoy_digits.py", "--quick", "--out", "{out}"],
+    "restoration": ["examples/restoration_demo.py", "--quick", "--out", "{out}"],
 }
 
 
@@ -53,9 +61,10 @@ def main() -> int:
             continue
         target = out / name
         target.mkdir(parents=True, exist_ok=True)
-        print(f"\n{'=' * 100}\n== {name}: {' '.join(cmd)} --out {target}\n{'=' * 100}", flush=True)
+        argv = [a.replace("{out}", str(target)) for a in cmd[1:]]
+        print(f"\n{'=' * 100}\n== {name}: {cmd[0]} {' '.join(argv)}\n{'=' * 100}", flush=True)
         start = time.time()
-        proc = subprocess.run([sys.executable, str(script), *cmd[1:], "--out", str(target)], cwd=ROOT)
+        proc = subprocess.run([sys.executable, str(script), *argv], cwd=ROOT)
         took = time.time() - start
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
         artifacts = sorted(p.name for p in target.iterdir() if p.is_file())
