@@ -22,7 +22,7 @@ comprehensiveness ↑ / sufficiency ↓ over k ∈ {1, 5, 10, 20, 50} %, deletio
 |grad×input| on the decoy token (swapped test) and on the sentiment words (clean test); and a picture of token
 attributions of the plain and the aligned model (``attribution_tokens.png``, first setting, seed 0).
 
-    python examples/decoy_text.py --quick --out outputs/decoy_text       # flip 0.15, 1 seed (about 6 min, 2 cores)
+    python examples/decoy_text.py --quick --out outputs/decoy_text       # flip 0.15, 1 seed (about 4 min, 2 cores)
     python examples/decoy_text.py --out outputs/decoy_text --docs        # both settings, 2 seeds; docs/img/ too
 """
 
@@ -390,7 +390,7 @@ def main() -> None:
     )
     summary: dict[str, dict] = {}
     show = args.seeds > 1
-    width = 15 if show else 9
+    width = 15 if show else 14
     print(f"{'flip':<5} {'training':<31}" + "".join(f"{h:>{width}}" for _, h in METRICS))
     for setting, by_kind in results.items():
         summary[setting] = {}

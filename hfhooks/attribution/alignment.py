@@ -36,12 +36,14 @@ class AttributionAlignment:
         distance: one of ``kl`` (default), ``mse``, ``cosine``, ``bce``, ``rrr`` (default for ``input_gradient``).
         weight: λ.
         every: add the term on every ``every``-th step only (``step`` is advanced by the callback, or by you).
-        fraction: fraction of each batch's examples that enter the term (cost control).
+        fraction: fraction of each batch's examples that enter the term. It does *not* reduce cost (attributions
+            are computed for the whole batch); use ``every`` for that.
         target / score: what is attributed (see :func:`~hfhooks.attribution.methods.target_scores`).
         steps: integrated-gradients steps.
         input_key: attribute to this input tensor instead of the embeddings (e.g. ``"pixel_values"``).
         special_token_ids: token ids excluded from normalisation besides padding (default: the config's
-            pad/bos/eos/sep/cls ids); a ``special_tokens_mask`` tag, if present, is used as well.
+            pad/bos/eos/sep/cls ids — BERT configs carry only the pad id, so pass ``tokenizer.all_special_ids``);
+            a ``special_tokens_mask`` tag, if present, is used as well.
         word_ids: tag holding each token's word index (``-1`` for none) to pool sub-words into words.
         check_gradient: verify on the first term that it changes the parameters' gradients.
         seed: for ``fraction`` sampling.
