@@ -269,9 +269,33 @@ def test_deepspeed_and_fsdp1_are_refused_with_an_alternative():
 
     with pytest.raises(RuntimeError, match="DeepSpeed.*DDP"):
         refuse_unsupported(Args(), "GradientMaskCallback")
-    Args.deepspeed, Args.fsdp = None, "full_shard"
-    with pytest.raises(RuntimeError, match="FSDP.*DDP"):
-        refuse_unsupported(Args(), "GradientMaskCallback")
+    Args.deepspeed, Args.fsdp, Args.fsdp_config = None, "full_shard", {"version": 1}
+    with pytest.raises(RuntimeError, match="does not support FSDP1.*FSDP2.*DDP"):
+        refuse_unsupported(Args(), "GradientMaskCallback", fsdp2=True)
+    Args.fsdp_config = {"version": 2}
+    refuse_unsupported(Args(), "GradientMaskCallback", fsdp2=True)  # supported
+    with pytest.raises(RuntimeError, match="does not support FSDP2 yet.*DDP"):
+        refuse_unsupported(Args(), "GradientRoutingCallback")
+
+
+def test_exact_restore_falls_back_for_negative_zero_and_non_finite_frozen_values():
+    """``p * keep + values`` is not bit-exact for -0.0 or inf frozen values: those tensors take the slow path."""
+    lin = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[-0.0, 1.0, float("inf"), 2.0], [0.5, -0.0, 3.0, 1.0], [1.0] * 4]))
+    keep = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    before = lin.weight.detach().clone()
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, weight_decay=0.5)
+    with GradientMask(lin, ParamMask({"weight": keep})).attach(opt) as gm:
+        assert not gm._frozen[0].exact_add
+        for _ in range(3):
+            lin(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert gm.moved() == {}
+    now = lin.weight.detach()
+    assert torch.equal(now[~keep].view(torch.int32), before[~keep].view(torch.int32))  # -0.0 kept its sign
+    assert bool((now[keep] != before[keep]).any())
 
 
 def test_bad_arguments_fail_at_construction():

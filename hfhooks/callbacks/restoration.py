@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hfhooks.callbacks._guards import refuse_unsupported
 from hfhooks.layers import find_layers, layer_of
 from hfhooks.params import ParamIndex
 from hfhooks.restoration import RestoreReport, parse_layers, restore_layers
@@ -77,6 +78,14 @@ class LayerRestorationCallback(TrainerCallback):
         self.options = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
         self.adapters = adapters
         self.reports: list[RestoreReport] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        refuse_unsupported(
+            args,
+            "LayerRestorationCallback",
+            instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
+            "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
+        )
 
     def on_save(self, args, state, control, **kwargs):
         if "save" not in self.when or not state.is_world_process_zero:
