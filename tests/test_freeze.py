@@ -270,7 +270,7 @@ def test_deepspeed_and_fsdp1_are_refused_with_an_alternative():
     with pytest.raises(RuntimeError, match="DeepSpeed.*DDP"):
         refuse_unsupported(Args(), "GradientMaskCallback")
     Args.deepspeed, Args.fsdp, Args.fsdp_config = None, "full_shard", {"version": 1}
-    with pytest.raises(RuntimeError, match="does not support FSDP1.*FSDP2.*DDP"):
+    with pytest.raises(RuntimeError, match=r"does not support FSDP1.*Use FSDP2 \(fsdp_config"):
         refuse_unsupported(Args(), "GradientMaskCallback", fsdp2=True)
     Args.fsdp_config = {"version": 2}
     refuse_unsupported(Args(), "GradientMaskCallback", fsdp2=True)  # supported
