@@ -174,6 +174,14 @@ class Router:
         if self._handles:
             raise RuntimeError("Router is already attached; call detach() first.")
         index = ParamIndex(self.model)
+        sharded = [n for n, p in index.items() if type(p).__name__ == "DTensor"]
+        if (
+            sharded
+        ):  # tensor hooks never fire on FSDP2's sharded parameters: routing would silently do nothing
+            raise NotImplementedError(
+                f"{sharded[0]} is a DTensor (FSDP2 / tensor parallel): gradient routing does not support sharded "
+                "parameters yet. Train with DDP (torchrun --nproc_per_node N) or a single process."
+            )
         resolved = self.dedicated.validate(index)
         frozen = [n for n, p in resolved.items() if not p.requires_grad]
         if frozen:

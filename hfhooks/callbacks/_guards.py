@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["fsdp_version", "refuse_unsupported"]
+__all__ = ["fsdp_version", "has_dtensors", "refuse_unsupported"]
 
 
 def fsdp_version(args: Any) -> int | None:
@@ -23,14 +23,22 @@ def fsdp_version(args: Any) -> int | None:
     return int(config.get("version", config.get("fsdp_version", default)))
 
 
-def refuse_unsupported(args: Any, what: str, fsdp2: bool = False, instead: str | None = None) -> None:
+def has_dtensors(model: Any) -> bool:
+    """True if any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel)."""
+    return model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def refuse_unsupported(
+    args: Any, what: str, fsdp2: bool = False, instead: str | None = None, model: Any = None
+) -> None:
     """Raise ``RuntimeError`` naming the alternative if ``args`` (TrainingArguments) selects an engine ``what``
     cannot serve: DeepSpeed, FSDP1, or FSDP2 unless ``fsdp2=True``.
 
     Under DeepSpeed the optimizer steps inside ``backward`` and ``p.grad`` is ``None`` in callbacks, so gradient
     edits made there never reach the weights. FSDP1 flattens parameters, so per-parameter masks and hooks do
     not line up with what the optimizer sees. FSDP2 keeps parameters per tensor (sharded DTensors), which
-    callbacks whose core handles DTensors support. ``instead`` replaces the suggested alternative.
+    callbacks whose core handles DTensors support; a ``model`` whose parameters are DTensors counts as FSDP2
+    even when ``args`` does not say so. ``instead`` replaces the suggested alternative.
     """
     ddp = "Train with DDP (torchrun --nproc_per_node N your_script.py) or a single process instead."
     instead = instead or ddp
@@ -43,6 +51,8 @@ def refuse_unsupported(args: Any, what: str, fsdp2: bool = False, instead: str |
             f"partitioned, so gradient edits made from callbacks would silently do nothing. {instead}"
         )
     version = fsdp_version(args)
+    if version is None and has_dtensors(model):
+        version = 2  # sharded with fully_shard by the user, outside TrainingArguments
     if version == 1:
         raise RuntimeError(
             f"{what} does not support FSDP1 (TrainingArguments(fsdp=..., fsdp_config={{'version': 1}})): flattened "

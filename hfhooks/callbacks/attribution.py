@@ -40,7 +40,7 @@ class AttributionAlignmentCallback(TrainerCallback):
         self.alignment: AttributionAlignment | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        refuse_unsupported(args, "AttributionAlignmentCallback")
+        refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
         if getattr(args, "gradient_checkpointing", False):
             gc = getattr(args, "gradient_checkpointing_kwargs", None) or {}
             if gc.get("use_reentrant", True) is not False:

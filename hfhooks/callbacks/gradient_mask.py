@@ -46,7 +46,7 @@ class GradientMaskCallback(TrainerCallback):
         check_freeze_args(freeze, others)  # fail at construction, not at train time
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "GradientMaskCallback", fsdp2=True)
+        refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
         if self.enforcer is not None:
             self.enforcer.detach()
         self.enforcer = GradientMask(model, self.mask, self.freeze, self.others).attach(optimizer)

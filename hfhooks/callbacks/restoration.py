@@ -79,10 +79,11 @@ class LayerRestorationCallback(TrainerCallback):
         self.adapters = adapters
         self.reports: list[RestoreReport] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(
             args,
             "LayerRestorationCallback",
+            model=model,
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
         )

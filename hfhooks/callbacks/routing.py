@@ -64,7 +64,7 @@ class GradientRoutingCallback(TrainerCallback):
         self.router: Router | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "GradientRoutingCallback")
+        refuse_unsupported(args, "GradientRoutingCallback", model=model)
         if self.dedicated is None:
             self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
         if self.save_mask is not None and state.is_world_process_zero:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._guards import fsdp_version, has_dtensors, refuse_unsupported
 from hfhooks.data import TaggedCollator
 from hfhooks.freeze import GradientMask, check_freeze_args
 from hfhooks.masks import ParamMask
@@ -82,7 +82,13 @@ class SaliencyUnlearningCallback(TrainerCallback):
         return mask
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "SaliencyUnlearningCallback")
+        refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
+        if self.mask is None and (fsdp_version(args) == 2 or has_dtensors(model)):
+            raise RuntimeError(
+                "SaliencyUnlearningCallback cannot score saliency under FSDP2 (gradients are sharded, the top-k "
+                "must be global). Compute the mask first — this callback under DDP or one process with "
+                "save_mask=..., or hfhooks.compute_saliency + ParamMask.from_scores — and pass mask=... here."
+            )
         self._detach()
         if self.mask is None:
             self.mask = self._compute_mask(model)

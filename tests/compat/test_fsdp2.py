@@ -1,0 +1,86 @@
+"""FSDP2 column of the compatibility matrix: every callback around a ``fully_shard``-ed model (gloo, CPU).
+
+One ``torchrun --nproc_per_node 2`` launch runs them all (tests/distributed/fsdp2_callbacks.py); each test
+checks one callback's result on both ranks. Supported: frozen coordinates moved = 0, trained ones changed,
+hooks left = 0, parameters really DTensors. Unsupported: the error names the alternative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+SCRIPT = Path(__file__).parents[1] / "distributed" / "fsdp2_callbacks.py"
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("fsdp2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_trained_and_frozen(ranks: list[dict], key: str) -> None:
+    for rank, results in enumerate(ranks):
+        r = results[key]
+        assert r["status"] == "ok", (rank, r)
+        assert r["moved"] == 0, f"rank {rank}: {r['moved']} frozen coordinates moved"
+        assert r["changed"] > 0, "nothing trained: the test would pass vacuously"
+        assert r["hooks_left"] == 0
+        if "dtensor_params" in r:
+            assert r["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+
+
+def assert_refused(ranks: list[dict], key: str, *phrases: str) -> None:
+    for results in ranks:
+        r = results[key]
+        assert r["status"] == "error", r
+        for phrase in phrases:
+            assert phrase in r["message"], (phrase, r["message"])
+
+
+def test_gradient_mask_core_in_a_plain_loop(ranks):
+    assert_trained_and_frozen(ranks, "gradient_mask_core")
+
+
+@pytest.mark.compat(callback="gradient_mask", setup="fsdp2")
+def test_gradient_mask_callback(ranks):
+    assert_trained_and_frozen(ranks, "gradient_mask")
+
+
+@pytest.mark.compat(callback="unlearning", setup="fsdp2")
+def test_unlearning_with_a_precomputed_mask(ranks):
+    assert_trained_and_frozen(ranks, "unlearning")
+
+
+@pytest.mark.compat(callback="unlearning", setup="fsdp2", variant="scoring the mask", expect="error")
+def test_unlearning_refuses_to_score_a_mask_under_fsdp2(ranks):
+    assert_refused(ranks, "unlearning_scoring", "cannot score saliency under FSDP2", "pass mask=")
+
+
+@pytest.mark.compat(callback="routing", setup="fsdp2", expect="error")
+def test_routing_is_refused(ranks):
+    assert_refused(ranks, "routing", "GradientRoutingCallback does not support FSDP2", "Train with DDP")
+
+
+@pytest.mark.compat(callback="attribution", setup="fsdp2", expect="error")
+def test_attribution_is_refused(ranks):
+    assert_refused(
+        ranks, "attribution", "AttributionAlignmentCallback does not support FSDP2", "Train with DDP"
+    )
+
+
+@pytest.mark.compat(callback="restoration", setup="fsdp2", expect="error")
+def test_restoration_is_refused(ranks):
+    assert_refused(ranks, "restoration", "LayerRestorationCallback does not support FSDP2", "hfhooks restore")
