@@ -71,7 +71,9 @@ from hfhooks.artifacts import FORMAT_VERSION, ArtifactError, _digest
 from hfhooks.checkpoints import (
     Checkpoint,
     CheckpointError,
+    ReadBuffer,
     TensorBlocks,
+    TensorInfo,
     _copy_range,
     _tensor_bytes,
     _write_all,
@@ -781,7 +783,7 @@ class WeightDiff:
             )
         ckpt = Checkpoint(target, allow_pickle=allow_pickle)
         stored = {canonical_name(n): n for n in ckpt} if ckpt.kind == "adapter" else None
-        edits = {}
+        edits, buffer = {}, ReadBuffer()  # Δ of one tensor at a time, read into one reused buffer
         for name, entry in self.entries.items():
             key = stored.get(name, name) if stored else name
             if key not in ckpt:
@@ -790,7 +792,7 @@ class WeightDiff:
                 raise ValueError(
                     f"Shape mismatch for {name!r}: diff {entry.shape}, checkpoint {ckpt.info(key).shape}."
                 )
-            edits[key] = _apply_fn(name, entry, float(scale), check_base)
+            edits[key] = _apply_fn(name, entry, float(scale), check_base, buffer)
         record = {"op": "apply_diff", "scale": float(scale), "tensors": len(edits), "diff": self._describe()}
         return edit_checkpoint(
             ckpt,
@@ -1017,7 +1019,7 @@ def _add_payload(theta: torch.Tensor, entry: DiffEntry, payload: Payload, scale:
 
 
 def _apply_fn(
-    name: str, entry: DiffEntry, scale: float, check_base: bool
+    name: str, entry: DiffEntry, scale: float, check_base: bool, buffer: ReadBuffer | None = None
 ) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor | TensorBlocks]:
     """The streaming edit for one tensor: read θ and Δ, check θ's fingerprint and Δ's CRC on a helper thread
     while θ + scale·Δ is computed and written block by block; a failed check aborts the edit."""
@@ -1029,7 +1031,7 @@ def _apply_fn(
             checks.append(_pool().submit(tensor_fingerprint, theta))
         deferred = _DEFERRED.get(entry.load)
         if deferred is not None:
-            payload, verify = deferred()
+            payload, verify = deferred(buffer)
             checks.append(_pool().submit(verify))
         else:
             payload = entry.load()
@@ -1611,18 +1613,28 @@ class _LazyReader:
 
     def __init__(self, path: Path):
         self.path = path
+        self._infos: dict[str, TensorInfo] | None = None
+
+    def info(self, part: str) -> TensorInfo:
+        """Where a stored tensor lives in the file (the header is parsed once, on first use)."""
+        if self._infos is None:
+            self._infos = read_safetensors_header(self.path)[0]
+        return self._infos[part]
 
     def loader(
         self, entry: DiffEntry, name: str, parts: list[str], crcs: Mapping[str, str]
     ) -> Callable[[], Payload]:
-        def read() -> tuple[Payload, Callable[[], None]]:
+        def read(buffer: ReadBuffer | None = None) -> tuple[Payload, Callable[[], None]]:
             from safetensors import safe_open
 
             tensors = {}
             try:
-                with safe_open(str(self.path), framework="pt") as f:
-                    for part in parts:
-                        tensors[part] = f.get_tensor(part)
+                if buffer is not None and entry.storage == "dense" and len(parts) == 1:
+                    tensors[parts[0]] = buffer.read(self.info(parts[0]))  # no page faults on a memory map
+                else:
+                    with safe_open(str(self.path), framework="pt") as f:
+                        for part in parts:
+                            tensors[part] = f.get_tensor(part)
             except Exception as e:
                 raise DiffFileError(f"{self.path}: cannot read {name!r}: {e}") from None
 

@@ -27,6 +27,7 @@ from hfhooks.checkpoints import (
     INDEX_NAME,
     Checkpoint,
     CheckpointError,
+    ReadBuffer,
     edit_checkpoint,
     layer_map,
     read_safetensors_header,
@@ -460,3 +461,24 @@ def test_fuzzed_header_mutations_give_clean_errors(tmp_path_factory, data):
             ckpt.get(n)
     except CheckpointError:
         pass
+
+
+def test_read_buffer_reads_exact_tensors_is_reused_and_reports_truncation(tmp_path):
+    tensors = {
+        "a": torch.randn(300, 7),
+        "b": torch.arange(10, dtype=torch.int64),
+        "c": torch.randn(5).bfloat16(),
+    }
+    save_file(tensors, tmp_path / "m.safetensors")
+    infos, _ = read_safetensors_header(tmp_path / "m.safetensors")
+    buf = ReadBuffer()
+    first = buf.read(infos["a"])
+    assert torch.equal(first, tensors["a"])
+    for name in ("b", "c"):
+        got = buf.read(infos[name])
+        assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name])
+    assert buf.read(infos["a"]).data_ptr() == first.data_ptr()  # one buffer, reused: no new allocation
+    with open(tmp_path / "m.safetensors", "r+b") as f:  # truncated after the header was read
+        f.truncate(infos["a"].start + 10)
+    with pytest.raises(CheckpointError, match="truncated while reading tensor 'a'"):
+        buf.read(infos["a"])
