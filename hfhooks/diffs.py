@@ -286,6 +286,7 @@ class _Source:
         self.obj = obj
         self.index: ParamIndex | None = None
         self.ckpt: Checkpoint | None = None
+        self.buffer = ReadBuffer()  # checkpoint tensors are read into it: each valid until the next get()
         if isinstance(obj, nn.Module):
             self.index = ParamIndex(obj)
             self.names = self.index.names()
@@ -323,11 +324,12 @@ class _Source:
         return tuple(self.obj[name].shape)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor (read-only use: for models this is the live parameter's data)."""
+        """The tensor (read-only use: for models this is the live parameter's data; from a checkpoint it is
+        valid until the next ``get``)."""
         if self.index is not None:
             return self.index.param(name).detach().cpu()
         if self.ckpt is not None:
-            return self.ckpt.get(name)
+            return self.ckpt.read(name, self.buffer)
         return torch.as_tensor(self.obj[name]).detach().cpu()
 
     def unknown(self, name: str) -> str:
