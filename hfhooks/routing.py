@@ -317,7 +317,7 @@ class Router:
 
     # -- strict mode -----------------------------------------------------------------------------------------
     def _before_step(self) -> None:
-        modes, self._step_modes = self._step_modes, set()
+        modes, self._step_modes = self._sync_modes(self._step_modes), set()
         self._snapshot = []
         if self.level != "param" or len(modes) != 1 or modes == {UNLABELLED}:
             return
@@ -336,6 +336,19 @@ class Router:
                     continue
                 frozen = t.dedicated.expand(t.param.shape)
             self._snapshot.append((t.param, frozen, t.param.detach()[frozen].clone()))
+
+    def _sync_modes(self, modes: set[int]) -> set[int]:
+        """The modes seen this step by *any* rank. Under DDP one rank's micro-batches may be forget while
+        another's are retain; their gradients are averaged, so every rank must restore the same coordinates
+        (the union of modes decides), or the replicas diverge."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return modes
+        order = (FORGET, RETAIN, UNLABELLED)
+        device = self._targets[0].param.device if self._targets else torch.device("cpu")
+        flags = torch.tensor([int(m in modes) for m in order], dtype=torch.int32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {m for m, f in zip(order, flags.tolist()) if f}
 
     @torch.no_grad()
     def _after_step(self) -> None:

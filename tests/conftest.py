@@ -155,6 +155,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Copy ``@pytest.mark.compat(callback=..., setup=...)`` (and the library versions) into the JUnit XML
+    properties of each test, so ``scripts/compat_matrix.py`` builds docs/compatibility.md from a ``--junitxml``
+    report."""
+    import platform
+
+    import peft
+
+    versions = (f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+                f"{transformers.__version__}, peft {peft.__version__}")  # fmt: skip
+    for item in items:
+        marker = item.get_closest_marker("compat")
+        if marker is not None:
+            item.user_properties.extend((f"compat_{k}", str(v)) for k, v in sorted(marker.kwargs.items()))
+            item.user_properties.append(("compat_versions", versions))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from transformers import TrainerCallback
 
 from hfhooks.attribution.alignment import AttributionAlignment
+from hfhooks.attribution.methods import needs_double_backprop
 from hfhooks.callbacks._guards import refuse_unsupported
 from hfhooks.callbacks._logging import add_to_logs
 
@@ -25,7 +28,12 @@ class AttributionAlignmentCallback(TrainerCallback):
                 data_collator=TaggedCollator(DataCollatorWithPadding(tok)), callbacks=[cb]).train()
 
     Gradient checkpointing must be non-reentrant (``gradient_checkpointing_kwargs={"use_reentrant": False}``):
-    reentrant checkpointing breaks ``torch.autograd.grad``.
+    reentrant checkpointing breaks ``torch.autograd.grad``. With it, methods that need double backprop keep SDPA's
+    math kernel for the whole step, so that the backward's recomputation matches the forward.
+
+    ``torch_compile=True`` works with ``torch_compile_backend="eager"`` only: AOTAutograd backends (``inductor``,
+    ``aot_eager``…) hide the embedding output inside the compiled graph, so no attribution can be taken there;
+    the callback refuses them with that alternative.
     """
 
     def __init__(
@@ -38,6 +46,8 @@ class AttributionAlignmentCallback(TrainerCallback):
     ):
         self.options = dict(method=method, prior=prior, distance=distance, weight=weight, **kwargs)
         self.alignment: AttributionAlignment | None = None
+        self._hold_math_sdpa = False
+        self._sdpa: contextlib.ExitStack | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
@@ -48,6 +58,18 @@ class AttributionAlignmentCallback(TrainerCallback):
                     "Attribution alignment needs torch.autograd.grad inside the forward, which reentrant gradient "
                     "checkpointing breaks. Pass TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False})."
                 )
+        backend = getattr(args, "torch_compile_backend", None) or "inductor"
+        if getattr(args, "torch_compile", False) and backend != "eager":
+            raise RuntimeError(
+                f"AttributionAlignmentCallback does not support torch.compile with the {backend!r} backend: "
+                "AOTAutograd compiles the embedding output away, so no attribution can be taken from it (and "
+                "compiled graphs have no double backward). Pass TrainingArguments(torch_compile_backend='eager'), "
+                "or train with torch_compile=False."
+            )
+        # the backward recomputes checkpointed layers outside the forward's math-SDPA context: hold it all step
+        self._hold_math_sdpa = bool(getattr(args, "gradient_checkpointing", False)) and needs_double_backprop(
+            self.options["method"]
+        )
         if self.alignment is not None:
             self.alignment.detach()
         self.alignment = AttributionAlignment(model, **self.options).attach()
@@ -55,11 +77,25 @@ class AttributionAlignmentCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.alignment is not None:
             self.alignment.step = state.global_step
+            if self._hold_math_sdpa and self._sdpa is None:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                self._sdpa = contextlib.ExitStack()
+                self._sdpa.enter_context(sdpa_kernel(SDPBackend.MATH))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._release_sdpa()
+
+    def _release_sdpa(self) -> None:
+        if self._sdpa is not None:
+            self._sdpa.close()
+            self._sdpa = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.alignment is not None and logs is not None and "loss" in logs:
             add_to_logs(state, logs, {k: round(v, 6) for k, v in self.alignment.pop_stats().items()})
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._release_sdpa()
         if self.alignment is not None:
             self.alignment.detach()

@@ -1,0 +1,308 @@
+"""Build docs/compatibility.md (callback × setup) from pytest's JUnit XML reports of the ``compat``-marked tests.
+
+Tests tag themselves ``@pytest.mark.compat(callback=..., setup=..., variant=..., expect="error")``;
+``tests/conftest.py`` copies the marker (and the library versions) into each test's JUnit properties, and a
+refusal test records the message it checked as ``compat_error``. This script renders every cell from those
+results — ✓ (a test trained through the combination and checked its guarantees), ✗ (a test checked the error),
+a failure, a skip with its reason, or a gap with its explanation — never by hand.
+
+Usage::
+
+    python scripts/compat_matrix.py --run                  # run tests/compat, then write docs/compatibility.md
+    python scripts/compat_matrix.py --junit a.xml [b.xml]  # render from existing reports (e.g. a GPU run too)
+    python scripts/compat_matrix.py --junit build/junit.xml --check   # fail if the committed matrix is stale
+
+Reports from other library versions (``make test-min``) are summarised per version set below the matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "compatibility.md"
+REGENERATE = "make compat-matrix"
+
+CALLBACKS = {
+    "gradient_mask": "`GradientMaskCallback`",
+    "routing": "`GradientRoutingCallback`",
+    "unlearning": "`SaliencyUnlearningCallback`",
+    "attribution": "`AttributionAlignmentCallback`",
+    "restoration": "`LayerRestorationCallback`",
+}
+SETUPS = {  # column title, how the tests select it
+    "single": (
+        "Single process",
+        "fp32 on CPU, no wrapper: the baseline every other column changes one thing of.",
+    ),
+    "peft": (
+        "PEFT LoRA",
+        "`peft.get_peft_model(model, LoraConfig(r=2, ...))`; masks and restoration act on the "
+        "adapters (and `modules_to_save` copies), base weights stay frozen.",
+    ),
+    "ddp": (
+        "DDP",
+        "`torchrun --nproc_per_node 2`, `TrainingArguments(ddp_backend='gloo')` on CPU; both ranks "
+        "checked, and their weights must be bit-identical.",
+    ),
+    "fsdp2": (
+        "FSDP2",
+        "`torch.distributed.fsdp.fully_shard` on each decoder layer and the root (parameters are "
+        "sharded DTensors), `torchrun --nproc_per_node 2`, gloo, CPU.",
+    ),
+    "compile": (
+        "torch.compile",
+        "`TrainingArguments(torch_compile=True, torch_compile_backend='aot_eager')`: "
+        "Dynamo + AOTAutograd, which decide how hooks and the backward graph behave. Inductor's code "
+        "generation is left out only for time (about 40 s per tiny model on two CPU cores).",
+    ),
+    "grad_ckpt": (
+        "Grad. checkpointing",
+        "`gradient_checkpointing=True, gradient_checkpointing_kwargs="
+        "{'use_reentrant': False}` (non-reentrant).",
+    ),
+    "bf16": (
+        "bf16 autocast",
+        "`TrainingArguments(bf16=True, use_cpu=True)`: CPU autocast to bfloat16, fp32 master weights.",
+    ),
+    "gpu_bf16": (
+        "bf16 on GPU",
+        "`TrainingArguments(bf16=True)` on a CUDA device; runs only where one exists.",
+    ),
+    "deepspeed": (
+        "DeepSpeed",
+        "`TrainingArguments(deepspeed=...)` or a DeepSpeed launch (`ACCELERATE_USE_DEEPSPEED=true`).",
+    ),
+    "fsdp1": ("FSDP1", "`TrainingArguments(fsdp='full_shard', fsdp_config={'version': 1})`."),
+}
+GAPS = {  # (callback or "*", setup) -> why a cell without any test result is empty
+    ("*", "fsdp2"): "not tested yet: FSDP2 tests live in tests/compat/test_fsdp2.py",
+    ("*", "gpu_bf16"): "not run: the report has no GPU run",
+}
+SYMBOL = {"pass": "✓", "refused": "✗", "failed": "FAILED", "skipped": "skipped", "missing": "—"}
+BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+
+
+@dataclass
+class Result:
+    """One compat-marked test's outcome."""
+
+    test: str
+    callback: str
+    setup: str
+    variant: str
+    expect: str
+    outcome: str  # pass | refused | failed | skipped
+    detail: str  # the checked error message, the failure or the skip reason
+    versions: str
+
+
+def parse(path: Path) -> list[Result]:
+    """Every compat-tagged test case in a JUnit XML report."""
+    out = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        props = {p.get("name"): p.get("value", "") for p in case.iter("property")}
+        if "compat_callback" not in props:
+            continue
+        failed = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skipped = case.find("skipped")
+        error = props.get("compat_error", "")
+        expect = props.get("compat_expect", "ok")
+        if failed is not None:
+            outcome, detail = "failed", (failed.get("message") or failed.text or "").strip()
+        elif skipped is not None:
+            outcome, detail = "skipped", (skipped.get("message") or "").strip()
+        elif error or expect == "error":
+            outcome, detail = "refused", error
+        else:
+            outcome, detail = "pass", ""
+        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        out.append(Result(test, props["compat_callback"], props["compat_setup"], props.get("compat_variant", ""),
+                          expect, outcome, detail, props.get("compat_versions", "unknown versions")))  # fmt: skip
+    return out
+
+
+def merge(results: list[Result]) -> list[Result]:
+    """One result per test: a run that executed it (pass / refused / failed) wins over one that skipped it."""
+    rank = {"failed": 3, "pass": 2, "refused": 2, "skipped": 1}
+    best: dict[str, Result] = {}
+    for r in results:
+        if r.test not in best or rank[r.outcome] > rank[best[r.test].outcome]:
+            best[r.test] = r
+    return list(best.values())
+
+
+def _short(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_matrix(results: list[Result]) -> tuple[str, list[str]]:
+    """The matrix section (table, notes, setups) and the list of cells left unexplained."""
+    unknown = sorted({f"{r.callback} × {r.setup}" for r in results
+                      if r.callback not in CALLBACKS or r.setup not in SETUPS})  # fmt: skip
+    if unknown:
+        raise SystemExit(
+            f"compat markers with unknown callback/setup keys: {unknown}; add them to {__file__}"
+        )
+    cells: dict[tuple[str, str], list[Result]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: (r.variant != "", r.variant, r.test)):
+        cells[(r.callback, r.setup)].append(r)
+    notes: list[str] = []
+    unexplained: list[str] = []
+    rows = ["| Callback | " + " | ".join(title for title, _ in SETUPS.values()) + " |",
+            "|---|" + "---|" * len(SETUPS)]  # fmt: skip
+    for cb, cb_title in CALLBACKS.items():
+        row = [cb_title]
+        for setup in SETUPS:
+            entries = cells.get((cb, setup), [])
+            if not entries:
+                why = GAPS.get((cb, setup)) or GAPS.get(("*", setup))
+                if why is None:
+                    why = "no test (unexplained gap)"
+                    unexplained.append(f"{cb} × {setup}")
+                notes.append(f"{CALLBACKS[cb]} × {SETUPS[setup][0]}: {why}.")
+                row.append(f"— <sup>{len(notes)}</sup>")
+                continue
+            parts = []
+            for r in entries:
+                text = SYMBOL[r.outcome]
+                label = f"{CALLBACKS[cb]} × {SETUPS[setup][0]}" + (f" ({r.variant})" if r.variant else "")
+                note = None
+                if r.outcome == "refused":
+                    note = f"{label}: refused with `{_short(r.detail) or 'see ' + r.test}`"
+                elif r.outcome == "failed":
+                    note = f"{label}: **failed** in `{r.test}`: {_short(r.detail)}"
+                elif r.outcome == "skipped":
+                    note = f"{label}: skipped ({_short(r.detail)})"
+                elif r.variant:
+                    note = f"{label}: passes"
+                if note is not None:
+                    notes.append(html.escape(note, quote=False).replace("|", "\\|"))
+                    text += f" <sup>{len(notes)}</sup>"
+                parts.append(text)
+            row.append(" ".join(parts))
+        rows.append("| " + " | ".join(row) + " |")
+    lines = [BEGIN, "", *rows, "", "**Notes**", ""]
+    lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    lines += ["", "**Setups**", ""]
+    lines += [f"- **{title}** — {how}" for title, how in SETUPS.values()]
+    lines += ["", END]
+    return "\n".join(lines), unexplained
+
+
+def render(results: list[Result], other_runs: dict[str, list[Result]]) -> tuple[str, list[str]]:
+    """The whole page."""
+    matrix, unexplained = render_matrix(results)
+    versions = sorted({r.versions for r in results})
+    counts = _counts(results)
+    head = [
+        "# Compatibility",
+        "",
+        "Which training setups each callback supports. Every cell is produced by "
+        "`scripts/compat_matrix.py` from the results of the tests in `tests/compat/` (and "
+        "`tests/compat/test_fsdp2.py` for FSDP2), never written by hand.",
+        "",
+        "**Legend.** ✓ — a test trains through this combination in a stock `transformers.Trainer` and checks: "
+        "no hfhooks hook left on any module, parameter or optimizer after training (the callback's own count "
+        "and a census of the model's hook dictionaries against the state before the callback attached), "
+        "masked / frozen / restored coordinates bit-identical, and evidence that the callback acted (unmasked "
+        "coordinates trained, alignment term logged and checked to send gradient, forget loss up, restored "
+        "layers equal to the reference). ✗ — the callback refuses the setup; a test checks the error, whose "
+        "message (naming the alternative) is quoted in the notes. FAILED — a test failed in the run that "
+        "produced this page. skipped — the test exists but did not run here (reason in the notes). A dash — no "
+        "test; the note says why. A superscript points to a note; a cell may hold a main test and variants.",
+        "",
+        f"Produced with {'; '.join(versions)} ({counts}). Regenerate with `{REGENERATE}`.",
+        "",
+    ]
+    tail = []
+    if other_runs:
+        tail = ["", "## Other library versions", "",
+                "The same tests, run against other versions (the minimum supported ones: `make test-min`):", "",
+                "| Versions | ✓ | ✗ | failed | skipped |", "|---|---|---|---|---|"]  # fmt: skip
+        for ver, rs in other_runs.items():
+            n = defaultdict(int)
+            for r in rs:
+                n[r.outcome] += 1
+            tail.append(f"| {ver} | {n['pass']} | {n['refused']} | {n['failed']} | {n['skipped']} |")
+    return "\n".join(head) + matrix + "\n" + "\n".join(tail) + ("\n" if tail else ""), unexplained
+
+
+def _counts(results: list[Result]) -> str:
+    n = defaultdict(int)
+    for r in results:
+        n[r.outcome] += 1
+    return f"{n['pass']} ✓ tests, {n['refused']} ✗ tests, {n['failed']} failed, {n['skipped']} skipped"
+
+
+def section(text: str) -> str:
+    """The matrix section of a page (what ``--check`` compares: versions may differ between machines)."""
+    start, end = text.find(BEGIN), text.find(END)
+    return text[start : end + len(END)] if start >= 0 and end >= 0 else ""
+
+
+def run_tests(report: Path, extra: list[str]) -> None:
+    """Run the compat tests with a JUnit XML report (failures are rendered, not fatal here)."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "tests/compat", "-q", f"--junitxml={report}", *extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--junit", nargs="*", type=Path, default=[], help="JUnit XML report(s) to render from"
+    )
+    parser.add_argument("--run", action="store_true", help="run tests/compat first (report in build/)")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments for --run")
+    parser.add_argument("--out", type=Path, default=DOC, help="the page to write (or to check)")
+    parser.add_argument("--check", action="store_true", help="only check that the page's matrix is current")
+    a = parser.parse_args(argv)
+    reports = list(a.junit)
+    if a.run:
+        reports.insert(0, ROOT / "build" / "compat-junit.xml")
+        run_tests(reports[0], a.pytest_args.split())
+    if not reports:
+        parser.error("give --junit REPORT(s) or --run")
+    missing = [str(p) for p in reports if not Path(p).exists()]
+    if missing:
+        parser.error(f"no such report: {missing}")
+    by_version: dict[str, list[Result]] = defaultdict(list)
+    first_version = None
+    for path in reports:
+        for r in parse(Path(path)):
+            first_version = first_version or r.versions
+            by_version[r.versions].append(r)
+    if first_version is None:
+        print("no compat-marked tests in the report(s)", file=sys.stderr)
+        return 1
+    primary = merge(by_version.pop(first_version))
+    text, unexplained = render(primary, {v: merge(rs) for v, rs in by_version.items()})
+    if a.check:
+        current = a.out.read_text() if a.out.exists() else ""
+        if section(current) != section(text):
+            print(f"{os.path.relpath(a.out, ROOT)} is stale (its matrix differs from the test results): run "
+                  f"`{REGENERATE}` and commit it.", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"{os.path.relpath(a.out, ROOT)}: matrix matches the test results ({_counts(primary)}).")
+        return 0
+    a.out.write_text(text)
+    print(f"wrote {a.out} ({_counts(primary)})")
+    if unexplained:
+        print(f"unexplained gaps: {unexplained}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
