@@ -122,6 +122,11 @@ class TaggedCollator:
     batch must share the grouping value, otherwise the batch is refused (train groups with
     ``per_device_train_batch_size=1``). String fields are dropped; with ``keep`` (e.g. :data:`MODEL_INPUTS`)
     only those features are passed on, as the Trainer's column pruning would.
+
+    Per-token tags (rationale masks, word ids) must line up with ``input_ids`` after the base collator pads
+    them (e.g. ``DataCollatorWithPadding``). Tags named in ``pad_tags`` — and any tag whose examples have
+    different lengths — are padded on ``padding_side`` to the batch's ``input_ids`` width (or the longest)
+    with ``pad_tags[name]`` (default ``0``; use ``-1`` for word ids).
     """
 
     def __init__(
@@ -129,13 +134,18 @@ class TaggedCollator:
         base: Callable[[list], dict] | None = None,
         keep: Sequence[str] | None = None,
         homogeneous: str | None = None,
+        pad_tags: Mapping[str, int | float] | None = None,
+        padding_side: str = "right",
     ):
         if base is None:
             from transformers import default_data_collator
 
             base = default_data_collator
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left' (as the tokenizer's).")
         self.base, self.homogeneous = base, homogeneous
         self.keep = set(keep) if keep is not None else None
+        self.pad_tags, self.padding_side = dict(pad_tags or {}), padding_side
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
         if not items:
@@ -161,9 +171,37 @@ class TaggedCollator:
                     "per_device_train_batch_size=1, or activation-level routing for mixed batches."
                 )
         batch = dict(self.base([{k: v for k, v in f.items() if self._keeps(k, v)} for f in feats]))
+        width = batch["input_ids"].shape[-1] if isinstance(batch.get("input_ids"), torch.Tensor) else None
         for k, v in tags.items():
-            batch[k] = torch.as_tensor(v) if not isinstance(v[0], torch.Tensor) else torch.stack(v)
+            rows = [torch.as_tensor(x) for x in v]
+            ragged = len({tuple(r.shape) for r in rows}) > 1
+            if ragged or (k in self.pad_tags and width is not None and rows[0].shape[-1:] != (width,)):
+                batch[k] = self._pad(k, rows, width)
+            else:
+                batch[k] = torch.stack(rows)
         return batch
+
+    def _pad(self, name: str, rows: list[torch.Tensor], width: int | None) -> torch.Tensor:
+        if any(r.dim() != 1 for r in rows):
+            raise ValueError(
+                f"Tag {name!r} has examples of different shapes {sorted({tuple(r.shape) for r in rows})}; only "
+                "per-token (1-D) tags can be padded."
+            )
+        longest = max(r.numel() for r in rows)
+        target = width if width is not None else longest
+        if longest > target:
+            raise ValueError(
+                f"Tag {name!r} has an example of length {longest}, longer than input_ids ({target}): tags must "
+                "be per token of the tokenized input (truncate them with the text)."
+            )
+        value = self.pad_tags.get(name, 0)
+        out = torch.full((len(rows), target), value, dtype=torch.result_type(rows[0], value))
+        for i, r in enumerate(rows):
+            if self.padding_side == "right":
+                out[i, : r.numel()] = r
+            else:
+                out[i, target - r.numel() :] = r
+        return out
 
     def _keeps(self, key: str, value: Any) -> bool:
         if self.keep is not None:

@@ -367,3 +367,45 @@ def test_faithfulness_on_a_model_that_reads_one_token():
     curves = deletion_insertion(OneToken(), batch, right, replace_id=0, special_ids=[2, 3])
     assert curves["deletion_auc"] < curves["insertion_auc"]
     assert len(curves["deletion"]) == 11
+
+
+def test_tagged_collator_pads_per_token_tags_like_input_ids():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    texts, rationales = ["a b a", "b", "a a a a b"], [[1, 0, 1], [1], [0, 0, 1, 1, 0]]
+    examples = [dict(fast(t), labels=i % 2) for i, t in enumerate(texts)]
+    data = TaggedDataset(
+        examples, tags={"rationale": rationales, "word_ids": [list(range(len(r))) for r in rationales]}
+    )
+    for side, multiple in (("right", None), ("left", 8)):
+        fast.padding_side = side
+        collate = TaggedCollator(
+            DataCollatorWithPadding(fast, pad_to_multiple_of=multiple),
+            pad_tags={"word_ids": -1},
+            padding_side=side,
+        )
+        batch = collate([data[i] for i in range(3)])
+        width = batch["input_ids"].shape[1]
+        assert batch["rationale"].shape == batch["word_ids"].shape == (3, width)
+        real = batch["attention_mask"].bool()
+        for i, r in enumerate(rationales):  # each tag sits exactly on its example's real tokens
+            assert batch["rationale"][i][real[i]].tolist() == r
+            assert batch["word_ids"][i][real[i]].tolist() == list(range(len(r)))
+        assert bool((batch["rationale"][~real] == 0).all()) and bool((batch["word_ids"][~real] == -1).all())
+    short = TaggedDataset(
+        [examples[1], examples[1]], tags={"rationale": [[1, 1, 1], [1]]}
+    )  # "b" is one token
+    with pytest.raises(ValueError, match="longer than input_ids"):
+        TaggedCollator(DataCollatorWithPadding(fast))([short[0], short[1]])
+
+
+def test_a_tokenizer_gives_its_special_ids():
+    class Tok:
+        all_special_ids = (101, 102, 0)
+
+    align = AttributionAlignment(_bert(), "grad_x_input", prior="rationale", special_token_ids=Tok())
+    assert sorted(align.special_ids.tolist()) == [0, 101, 102]

@@ -41,8 +41,9 @@ class AttributionAlignment:
         target / score: what is attributed (see :func:`~hfhooks.attribution.methods.target_scores`).
         steps: integrated-gradients steps.
         input_key: attribute to this input tensor instead of the embeddings (e.g. ``"pixel_values"``).
-        special_token_ids: token ids excluded from normalisation besides padding (default: the config's
-            pad/bos/eos/sep/cls ids — BERT configs carry only the pad id, so pass ``tokenizer.all_special_ids``);
+        special_token_ids: token ids excluded from normalisation besides padding, or the tokenizer itself
+            (its ``all_special_ids``). Default: the config's pad/bos/eos/sep/cls ids — BERT configs carry only
+            the pad id, so pass the tokenizer;
             a ``special_tokens_mask`` tag, if present, is used as well.
         word_ids: tag holding each token's word index (``-1`` for none) to pool sub-words into words.
         check_gradient: verify on the first term that it changes the parameters' gradients.
@@ -62,7 +63,7 @@ class AttributionAlignment:
         score: str = "logit",
         steps: int = 4,
         input_key: str | None = None,
-        special_token_ids: Sequence[int] | None = None,
+        special_token_ids: Sequence[int] | Any | None = None,
         word_ids: str | None = None,
         check_gradient: bool = True,
         seed: int = 0,
@@ -79,6 +80,8 @@ class AttributionAlignment:
         self.every, self.fraction, self.target, self.score, self.steps = every, fraction, target, score, steps
         self.word_ids, self.check_gradient = word_ids, check_gradient
         self.site = AttributionSite(model, input_key)
+        if hasattr(special_token_ids, "all_special_ids"):  # a tokenizer: its [CLS], [SEP], <s>, ... ids
+            special_token_ids = special_token_ids.all_special_ids
         self.special_ids = torch.tensor(
             list(special_token_ids) if special_token_ids is not None else self._config_special_ids()
         )
