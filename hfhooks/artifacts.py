@@ -5,18 +5,23 @@ Every file hfhooks writes (masks, diffs) is a plain safetensors file whose ``__m
 and every tensor's bytes. Reading verifies the digest, so a truncated, bit-flipped or hand-edited file is a
 clear :class:`ArtifactError`, never a silently different mask. Writes go to a temporary file in the target
 directory and are renamed into place, so an interrupted save never leaves half a file under the real name.
+
+The helpers mask and diff files share live here too: bit packing (``numpy.packbits`` order), the digest of
+the metadata alone that lazy diff reads check, and re-raising an :class:`ArtifactError` as a file-kind error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,6 +33,7 @@ __all__ = ["FORMAT_VERSION", "ArtifactError", "model_fingerprint", "read_artifac
 
 FORMAT_VERSION = "1"
 _DIGEST = "hfhooks.digest"
+_META_DIGEST = "hfhooks.meta_digest"  # diff files: a digest of the metadata alone, checkable without the data
 _STAMP_KEYS = {"hfhooks.kind", "hfhooks.version", "hfhooks.format_version", _DIGEST}
 
 
@@ -57,14 +63,48 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _metadata_bytes(metadata: Mapping[str, str], skip: set[str]) -> bytes:
+    return json.dumps({k: v for k, v in sorted(metadata.items()) if k not in skip}).encode()
+
+
 def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in sorted(metadata.items()) if k != _DIGEST}).encode())
+    h.update(_metadata_bytes(metadata, {_DIGEST}))
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # reshape: 0-d tensors too
     return h.hexdigest()
+
+
+def _meta_digest(metadata: Mapping[str, str]) -> str:
+    """SHA-256 over the metadata alone (both digests left out): lets a lazy reader trust the header."""
+    return hashlib.sha256(_metadata_bytes(metadata, {_DIGEST, _META_DIGEST})).hexdigest()
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A 0/1 tensor as ``U8`` bytes, 8 elements a byte, big bit order (``numpy.packbits``), zero-padded."""
+    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(bool), bitorder="big"))
+
+
+def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of :func:`_pack_bits` output as a flat bool tensor; ``ValueError`` if there
+    are too few bytes or a padding bit is set."""
+    bits = np.unpackbits(packed.numpy(), bitorder="big")
+    if bits.size < count or bits[count:].any():
+        raise ValueError("bit-packed mask has the wrong length or non-zero padding")
+    return torch.from_numpy(bits[:count].astype(bool))
+
+
+@contextlib.contextmanager
+def _reraise_as(error: type[ArtifactError]) -> Iterator[None]:
+    """Re-raise an :class:`ArtifactError` (e.g. from :func:`read_artifact`) as ``error``, same message."""
+    try:
+        yield
+    except error:
+        raise
+    except ArtifactError as e:
+        raise error(str(e)) from None
 
 
 def write_artifact(
@@ -151,6 +191,11 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
         raise ArtifactError(
             f"{path} failed its integrity check (digest mismatch): the file was modified or corrupted."
         )
+    return tensors, _decode_metadata(path, metadata)
+
+
+def _decode_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """``hfhooks.*`` metadata without the prefix, JSON-decoded (the stamp keys are kept as strings)."""
     decoded: dict[str, Any] = {}
     for key, value in metadata.items():
         if not key.startswith("hfhooks."):
@@ -163,4 +208,4 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
             decoded[short] = json.loads(value)
         except (ValueError, RecursionError):  # RecursionError: absurdly deeply nested JSON
             raise ArtifactError(f"{path}: metadata {key!r} is not valid JSON.") from None
-    return tensors, decoded
+    return decoded

@@ -34,7 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from hfhooks.artifacts import ArtifactError, model_fingerprint, read_artifact, write_artifact
+from hfhooks.artifacts import (
+    ArtifactError,
+    _pack_bits,
+    _reraise_as,
+    _unpack_bits,
+    model_fingerprint,
+    read_artifact,
+    write_artifact,
+)
 from hfhooks.layers import Slices
 from hfhooks.params import ParamIndex, UnknownParameterError
 from hfhooks.topk import topk_masks
@@ -317,12 +325,11 @@ class ParamMask:
         tensors: dict[str, torch.Tensor] = {}
         info: dict[str, dict[str, Any]] = {}
         for name, entry in self._entries.items():
-            bits = entry.bits.reshape(-1).numpy()
-            tensors[name] = torch.from_numpy(np.packbits(bits, bitorder="big"))
+            tensors[name] = _pack_bits(entry.bits)
             info[name] = {
                 "shape": list(entry.shape),
                 "granularity": entry.granularity,
-                "length": int(bits.size),
+                "length": entry.bits.numel(),
                 "ones": int(entry.bits.sum()),
                 "density": round(entry.count() / entry.numel(), 6) if entry.numel() else 0.0,
             }
@@ -338,12 +345,8 @@ class ParamMask:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ParamMask:
         """Load a mask file written by :meth:`save`, verifying its integrity and internal consistency."""
-        try:
+        with _reraise_as(MaskFileError):
             tensors, meta = read_artifact(path, "mask")
-        except MaskFileError:
-            raise
-        except ArtifactError as e:
-            raise MaskFileError(str(e)) from None
         if meta.get("semantics") != _SEMANTICS:
             raise MaskFileError(
                 f"{path}: mask semantics {meta.get('semantics')!r}; this hfhooks reads {_SEMANTICS!r} masks."
@@ -384,10 +387,10 @@ def _decode_entry(path: Any, name: str, packed: torch.Tensor, info: Any) -> _Ent
         raise bad(
             f"expected a U8 vector of {(expected + 7) // 8} bytes, got {packed.dtype} {tuple(packed.shape)}"
         )
-    bits = np.unpackbits(packed.numpy(), bitorder="big")
-    if bits[expected:].any():
-        raise bad("non-zero padding bits")
-    bits = torch.from_numpy(bits[:expected].astype(bool))
+    try:
+        bits = _unpack_bits(packed, expected)  # the byte count is checked above: only padding can be wrong
+    except ValueError:
+        raise bad("non-zero padding bits") from None
     ones = info.get("ones")
     if type(ones) is not int or ones != int(bits.sum()):
         raise bad(f"holds {int(bits.sum())} ones but its metadata says {ones!r}")

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from hfhooks.checkpoints import Checkpoint, edit_checkpoint, layer_map, parse_layers
-from hfhooks.diffs import _Source
+from hfhooks.diffs.source import _Source
 from hfhooks.layers import find_layers
-from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
+from hfhooks.params import ParamIndex, UnknownParameterError, _match, canonical_name, unwrap_model
 
 __all__ = [
     "CRCPrompt",
@@ -150,8 +150,6 @@ def _wanted(
     flags: Mapping[str, bool],
     include: Sequence[str],
 ) -> list[str]:
-    from hfhooks.diffs import _match
-
     out = []
     for n in names:
         canon = canonical_name(n)

@@ -1,0 +1,213 @@
+"""Arithmetic on entry payloads: Δ from two tensors, θ + scale·Δ, and the payload maps behind the algebra.
+
+:class:`~hfhooks.diffs.WeightDiff` operations are lazy: each wraps an entry's ``load`` with one of the payload
+maps here (negate, scale, mask, sparsify, quantise), so nothing is computed until a payload is read.
+:func:`_between_entry` computes one tensor's Δ with its exactness flags; :func:`_plus_blocks` / :func:`_plus`
+add ``scale·Δ`` in the wider dtype, block by block, leaving θ bit-identical where Δ is zero; :func:`_apply_fn`
+is the streaming per-tensor edit that applying a diff to a checkpoint hands to
+:func:`~hfhooks.checkpoints.edit_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from hfhooks.checkpoints import ReadBuffer, TensorBlocks
+from hfhooks.diffs.entries import (
+    _INT_VIEW,
+    BaseMismatchError,
+    DiffEntry,
+    Payload,
+    _bitwise_equal,
+    _const,
+    _decode,
+    _dense_entry,
+    _mismatch_message,
+    _sparse_payload,
+    tensor_fingerprint,
+)
+from hfhooks.diffs.fileformat import _DEFERRED, _pool
+
+
+def _mapped(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[], Payload]:
+    return lambda: fn(e.load())
+
+
+def _negate_payload(p: Payload) -> Payload:
+    out = dict(p)
+    if "range" in p:
+        out["range"] = -p["range"]  # codes unchanged: r0 + c·(r1 − r0)/(n−1) negates exactly
+    else:
+        out["values"] = -p["values"]
+    return out
+
+
+def _scale_payload(e: DiffEntry, p: Payload, c: float) -> Payload:
+    out = dict(p)
+    if "range" in p:
+        out["range"] = p["range"] * c
+    else:
+        out["values"] = (p["values"].to(torch.promote_types(e.dtype, torch.float32)) * c).to(e.dtype)
+    return out
+
+
+def _mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
+    bits = bits.to(torch.bool).expand(e.shape)
+    if e.storage == "quantized":
+        old = p.get("mask")
+        codes_full = torch.zeros(e.shape, dtype=torch.int32)
+        present = old if old is not None else torch.ones(e.shape, dtype=torch.bool)
+        codes_full[present] = p["codes"].to(torch.int32)
+        new_mask = present & bits
+        return {"mask": new_mask, "codes": codes_full[new_mask], "range": p["range"]}
+    return _sparse_payload(_decode(e, p), bits)
+
+
+def _sparsify(e: DiffEntry, p: Payload) -> Payload:
+    delta = _decode(e, p)
+    return _sparse_payload(delta, delta != 0)
+
+
+def _quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
+    if e.storage == "quantized":
+        mask = p.get("mask")
+        values = _decode(e, p)
+        values = values[mask] if mask is not None else values.reshape(-1)
+    elif e.storage == "sparse":
+        mask, values = p["mask"], p["values"]
+    else:
+        mask, values = None, p["values"].reshape(-1)
+    v = values.to(torch.float32) if values.dtype != torch.float64 else values
+    lo = v.min() if v.numel() else v.new_zeros(())
+    hi = v.max() if v.numel() else v.new_zeros(())
+    step = (hi - lo) / (levels - 1)
+    codes = (
+        torch.zeros(v.shape, dtype=torch.uint8)
+        if step == 0
+        else ((v - lo) / step).round().clamp_(0, levels - 1)
+    )
+    out: Payload = {"codes": codes.to(torch.uint8), "range": torch.stack([lo, hi]).to(e.dtype)}
+    if mask is not None:
+        out["mask"] = mask
+    return out
+
+
+def _between_entry(
+    base: torch.Tensor, tuned: torch.Tensor, dtype: torch.dtype | None, storage: str
+) -> DiffEntry:
+    if not base.is_floating_point() or not tuned.is_floating_point():
+        raise ValueError(f"Diffs are defined on floating-point weights, got {base.dtype} / {tuned.dtype}.")
+    dt = dtype or torch.promote_types(torch.promote_types(base.dtype, tuned.dtype), torch.float32)
+    delta = tuned.to(dt, copy=True).sub_(base)  # one temporary of Δ's size
+    changed = not _bitwise_equal(base, tuned)
+    exact = tuned.dtype == base.dtype and _bitwise_equal(_plus(base, delta, 1.0), tuned)
+    exact_inv = tuned.dtype == base.dtype and _bitwise_equal(_plus(tuned, delta, -1.0), base)
+    fields = {
+        "base": tensor_fingerprint(base),
+        "target": tensor_fingerprint(tuned),
+        "exact": exact,
+        "exact_inverse": exact_inv,
+        "changed": changed,
+    }
+    if storage == "dense":
+        return _dense_entry(delta, **fields)
+    nz = delta != 0
+    sparse_bytes = math.ceil(delta.numel() / 8) + int(nz.sum()) * delta.element_size()
+    if storage == "auto" and sparse_bytes >= delta.numel() * delta.element_size():
+        return _dense_entry(delta, **fields)
+    return DiffEntry(tuple(delta.shape), delta.dtype, "sparse", _const(_sparse_payload(delta, nz)), **fields)
+
+
+_CHUNK = 1 << 18  # elements per step of the blocked update: cache-sized, no large temporaries
+_NEG_ZERO = {2: -(1 << 15), 4: -(1 << 31), 8: -(1 << 63)}
+
+
+def _plus_blocks(
+    theta: torch.Tensor, delta: torch.Tensor, scale: float
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``θ + scale·Δ`` in cache-sized blocks ``(start, end, values)`` through reused buffers (the values are
+    overwritten by the next block). Computed in the wider dtype and cast back; where Δ = 0, θ is kept bit for
+    bit — ``x + 0`` is ``x`` except for ``−0.0``, so the select only runs on blocks where θ holds one."""
+    ct = torch.promote_types(torch.promote_types(theta.dtype, delta.dtype), torch.float32)
+    tf, df = theta.contiguous().reshape(-1), delta.contiguous().reshape(-1)
+    n = tf.numel()
+    neg_zero = _NEG_ZERO.get(tf.element_size())
+    ti = tf.view(_INT_VIEW[tf.element_size()]) if neg_zero is not None else None
+    buf = torch.empty(min(n, _CHUNK), dtype=ct)
+    obuf = torch.empty(min(n, _CHUNK), dtype=theta.dtype)
+    mask = torch.empty(min(n, _CHUNK), dtype=torch.bool)
+    for i in range(0, n, _CHUNK):
+        j = min(i + _CHUNK, n)
+        b, o, m = buf[: j - i], obuf[: j - i], mask[: j - i]
+        b.copy_(tf[i:j])
+        if scale == 1.0:
+            b.add_(df[i:j])
+        else:
+            b.add_(df[i:j], alpha=scale)
+        o.copy_(b)
+        if ti is not None and int(ti[i:j].min()) == neg_zero:  # −0.0 is the smallest integer pattern
+            torch.eq(df[i:j], 0, out=m)
+            torch.where(m, tf[i:j], o, out=o)
+        yield i, j, o
+
+
+def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """``θ + scale·Δ`` as a new tensor (see :func:`_plus_blocks`)."""
+    out = torch.empty(theta.shape, dtype=theta.dtype)
+    of = out.view(-1)
+    for i, j, block in _plus_blocks(theta, delta, scale):
+        of[i:j].copy_(block)
+    return out
+
+
+def _add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float) -> torch.Tensor:
+    return _add_payload(theta, entry, entry.load(), scale)
+
+
+def _add_payload(theta: torch.Tensor, entry: DiffEntry, payload: Payload, scale: float) -> torch.Tensor:
+    if entry.storage == "sparse":  # touch only the masked coordinates
+        mask = payload["mask"]
+        out = theta.clone()
+        out[mask] = _plus(theta[mask], payload["values"], scale)
+        return out
+    return _plus(theta, _decode(entry, payload), scale)
+
+
+def _apply_fn(
+    name: str, entry: DiffEntry, scale: float, check_base: bool, buffer: ReadBuffer | None = None
+) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor | TensorBlocks]:
+    """The streaming edit for one tensor: read θ and Δ, check θ's fingerprint and Δ's CRC on a helper thread
+    while θ + scale·Δ is computed and written block by block; a failed check aborts the edit."""
+
+    def fn(load: Callable[[], torch.Tensor]) -> torch.Tensor | TensorBlocks:
+        theta = load()
+        checks = []
+        if check_base and entry.base is not None:
+            checks.append(_pool().submit(tensor_fingerprint, theta))
+        deferred = _DEFERRED.get(entry.load)
+        if deferred is not None:
+            payload, verify = deferred(buffer)
+            checks.append(_pool().submit(verify))
+        else:
+            payload = entry.load()
+
+        def finish() -> None:
+            results = [c.result() for c in checks]  # re-raises a DiffFileError from verify()
+            if check_base and entry.base is not None and results[0] != entry.base:
+                raise BaseMismatchError(_mismatch_message([(name, entry.base, results[0])], 1))
+
+        if entry.storage != "dense":
+            out = _add_payload(theta, entry, payload, scale)
+            finish()
+            return out
+
+        def blocks() -> Iterator[torch.Tensor]:
+            yield from (block for _, _, block in _plus_blocks(theta, payload["values"], scale))
+            finish()
+
+        return TensorBlocks(theta.dtype, tuple(theta.shape), blocks())
+
+    return fn

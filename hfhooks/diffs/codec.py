@@ -1,0 +1,191 @@
+"""How one entry is stored in a diff file: its tensors (``<name>``, ``::mask``, ``::values``, ``::codes``,
+``::range``) and its ``hfhooks.tensors`` metadata record — encoding, and decoding with validation.
+
+Kept apart from :mod:`hfhooks.diffs.fileformat` (which writes and reads whole files) because it is pure: no
+file access, just payload ⇄ stored tensors and metadata ⇄ :class:`~hfhooks.diffs.entries.DiffEntry`. Masks
+are bit-packed like mask files (:func:`hfhooks.artifacts._pack_bits`); quantised codes of 1, 2, 4 or 8 bits
+are packed big-endian within each byte.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfhooks.artifacts import _pack_bits, _unpack_bits
+from hfhooks.diffs.entries import (
+    STORAGES,
+    DiffEntry,
+    DiffFileError,
+    Payload,
+    _const,
+    _dtype_name,
+    _parse_dtype,
+)
+
+_SEP = "::"
+
+
+def _code_bits(levels: int) -> int:
+    return next(b for b in (1, 2, 4, 8) if (1 << b) >= levels)
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    c = codes.reshape(-1).to(torch.uint8)
+    pad = -c.numel() % per
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad)])
+    c = c.reshape(-1, per).to(torch.int32)
+    shifts = torch.tensor([8 - bits * (i + 1) for i in range(per)], dtype=torch.int32)
+    return (c << shifts).sum(1).to(torch.uint8)
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    per = 8 // bits
+    if packed.numel() != -(-count // per):
+        raise ValueError(f"expected {-(-count // per)} bytes of {bits}-bit codes, got {packed.numel()}")
+    shifts = torch.tensor([8 - bits * (i + 1) for i in range(per)], dtype=torch.int32)
+    codes = (packed.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:count]
+
+
+def _stored(name: str, entry: DiffEntry, payload: Payload) -> dict[str, torch.Tensor]:
+    """The tensors a file holds for one entry."""
+    if entry.storage == "dense":
+        return {name: payload["values"].contiguous()}
+    out: dict[str, torch.Tensor] = {}
+    if payload.get("mask") is not None:
+        out[name + _SEP + "mask"] = _pack_bits(payload["mask"])
+    if entry.storage == "sparse":
+        out[name + _SEP + "values"] = payload["values"].contiguous()
+    else:
+        out[name + _SEP + "codes"] = _pack_codes(payload["codes"], _code_bits(entry.levels))
+        out[name + _SEP + "range"] = payload["range"].to(entry.dtype)
+    return out
+
+
+def _entry_meta(e: DiffEntry, crcs: dict[str, str], nnz: int | None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "shape": list(e.shape),
+        "dtype": _dtype_name(e.dtype),
+        "storage": e.storage,
+        "base": e.base,
+        "target": e.target,
+        "exact": e.exact,
+        "exact_inverse": e.exact_inverse,
+        "changed": e.changed,
+        "crc32": crcs,
+    }
+    if nnz is not None:
+        info["nnz"] = nnz
+    if e.storage == "quantized":
+        info["levels"], info["bits"] = e.levels, _code_bits(e.levels)
+    return info
+
+
+def _decode_entry_meta(
+    name: str, info: Any, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> tuple[DiffEntry, list[str]]:
+    if not isinstance(info, dict):
+        raise ValueError("metadata entry is not an object")
+    shape, storage = info.get("shape"), info.get("storage")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ValueError(f"invalid shape {shape!r}")
+    if math.prod(shape) >= 1 << 48:
+        raise ValueError(f"shape {shape} is implausibly large")
+    if storage not in STORAGES:
+        raise ValueError(f"storage {storage!r} is not one of {STORAGES}")
+    dtype = _parse_dtype(info.get("dtype"))
+    numel = math.prod(shape)
+    for flag in ("exact", "exact_inverse", "changed"):
+        if info.get(flag) not in (True, False, None):
+            raise ValueError(f"{flag} must be true, false or null, got {info.get(flag)!r}")
+    for fp in ("base", "target"):
+        if info.get(fp) is not None and not isinstance(info.get(fp), str):
+            raise ValueError(f"{fp} fingerprint must be a string or null")
+    levels = None
+    if storage == "dense":
+        parts = {name: (dtype, tuple(shape))}
+    else:
+        nnz = info.get("nnz")
+        masked = name + _SEP + "mask" in shapes
+        if masked and (type(nnz) is not int or not 0 <= nnz <= numel):
+            raise ValueError(f"nnz {nnz!r} is not a count between 0 and {numel}")
+        count = nnz if masked else numel
+        parts = {}
+        if masked:
+            parts[name + _SEP + "mask"] = (torch.uint8, (-(-numel // 8),))
+        if storage == "sparse":
+            if not masked:
+                raise ValueError("sparse storage needs a ::mask tensor")
+            parts[name + _SEP + "values"] = (dtype, (count,))
+        else:
+            levels = info.get("levels")
+            if type(levels) is not int or not 2 <= levels <= 256:
+                raise ValueError(f"levels {levels!r} must be an integer from 2 to 256")
+            if info.get("bits") != _code_bits(levels):
+                raise ValueError(f"bits {info.get('bits')!r} does not match {levels} levels")
+            parts[name + _SEP + "codes"] = (torch.uint8, (-(-count // (8 // _code_bits(levels))),))
+            parts[name + _SEP + "range"] = (dtype, (2,))
+    for part, (want_dtype, want_shape) in parts.items():
+        if part not in shapes:
+            raise ValueError(f"the file lacks tensor {part!r}")
+        got_dtype, got_shape = shapes[part]
+        if got_dtype != want_dtype or tuple(got_shape) != want_shape:
+            raise ValueError(
+                f"{part!r} is {_dtype_name(got_dtype)} {tuple(got_shape)}, expected {_dtype_name(want_dtype)} {want_shape}"
+            )
+    crcs = info.get("crc32")
+    if (
+        not isinstance(crcs, dict)
+        or set(crcs) != set(parts)
+        or not all(isinstance(v, str) for v in crcs.values())
+    ):
+        raise ValueError("crc32 must map each stored tensor to its checksum")
+    entry = DiffEntry(
+        tuple(shape),
+        dtype,
+        storage,
+        _const({}),
+        base=info.get("base"),
+        target=info.get("target"),
+        exact=info.get("exact"),
+        exact_inverse=info.get("exact_inverse"),
+        changed=info.get("changed"),
+        levels=levels,
+    )
+    return entry, list(parts)
+
+
+def _payload_from(entry: DiffEntry, name: str, parts: Mapping[str, torch.Tensor], path: Path) -> Payload:
+    try:
+        if entry.storage == "dense":
+            return {"values": parts[name]}
+        numel = entry.numel()
+        payload: Payload = {}
+        if name + _SEP + "mask" in parts:
+            payload["mask"] = _unpack_bits(parts[name + _SEP + "mask"], numel).reshape(entry.shape)
+            count = int(payload["mask"].sum())
+            if (name + _SEP + "values" in parts and parts[name + _SEP + "values"].numel() != count) or (
+                entry.storage == "quantized"
+                and parts[name + _SEP + "codes"].numel() != -(-count // (8 // _code_bits(entry.levels)))
+            ):
+                raise ValueError(f"the mask sets {count} bits but the stored values do not match")
+        else:
+            count = numel
+        if entry.storage == "sparse":
+            payload["values"] = parts[name + _SEP + "values"]
+        else:
+            codes = _unpack_codes(parts[name + _SEP + "codes"], _code_bits(entry.levels), count)
+            if count and int(codes.max()) >= entry.levels:
+                raise ValueError(f"a code exceeds levels - 1 = {entry.levels - 1}")
+            payload["codes"] = codes
+            payload["range"] = parts[name + _SEP + "range"]
+        return payload
+    except ValueError as e:
+        raise DiffFileError(f"{path}: tensor {name!r}: {e}") from None

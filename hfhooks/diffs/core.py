@@ -1,0 +1,605 @@
+"""The :class:`WeightDiff` class: extraction, access, algebra, narrowing, storage, applying, save / load.
+
+The class is the public face of :mod:`hfhooks.diffs`: it checks arguments, names and bases, and hands the
+per-tensor work on — reading inputs to :mod:`~hfhooks.diffs.source`, payload arithmetic to
+:mod:`~hfhooks.diffs.arithmetic`, files to :mod:`~hfhooks.diffs.fileformat`, LoRA adapters to
+:mod:`~hfhooks.diffs.lora`. :func:`_combine` (``+``, ``-`` and :meth:`~WeightDiff.compose`) lives here
+because it builds one ``WeightDiff`` from two.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfhooks.checkpoints import Checkpoint, ReadBuffer, edit_checkpoint, layer_map, parse_layers
+from hfhooks.diffs.arithmetic import (
+    _add_delta,
+    _apply_fn,
+    _between_entry,
+    _mapped,
+    _mask_payload,
+    _negate_payload,
+    _quantize_payload,
+    _scale_payload,
+    _sparsify,
+)
+from hfhooks.diffs.codec import _stored
+from hfhooks.diffs.entries import (
+    BaseMismatchError,
+    DiffEntry,
+    _all_flags,
+    _const,
+    _decode,
+    _dense_entry,
+    _dtype_name,
+    _is_changed,
+    _mismatch_message,
+    _model_fingerprint,
+    _progress,
+    tensor_fingerprint,
+)
+from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _write_diff
+from hfhooks.diffs.lora import _lora_from_dir, _lora_from_model
+from hfhooks.diffs.source import _select, _Source
+from hfhooks.masks import ParamMask
+from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name
+
+
+class WeightDiff:
+    """``Δ = θ_tuned − θ_base`` per canonical parameter name, with provenance (see the module docstring).
+
+    Build one with :meth:`between`, :meth:`from_lora`, :meth:`load`, or from ``{name: Δ}`` tensors directly
+    (no base fingerprint then). Combine with ``-d``, ``d1 + d2``, ``c * d``, :meth:`compose`; narrow with
+    :meth:`restrict` and :meth:`changed_only`; shrink with :meth:`quantize` and :meth:`to_sparse`.
+    """
+
+    def __init__(
+        self,
+        deltas: Mapping[str, torch.Tensor] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        self.entries: dict[str, DiffEntry] = {}
+        for name, delta in (deltas or {}).items():
+            delta = torch.as_tensor(delta).detach().cpu()
+            if not delta.is_floating_point():
+                raise ValueError(f"Δ for {name!r} must be a floating-point tensor, got {delta.dtype}.")
+            self.entries[name] = _dense_entry(delta)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.metadata.setdefault("ops", [])
+
+    @classmethod
+    def _of(cls, entries: Mapping[str, DiffEntry], metadata: Mapping[str, Any], op: Any) -> WeightDiff:
+        diff = cls(metadata={**metadata, "ops": [*metadata.get("ops", []), op]})
+        diff.entries = dict(entries)
+        diff._refresh_fingerprints()
+        return diff
+
+    def _refresh_fingerprints(self) -> None:
+        self.metadata["base"] = _model_fingerprint({n: (e.shape, e.base) for n, e in self.entries.items()})
+        self.metadata["target"] = _model_fingerprint(
+            {n: (e.shape, e.target) for n, e in self.entries.items()}
+        )
+
+    # -- access --------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Dense Δ of one tensor."""
+        return self.entry(name).dense()
+
+    def entry(self, name: str) -> DiffEntry:
+        if name not in self.entries:
+            raise UnknownParameterError(f"{name!r} is not in this diff ({len(self)} tensors).")
+        return self.entries[name]
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: dense Δ}`` (everything in memory)."""
+        return {n: e.dense() for n, e in self.entries.items()}
+
+    def materialize(self) -> WeightDiff:
+        """A copy with every payload loaded into memory (a file-backed diff stops reading its file)."""
+        entries = {n: replace(e, load=_const(e.load())) for n, e in self.entries.items()}
+        diff = WeightDiff._of(entries, self.metadata, "materialize")
+        diff.metadata["ops"] = list(self.metadata.get("ops", []))
+        return diff
+
+    @property
+    def exact(self) -> bool | None:
+        """Does ``base + Δ`` reproduce the target bit for bit on every tensor (``None``: not known)?"""
+        return _all_flags(e.exact for e in self.entries.values())
+
+    @property
+    def exact_inverse(self) -> bool | None:
+        """Does ``target − Δ`` reproduce the base bit for bit on every tensor?"""
+        return _all_flags(e.exact_inverse for e in self.entries.values())
+
+    @property
+    def changed(self) -> list[str]:
+        """Names whose target differs from the base (computed from Δ where the diff does not know)."""
+        return [n for n, e in self.entries.items() if _is_changed(e)]
+
+    @property
+    def unchanged(self) -> list[str]:
+        return [n for n, e in self.entries.items() if not _is_changed(e)]
+
+    def nbytes(self) -> int:
+        """Bytes the stored tensors take (what :meth:`save` writes, without the header)."""
+        total = 0
+        for n, e in self.entries.items():
+            total += sum(t.numel() * t.element_size() for t in _stored(n, e, e.load()).values())
+        return total
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per-tensor rows: name, shape, storage, dtype, exact, changed, stored bytes, max |Δ|."""
+        rows = []
+        for n, e in self.entries.items():
+            payload = e.load()
+            stored = _stored(n, e, payload)
+            delta = _decode(e, payload)
+            rows.append(
+                {
+                    "name": n,
+                    "shape": list(e.shape),
+                    "storage": e.storage,
+                    "dtype": _dtype_name(e.dtype),
+                    "levels": e.levels,
+                    "exact": e.exact,
+                    "changed": _is_changed(e),
+                    "bytes": sum(t.numel() * t.element_size() for t in stored.values()),
+                    "max_abs": float(delta.abs().max()) if delta.numel() else 0.0,
+                }
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        kinds = sorted({e.storage for e in self.entries.values()})
+        return (
+            f"WeightDiff({len(self)} tensors, {'/'.join(kinds) or 'empty'}, exact={self.exact}, "
+            f"scale={self.metadata.get('scale', 1.0)})"
+        )
+
+    # -- extraction ----------------------------------------------------------------------------------------
+    @classmethod
+    def between(
+        cls,
+        base: Any,
+        tuned: Any,
+        *,
+        names: str | Iterable[str] | None = None,
+        dtype: torch.dtype | None = None,
+        storage: str = "dense",
+        changed_only: bool = False,
+        strict: bool = True,
+        out: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+    ) -> WeightDiff:
+        """``Δ = tuned − base`` for two models, checkpoint directories or state dicts (any mix).
+
+        Args:
+            names: only these tensors (names, globs, or ``re:`` regexes); default: all.
+            dtype: storage dtype of Δ; default ``float32`` (``float64`` for ``float64`` weights). Use
+                ``torch.float64`` when ``float32`` weights must round-trip bit for bit (see ``exact``).
+            storage: ``"dense"``, ``"sparse"`` (``mask`` = where the weights changed) or ``"auto"`` (per
+                tensor, whichever is smaller).
+            changed_only: leave out tensors that did not change (listed under ``metadata["unchanged"]``).
+            strict: names present in only one side are an error (``False``: skipped and listed).
+            out: stream straight into this diff file (bounded memory for big checkpoints) and return the
+                diff backed by it, lazily loaded.
+        """
+        if storage not in ("dense", "sparse", "auto"):
+            raise ValueError(f"storage={storage!r}: use 'dense', 'sparse' or 'auto'.")
+        a, b = _Source(base, allow_pickle), _Source(tuned, allow_pickle)
+        selected = _select(a.names, names)
+        only_a = [n for n in selected if n not in b]
+        only_b = [n for n in _select(b.names, names, quiet=True) if n not in a]
+        if (only_a or only_b) and strict:
+            n = (only_a or only_b)[0]
+            side = "tuned" if only_a else "base"
+            msg = b.unknown(n) if only_a else a.unknown(n)
+            raise UnknownParameterError(
+                f"The models do not have the same parameters: {len(only_a)} only in base, {len(only_b)} only in "
+                f"tuned ({n!r} is missing from {side}: {msg}). Pass strict=False to diff the common ones."
+            )
+        common = [n for n in selected if n in b]
+        for n in common:
+            if a.shape(n) != b.shape(n):
+                raise ValueError(f"Shape mismatch for {n!r}: base {a.shape(n)}, tuned {b.shape(n)}.")
+        meta = {
+            "ops": [{"op": "between", "base": a.label, "tuned": b.label, "storage": storage}],
+            "scale": 1.0,
+            "skipped": sorted(only_a + only_b),
+        }
+
+        def entries() -> Iterator[tuple[str, DiffEntry | None]]:
+            for n in common:
+                entry = _between_entry(a.get(n), b.get(n), dtype, storage)
+                yield n, (None if changed_only and not entry.changed else entry)
+
+        if out is not None:
+            return _write_diff(out, entries(), meta, common, progress, desc="diff")
+        diff = cls(metadata=meta)
+        unchanged = []
+        for n, entry in _progress(entries(), len(common), progress, "diff"):
+            if entry is None:
+                unchanged.append(n)
+            else:
+                diff.entries[n] = entry
+        diff.metadata["unchanged"] = unchanged
+        diff._refresh_fingerprints()
+        return diff
+
+    @classmethod
+    def from_lora(
+        cls,
+        model_or_dir: nn.Module | str | os.PathLike,
+        adapter: str | None = None,
+        *,
+        base: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> WeightDiff:
+        """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module (never A and B separately).
+
+        ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA, per-module
+        ``rank_pattern`` / ``alpha_pattern`` honoured). Works on a ``PeftModel`` (``adapter``: one adapter
+        name; default: the active adapters, summed) or an adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to record base fingerprints).
+        ``modules_to_save`` copies become dense entries (copy − original). DoRA is refused.
+        """
+        if isinstance(model_or_dir, nn.Module):
+            return _lora_from_model(model_or_dir, adapter, dtype)
+        return _lora_from_dir(Path(model_or_dir), base, dtype)
+
+    # -- algebra -------------------------------------------------------------------------------------------
+    def negate(self) -> WeightDiff:
+        """``−Δ``: applied to the target, gives back the base (its base and target fingerprints swap)."""
+        entries = {}
+        for n, e in self.entries.items():
+            entries[n] = replace(
+                e,
+                load=_mapped(e, _negate_payload),
+                base=e.target,
+                target=e.base,
+                exact=e.exact_inverse,
+                exact_inverse=e.exact,
+            )
+        diff = WeightDiff._of(entries, self.metadata, "negate")
+        diff.metadata["scale"] = -float(self.metadata.get("scale", 1.0))
+        return diff
+
+    def __neg__(self) -> WeightDiff:
+        return self.negate()
+
+    def scale(self, c: float) -> WeightDiff:
+        """``c·Δ`` (its target is unknown unless ``c == 1``)."""
+        c = float(c)
+        if c == 1.0:
+            return self
+        entries = {
+            n: replace(
+                e,
+                load=_mapped(e, lambda p, e=e: _scale_payload(e, p, c)),
+                target=None,
+                exact=None,
+                exact_inverse=None,
+                changed=e.changed if c != 0 else False,
+            )
+            for n, e in self.entries.items()
+        }
+        diff = WeightDiff._of(entries, self.metadata, {"op": "scale", "c": c})
+        diff.metadata["scale"] = c * float(self.metadata.get("scale", 1.0))
+        return diff
+
+    def __mul__(self, c: float) -> WeightDiff:
+        if not isinstance(c, int | float):
+            return NotImplemented
+        return self.scale(c)
+
+    __rmul__ = __mul__
+
+    def add(self, other: WeightDiff) -> WeightDiff:
+        """``Δ₁ + Δ₂`` for two diffs from the same base (task arithmetic). Mismatched bases are refused."""
+        for n in self.entries.keys() & other.entries.keys():
+            fa, fb = self.entries[n].base, other.entries[n].base
+            if fa and fb and fa != fb:
+                raise BaseMismatchError(
+                    f"Cannot add diffs from different bases: {n!r} has base {fa} in one and {fb} in the other. "
+                    "For a diff taken on top of another (base → mid → top), use compose()."
+                )
+        return _combine(self, other, "add", lambda a, b: (a.base or b.base, None))
+
+    def __add__(self, other: WeightDiff) -> WeightDiff:
+        if not isinstance(other, WeightDiff):
+            return NotImplemented
+        return self.add(other)
+
+    def __sub__(self, other: WeightDiff) -> WeightDiff:
+        if not isinstance(other, WeightDiff):
+            return NotImplemented
+        return self.add(other.negate())
+
+    def compose(self, other: WeightDiff) -> WeightDiff:
+        """This diff, then ``other`` (taken on top of this one's target): one diff from this base to ``other``'s
+        target. Refused if ``other`` was not computed on this diff's target."""
+        for n in self.entries.keys() & other.entries.keys():
+            ta, bb = self.entries[n].target, other.entries[n].base
+            if ta and bb and ta != bb:
+                raise BaseMismatchError(
+                    f"Cannot compose: {n!r} of the second diff was computed on {bb}, but the first diff ends at "
+                    f"{ta}. compose(a, b) needs b computed on a's target; for two diffs of one base, use add()."
+                )
+        return _combine(
+            self,
+            other,
+            "compose",
+            lambda a, b: (a.base, b.target),
+        )
+
+    # -- narrowing -----------------------------------------------------------------------------------------
+    def restrict(
+        self,
+        *,
+        layers: str | Iterable[int] | slice | None = None,
+        names: str | Iterable[str] | None = None,
+        mask: ParamMask | None = None,
+    ) -> WeightDiff:
+        """Keep only some of Δ: decoder ``layers`` (by index; embeddings, final norm and heads dropped),
+        ``names`` (names, globs or ``re:`` regexes), and/or the coordinates a :class:`~hfhooks.ParamMask`
+        keeps (masked-sparse storage; names the mask does not list are dropped)."""
+        keep = list(self.entries)
+        ops: dict[str, Any] = {"op": "restrict"}
+        if names is not None:
+            keep = _select(keep, names)
+            ops["names"] = names if isinstance(names, str) else list(names)
+        if layers is not None:
+            path, of = layer_map(keep)
+            if path is None:
+                raise ValueError(
+                    "These tensor names have no decoder-layer structure; restrict by names instead."
+                )
+            wanted = set(parse_layers(layers, 1 + max(i for i in of.values() if i is not None)))
+            keep = [n for n in keep if of[n] in wanted]
+            ops["layers"] = sorted(wanted)
+            if not keep:
+                raise ValueError(f"No tensor of this diff is in layers {sorted(wanted)} of {path}.")
+        entries = {n: self.entries[n] for n in keep}
+        if mask is not None:
+            hit = [n for n in entries if n in mask]
+            if not hit:
+                raise UnknownParameterError(
+                    f"The mask names none of this diff's tensors (mask: {len(mask)} tensors, e.g. "
+                    f"{next(iter(mask), '?')!r}; diff: e.g. {next(iter(entries), '?')!r})."
+                )
+            masked = {}
+            for n in hit:
+                e = entries[n]
+                if tuple(mask.shape(n)) != e.shape:
+                    raise ValueError(f"Mask shape {mask.shape(n)} does not match Δ {e.shape} for {n!r}.")
+                bits = mask[n]
+                full = bool(bits.all())
+                masked[n] = (
+                    e
+                    if full
+                    else replace(
+                        e,
+                        load=_mapped(e, lambda p, e=e, bits=bits: _mask_payload(e, p, bits)),
+                        storage="sparse" if e.storage == "dense" else e.storage,
+                        target=None,
+                        exact=None,
+                        exact_inverse=None,
+                        changed=None,
+                    )
+                )
+            entries = masked
+            ops["mask"] = {"tensors": len(hit), "density": round(mask.density(), 6)}
+        dropped = [n for n in self.entries if n not in entries]
+        diff = WeightDiff._of(entries, self.metadata, ops)
+        diff.metadata["dropped"] = dropped
+        return diff
+
+    def changed_only(self) -> WeightDiff:
+        """Only the tensors that changed; the others are listed in ``metadata["unchanged"]``."""
+        unchanged = self.unchanged
+        entries = {n: e for n, e in self.entries.items() if n not in set(unchanged)}
+        diff = WeightDiff._of(entries, self.metadata, "changed_only")
+        diff.metadata["unchanged"] = sorted(set(self.metadata.get("unchanged", [])) | set(unchanged))
+        return diff
+
+    # -- storage -------------------------------------------------------------------------------------------
+    def quantize(self, levels: int = 16, names: str | Iterable[str] | None = None) -> WeightDiff:
+        """Per-tensor min–max quantisation of Δ to ``levels`` (2–256) evenly spaced values.
+
+        Codes take ``1``, ``2``, ``4`` or ``8`` bits (16 levels: 8× smaller than ``float32``). Zeros are not
+        preserved in dense tensors (the grid spans [min, max]); masked-sparse entries keep exact zeros off the
+        mask. The result is not exact (``exact = None``).
+        """
+        if not isinstance(levels, int) or not 2 <= levels <= 256:
+            raise ValueError(f"levels={levels!r}: use an integer from 2 to 256.")
+        chosen = set(_select(list(self.entries), names)) if names is not None else set(self.entries)
+        entries = {}
+        for n, e in self.entries.items():
+            if n not in chosen:
+                entries[n] = e
+                continue
+            entries[n] = replace(
+                e,
+                load=_mapped(e, lambda p, e=e: _quantize_payload(e, p, levels)),
+                storage="quantized",
+                levels=levels,
+                target=None,
+                exact=None,
+                exact_inverse=None,
+            )
+        return WeightDiff._of(entries, self.metadata, {"op": "quantize", "levels": levels})
+
+    def to_sparse(self) -> WeightDiff:
+        """Masked-sparse storage with mask = (Δ ≠ 0); lossless (quantised entries are decoded first)."""
+        entries = {
+            n: replace(e, load=_mapped(e, lambda p, e=e: _sparsify(e, p)), storage="sparse", levels=None)
+            for n, e in self.entries.items()
+        }
+        return WeightDiff._of(entries, self.metadata, "to_sparse")
+
+    def to_dense(self) -> WeightDiff:
+        """Dense storage (lossless)."""
+        entries = {
+            n: replace(
+                e, load=_mapped(e, lambda p, e=e: {"values": _decode(e, p)}), storage="dense", levels=None
+            )
+            for n, e in self.entries.items()
+        }
+        return WeightDiff._of(entries, self.metadata, "to_dense")
+
+    # -- applying ------------------------------------------------------------------------------------------
+    def apply(
+        self,
+        target: Any,
+        scale: float = 1.0,
+        *,
+        out: str | os.PathLike | None = None,
+        check_base: bool = True,
+        overwrite: bool = False,
+        max_shard_size: int | str | None = None,
+        fsync: bool = False,
+        allow_pickle: bool = False,
+        progress: bool = True,
+    ) -> Any:
+        """``θ ← θ + scale·Δ`` on a model (in place; returns it) or a checkpoint directory (streamed into
+        ``out``; pass ``out=target`` for an atomic in-place edit; returns the output path).
+
+        With ``check_base`` (default) every tensor's fingerprint must match the diff's base before anything
+        changes — :class:`BaseMismatchError` otherwise. Coordinates where Δ is zero stay bit-identical.
+        """
+        if isinstance(target, nn.Module):
+            return self._apply_model(target, float(scale), check_base)
+        if out is None:
+            raise ValueError(
+                "Applying to a checkpoint needs out= (a new directory; out=<the checkpoint> edits it in place)."
+            )
+        ckpt = Checkpoint(target, allow_pickle=allow_pickle)
+        stored = {canonical_name(n): n for n in ckpt} if ckpt.kind == "adapter" else None
+        edits, buffer = {}, ReadBuffer()  # Δ of one tensor at a time, read into one reused buffer
+        for name, entry in self.entries.items():
+            key = stored.get(name, name) if stored else name
+            if key not in ckpt:
+                raise UnknownParameterError(f"Cannot apply the diff: {ckpt.unknown_message(name)}")
+            if ckpt.info(key).shape != entry.shape:
+                raise ValueError(
+                    f"Shape mismatch for {name!r}: diff {entry.shape}, checkpoint {ckpt.info(key).shape}."
+                )
+            edits[key] = _apply_fn(name, entry, float(scale), check_base, buffer)
+        record = {"op": "apply_diff", "scale": float(scale), "tensors": len(edits), "diff": self._describe()}
+        return edit_checkpoint(
+            ckpt,
+            Path(out),
+            edits,
+            record=record,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            fsync=fsync,
+            progress=progress,
+            desc="apply diff",
+        )
+
+    def _apply_model(self, model: nn.Module, scale: float, check_base: bool) -> nn.Module:
+        index = ParamIndex(model)
+        params: dict[str, tuple[nn.Parameter, DiffEntry]] = {}
+        for name, entry in self.entries.items():
+            info = index.info(name)
+            if tuple(info.shape) != entry.shape:
+                raise ValueError(
+                    f"Shape mismatch for {name!r}: diff {entry.shape}, model {tuple(info.shape)}."
+                )
+            if info.name in params:  # tied weights named twice: one update only
+                if params[info.name][1] is not entry:
+                    raise ValueError(
+                        f"{name!r} is tied to {info.name!r}; the diff must name only one of them."
+                    )
+                continue
+            params[info.name] = (info.param, entry)
+        if check_base:
+            bad = [
+                (n, e.base, fp)
+                for n, (p, e) in params.items()
+                if e.base is not None and (fp := tensor_fingerprint(p)) != e.base
+            ]
+            if bad:
+                raise BaseMismatchError(_mismatch_message(bad, len(params)))
+        with torch.no_grad():
+            for _, (param, entry) in params.items():
+                new = _add_delta(param.detach().cpu(), entry, scale)
+                param.copy_(new.to(param.device))
+        return model
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "tensors": len(self),
+            "base": self.metadata.get("base"),
+            "ops": self.metadata.get("ops", [])[-4:],
+        }
+
+    # -- I/O -----------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, progress: bool = False, **extra: Any) -> Path:
+        """Write the diff as a safetensors artifact (streamed tensor by tensor; atomic). Returns the path."""
+        meta = {**{k: v for k, v in self.metadata.items() if k not in _RESERVED_META}, **extra}
+        items = ((n, e) for n, e in self.entries.items())
+        written = _write_diff(path, items, meta, list(self.entries), progress, desc="save diff")
+        return Path(written.metadata["path"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, lazy: bool = False) -> WeightDiff:
+        """Load a diff file, verifying it. ``lazy=True`` reads tensors on demand (each CRC-checked as read)
+        — for diffs too big for memory; otherwise the whole file's digest is verified up front."""
+        return _read_diff(Path(path), lazy)
+
+
+def _combine(
+    a: WeightDiff,
+    b: WeightDiff,
+    op: str,
+    fingerprints: Callable[[DiffEntry, DiffEntry], tuple[str | None, str | None]],
+) -> WeightDiff:
+    entries: dict[str, DiffEntry] = {}
+    for n in [*a.entries, *(n for n in b.entries if n not in a.entries)]:
+        ea, eb = a.entries.get(n), b.entries.get(n)
+        if ea is None or eb is None:
+            e = ea or eb
+            if op == "add":
+                entries[n] = replace(e, target=None, exact=None, exact_inverse=None)
+            else:
+                entries[n] = e
+            continue
+        if ea.shape != eb.shape:
+            raise ValueError(f"Cannot {op} diffs: {n!r} is {ea.shape} in one and {eb.shape} in the other.")
+        dt = torch.promote_types(ea.dtype, eb.dtype)
+        base, target = fingerprints(ea, eb)
+        entries[n] = DiffEntry(
+            ea.shape,
+            dt,
+            "dense",
+            lambda ea=ea, eb=eb, dt=dt: {"values": ea.dense().to(dt) + eb.dense().to(dt)},
+            base=base,
+            target=target,
+        )
+    meta = {k: v for k, v in a.metadata.items() if k not in ("unchanged", "dropped", "skipped")}
+    diff = WeightDiff._of(entries, meta, {"op": op, "with": b.metadata.get("ops", [])[-4:]})
+    diff.metadata["scale"] = None
+    return diff

@@ -1,0 +1,175 @@
+"""One tensor's Δ in a :class:`~hfhooks.diffs.WeightDiff`: :class:`DiffEntry`, its payload, and what it records.
+
+Here live the pieces every other module of :mod:`hfhooks.diffs` builds on, so this module imports none of
+them: the errors (:class:`DiffFileError`, :class:`BaseMismatchError`), dtype helpers, the fingerprints that
+tie an entry to its base and target (:func:`tensor_fingerprint`, whole-diff fingerprints, CRC-32 of stored
+tensors), the ``DiffEntry`` record with its lazily loaded payload and decoding to a dense Δ, and the small
+flag and progress helpers shared by extraction, algebra and file I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hfhooks.artifacts import ArtifactError
+from hfhooks.checkpoints import _tensor_bytes
+
+STORAGES = ("dense", "sparse", "quantized")
+
+
+class DiffFileError(ArtifactError):
+    """A diff file that cannot be loaded: corrupt, truncated, foreign, or internally inconsistent."""
+
+
+class BaseMismatchError(ValueError):
+    """A diff applied to (or combined with) weights other than the ones it was computed from."""
+
+
+def _mismatch_message(bad: list[tuple[str, str, str]], total: int) -> str:
+    name, want, got = bad[0]
+    return (
+        f"This diff was computed on different weights: {len(bad)} of {total} tensors do not match its base "
+        f"(e.g. {name!r}: expected {want}, found {got}). Apply it to the model it was extracted from. To apply "
+        "it to other weights on purpose (task arithmetic on an edited model), pass check_base=False (CLI: "
+        "--no-check-base); to combine diffs of one base, add them first: (d1 + d2).apply(base)."
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype")
+    return dtype
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = _INT_VIEW[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """CRC-32 of a tensor's dtype, shape and bytes (``"crc32:1a2b3c4d"``): cheap, and any changed bit shows."""
+    t = t.detach().cpu().contiguous()
+    seed = zlib.crc32(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode())
+    return f"crc32:{zlib.crc32(_tensor_bytes(t), seed):08x}"
+
+
+def _crc(t: torch.Tensor) -> str:
+    return f"{zlib.crc32(_tensor_bytes(t)):08x}"
+
+
+def _model_fingerprint(per_tensor: Mapping[str, tuple[tuple[int, ...], str | None]]) -> dict[str, Any] | None:
+    """Fingerprint of a whole set of tensors: architecture (names and shapes) and values (tensor CRCs)."""
+    if not per_tensor:
+        return None
+    arch, values = hashlib.sha256(), hashlib.sha256()
+    known = True
+    for name in sorted(per_tensor):
+        shape, fp = per_tensor[name]
+        arch.update(f"{name}:{list(shape)};".encode())
+        known &= fp is not None
+        values.update(f"{name}:{fp};".encode())
+    return {
+        "sha256": arch.hexdigest()[:16],
+        "values": values.hexdigest()[:16] if known else None,
+        "num_tensors": len(per_tensor),
+    }
+
+
+Payload = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DiffEntry:
+    """One tensor's Δ: how it is stored and what is known about it (payload loaded on demand).
+
+    ``payload`` keys: ``values`` (dense: the full Δ; sparse/quantised: the stored values), ``mask`` (bool, full
+    shape), ``codes`` (quantised: integer codes) and ``range`` (quantised: Δ at the first and last code).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    storage: str
+    load: Callable[[], Payload] = field(repr=False, compare=False)
+    base: str | None = None  # fingerprint of the base tensor
+    target: str | None = None  # fingerprint of the target tensor
+    exact: bool | None = None  # base + Δ == target, bit for bit (None: unknown)
+    exact_inverse: bool | None = None  # target − Δ == base, bit for bit
+    changed: bool | None = None  # target != base (None: unknown)
+    levels: int | None = None
+
+    def dense(self) -> torch.Tensor:
+        """Δ as a dense tensor of ``shape`` and ``dtype``."""
+        return _decode(self, self.load())
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _decode(entry: DiffEntry, payload: Payload) -> torch.Tensor:
+    if entry.storage == "dense":
+        return payload["values"]
+    if entry.storage == "quantized":
+        lo, hi = payload["range"].to(entry.dtype).unbind()
+        step = (hi - lo) / (entry.levels - 1)
+        values = lo + payload["codes"].to(entry.dtype) * step
+    else:
+        values = payload["values"]
+    mask = payload.get("mask")
+    if mask is None:
+        return values.reshape(entry.shape)
+    out = torch.zeros(entry.shape, dtype=entry.dtype)
+    out[mask] = values
+    return out
+
+
+def _const(payload: Payload) -> Callable[[], Payload]:
+    return lambda: payload
+
+
+def _dense_entry(delta: torch.Tensor, **fields: Any) -> DiffEntry:
+    return DiffEntry(tuple(delta.shape), delta.dtype, "dense", _const({"values": delta}), **fields)
+
+
+def _sparse_payload(delta: torch.Tensor, mask: torch.Tensor) -> Payload:
+    mask = mask.to(torch.bool).expand(delta.shape).contiguous()
+    return {"mask": mask, "values": delta[mask]}
+
+
+def _all_flags(flags: Iterable[bool | None]) -> bool | None:
+    flags = list(flags)
+    if any(f is False for f in flags):
+        return False
+    if not flags or any(f is None for f in flags):
+        return None
+    return True
+
+
+def _is_changed(e: DiffEntry) -> bool:
+    if e.changed is not None:
+        return e.changed
+    return bool(e.dense().ne(0).any())
+
+
+def _progress(it: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)

@@ -1,0 +1,311 @@
+"""Diff files: streaming, atomic writes; eager (digest-verified) or lazy (CRC-per-tensor) reads.
+
+:func:`_write_diff` streams entries into a safetensors artifact of kind ``diff`` one tensor at a time behind a
+reserved header; :func:`_read_diff` validates a file and builds the :class:`~hfhooks.diffs.WeightDiff`, either
+loading everything (whole-file digest) or backing each entry by a :class:`_LazyReader` that checks each stored
+tensor's CRC-32 as it is read. The one-thread CRC pool lets :func:`hfhooks.diffs.arithmetic._apply_fn` verify
+a lazily read Δ while the update is computed. Per-entry encoding is :mod:`hfhooks.diffs.codec`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import tempfile
+import weakref
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hfhooks._version import __version__
+from hfhooks.artifacts import FORMAT_VERSION, _decode_metadata, _digest, _meta_digest, _reraise_as
+from hfhooks.checkpoints import (
+    ReadBuffer,
+    TensorInfo,
+    _copy_range,
+    _tensor_bytes,
+    _write_all,
+    read_safetensors_header,
+)
+from hfhooks.diffs.codec import _SEP, _decode_entry_meta, _entry_meta, _payload_from, _stored
+from hfhooks.diffs.entries import (
+    DiffEntry,
+    DiffFileError,
+    Payload,
+    _all_flags,
+    _const,
+    _crc,
+    _model_fingerprint,
+    _progress,
+)
+
+if TYPE_CHECKING:
+    from hfhooks.diffs.core import WeightDiff
+
+
+_RESERVED_META = ("tensors", "kind", "version", "format_version", "digest", "meta_digest", "path")
+
+
+class _DataFile(Mapping[str, torch.Tensor]):
+    """The data section of a file being written, from byte ``base`` on; tensors are read back one at a time
+    (a lazy mapping, so the artifact digest never needs more than one tensor in memory)."""
+
+    def __init__(self, fd: int, base: int):
+        self.fd, self.base = fd, base
+        self.infos: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self.size = 0
+        os.lseek(fd, base, os.SEEK_SET)
+
+    def add(self, name: str, t: torch.Tensor) -> str:
+        data = _tensor_bytes(t)
+        _write_all(self.fd, data)
+        self.infos[name] = (t.dtype, tuple(t.shape), self.size, self.size + data.nbytes)
+        self.size += data.nbytes
+        return f"{zlib.crc32(data):08x}"
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, start, end = self.infos[name]
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self.fd, [view[got:]], self.base + start + got)
+            if n <= 0:
+                raise OSError("the file being written ended early")
+            got += n
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+
+def _header_bytes(metadata: Mapping[str, str], data: _DataFile) -> bytes:
+    from hfhooks.checkpoints import _CODES
+
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    for name, (dtype, shape, start, end) in data.infos.items():
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _write_diff(
+    path: str | os.PathLike,
+    items: Iterable[tuple[str, DiffEntry | None]],
+    meta: Mapping[str, Any],
+    names: Sequence[str],
+    progress: bool,
+    desc: str,
+) -> WeightDiff:
+    """Stream entries into a diff file, atomically.
+
+    Tensors are written straight into the data section behind a reserved header (one pass, one tensor in
+    memory); the header — which needs every tensor's offsets, CRCs and exactness — is written last, padded with
+    spaces (valid JSON) to the reserved size. A header that outgrows its reservation is rewritten in front of a
+    copy of the data (slower, still correct).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    reserve = 65536 + sum(2048 + 24 * len(n) for n in names) + 4 * len(json.dumps(meta, default=str))
+    reserve += -reserve % 8
+    data = _DataFile(fd, 8 + reserve)
+    try:
+        infos: dict[str, dict[str, Any]] = {}
+        per_base: dict[str, tuple[tuple[int, ...], str | None]] = {}
+        per_target: dict[str, tuple[tuple[int, ...], str | None]] = {}
+        unchanged: list[str] = list(meta.get("unchanged", []))
+        for name, entry in _progress(items, len(names), progress, desc):
+            if entry is None:
+                unchanged.append(name)
+                continue
+            if _SEP in name:
+                raise ValueError(f"Tensor name {name!r} contains {_SEP!r}, which diff files reserve.")
+            payload = entry.load()
+            stored = _stored(name, entry, payload)
+            crcs = {k: data.add(k, v) for k, v in sorted(stored.items())}
+            nnz = int(payload["mask"].sum()) if payload.get("mask") is not None else None
+            infos[name] = _entry_meta(entry, crcs, nnz)
+            per_base[name] = (entry.shape, entry.base)
+            per_target[name] = (entry.shape, entry.target)
+            del payload, stored
+        full_meta = {k: v for k, v in meta.items() if k not in _RESERVED_META}
+        full_meta.update(
+            {
+                "base": _model_fingerprint(per_base),
+                "target": _model_fingerprint(per_target),
+                "exact": _all_flags(i["exact"] for i in infos.values()),
+                "exact_inverse": _all_flags(i["exact_inverse"] for i in infos.values()),
+                "unchanged": unchanged,
+                "tensors": infos,
+            }
+        )
+        metadata = {
+            "format": "pt",
+            "hfhooks.kind": "diff",
+            "hfhooks.version": __version__,
+            "hfhooks.format_version": FORMAT_VERSION,
+        }
+        for key, value in full_meta.items():
+            metadata[f"hfhooks.{key}"] = json.dumps(value)
+        metadata["hfhooks.meta_digest"] = json.dumps(_meta_digest(metadata))
+        metadata["hfhooks.digest"] = _digest(metadata, data)
+        raw = _header_bytes(metadata, data)
+        if len(raw) <= reserve:
+            os.pwrite(fd, reserve.to_bytes(8, "little") + raw + b" " * (reserve - len(raw)), 0)
+        else:  # pragma: no cover - only with enormous metadata
+            raw += b" " * (-len(raw) % 8)
+            fd2, tmp2 = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                _write_all(fd2, memoryview(len(raw).to_bytes(8, "little") + raw))
+                _copy_range(fd, fd2, 8 + reserve, data.size)
+            finally:
+                os.close(fd2)
+            os.replace(tmp2, tmp)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    diff = _read_diff(path, lazy=True)
+    diff.metadata["path"] = str(path)
+    return diff
+
+
+def _read_diff(path: Path, lazy: bool) -> WeightDiff:
+    from hfhooks.artifacts import read_artifact
+    from hfhooks.diffs.core import WeightDiff  # core imports this module (save / load)
+
+    def bad(why: str) -> DiffFileError:
+        return DiffFileError(f"{path}: {why}")
+
+    if lazy:
+        with _reraise_as(DiffFileError):
+            header, raw_meta = read_safetensors_header(path)
+        if raw_meta.get("hfhooks.kind") != "diff":
+            found = raw_meta.get("hfhooks.kind")
+            raise bad(f"not an hfhooks diff file (hfhooks.kind = {found!r}).")
+        if raw_meta.get("hfhooks.format_version") != FORMAT_VERSION:
+            raise bad(
+                f"format_version {raw_meta.get('hfhooks.format_version')!r}; this hfhooks reads {FORMAT_VERSION!r}."
+            )
+        if raw_meta.get("hfhooks.meta_digest") != json.dumps(_meta_digest(raw_meta)):
+            raise bad("failed its metadata integrity check (the header was modified or corrupted).")
+        with _reraise_as(DiffFileError):  # the stamp and digests land in meta too: _RESERVED_META drops them
+            meta = _decode_metadata(path, raw_meta)
+        shapes = {n: (i.dtype, i.shape) for n, i in header.items()}
+        reader = _LazyReader(path)
+    else:
+        with _reraise_as(DiffFileError):
+            tensors, meta = read_artifact(path, "diff")
+        if meta.get("meta_digest") != _meta_digest(_raw_metadata(path)):
+            raise bad("failed its metadata integrity check.")
+        shapes = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+        reader = None
+    info = meta.pop("tensors", None)
+    if not isinstance(info, dict):
+        raise bad("'hfhooks.tensors' metadata is missing or not an object.")
+    claimed: set[str] = set()
+    diff = WeightDiff(metadata={k: v for k, v in meta.items() if k not in _RESERVED_META})
+    if not isinstance(diff.metadata.get("ops"), list):
+        diff.metadata["ops"] = []
+    for name, entry_info in info.items():
+        try:
+            entry, parts = _decode_entry_meta(name, entry_info, shapes)
+        except (ValueError, TypeError, KeyError) as e:
+            raise bad(f"tensor {name!r}: {e}") from None
+        claimed.update(parts)
+        if reader is None:
+            payload = _payload_from(entry, name, {p: tensors[p] for p in parts}, path)
+            diff.entries[name] = replace(entry, load=_const(payload))
+        else:
+            diff.entries[name] = replace(entry, load=reader.loader(entry, name, parts, entry_info["crc32"]))
+    extra = sorted(set(shapes) - claimed)
+    if extra:
+        raise bad(f"holds tensors its metadata does not describe (e.g. {extra[0]!r}).")
+    diff.metadata["path"] = str(path)
+    return diff
+
+
+def _raw_metadata(path: Path) -> dict[str, str]:
+    return read_safetensors_header(path)[1]
+
+
+class _LazyReader:
+    """Reads a diff file's entries on demand with ``safe_open``, checking each tensor's CRC-32.
+
+    ``load()`` verifies before returning. :data:`_DEFERRED` maps it to the same read with the checks
+    returned as a callable, so :meth:`WeightDiff.apply` can run them on a helper thread (``zlib.crc32``
+    releases the GIL) while the update is computed.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._infos: dict[str, TensorInfo] | None = None
+
+    def info(self, part: str) -> TensorInfo:
+        """Where a stored tensor lives in the file (the header is parsed once, on first use)."""
+        if self._infos is None:
+            self._infos = read_safetensors_header(self.path)[0]
+        return self._infos[part]
+
+    def loader(
+        self, entry: DiffEntry, name: str, parts: list[str], crcs: Mapping[str, str]
+    ) -> Callable[[], Payload]:
+        def read(buffer: ReadBuffer | None = None) -> tuple[Payload, Callable[[], None]]:
+            from safetensors import safe_open
+
+            tensors = {}
+            try:
+                if buffer is not None and entry.storage == "dense" and len(parts) == 1:
+                    tensors[parts[0]] = buffer.read(self.info(parts[0]))  # no page faults on a memory map
+                else:
+                    with safe_open(str(self.path), framework="pt") as f:
+                        for part in parts:
+                            tensors[part] = f.get_tensor(part)
+            except Exception as e:
+                raise DiffFileError(f"{self.path}: cannot read {name!r}: {e}") from None
+
+            def verify() -> None:
+                for part, t in tensors.items():
+                    if _crc(t) != crcs[part]:
+                        raise DiffFileError(
+                            f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
+                        )
+
+            if entry.storage != "dense":
+                verify()  # decoding reads masks and codes: check them first
+                return _payload_from(entry, name, tensors, self.path), lambda: None
+            return _payload_from(entry, name, tensors, self.path), verify
+
+        def load() -> Payload:
+            payload, verify = read()
+            verify()
+            return payload
+
+        _DEFERRED[load] = read
+        return load
+
+
+_DEFERRED: weakref.WeakKeyDictionary[
+    Callable[[], Payload], Callable[[], tuple[Payload, Callable[[], None]]]
+] = weakref.WeakKeyDictionary()
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfhooks-crc")
+    return _POOL
