@@ -8,7 +8,14 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 
-.PHONY: install demo test lint docs bench clean compat-matrix
+# `make test-min` runs the same suite against the oldest releases hfhooks supports (pyproject.toml's lower
+# bounds): transformers 4.46 is the first with both TrainerCallback.on_pre_optimizer_step and
+# Trainer(compute_loss_func=...); 4.46.0 itself is yanked on PyPI, so 4.46.1 is the oldest one pip installs.
+MIN_VENV ?= .venv-min
+MIN_BIN  := $(MIN_VENV)/bin
+MIN_PINS ?= transformers==4.46.1 peft==0.13.0 accelerate==1.0.0
+
+.PHONY: install demo test test-min lint docs bench clean compat-matrix
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +25,13 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+$(MIN_BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	printf '%s\n' torch==$(TORCH_VERSION) $(MIN_PINS) > $(MIN_VENV)/constraints.txt
+	$(MIN_BIN)/pip install --quiet -c $(MIN_VENV)/constraints.txt -e ".[dev]"
+	touch $@
 
 demo: install  ## end-to-end demo on tiny models and real data; artifacts in outputs/
 	$(BIN)/python examples/demo.py --out outputs
@@ -34,11 +48,17 @@ test: lint  ## ruff, the unit suite, docs/compatibility.md up to date with it, a
 	$(if $(PYTEST_ARGS),,$(BIN)/python scripts/compat_matrix.py --junit build/junit.xml --check)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-compat-matrix: install  ## run tests/compat and write docs/compatibility.md from the results
-	$(BIN)/python scripts/compat_matrix.py --run --pytest-args="-n 2"
+test-min: $(MIN_BIN)/.installed  ## the unit suite against the minimum supported transformers / peft / accelerate
+	$(MIN_BIN)/python -c "import torch, transformers, peft, accelerate as a; print('test-min:', torch.__version__, transformers.__version__, peft.__version__, a.__version__)"
+	$(MIN_BIN)/python -m pytest -n 2 -q --junitxml=build/junit-min.xml $(PYTEST_ARGS)
+
+compat-matrix: install $(MIN_BIN)/.installed  ## run the matrix tests (and test-min's suite); write docs/compatibility.md
+	-$(BIN)/python -m pytest tests/compat -n 2 -q --junitxml=build/compat-junit.xml
+	-$(MIN_BIN)/python -m pytest -n 2 -q --junitxml=build/junit-min.xml
+	$(BIN)/python scripts/compat_matrix.py --junit build/compat-junit.xml build/junit-min.xml
 
 bench: install  ## benchmarks (not tests): print ratios against naive / plain baselines
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) site outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) site outputs build .pytest_cache .ruff_cache

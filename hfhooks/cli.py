@@ -435,7 +435,9 @@ def _search_restore(args: argparse.Namespace) -> int:
     from hfhooks.restoration import restore_layers, search_restoration
 
     transformers.utils.logging.set_verbosity_error()
-    load = dict(local_files_only=True, dtype=getattr(torch, args.dtype))
+    # from_pretrained takes `dtype` from transformers 4.56 on; older releases only know `torch_dtype`
+    modern = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit()) >= (4, 56)
+    load = {"local_files_only": True, "dtype" if modern else "torch_dtype": getattr(torch, args.dtype)}
     post = transformers.AutoModelForCausalLM.from_pretrained(args.post, **load)
     base = transformers.AutoModelForCausalLM.from_pretrained(args.base, **load)
     try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,14 @@ def _exclude_from_config(model: nn.Module, modules: list[str]) -> None:
             current = cfg.exclude_modules
             current = [current] if isinstance(current, str) else list(current or [])
             cfg.exclude_modules = sorted(set(current) | set(modules))
+        else:  # peft < 0.14
+            warnings.warn(
+                "This peft version has no LoraConfig.exclude_modules (peft ≥ 0.14): the dropped adapters are gone "
+                "from this model, but a save_pretrained / from_pretrained round trip re-creates them freshly "
+                "initialised (lora_B = 0, so without effect). Upgrade peft to make the drop persistent, or use "
+                "adapters='zero'.",
+                stacklevel=3,
+            )
 
 
 def _restore_checkpoint(
@@ -311,7 +320,9 @@ def _restore_checkpoint(
     lm_arch = any(
         re.search(r"(CausalLM|LMHead|ConditionalGeneration)", a) for a in cfg.get("architectures") or []
     )
-    tied = bool(cfg.get("tie_word_embeddings", False)) and lm_arch
+    # config.json omits keys equal to PretrainedConfig's defaults (transformers < 5 does; GPT-2 ties this way):
+    # a missing tie_word_embeddings means the default, True
+    tied = bool(cfg.get("tie_word_embeddings", True)) and lm_arch
     _check_tied(flags, tied)
     wanted = _wanted(ckpt.keys(), of, set(chosen), flags, include)
     ref = _Source(reference, allow_pickle)

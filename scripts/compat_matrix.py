@@ -12,7 +12,8 @@ Usage::
     python scripts/compat_matrix.py --junit a.xml [b.xml]  # render from existing reports (e.g. a GPU run too)
     python scripts/compat_matrix.py --junit build/junit.xml --check   # fail if the committed matrix is stale
 
-Reports from other library versions (``make test-min``) are summarised per version set below the matrix.
+Reports of other library versions (``make test-min``'s) are summarised below the matrix: totals, and the tests
+they skip that the first report runs (the explicit version gates).
 """
 
 from __future__ import annotations
@@ -105,29 +106,49 @@ class Result:
     versions: str
 
 
-def parse(path: Path) -> list[Result]:
-    """Every compat-tagged test case in a JUnit XML report."""
+@dataclass
+class Report:
+    """One JUnit XML report: its compat results, and totals / skip reasons over all of its tests."""
+
+    versions: str
+    results: list[Result]
+    totals: dict[str, int]
+    skips: dict[str, str]  # test -> skip reason
+
+
+def _outcome(case: ET.Element) -> tuple[str, str]:
+    failed = case.find("failure") if case.find("failure") is not None else case.find("error")
+    if failed is not None:
+        return "failed", (failed.get("message") or failed.text or "").strip()
+    skipped = case.find("skipped")
+    if skipped is not None:
+        return "skipped", (skipped.get("message") or "").strip()
+    return "passed", ""
+
+
+def parse(path: Path) -> Report:
+    """Every compat-tagged test case in a JUnit XML report, and totals over all its test cases."""
     out = []
+    totals: dict[str, int] = defaultdict(int)
+    skips: dict[str, str] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
+        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome, detail = _outcome(case)
+        totals[outcome] += 1
+        if outcome == "skipped":
+            skips[test] = detail
         props = {p.get("name"): p.get("value", "") for p in case.iter("property")}
         if "compat_callback" not in props:
             continue
-        failed = case.find("failure") if case.find("failure") is not None else case.find("error")
-        skipped = case.find("skipped")
         error = props.get("compat_error", "")
         expect = props.get("compat_expect", "ok")
-        if failed is not None:
-            outcome, detail = "failed", (failed.get("message") or failed.text or "").strip()
-        elif skipped is not None:
-            outcome, detail = "skipped", (skipped.get("message") or "").strip()
-        elif error or expect == "error":
-            outcome, detail = "refused", error
-        else:
-            outcome, detail = "pass", ""
-        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if outcome == "passed":
+            outcome = "refused" if error or expect == "error" else "pass"
+            detail = error
         out.append(Result(test, props["compat_callback"], props["compat_setup"], props.get("compat_variant", ""),
                           expect, outcome, detail, props.get("compat_versions", "unknown versions")))  # fmt: skip
-    return out
+    versions = out[0].versions if out else "unknown versions"
+    return Report(versions, out, dict(totals), skips)
 
 
 def merge(results: list[Result]) -> list[Result]:
@@ -199,11 +220,10 @@ def render_matrix(results: list[Result]) -> tuple[str, list[str]]:
     return "\n".join(lines), unexplained
 
 
-def render(results: list[Result], other_runs: dict[str, list[Result]]) -> tuple[str, list[str]]:
-    """The whole page."""
+def render(results: list[Result], others: list[Report], primary_skips: set[str]) -> tuple[str, list[str]]:
+    """The whole page: the matrix from ``results``, then a summary of each report of other versions."""
     matrix, unexplained = render_matrix(results)
     versions = sorted({r.versions for r in results})
-    counts = _counts(results)
     head = [
         "# Compatibility",
         "",
@@ -221,19 +241,31 @@ def render(results: list[Result], other_runs: dict[str, list[Result]]) -> tuple[
         "produced this page. skipped — the test exists but did not run here (reason in the notes). A dash — no "
         "test; the note says why. A superscript points to a note; a cell may hold a main test and variants.",
         "",
-        f"Produced with {'; '.join(versions)} ({counts}). Regenerate with `{REGENERATE}`.",
+        f"Produced with {'; '.join(versions)} ({_counts(results)}). Regenerate with `{REGENERATE}`.",
         "",
     ]
     tail = []
-    if other_runs:
-        tail = ["", "## Other library versions", "",
-                "The same tests, run against other versions (the minimum supported ones: `make test-min`):", "",
-                "| Versions | ✓ | ✗ | failed | skipped |", "|---|---|---|---|---|"]  # fmt: skip
-        for ver, rs in other_runs.items():
-            n = defaultdict(int)
-            for r in rs:
-                n[r.outcome] += 1
-            tail.append(f"| {ver} | {n['pass']} | {n['refused']} | {n['failed']} | {n['skipped']} |")
+    if others:
+        tail = ["", "## Minimum supported versions", "",
+                "`make test-min` runs the whole suite, the matrix's tests included, against the oldest releases "
+                "hfhooks supports (the lower bounds in `pyproject.toml`):", "",
+                "| Versions | whole suite | matrix tests |", "|---|---|---|"]  # fmt: skip
+        gates: dict[str, str] = {}
+        for rep in others:
+            t = rep.totals
+            suite = f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('skipped', 0)} skipped"
+            tail.append(f"| {rep.versions} | {suite} | {_counts(merge(rep.results))} |")
+            gates.update({k: v for k, v in rep.skips.items() if v not in primary_skips})
+        if gates:
+            tail += [
+                "",
+                "Tests skipped only on those versions (explicit version gates, with their reasons):",
+                "",
+            ]
+            tail += [
+                f"- `{test}` — {html.escape(_short(why, 600), quote=False)}"
+                for test, why in sorted(gates.items())
+            ]
     return "\n".join(head) + matrix + "\n" + "\n".join(tail) + ("\n" if tail else ""), unexplained
 
 
@@ -277,17 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in reports if not Path(p).exists()]
     if missing:
         parser.error(f"no such report: {missing}")
-    by_version: dict[str, list[Result]] = defaultdict(list)
-    first_version = None
-    for path in reports:
-        for r in parse(Path(path)):
-            first_version = first_version or r.versions
-            by_version[r.versions].append(r)
-    if first_version is None:
-        print("no compat-marked tests in the report(s)", file=sys.stderr)
+    parsed = [parse(Path(path)) for path in reports]
+    if not parsed[0].results:
+        print(f"no compat-marked tests in {reports[0]}", file=sys.stderr)
         return 1
-    primary = merge(by_version.pop(first_version))
-    text, unexplained = render(primary, {v: merge(rs) for v, rs in by_version.items()})
+    primary = merge([r for rep in parsed if rep.versions == parsed[0].versions for r in rep.results])
+    primary_skips = {
+        why for rep in parsed if rep.versions == parsed[0].versions for why in rep.skips.values()
+    }
+    others = [rep for rep in parsed if rep.versions != parsed[0].versions]
+    text, unexplained = render(primary, others, primary_skips)
     if a.check:
         current = a.out.read_text() if a.out.exists() else ""
         if section(current) != section(text):

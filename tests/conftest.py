@@ -14,18 +14,26 @@ architectures cover the layouts :mod:`hfhooks.layers` knows about:
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from torch import nn
 
 # One intra-op thread per test process: `make test` runs two xdist workers on two cores, and oversubscribed
 # torch threads make small tensor ops tens of times slower under contention.
 torch.set_num_threads(1)
+
+TRANSFORMERS_VERSION = Version(transformers.__version__).release
+"""``(major, minor, patch)`` of transformers, for explicit version gates (``make test-min`` runs the oldest)."""
+PEFT_VERSION = Version(importlib.metadata.version("peft")).release
 
 VOCAB = 64
 HIDDEN = 32
@@ -175,6 +183,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _environ() -> Iterator[None]:
+    """Restore ``os.environ`` after each test: ``TrainingArguments`` of transformers < 5 export their settings
+    (``ACCELERATE_MIXED_PRECISION``, ``ACCELERATE_DYNAMO_BACKEND``, ``ACCELERATE_USE_FSDP``…) into the
+    environment, where every later Trainer of the worker would pick them up (bf16, compiled models, FSDP)."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 @pytest.fixture(params=ARCHS)

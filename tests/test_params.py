@@ -185,13 +185,21 @@ def test_untied_model_has_no_aliases() -> None:
 
 # -- ParamIndex across wrappers ------------------------------------------------------------------------------
 
+
+def _output_head(arch: str) -> str:
+    """Name of the output-embedding module (GPT-NeoX calls it ``embed_out`` in transformers 4.x)."""
+    model = make_model(arch)
+    return next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+
+
+_NEOX_HEAD = _output_head("neox")
 # LoRA targets, modules_to_save, and the canonical paths of the saved modules, per architecture.
 _PEFT = {
     "llama": (["q_proj", "v_proj", "down_proj"], ["lm_head"], ["lm_head"]),
     "mistral": (["q_proj", "o_proj"], ["lm_head"], ["lm_head"]),
     "qwen2": (["k_proj", "up_proj"], ["lm_head"], ["lm_head"]),
     "gpt2": (["c_attn", "c_fc"], ["ln_f"], ["transformer.ln_f"]),
-    "neox": (["query_key_value", "dense_4h_to_h"], ["lm_head"], ["lm_head"]),
+    "neox": (["query_key_value", "dense_4h_to_h"], [_NEOX_HEAD], [_NEOX_HEAD]),
     "bert": (["query", "value"], ["classifier"], ["classifier"]),
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
-from conftest import make_model, random_input_ids
+from conftest import TRANSFORMERS_VERSION, make_model, random_input_ids
 from torch import nn
 
 from hfhooks import (
@@ -224,7 +224,15 @@ def _trainer_grads(model, dataset, hook_fn, tmp_path, batch, accumulation):
     return grads
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+OLD_ACCUMULATION = pytest.mark.skipif(
+    TRANSFORMERS_VERSION < (4, 48),
+    reason="transformers < 4.48 never divides the accumulated loss of a model whose forward takes no **kwargs "
+    "(BERT there) by gradient_accumulation_steps: the Trainer itself, with or without hfhooks, accumulates k× "
+    "the one-big-batch gradient (fixed in 4.48: num_items_in_batch=None for such models).",
+)
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("bert", marks=OLD_ACCUMULATION)])
 def test_replaced_loss_is_scaled_like_one_big_batch(arch, tmp_path):
     """Accumulating 2 × 4 examples gives the gradient of one batch of 8 (num_items_in_batch path for LMs)."""
     model = make_model(

@@ -8,6 +8,9 @@ Trainer refuses FSDP outside a distributed launch). The remaining refusals run i
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 import transformers as T
@@ -86,9 +89,10 @@ def test_deepspeed_is_refused(name, request, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", _cells("fsdp1"))
 def test_fsdp1_is_refused(name, request, tmp_path):
-    args = training_args(tmp_path, "single", fsdp="full_shard", fsdp_config={"version": 1})
-    with refused(request, RuntimeError, rf"^{NAMES[name]} does not support FSDP1 .*(DDP|FSDP2|restore)"):
-        _begin(name, args)
+    with mock.patch.dict(os.environ):  # transformers < 5 exports ACCELERATE_USE_FSDP=true & co. for fsdp=...
+        args = training_args(tmp_path, "single", fsdp="full_shard", fsdp_config={"version": 1})
+        with refused(request, RuntimeError, rf"^{NAMES[name]} does not support FSDP1 .*(DDP|FSDP2|restore)"):
+            _begin(name, args)
 
 
 @pytest.mark.compat(callback="gradient_mask", setup="peft", variant="element mask on a frozen LoRA base weight",
