@@ -20,7 +20,9 @@ thread samples the process RSS (psutil) every millisecond. Reported: peak RSS du
 the RSS just before it (weights, data and tokenizer are already loaded; AdamW state, gradients, activations and
 the alignment graph are inside the delta), and its ratio to the plain configuration.
 
-Goals (issue): attention ≤ 1.05×, grad_x_input_first_order ≤ 1.3×, grad_x_input ≤ 2.5× a plain step.
+Goals (issue): attention ≤ 1.05×, grad_x_input_first_order ≤ 1.3×, grad_x_input ≤ 2.5× a plain step. First order
+runs twice: with its default extra backward (score="logit"), and with ``reuse_backward=True`` (score="logprob"),
+which takes ∂s/∂e from the training backward.
 
     python benchmarks/bench_attribution.py            # full: 4 rounds × 4 steps; IG m=8 on the tiny BERT only
     python benchmarks/bench_attribution.py --quick    # 2 rounds × 3 steps, no IG m=8 (about 13 min on 2 cores)
@@ -57,6 +59,12 @@ CONFIGS: dict[str, tuple[str, dict | None, str | None, float | None]] = {
     "plain (eager)": ("eager", None, None, None),
     "attention": ("eager", {"method": "attention"}, "plain (eager)", 1.05),
     "grad_x_input_first_order": ("sdpa", {"method": "grad_x_input_first_order"}, "plain (sdpa)", 1.30),
+    "first_order, reuse_backward": (
+        "sdpa",
+        {"method": "grad_x_input_first_order", "score": "logprob", "reuse_backward": True},
+        "plain (sdpa)",
+        1.30,
+    ),
     "input_gradient (RRR)": (
         "sdpa",
         {"method": "input_gradient", "distance": "rrr", "prior": "irrelevant"},

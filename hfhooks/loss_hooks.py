@@ -49,7 +49,7 @@ class LossHook:
         model: the module the Trainer calls (outputs must be a dict-like ``ModelOutput`` or a dict).
         fn: returns the new loss (``mode="replace"``) or an extra term (``mode="add"``) as a mean over this
             micro-batch — a scalar tensor with grad. ``fn`` may also read the forward's kwargs via
-            :attr:`inputs` (valid during the call).
+            :attr:`inputs` and its ``num_items_in_batch`` via :attr:`num_items` (valid during the call).
         tags: keyword names to pop from the forward's kwargs and hand to ``fn`` (e.g. ``["unlearn"]``).
         pop_labels: also remove ``labels`` before ``forward`` (saves the model computing a loss it discards).
         active: when to apply (default: in training mode only).
@@ -70,6 +70,7 @@ class LossHook:
             raise ValueError(f"mode={mode!r} must be 'replace' or 'add'.")
         self.model, self.fn, self.tags, self.pop_labels, self.mode = model, fn, list(tags), pop_labels, mode
         self.inputs: dict[str, Any] = {}
+        self.num_items: Any = None  # the forward's num_items_in_batch, during fn
         self.active = active or (lambda m: m.training)
         self.causal = is_causal_lm(model)
         self._handles: list = []
@@ -114,10 +115,11 @@ class LossHook:
         ctx, self._ctx = self._ctx, {}
         if not ctx:
             return outputs
+        self.num_items = ctx["num_items"]
         try:
             loss = self.fn(outputs, ctx["labels"], ctx["tags"])
         finally:
-            self.inputs = {}
+            self.inputs, self.num_items = {}, None
         if loss is None:  # fn chose to skip this micro-batch
             return outputs
         num_items = ctx["num_items"]

@@ -425,3 +425,53 @@ def test_a_tokenizer_gives_its_special_ids():
 
     align = AttributionAlignment(_bert(), "grad_x_input", prior="rationale", special_token_ids=Tok())
     assert sorted(align.special_ids.tolist()) == [0, 101, 102]
+
+
+def test_first_order_reusing_the_training_backward_gives_the_same_gradients(tmp_path):
+    """reuse_backward=True turns ∂loss/∂e into ∂s/∂e instead of running an extra backward: the parameters'
+    gradients must equal the extra-backward path's, under accumulation (the Trainer's loss scaling) too."""
+    data = _data(8)
+    opts = dict(prior="rationale", score="logprob", weight=3.0, special_token_ids=[0, 2, 3])
+
+    def grads(reuse: bool, sub: str):
+        cb = AttributionAlignmentCallback("grad_x_input_first_order", reuse_backward=reuse, **opts)
+        model = _bert()
+        g = _trainer_grads(model, data, [cb], tmp_path / sub, 4, 2)
+        return g, cb
+
+    slow, _ = grads(False, "slow")
+    fast, cb = grads(True, "fast")
+    assert cb.alignment.num_hooks == 0 and cb.alignment.reused == 1  # micro-batch 2 took the fast path
+    for n in slow:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-6)
+    emb = "bert.embeddings.word_embeddings.weight"
+    plain = _trainer_grads(_bert(), _untagged(data), [], tmp_path / "plain", 4, 2, tags=())
+    assert not torch.allclose(fast[emb], plain[emb])  # the term really reached the embeddings
+
+
+def test_first_order_reuse_in_a_plain_loop_with_a_scaled_loss_and_its_refusals():
+    data = _data(8)
+    batch = TaggedCollator()([TaggedDataset(data, tags=["rationale"])[i] for i in range(8)])
+    opts = dict(prior="rationale", score="logprob", weight=2.0, special_token_ids=[0, 2, 3])
+    results = {}
+    for reuse in (False, True):
+        model = _bert()
+        model.train()
+        with AttributionAlignment(model, "grad_x_input_first_order", reuse_backward=reuse, **opts) as align:
+            for _ in range(3):  # step 1: extra backward (checks); step 2: reuse + self-check; step 3: reuse
+                model.zero_grad()
+                (0.25 * model(**batch)["loss"]).backward()  # a scaled root: c = 0.25
+        results[reuse] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert align.num_hooks == 0 and align.reused == (2 if reuse else 0)
+    for n in results[False]:
+        torch.testing.assert_close(results[True][n], results[False][n], rtol=1e-4, atol=1e-6)
+
+    model = _bert()
+    model.train()
+    with AttributionAlignment(model, "grad_x_input_first_order", reuse_backward=True, **opts):
+        model(**batch)["loss"].backward()  # first step: the extra backward
+        out = model(**batch)
+        with pytest.raises(RuntimeError, match="not the model loss's alone"):
+            (out["loss"] + out["logits"].pow(2).mean()).backward()  # another term depends on the embeddings
+    with pytest.raises(ValueError, match="score='logprob'"):
+        AttributionAlignment(_bert(), "grad_x_input_first_order", reuse_backward=True, prior="rationale")

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from hfhooks.attribution.distances import DISTANCES, distance
-from hfhooks.attribution.methods import METHODS, compute_attribution, needs_double_backprop
+from hfhooks.attribution.methods import METHODS, compute_attribution, needs_double_backprop, target_scores
 from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, Prior, pool_words
 from hfhooks.attribution.sites import AttributionSite
-from hfhooks.loss_hooks import LossHook
+from hfhooks.loss_hooks import LossHook, count_items
 
 __all__ = ["AttributionAlignment"]
 
@@ -48,6 +48,12 @@ class AttributionAlignment:
         word_ids: tag holding each token's word index (``-1`` for none) to pool sub-words into words.
         check_gradient: verify on the first term that it changes the parameters' gradients.
         seed: for ``fraction`` sampling.
+        reuse_backward: first-order only, with ``score="logprob"`` and ``target="label"``: take ∂s/∂e from the
+            training backward instead of an extra backward (about a plain step's cost). The model's loss must
+            be the mean negative log-likelihood of the labels (checked every step; otherwise the extra backward
+            is used) and be what the training loop backpropagates; the first such step also computes ∂s/∂e the
+            slow way and raises if the two differ (e.g. label smoothing, ``compute_loss_func``, another term on
+            the embeddings).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class AttributionAlignment:
         word_ids: str | None = None,
         check_gradient: bool = True,
         seed: int = 0,
+        reuse_backward: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -79,6 +86,16 @@ class AttributionAlignment:
         self.prior = ColumnPrior(prior) if isinstance(prior, str) else prior
         self.every, self.fraction, self.target, self.score, self.steps = every, fraction, target, score, steps
         self.word_ids, self.check_gradient = word_ids, check_gradient
+        if reuse_backward and (
+            method != "grad_x_input_first_order" or score != "logprob" or target != "label"
+        ):
+            raise ValueError(
+                "reuse_backward=True needs method='grad_x_input_first_order', score='logprob', target='label': only "
+                "then is the attributed score's gradient a multiple of the training loss's."
+            )
+        self.reuse_backward = reuse_backward
+        self.reused = 0  # terms whose ∂s/∂e came from the training backward
+        self._reuse_checked = False
         self.site = AttributionSite(model, input_key)
         if hasattr(special_token_ids, "all_special_ids"):  # a tokenizer: its [CLS], [SEP], <s>, ... ids
             special_token_ids = special_token_ids.all_special_ids
@@ -183,33 +200,122 @@ class AttributionAlignment:
             return None
         try:
             inputs = self._loss.inputs
+            if self.reuse_backward and self._checked and self._can_reuse(outputs, labels, cap.tensor):
+                self._defer(outputs, labels, tags, inputs, cap.tensor)
+                return None  # the term's gradient is added in the backward, at the site
             attentions = outputs.get("attentions") if hasattr(outputs, "get") else None
             attr = compute_attribution(
                 self.method, outputs["logits"], cap.tensor, labels, self.target, self.score, attentions,
                 self.site.query_positions(inputs), self._rerun, self.steps, create_graph=True,
             )  # fmt: skip
-            attr = self.site.reduce(attr, self.method)
-            valid = self._valid(inputs, tags, attr.shape[:2]) if attr.dim() >= 2 else None
-            word_ids = torch.as_tensor(tags[self.word_ids]) if self.word_ids else None
-            if word_ids is not None:
-                attr = pool_words(attr, word_ids)
-                valid = pool_words(valid.float().to(attr.device), word_ids) > 0 if valid is not None else None
-            ctx = AlignmentContext(inputs, labels, tags, outputs, cap.tensor, valid, self.model, word_ids)
-            prior = self.prior(ctx).to(attr.device)
-            rows = self._rows(attr.shape[0], attr.device)
-            if valid is not None:
-                valid = valid.to(attr.device)
-            term = distance(self.distance, attr[rows], prior[rows] if prior.shape[0] == attr.shape[0] else prior,
-                            valid[rows] if valid is not None else None)  # fmt: skip
+            term = self._distance(attr, outputs, labels, tags, inputs, cap.tensor)
             if self.check_gradient and not self._checked:
                 self._verify_gradient(term)
-            self.stats["terms"] += 1
-            self.stats["term_sum"] += float(term.detach())
-            if outputs.get("loss") is not None:
-                self.stats["loss_sum"] += float(outputs["loss"].detach())
+            self._checked = True
+            self._count(term, outputs)
             return self.weight * term
         finally:
             self._close()
+
+    def _distance(self, attr, outputs, labels, tags, inputs, site) -> torch.Tensor:
+        """D(reduced attribution, prior) over the valid positions of the sampled rows."""
+        attr = self.site.reduce(attr, self.method)
+        target = self._target(attr.shape, outputs, labels, tags, inputs, site)
+        return self._distance_to(attr, *target)
+
+    def _target(self, shape, outputs, labels, tags, inputs, site):
+        """(prior, valid positions, word ids) for reduced attributions of ``shape`` (needs the forward's graph
+        for model-derived priors)."""
+        valid = self._valid(inputs, tags, shape[:2]) if len(shape) >= 2 else None
+        word_ids = torch.as_tensor(tags[self.word_ids]) if self.word_ids else None
+        if word_ids is not None and valid is not None:
+            valid = pool_words(valid.float().to(site.device), word_ids) > 0
+        ctx = AlignmentContext(inputs, labels, tags, outputs, site, valid, self.model, word_ids)
+        return self.prior(ctx), valid, word_ids
+
+    def _distance_to(self, attr, prior, valid, word_ids) -> torch.Tensor:
+        if word_ids is not None:
+            attr = pool_words(attr, word_ids)
+        prior = prior.to(attr.device)
+        rows = self._rows(attr.shape[0], attr.device)
+        if valid is not None:
+            valid = valid.to(attr.device)
+        return distance(self.distance, attr[rows], prior[rows] if prior.shape[0] == attr.shape[0] else prior,
+                        valid[rows] if valid is not None else None)  # fmt: skip
+
+    def _count(self, term: torch.Tensor, outputs: Any) -> None:
+        self.stats["terms"] += 1
+        self.stats["term_sum"] += float(term.detach())
+        if outputs.get("loss") is not None:
+            self.stats["loss_sum"] += float(outputs["loss"].detach())
+
+    # -- first order from the training backward (reuse_backward) ---------------------------------------------
+    def _can_reuse(self, outputs: Any, labels: torch.Tensor | None, site: torch.Tensor) -> bool:
+        """The model's loss is mean −log p(label) over the batch: then ∂loss/∂e_i = −(1/B)·∂s_i/∂e_i."""
+        loss = outputs.get("loss") if hasattr(outputs, "get") else None
+        logits = outputs.get("logits") if hasattr(outputs, "get") else None
+        if loss is None or not loss.requires_grad or logits is None or labels is None or logits.dim() != 2:
+            return False
+        if (
+            not site.requires_grad or site.grad_fn is None
+        ):  # a detached leaf: no backward reaches it by itself
+            return False
+        with torch.no_grad():
+            nll = -target_scores(logits, labels, "label", "logprob").mean()
+        return bool(torch.allclose(loss.detach().float(), nll, rtol=1e-5, atol=1e-7))
+
+    def _defer(self, outputs, labels, tags, inputs, site) -> None:
+        """Hook the backward: read c = ∂root/∂loss, then at the site turn G = ∂root/∂e into ∂s/∂e = −(B/c)·G,
+        build the term from it and add c·k·λ·∂term/∂e to the gradient flowing on into the embeddings."""
+        loss, batch = outputs["loss"], site.shape[0]
+        state: dict[str, Any] = {"c": None}
+        num_items = self._loss.num_items
+        k = 1.0
+        if num_items is not None and labels is not None:  # the scaling LossHook gives an added term
+            k = float(count_items(labels, self._loss.causal)) / float(num_items)
+        exact = None
+        if not self._reuse_checked:  # once: the slow ∂s/∂e, to check the reconstruction against
+            s = target_scores(outputs["logits"], labels, "label", "logprob").sum()
+            (exact,) = torch.autograd.grad(s, site, retain_graph=True)
+        # the prior now, while the forward's graph is whole (the backward frees it as it goes)
+        shape = site.shape[:-1] if self.site.token_level else site.shape
+        target = self._target(shape, outputs, labels, tags, inputs, site)
+        detached = site.detach()
+
+        def on_loss(grad: torch.Tensor) -> None:
+            state["c"] = grad.detach()
+
+        def on_site(grad: torch.Tensor) -> torch.Tensor:
+            c = state["c"]
+            if c is None:
+                raise RuntimeError(
+                    "reuse_backward=True: the backward reached the embeddings without passing through the model's "
+                    "loss (the Trainer computed its own loss, e.g. label smoothing or compute_loss_func). Use "
+                    "reuse_backward=False."
+                )
+            if float(c) == 0.0:
+                return grad
+            g = grad.detach().float() * (-batch / c.float())
+            if exact is not None:
+                if not torch.allclose(
+                    g, exact.float(), rtol=1e-3, atol=1e-6 * float(exact.abs().max()) + 1e-12
+                ):
+                    raise RuntimeError(
+                        "reuse_backward=True: the gradient reaching the embeddings is not the model loss's alone "
+                        "(another loss term, label smoothing or a custom loss depends on them), so ∂s/∂e cannot "
+                        "be recovered from it. Use reuse_backward=False."
+                    )
+                self._reuse_checked = True
+            with torch.enable_grad():
+                e = detached.float().requires_grad_(True)
+                term = self._distance_to(self.site.reduce(g * e, self.method), *target)
+                (dterm,) = torch.autograd.grad(term, e)
+            self._count(term, outputs)
+            self.reused += 1
+            return grad + (c * k * self.weight * dterm).to(grad.dtype)
+
+        loss.register_hook(on_loss)  # both hooks die with this step's graph
+        site.register_hook(on_site)
 
     def _rows(self, n: int, device: torch.device) -> torch.Tensor:
         if self.fraction >= 1:
