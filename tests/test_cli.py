@@ -262,3 +262,30 @@ def test_mask_info_still_works(capsys, tmp_path):
     assert code == 0 and "TOTAL" in out
     code, _, err = run(capsys, "diff-info", tmp_path / "m.safetensors")
     assert code == 2 and "not a 'diff' file" in err
+
+
+def test_every_documented_command_line_parses():
+    """Each `hfhooks ...` line in the README and docs is accepted by the real parser (argument order, flags)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    lines = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        in_code = False
+        for line in doc.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                in_code = not in_code
+                continue
+            m = re.match(r"^\s*hfhooks (\S.*)$", line) if in_code else None
+            if m and not m.group(1).startswith("--help"):
+                lines.append((doc.name, m.group(1).split("#")[0].strip()))
+    assert len(lines) >= 8, lines
+    parser = build_parser()
+    for doc, args in lines:
+        argv = [a for a in shlex.split(args) if a not in ("...",)]
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{doc}: `hfhooks {args}` does not parse")
