@@ -169,10 +169,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     report."""
     import platform
 
+    import accelerate
     import peft
 
     versions = (f"python {platform.python_version()}, torch {torch.__version__}, transformers "
-                f"{transformers.__version__}, peft {peft.__version__}")  # fmt: skip
+                f"{transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}")  # fmt: skip
     for item in items:
         marker = item.get_closest_marker("compat")
         if marker is not None:

@@ -1,9 +1,9 @@
 """The ✓ cells of the compatibility matrix that run in one process: every callback in a stock Trainer under each
 setup, with hooks left = 0, frozen coordinates bit-identical and evidence that the callback acted.
 
-The ``compile`` column uses the ``aot_eager`` backend (see ``compat_utils.COMPILE_BACKEND``); attribution
-alignment refuses AOTAutograd backends (tested in ``test_compat_refusals.py``) and is run with
-``torch_compile_backend="eager"``.
+The ``compile`` column uses the ``aot_eager`` backend (see ``compat_utils.COMPILE_BACKEND``), plus one
+``inductor`` variant per callback (slow: C++ code generation); attribution alignment refuses AOTAutograd
+backends (tested in ``test_compat_refusals.py``) and is run with ``torch_compile_backend="eager"``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,16 @@ def _cases():
             if setup == "gpu_bf16":
                 marks += [pytest.mark.gpu, _GPU]
             yield pytest.param(callback, setup, extra, marks=marks, id=f"{callback}-{setup}")
+    for callback in CALLBACKS:
+        if callback == "attribution":
+            continue  # refuses inductor (test_compat_refusals.py)
+        mark = pytest.mark.compat(
+            callback=callback, setup="compile", variant="torch_compile_backend='inductor'"
+        )
+        extra = {"torch_compile_backend": "inductor"}
+        yield pytest.param(
+            callback, "compile", extra, marks=[mark, pytest.mark.slow], id=f"{callback}-inductor"
+        )
 
 
 @pytest.mark.parametrize(("callback", "setup", "extra"), list(_cases()))

@@ -32,6 +32,9 @@ def main():
         except Exception as e:  # reported per scenario: one failure must not hide the others
             results[name] = {"status": "error", "message": str(e), "traceback": traceback.format_exc()}
     (Path(a.out) / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    if torch.distributed.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
