@@ -1,10 +1,11 @@
 """Scenarios and checks for the compatibility matrix (``tests/compat``, rendered by ``scripts/compat_matrix.py``).
 
 Every matrix test is tagged ``@pytest.mark.compat(callback=..., setup=...)`` (optionally ``variant="..."`` for
-a second test in the same cell). The keys are :data:`CALLBACKS` and :data:`SETUPS`; ``tests/conftest.py`` copies
-the marker into the JUnit XML (``compat_callback`` / ``compat_setup`` / ``compat_variant`` properties), and a
-refusal test records the message it checked with :func:`refused` (``compat_error``). A passing test with a
-recorded error renders as ✗ (refused with that message), a passing test without one as ✓.
+a further test in the same cell, ``expect="error"`` for a refusal). The keys are :data:`CALLBACKS` and
+:data:`SETUPS`; ``tests/conftest.py`` copies the marker into the JUnit XML (``compat_callback`` /
+``compat_setup`` / ``compat_variant`` / ``compat_expect`` properties, and ``compat_versions``), and a refusal
+test records the message it checked with :func:`refused` (or ``record_property("compat_error", message)``).
+A passing refusal test renders as ✗ with that message, any other passing test as ✓.
 
 Each ✓ scenario (:func:`run_scenario`) trains a tiny model for a few steps in a stock ``transformers.Trainer``
 with one hfhooks callback, under one setup, and returns measured facts (JSON-friendly, so the torchrun script

@@ -74,6 +74,10 @@ def main():
     if rank == 0:
         mask.save(os.path.join(a.out, "mask.safetensors"))
 
+    if torch.distributed.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()
