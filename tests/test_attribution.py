@@ -475,3 +475,14 @@ def test_first_order_reuse_in_a_plain_loop_with_a_scaled_loss_and_its_refusals()
             (out["loss"] + out["logits"].pow(2).mean()).backward()  # another term depends on the embeddings
     with pytest.raises(ValueError, match="score='logprob'"):
         AttributionAlignment(_bert(), "grad_x_input_first_order", reuse_backward=True, prior="rationale")
+
+
+def test_a_model_compiled_with_an_aot_backend_gets_a_clear_error():
+    data = _data(4)
+    batch = TaggedCollator()([TaggedDataset(data, tags=["rationale"])[i] for i in range(4)])
+    model = _bert()
+    model.train()
+    compiled = torch.compile(model, backend="aot_eager")
+    align = AttributionAlignment(compiled, "grad_x_input", prior="rationale", special_token_ids=[0, 2, 3])
+    with align, pytest.raises(RuntimeError, match="backend='eager'"):
+        compiled(**batch)

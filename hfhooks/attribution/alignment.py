@@ -204,10 +204,20 @@ class AttributionAlignment:
                 self._defer(outputs, labels, tags, inputs, cap.tensor)
                 return None  # the term's gradient is added in the backward, at the site
             attentions = outputs.get("attentions") if hasattr(outputs, "get") else None
-            attr = compute_attribution(
-                self.method, outputs["logits"], cap.tensor, labels, self.target, self.score, attentions,
-                self.site.query_positions(inputs), self._rerun, self.steps, create_graph=True,
-            )  # fmt: skip
+            try:
+                attr = compute_attribution(
+                    self.method, outputs["logits"], cap.tensor, labels, self.target, self.score, attentions,
+                    self.site.query_positions(inputs), self._rerun, self.steps, create_graph=True,
+                )  # fmt: skip
+            except RuntimeError as e:
+                if "not have been used in the graph" in str(e) and _is_compiled(self.model):
+                    raise RuntimeError(
+                        "Attribution alignment cannot take attributions from a model compiled with an AOTAutograd "
+                        "backend (inductor, aot_eager): the embedding output is compiled away. Compile with "
+                        "backend='eager' (torch.compile(model, backend='eager') or TrainingArguments("
+                        "torch_compile_backend='eager')), or train uncompiled."
+                    ) from e
+                raise
             term = self._distance(attr, outputs, labels, tags, inputs, cap.tensor)
             if self.check_gradient and not self._checked:
                 self._verify_gradient(term)
@@ -345,3 +355,11 @@ class AttributionAlignment:
         self.stats = {"terms": 0, "term_sum": 0.0, "loss_sum": 0.0}
         total = loss + self.weight * term
         return {"align/term": term, "align/share": (self.weight * term / total) if total else 0.0}
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """``torch.compile(model)`` (an ``OptimizedModule``) or ``model.compile()`` anywhere in the module tree."""
+    return any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )

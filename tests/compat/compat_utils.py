@@ -556,3 +556,29 @@ def scenario_routing_mixed(setup: str, out: Path, **extra: Any) -> dict[str, Any
         "callback_hooks": cb.router.num_hooks,
         **_finish(trainer, model),
     }
+
+
+def torchrun_once(tmp_path_factory: Any, script: Path, name: str, timeout: int = 500) -> list[dict]:
+    """Both ranks' JSON results of ``torchrun --nproc_per_node 2 script --out DIR``: one launch per test session,
+    shared by pytest-xdist workers through a file lock (the launch is the slow part)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+    from filelock import FileLock
+
+    # under xdist the base is <session>/popen-gwN, so the session directory is its parent
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / "lock")):
+        if not (shared / "rank1.json").exists():
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+                   "--out", str(shared)]  # fmt: skip
+            env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return [json.loads((shared / f"rank{r}.json").read_text()) for r in (0, 1)]

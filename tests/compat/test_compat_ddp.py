@@ -5,15 +5,10 @@ bit-identical weights across ranks."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from compat_utils import CALLBACKS, check_result
-from conftest import free_port
+from compat_utils import CALLBACKS, check_result, torchrun_once
 
 SCRIPT = Path(__file__).parents[1] / "distributed" / "compat_ddp.py"
 pytestmark = pytest.mark.distributed
@@ -21,22 +16,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """Both ranks' results; one launch per test session, shared by pytest-xdist workers through a lock."""
-    from filelock import FileLock
-
-    # under xdist the base is <session>/popen-gwN, so the session directory is its parent
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "compat_ddp"
-    shared.mkdir(exist_ok=True)
-    with FileLock(str(shared / "lock")):
-        if not (shared / "rank1.json").exists():
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT),
-                   "--out", str(shared)]  # fmt: skip
-            env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env)
-            assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        return [json.loads((shared / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return torchrun_once(tmp_path_factory, SCRIPT, "compat_ddp")
 
 
 @pytest.mark.parametrize(

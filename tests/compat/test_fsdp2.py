@@ -7,14 +7,10 @@ hooks left = 0, parameters really DTensors. Unsupported: the error names the alt
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from compat_utils import torchrun_once
 
 SCRIPT = Path(__file__).parents[1] / "distributed" / "fsdp2_callbacks.py"
 pytestmark = pytest.mark.distributed
@@ -22,13 +18,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), "--out", str(out)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return torchrun_once(tmp_path_factory, SCRIPT, "compat_fsdp2", timeout=400)
 
 
 def assert_trained_and_frozen(ranks: list[dict], key: str) -> None:

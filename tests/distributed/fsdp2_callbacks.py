@@ -204,6 +204,9 @@ def main():
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
+    if dist.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
