@@ -57,7 +57,11 @@ SETUPS = {  # column title, how the tests select it
     "fsdp2": (
         "FSDP2",
         "`torch.distributed.fsdp.fully_shard` on each decoder layer and the root (parameters are "
-        "sharded DTensors), `torchrun --nproc_per_node 2`, gloo, CPU.",
+        "sharded DTensors), `torchrun --nproc_per_node 2`, gloo, CPU. On CPU accelerate runs "
+        "`TrainingArguments(fsdp=...)` as plain DDP (its FSDP path needs a GPU), so this column drives each "
+        "callback's events in the Trainer's order around the sharded model (AdamW with weight decay, two "
+        "accumulated micro-batches, clipping); frozen coordinates are compared on the gathered weights of "
+        "both ranks.",
     ),
     "compile": (
         "torch.compile",
