@@ -474,7 +474,22 @@ def test_first_order_reuse_in_a_plain_loop_with_a_scaled_loss_and_its_refusals()
         with pytest.raises(RuntimeError, match="not the model loss's alone"):
             (out["loss"] + out["logits"].pow(2).mean()).backward()  # another term depends on the embeddings
     with pytest.raises(ValueError, match="score='logprob'"):
-        AttributionAlignment(_bert(), "grad_x_input_first_order", reuse_backward=True, prior="rationale")
+        AttributionAlignment(
+            _bert(), "grad_x_input_first_order", reuse_backward=True, score="logit", prior="rationale"
+        )
+
+    # the default ("auto") for first order: logprob, reuse; on a failed check it warns and falls back, exactly
+    model = _bert()
+    model.train()
+    auto_opts = {k: v for k, v in opts.items() if k != "score"}
+    with AttributionAlignment(model, "grad_x_input_first_order", **auto_opts) as align:
+        assert align.score == "logprob" and align.reuse_backward
+        model(**batch)["loss"].backward()
+        out = model(**batch)
+        with pytest.warns(UserWarning, match="extra backward from now on"):
+            (out["loss"] + out["logits"].pow(2).mean()).backward()
+        assert not align.reuse_backward and align.reused == 1
+    assert AttributionAlignment(_bert(), "grad_x_input", prior="rationale").score == "logit"
 
 
 def test_a_model_compiled_with_an_aot_backend_gets_a_clear_error():

@@ -11,6 +11,7 @@ the trainable parameters — penalties computed without ``create_graph`` are sil
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,9 @@ class AttributionAlignment:
         every: add the term on every ``every``-th step only (``step`` is advanced by the callback, or by you).
         fraction: fraction of each batch's examples that enter the term. It does *not* reduce cost (attributions
             are computed for the whole batch); use ``every`` for that.
-        target / score: what is attributed (see :func:`~hfhooks.attribution.methods.target_scores`).
+        target / score: what is attributed (see :func:`~hfhooks.attribution.methods.target_scores`). ``score``
+            defaults to ``"logprob"`` (the gold label's log-probability, whose gradient the loss already
+            computes) for first order and to ``"logit"`` for the other methods.
         steps: integrated-gradients steps.
         input_key: attribute to this input tensor instead of the embeddings (e.g. ``"pixel_values"``).
         special_token_ids: token ids excluded from normalisation besides padding, or the tokenizer itself
@@ -48,12 +51,13 @@ class AttributionAlignment:
         word_ids: tag holding each token's word index (``-1`` for none) to pool sub-words into words.
         check_gradient: verify on the first term that it changes the parameters' gradients.
         seed: for ``fraction`` sampling.
-        reuse_backward: first-order only, with ``score="logprob"`` and ``target="label"``: take ∂s/∂e from the
-            training backward instead of an extra backward (about a plain step's cost). The model's loss must
-            be the mean negative log-likelihood of the labels (checked every step; otherwise the extra backward
-            is used) and be what the training loop backpropagates; the first such step also computes ∂s/∂e the
-            slow way and raises if the two differ (e.g. label smoothing, ``compute_loss_func``, another term on
-            the embeddings).
+        reuse_backward: first order with ``score="logprob"`` and ``target="label"``: take ∂s/∂e from the
+            training backward instead of an extra backward (close to a plain step's cost). ``"auto"`` (default)
+            does so whenever those hold; ``True`` insists (``ValueError`` otherwise); ``False`` never. The model's
+            loss must be the mean negative log-likelihood of the labels (checked every step; otherwise the extra
+            backward is used) and be what the training loop backpropagates. The first such step also computes
+            ∂s/∂e the slow way and compares: if they differ (another loss term on the embeddings), ``"auto"``
+            warns and keeps the extra backward from then on, ``True`` raises.
     """
 
     def __init__(
@@ -66,14 +70,14 @@ class AttributionAlignment:
         every: int = 1,
         fraction: float = 1.0,
         target: str = "label",
-        score: str = "logit",
+        score: str | None = None,
         steps: int = 4,
         input_key: str | None = None,
         special_token_ids: Sequence[int] | Any | None = None,
         word_ids: str | None = None,
         check_gradient: bool = True,
         seed: int = 0,
-        reuse_backward: bool = False,
+        reuse_backward: bool | str = "auto",
     ):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -84,16 +88,19 @@ class AttributionAlignment:
             raise ValueError(f"every={every} must be ≥ 1, fraction={fraction} in (0, 1], steps={steps} ≥ 1.")
         self.model, self.method, self.distance, self.weight = model, method, distance, float(weight)
         self.prior = ColumnPrior(prior) if isinstance(prior, str) else prior
+        score = score or ("logprob" if method == "grad_x_input_first_order" else "logit")
         self.every, self.fraction, self.target, self.score, self.steps = every, fraction, target, score, steps
         self.word_ids, self.check_gradient = word_ids, check_gradient
-        if reuse_backward and (
-            method != "grad_x_input_first_order" or score != "logprob" or target != "label"
-        ):
+        if reuse_backward not in (True, False, "auto"):
+            raise ValueError(f"reuse_backward={reuse_backward!r} must be True, False or 'auto'.")
+        eligible = method == "grad_x_input_first_order" and score == "logprob" and target == "label"
+        if reuse_backward is True and not eligible:
             raise ValueError(
                 "reuse_backward=True needs method='grad_x_input_first_order', score='logprob', target='label': only "
                 "then is the attributed score's gradient a multiple of the training loss's."
             )
-        self.reuse_backward = reuse_backward
+        self.reuse_backward = reuse_backward is True or (reuse_backward == "auto" and eligible)
+        self._reuse_strict = reuse_backward is True
         self.reused = 0  # terms whose ∂s/∂e came from the training backward
         self._reuse_checked = False
         self.site = AttributionSite(model, input_key)
@@ -299,9 +306,10 @@ class AttributionAlignment:
             c = state["c"]
             if c is None:
                 raise RuntimeError(
-                    "reuse_backward=True: the backward reached the embeddings without passing through the model's "
-                    "loss (the Trainer computed its own loss, e.g. label smoothing or compute_loss_func). Use "
-                    "reuse_backward=False."
+                    "Attribution alignment: the backward reached the embeddings without passing through the "
+                    "model's loss — the training loop computed its own loss (label smoothing, compute_loss_func), "
+                    "so a term added to the model's loss would be ignored as well. Train with the model's own loss "
+                    "(label_smoothing_factor=0, no compute_loss_func)."
                 )
             if float(c) == 0.0:
                 return grad
@@ -310,11 +318,17 @@ class AttributionAlignment:
                 if not torch.allclose(
                     g, exact.float(), rtol=1e-3, atol=1e-6 * float(exact.abs().max()) + 1e-12
                 ):
-                    raise RuntimeError(
-                        "reuse_backward=True: the gradient reaching the embeddings is not the model loss's alone "
-                        "(another loss term, label smoothing or a custom loss depends on them), so ∂s/∂e cannot "
-                        "be recovered from it. Use reuse_backward=False."
+                    why = (
+                        "the gradient reaching the embeddings is not the model loss's alone (another loss term "
+                        "depends on them), so ∂s/∂e cannot be recovered from it"
                     )
+                    if self._reuse_strict:
+                        raise RuntimeError(f"reuse_backward=True: {why}. Use reuse_backward=False.")
+                    warnings.warn(
+                        f"AttributionAlignment: {why}; taking the extra backward from now on.", stacklevel=2
+                    )
+                    self.reuse_backward = False
+                    g = exact.float()  # this step's term is still exact
                 self._reuse_checked = True
             with torch.enable_grad():
                 e = detached.float().requires_grad_(True)
