@@ -66,11 +66,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (1: less noise between steps on a shared machine)",
+    )
     p.add_argument("--out", default="benchmarks/results/bench_gradient_mask.json")
     args = p.parse_args()
     if args.quick:
         args.steps, args.rounds = 6, 2
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
 
     model0 = build(args)
@@ -122,7 +128,7 @@ def main() -> None:
     goals = {"plain Trainer": None, **dict(zip(list(configs)[1:], (1.05, 1.10)))}
     n_params = sum(q.numel() for q in model0.parameters())
     print(f"\nLlama {args.layers}×{args.hidden}, {n_params / 1e6:.1f}M params, batch {args.batch}×{args.seq} tokens, "
-          f"AdamW, {len(times['plain Trainer'])} timed steps per config, torch {torch.__version__}, {platform.processor() or platform.machine()}")  # fmt: skip
+          f"AdamW, {len(times['plain Trainer'])} timed steps per config, torch {torch.__version__} ({args.threads} threads), {platform.processor() or platform.machine()}")  # fmt: skip
     print(f"{'configuration':<46} {'median step':>12} {'ratio':>7} {'goal':>6}  result")
     results = {}
     for name, ts in times.items():
