@@ -303,3 +303,39 @@ def test_bad_arguments_fail_at_construction():
         GradientMaskCallback(ParamMask({"w": torch.ones(2, dtype=torch.bool)}), freeze="soft")
     with pytest.raises(ValueError, match="empty"):
         GradientMask(tiny("llama"), ParamMask({})).attach()
+
+
+@pytest.mark.parametrize("case", ["adam_eps0", "inf_grad_with_clipping", "inf_state"])
+def test_non_finite_values_on_frozen_coordinates_are_erased_not_multiplied(case):
+    """inf·0 is NaN: masking and restoring must select, not multiply, where non-finite values meet the mask."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 2, bias=False)
+    keep = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    if case == "inf_grad_with_clipping":
+        with torch.no_grad():
+            lin.weight[0, 1] = 0.0  # frozen: d sqrt(|w|) / dw is inf here
+    before = lin.weight.detach().clone()
+    opt = (torch.optim.Adam if case == "adam_eps0" else torch.optim.AdamW)(
+        lin.parameters(), lr=0.1, **({"eps": 0.0} if case == "adam_eps0" else {"weight_decay": 0.1})
+    )
+    if case == "inf_state":  # optimizer state from before the mask, holding an inf
+        lin(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        opt.state[lin.weight]["exp_avg"][0, 1] = float("inf")
+        before = lin.weight.detach().clone()
+    with GradientMask(lin, ParamMask({"weight": keep})).attach(opt) as gm:
+        for _ in range(3):
+            loss = lin(torch.randn(5, 4)).square().mean()
+            if case == "inf_grad_with_clipping":
+                loss = loss + lin.weight.abs().sqrt().sum()
+            loss.backward()
+            if case == "inf_grad_with_clipping":
+                assert torch.isfinite(lin.weight.grad).all()  # the inf sat on a frozen coordinate
+                torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        assert gm.moved() == {}
+    now = lin.weight.detach()
+    assert torch.equal(now[~keep].view(torch.int32), before[~keep].view(torch.int32))
+    assert torch.isfinite(now).all() and bool((now[keep] != before[keep]).any())
