@@ -80,27 +80,39 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit pattern as integers of the same size (a view: writing it writes ``t``)."""
+    return t.view(_BITS[t.element_size()])
+
+
+def _bit_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """All-ones bits where ``keep`` (bool) is set, zeros elsewhere, in ``like``'s integer width."""
+    dtype = _BITS[like.element_size()]
+    ones = torch.tensor(-1, dtype=torch.int64).to(dtype)  # 0xFF… in any width (255 for uint8)
+    return torch.where(keep, ones, torch.zeros((), dtype=dtype)).to(like.device)
+
+
 @dataclass
 class _Frozen:
     """One parameter's frozen coordinates and what they must be restored to.
 
-    Element masks keep ``keep`` (1 = may train, 0 = frozen) and ``values`` (the frozen values, zeros elsewhere) as
-    full-size tensors in the parameter's dtype. On CPU, masking is then a float multiply and restoring
-    ``p = p·keep + values`` — two fused passes over all parameters (``torch._foreach_*``), ~10× faster than
-    selects with ``bool`` masks there. Multiplying is exact only for finite values (inf·0 is NaN) and
-    ``-0.0 + 0.0`` loses a sign, so: gradients and parameters whose sum is not finite take an exact select,
-    and so do tensors with a frozen ``-0.0`` or non-finite value (``exact_add=False``). On other devices
-    (CUDA) selects are as fast and need no host sync, so they are always used. (A trainable ``-0.0`` may come
-    back as ``+0.0`` from the fused restore: equal, and not frozen.)
+    Element masks work on bit patterns: ``keep`` holds all-ones where the coordinate may train and zeros where it
+    is frozen (integers as wide as the parameter's dtype), ``values`` the frozen values' bits (zeros elsewhere).
+    Masking a gradient is ``g & keep``; restoring is ``p = (p & keep) | values``. Bitwise operations are as fast
+    as a float multiply (and ~6× faster than selects with ``bool`` masks on CPU), and unlike a multiply they are
+    exact for every value — inf and NaN (inf·0 would be NaN) and the sign of zero — on every device, with no
+    host sync. Rows/columns keep index lists and are restored with index copies.
     """
 
     name: str
     param: nn.Parameter
     kind: str  # "all" | "element" | "row" | "column"
-    keep: torch.Tensor | None = None  # broadcastable to the (local) parameter: 1/True = may train
+    keep: torch.Tensor | None = None  # bit mask, broadcastable to the (local) parameter: all-ones = may train
     idx: torch.Tensor | None = None  # frozen row/column indices (local)
     values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    exact_add: bool = True
 
     @classmethod
     def build(cls, name: str, param: nn.Parameter, mask: ParamMask | None) -> _Frozen | None:
@@ -117,124 +129,87 @@ class _Frozen:
             shape = [1] * p.dim()
             shape[axis] = p.shape[axis]
             idx = (~bits).nonzero().flatten()
-            return cls(
-                name, param, gran, keep=bits.reshape(shape), idx=idx, values=p.index_select(axis, idx).clone()
-            )
+            keep = _bit_mask(bits.reshape(shape), p)
+            return cls(name, param, gran, keep=keep, idx=idx, values=p.index_select(axis, idx).clone())
         keep = mask[name].to(param.device, torch.bool).expand(param.shape)  # rows/columns of a DTensor too
         keep = _shard_like(keep.contiguous(), param)
         if bool(keep.all()):
             return None  # this rank's shard is fully trainable
-        vals = p.masked_fill(keep, 0)
-        negative_zero = torch.signbit(vals) & (vals == 0) & ~keep
-        exact = bool(torch.isfinite(vals).all()) and not bool(negative_zero.any())
-        return cls(name, param, "element", keep=keep.to(p.dtype), values=vals, exact_add=exact)
+        keep = _bit_mask(keep, p)
+        return cls(name, param, "element", keep=keep, values=_bits(p.clone()) & ~keep)
 
     @property
     def drop(self) -> torch.Tensor:
-        """Frozen coordinates (bool)."""
+        """Frozen coordinates (bool, broadcastable)."""
         return self.keep == 0
+
+    def _masked(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with frozen coordinates zeroed, as a new tensor (exact whatever the values)."""
+        if t.element_size() == self.keep.element_size():
+            return (_bits(t) & self.keep).view(t.dtype)
+        return t.masked_fill(self.drop, 0)  # a gradient or state in another dtype than the parameter
 
     def mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Tensor-hook form (before accumulation): a new, masked gradient."""
         if self.kind == "all":
             return torch.zeros_like(grad)
-        if grad.is_cpu:  # a float multiply is ~10x a select here, and reading the sum costs no device sync
-            out = grad * self.keep
-            if bool(torch.isfinite(grad.sum())):
-                return out
-        return _select(grad, self.keep)  # exact for inf/NaN gradients too (inf·0 is NaN)
+        return self._masked(grad)
+
+    def _mask_(self, t: torch.Tensor) -> None:
+        """Zero ``t``'s frozen coordinates in place."""
+        if self.kind == "all":
+            t.zero_()
+        elif self.kind in ("row", "column"):
+            t.index_fill_(0 if self.kind == "row" else 1, self.idx, 0)
+        elif t.element_size() == self.keep.element_size():
+            _bits(t).bitwise_and_(self.keep)
+        else:
+            t.masked_fill_(self.drop, 0)
 
     def mask_grad_(self, param: torch.Tensor) -> None:
         """Post-accumulate form (FSDP2: fires on the sharded DTensor after reduce-scatter): in place."""
-        if param.grad is None:
-            return
-        g = _local(param.grad)
-        if self.kind == "all":
-            g.zero_()
-        elif g.is_cpu and bool(torch.isfinite(g.sum())):
-            g.mul_(self.keep)
-        else:
-            g.masked_fill_(self.keep == 0, 0)
+        if param.grad is not None:
+            self._mask_(_local(param.grad))
 
     @torch.no_grad()
-    def restore(self, fused: bool | None = None) -> None:
-        """Restore this tensor on its own (the batched path lives in :func:`_restore_all`). ``fused``: whether
-        ``p·keep + values`` is exact here (``None``: find out)."""
+    def restore(self) -> None:
         p = _local(self.param.data)
         if self.kind == "all":
             p.copy_(self.values)
         elif self.kind == "element":
-            if fused is None:
-                fused = self.fusable() and bool(torch.isfinite(p.sum()))
-            if fused:
-                p.mul_(self.keep).add_(self.values)
-            else:
-                p.copy_(_select(p, self.keep, self.values))
+            _bits(p).bitwise_and_(self.keep).bitwise_or_(self.values)
         else:
             p.index_copy_(0 if self.kind == "row" else 1, self.idx, self.values)
-
-    def fusable(self) -> bool:
-        """Whether the fused ``p·keep + values`` restore may be used (CPU, frozen values finite and not −0.0;
-        the caller still checks that ``p`` is finite, since inf·0 is NaN)."""
-        return self.kind == "element" and self.exact_add and self.param.data.is_cpu
 
     @torch.no_grad()
     def zero_state(self, state: dict) -> None:
         for value in state.values():
-            if not isinstance(value, torch.Tensor) or value.shape != self.param.shape:
-                continue  # scalars such as Adam's "step"
-            v = _local(value)
-            if self.kind == "all":
-                v.zero_()
-            elif self.kind == "element":
-                v.masked_fill_(self.keep == 0, 0)  # a select: state may hold inf
-            else:
-                v.index_fill_(0 if self.kind == "row" else 1, self.idx, 0)
+            if isinstance(value, torch.Tensor) and value.shape == self.param.shape:  # not Adam's "step"
+                self._mask_(_local(value))
 
     @torch.no_grad()
     def moved(self) -> int:
-        """How many frozen coordinates (on this rank) differ (bitwise, NaN-aware) from their attach values."""
+        """How many frozen coordinates (on this rank) differ (bitwise) from their values at attach."""
         p = _local(self.param.detach())
         if self.kind == "all":
-            now, then = p, self.values
+            now, then = _bits(p), _bits(self.values)
         elif self.kind == "element":
             drop = self.drop
-            now, then = p[drop], self.values[drop]
+            now, then = _bits(p)[drop], self.values[drop]
         else:
-            now, then = p.index_select(0 if self.kind == "row" else 1, self.idx), self.values
-        same = (now == then) | (torch.isnan(now) & torch.isnan(then))
-        return int((~same).sum())
-
-
-def _select(x: torch.Tensor, keep: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` where ``keep`` is set, else ``other`` (default 0): exact whatever the values (NaN, inf, −0.0)."""
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(keep != 0, x, zero if other is None else other)
+            now, then = _bits(p.index_select(0 if self.kind == "row" else 1, self.idx)), _bits(self.values)
+        return int((now != then).sum())
 
 
 @torch.no_grad()
 def _restore_all(targets: list[_Frozen]) -> None:
-    """Restore many tensors with a few vectorised ``torch._foreach_*`` calls.
-
-    The fused ``p·keep + values`` is exact only where ``p`` is finite (inf·0 is NaN; e.g. ``Adam(eps=0)`` makes
-    0/0 on frozen coordinates): one sum per tensor says so, and the others take an exact select.
-    """
+    """Restore many tensors: whole ones with one vectorised ``torch._foreach_copy_``, the rest one by one."""
     whole = [t for t in targets if t.kind == "all"]
     if whole:
         torch._foreach_copy_([_local(t.param.data) for t in whole], [t.values for t in whole])
-    candidates = [t for t in targets if t.fusable()]
-    fused: list[_Frozen] = []
-    if candidates:
-        sums = torch.stack([_local(t.param.data).sum().float() for t in candidates])
-        fused = [t for t, ok in zip(candidates, torch.isfinite(sums).tolist(), strict=True) if ok]
-    if fused:
-        params = [_local(t.param.data) for t in fused]
-        torch._foreach_mul_(params, [t.keep for t in fused])
-        torch._foreach_add_(params, [t.values for t in fused])
-    done = {id(t) for t in whole} | {id(t) for t in fused}
     for t in targets:
-        if id(t) not in done:
-            t.restore(fused=False)
+        if t.kind != "all":
+            t.restore()
 
 
 def check_freeze_args(freeze: str, others: str) -> None:
