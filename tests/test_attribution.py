@@ -501,3 +501,27 @@ def test_a_model_compiled_with_an_aot_backend_gets_a_clear_error():
     align = AttributionAlignment(compiled, "grad_x_input", prior="rationale", special_token_ids=[0, 2, 3])
     with align, pytest.raises(RuntimeError, match="backend='eager'"):
         compiled(**batch)
+
+
+def test_first_order_reuse_frees_each_steps_graph():
+    """The backward hooks hold no reference back into the graph (a cycle through autograd nodes would leak
+    every step's outputs and activations)."""
+    import gc
+    import weakref
+
+    data = _data(8)
+    batch = TaggedCollator()([TaggedDataset(data, tags=["rationale"])[i] for i in range(8)])
+    model = _bert()
+    model.train()
+    alive = []
+    with AttributionAlignment(
+        model, "grad_x_input_first_order", prior="rationale", special_token_ids=[0, 2, 3]
+    ) as al:
+        for _ in range(4):
+            out = model(**batch)
+            out["loss"].backward()
+            alive.append(weakref.ref(out["logits"]))
+            del out
+        assert al.reused >= 2
+    gc.collect()
+    assert sum(r() is not None for r in alive) == 0

@@ -296,8 +296,12 @@ class AttributionAlignment:
             (exact,) = torch.autograd.grad(s, site, retain_graph=True)
         # the prior now, while the forward's graph is whole (the backward frees it as it goes)
         shape = site.shape[:-1] if self.site.token_level else site.shape
-        target = self._target(shape, outputs, labels, tags, inputs, site)
+        prior, valid, word_ids = self._target(shape, outputs, labels, tags, inputs, site)
+        # the hooks below hold only graph-free tensors: a closure on `site` that reached back into the graph
+        # (outputs, a prior with grad) would be a cycle through C++ autograd nodes that is never freed
+        target = (prior.detach(), valid, word_ids)
         detached = site.detach()
+        stat = {"loss": outputs["loss"].detach()}
 
         def on_loss(grad: torch.Tensor) -> None:
             state["c"] = grad.detach()
@@ -334,7 +338,7 @@ class AttributionAlignment:
                 e = detached.float().requires_grad_(True)
                 term = self._distance_to(self.site.reduce(g * e, self.method), *target)
                 (dterm,) = torch.autograd.grad(term, e)
-            self._count(term, outputs)
+            self._count(term, stat)
             self.reused += 1
             return grad + (c * k * self.weight * dterm).to(grad.dtype)
 
