@@ -124,9 +124,10 @@ class TaggedCollator:
     only those features are passed on, as the Trainer's column pruning would.
 
     Per-token tags (rationale masks, word ids) must line up with ``input_ids`` after the base collator pads
-    them (e.g. ``DataCollatorWithPadding``). Tags named in ``pad_tags`` — and any tag whose examples have
-    different lengths — are padded on ``padding_side`` to the batch's ``input_ids`` width (or the longest)
-    with ``pad_tags[name]`` (default ``0``; use ``-1`` for word ids).
+    them (e.g. ``DataCollatorWithPadding``). A 1-D tag is padded to the batch's ``input_ids`` width when each
+    example's tag is as long as its own ``input_ids``, when its examples differ in length, or when it is named
+    in ``pad_tags``; the pad value is ``pad_tags[name]`` (default ``0``; use ``-1`` for word ids), on
+    ``padding_side`` (default: the base collator's tokenizer's side, else right).
     """
 
     def __init__(
@@ -135,12 +136,14 @@ class TaggedCollator:
         keep: Sequence[str] | None = None,
         homogeneous: str | None = None,
         pad_tags: Mapping[str, int | float] | None = None,
-        padding_side: str = "right",
+        padding_side: str | None = None,
     ):
         if base is None:
             from transformers import default_data_collator
 
             base = default_data_collator
+        if padding_side is None:  # follow the tokenizer that pads input_ids
+            padding_side = getattr(getattr(base, "tokenizer", None), "padding_side", None) or "right"
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left' (as the tokenizer's).")
         self.base, self.homogeneous = base, homogeneous
@@ -175,7 +178,10 @@ class TaggedCollator:
         for k, v in tags.items():
             rows = [torch.as_tensor(x) for x in v]
             ragged = len({tuple(r.shape) for r in rows}) > 1
-            if ragged or (k in self.pad_tags and width is not None and rows[0].shape[-1:] != (width,)):
+            lengths = [len(f["input_ids"]) if "input_ids" in f else None for f in feats]
+            per_token = all(r.dim() == 1 and r.numel() == n for r, n in zip(rows, lengths, strict=True))
+            short = width is not None and rows[0].shape[-1:] != (width,)
+            if ragged or (short and (per_token or k in self.pad_tags)):
                 batch[k] = self._pad(k, rows, width)
             else:
                 batch[k] = torch.stack(rows)
@@ -195,7 +201,12 @@ class TaggedCollator:
                 "be per token of the tokenized input (truncate them with the text)."
             )
         value = self.pad_tags.get(name, 0)
-        out = torch.full((len(rows), target), value, dtype=torch.result_type(rows[0], value))
+        dtype = rows[0].dtype  # keep it (a bool mask stays bool) unless the pad value does not fit
+        if (dtype == torch.bool and value not in (0, 1)) or (
+            not dtype.is_floating_point and not float(value).is_integer()
+        ):
+            dtype = torch.result_type(rows[0], value)
+        out = torch.full((len(rows), target), value, dtype=dtype)
         for i, r in enumerate(rows):
             if self.padding_side == "right":
                 out[i, : r.numel()] = r

@@ -525,3 +525,24 @@ def test_first_order_reuse_frees_each_steps_graph():
         assert al.reused >= 2
     gc.collect()
     assert sum(r() is not None for r in alive) == 0
+
+
+def test_tagged_collator_follows_the_tokenizer_and_pads_equal_length_per_token_tags():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast.padding_side = "left"
+    data = TaggedDataset(
+        [dict(fast(t), labels=0) for t in ["a b a", "b"]], tags={"rationale": [[1, 0, 1], [True]]}
+    )
+    batch = TaggedCollator(DataCollatorWithPadding(fast))([data[0], data[1]])  # no padding_side given
+    assert batch["rationale"][1].tolist() == [0, 0, 1] and batch["input_ids"][1].tolist() == [0, 0, 3]
+    fast.padding_side = "right"
+    same = TaggedDataset(
+        [dict(fast(t), labels=0) for t in ["a b a", "b b a"]], tags={"m": [[True, False, True]] * 2}
+    )
+    batch = TaggedCollator(DataCollatorWithPadding(fast, pad_to_multiple_of=8))([same[0], same[1]])
+    assert batch["input_ids"].shape == batch["m"].shape == (2, 8) and batch["m"].dtype == torch.bool
