@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex
+from hfhooks.params import ParamIndex, bit_view, is_dtensor
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
 
@@ -58,13 +58,9 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     return optimizer
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a DTensor's local shard (same storage), anything else itself."""
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -73,24 +69,16 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     Under FSDP2 a parameter is a DTensor sharded across ranks; its mask must be sharded the same way. Every rank
     holds the same full mask, so the slice is cut locally (``src_data_rank=None``: no communication).
     """
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return full
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bit pattern as integers of the same size (a view: writing it writes ``t``)."""
-    return t.view(_BITS[t.element_size()])
-
-
 def _bit_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """All-ones bits where ``keep`` (bool) is set, zeros elsewhere, in ``like``'s integer width."""
-    dtype = _BITS[like.element_size()]
+    dtype = bit_view(like).dtype
     ones = torch.tensor(-1, dtype=torch.int64).to(dtype)  # 0xFF… in any width (255 for uint8)
     return torch.where(keep, ones, torch.zeros((), dtype=dtype)).to(like.device)
 
@@ -124,7 +112,7 @@ class _Frozen:
             return None  # fully trainable: nothing to enforce
         if not bool(bits.any()):
             return cls(name, param, "all", values=p.clone())
-        if gran != "element" and not _is_dtensor(param):  # rows/columns: small index copies
+        if gran != "element" and not is_dtensor(param):  # rows/columns: small index copies
             axis = 0 if gran == "row" else 1
             shape = [1] * p.dim()
             shape[axis] = p.shape[axis]
@@ -136,7 +124,7 @@ class _Frozen:
         if bool(keep.all()):
             return None  # this rank's shard is fully trainable
         keep = _bit_mask(keep, p)
-        return cls(name, param, "element", keep=keep, values=_bits(p.clone()) & ~keep)
+        return cls(name, param, "element", keep=keep, values=bit_view(p.clone()) & ~keep)
 
     @property
     def drop(self) -> torch.Tensor:
@@ -146,7 +134,7 @@ class _Frozen:
     def _masked(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` with frozen coordinates zeroed, as a new tensor (exact whatever the values)."""
         if t.element_size() == self.keep.element_size():
-            return (_bits(t) & self.keep).view(t.dtype)
+            return (bit_view(t) & self.keep).view(t.dtype)
         return t.masked_fill(self.drop, 0)  # a gradient or state in another dtype than the parameter
 
     def mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
@@ -162,7 +150,7 @@ class _Frozen:
         elif self.kind in ("row", "column"):
             t.index_fill_(0 if self.kind == "row" else 1, self.idx, 0)
         elif t.element_size() == self.keep.element_size():
-            _bits(t).bitwise_and_(self.keep)
+            bit_view(t).bitwise_and_(self.keep)
         else:
             t.masked_fill_(self.drop, 0)
 
@@ -177,7 +165,7 @@ class _Frozen:
         if self.kind == "all":
             p.copy_(self.values)
         elif self.kind == "element":
-            _bits(p).bitwise_and_(self.keep).bitwise_or_(self.values)
+            bit_view(p).bitwise_and_(self.keep).bitwise_or_(self.values)
         else:
             p.index_copy_(0 if self.kind == "row" else 1, self.idx, self.values)
 
@@ -192,12 +180,15 @@ class _Frozen:
         """How many frozen coordinates (on this rank) differ (bitwise) from their values at attach."""
         p = _local(self.param.detach())
         if self.kind == "all":
-            now, then = _bits(p), _bits(self.values)
+            now, then = bit_view(p), bit_view(self.values)
         elif self.kind == "element":
             drop = self.drop
-            now, then = _bits(p)[drop], self.values[drop]
+            now, then = bit_view(p)[drop], self.values[drop]
         else:
-            now, then = _bits(p.index_select(0 if self.kind == "row" else 1, self.idx)), _bits(self.values)
+            now, then = (
+                bit_view(p.index_select(0 if self.kind == "row" else 1, self.idx)),
+                bit_view(self.values),
+            )
         return int((now != then).sum())
 
 
@@ -297,7 +288,7 @@ class GradientMask:
             raise RuntimeError("GradientMask is already attached; call detach() first.")
         self._frozen = self._targets()
         for target in self._frozen:
-            if _is_dtensor(target.param):
+            if is_dtensor(target.param):
                 # FSDP2: the sharded parameter never sees an autograd gradient (the unsharded copy does); FSDP
                 # runs post-accumulate hooks on it once the reduce-scattered gradient shard is in place.
                 hook = target.param.register_post_accumulate_grad_hook(target.mask_grad_)

@@ -32,9 +32,25 @@ __all__ = [
     "ParamIndex",
     "ParamInfo",
     "UnknownParameterError",
+    "bit_view",
     "canonical_name",
+    "is_dtensor",
     "unwrap_model",
 ]
+
+_BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit pattern as integers of the same width (a view: writing it writes ``t``), for exact compares
+    and masks that hold for inf, NaN and signed zeros."""
+    return t.view(_BIT_VIEWS[t.element_size()])
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel), without importing DTensor."""
+    return type(t).__name__ == "DTensor"
+
 
 # Leading segments added by outer wrappers. Order does not matter: they are stripped repeatedly.
 _PREFIXES = (

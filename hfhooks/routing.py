@@ -41,7 +41,7 @@ from hfhooks.data import pop_kwargs_hook, to_device
 from hfhooks.freeze import innermost_optimizer
 from hfhooks.layers import attention_head_slices, find_layers, mlp_unit_slices, select_layers
 from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex, unwrap_model
+from hfhooks.params import ParamIndex, is_dtensor, unwrap_model
 from hfhooks.saliency import model_state_preserved
 
 __all__ = [
@@ -174,7 +174,7 @@ class Router:
         if self._handles:
             raise RuntimeError("Router is already attached; call detach() first.")
         index = ParamIndex(self.model)
-        sharded = [n for n, p in index.items() if type(p).__name__ == "DTensor"]
+        sharded = [n for n, p in index.items() if is_dtensor(p)]
         if (
             sharded
         ):  # tensor hooks never fire on FSDP2's sharded parameters: routing would silently do nothing

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hfhooks.params import is_dtensor
+
 __all__ = ["fsdp_version", "has_dtensors", "refuse_unsupported"]
 
 
@@ -25,7 +27,7 @@ def fsdp_version(args: Any) -> int | None:
 
 def has_dtensors(model: Any) -> bool:
     """True if any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel)."""
-    return model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return model is not None and any(is_dtensor(p) for p in model.parameters())
 
 
 def refuse_unsupported(

@@ -17,7 +17,6 @@ import torch
 
 from hfhooks.checkpoints import ReadBuffer, TensorBlocks
 from hfhooks.diffs.entries import (
-    _INT_VIEW,
     BaseMismatchError,
     DiffEntry,
     Payload,
@@ -30,6 +29,7 @@ from hfhooks.diffs.entries import (
     tensor_fingerprint,
 )
 from hfhooks.diffs.fileformat import _DEFERRED, _pool
+from hfhooks.params import bit_view
 
 
 def _mapped(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[], Payload]:
@@ -135,7 +135,7 @@ def _plus_blocks(
     tf, df = theta.contiguous().reshape(-1), delta.contiguous().reshape(-1)
     n = tf.numel()
     neg_zero = _NEG_ZERO.get(tf.element_size())
-    ti = tf.view(_INT_VIEW[tf.element_size()]) if neg_zero is not None else None
+    ti = bit_view(tf) if neg_zero is not None else None
     buf = torch.empty(min(n, _CHUNK), dtype=ct)
     obuf = torch.empty(min(n, _CHUNK), dtype=theta.dtype)
     mask = torch.empty(min(n, _CHUNK), dtype=torch.bool)

@@ -20,6 +20,7 @@ import torch
 
 from hfhooks.artifacts import ArtifactError
 from hfhooks.checkpoints import _tensor_bytes
+from hfhooks.params import bit_view
 
 STORAGES = ("dense", "sparse", "quantized")
 
@@ -53,14 +54,10 @@ def _parse_dtype(name: Any) -> torch.dtype:
     return dtype
 
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    view = _INT_VIEW[a.element_size()]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(bit_view(a.contiguous()), bit_view(b.contiguous()))
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:
