@@ -335,19 +335,35 @@ def test_peft_model_with_frozen_embeddings(tmp_path):
     model = peft.get_peft_model(
         _bert(), peft.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
     )
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    plain = copy.deepcopy(model)
     cb = AttributionAlignmentCallback("grad_x_input", prior="rationale", weight=1.0)
-    grads = _trainer_grads(model, _data(8), [cb], tmp_path, 4, 1)
-    assert any(".lora_" in n for n in grads)
-    assert set(before)  # LoRA + classifier copy are the trainable parameters
+    grads = _trainer_grads(model, _data(8), [cb], tmp_path / "a", 4, 1)
+    zero = AttributionAlignmentCallback("grad_x_input", prior="rationale", weight=0.0)
+    base = _trainer_grads(plain, _data(8), [zero], tmp_path / "b", 4, 1)
+    # Gradients reach exactly the trainable parameters (LoRA + the classifier copy), never a frozen base weight
+    assert set(grads) == trainable and any(".lora_" in n for n in grads)
+    # ... and the penalty itself reaches the LoRA weights through the frozen embeddings (λ=1 differs from λ=0)
+    lora = [n for n in grads if ".lora_" in n]
+    assert any(not torch.allclose(grads[n], base[n]) for n in lora)
 
 
 def test_contrastive_prior_runs_in_training(tmp_path):
+    teacher = _bert()
+    torch.manual_seed(1)
+    with torch.no_grad():  # a teacher that differs from the student, so the prior pulls somewhere
+        for p in teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p))
     cb = AttributionAlignmentCallback(
-        "grad_x_input_first_order", prior=ContrastivePrior(teacher=_bert()), distance="cosine"
+        "grad_x_input_first_order", prior=ContrastivePrior(teacher=teacher), distance="cosine"
     )
-    grads = _trainer_grads(_bert(), _untagged(_data(8)), [cb], tmp_path, 4, 1, tags=())
-    assert grads
+    model = _bert()
+    plain = copy.deepcopy(model)
+    grads = _trainer_grads(model, _untagged(_data(8)), [cb], tmp_path / "a", 4, 1, tags=())
+    base = _trainer_grads(plain, _untagged(_data(8)), [], tmp_path / "b", 4, 1, tags=())
+    # Every parameter gets a finite gradient and the teacher's prior moves some of them away from the plain loss's
+    assert set(grads) == set(base) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+    assert any(not torch.allclose(grads[n], base[n]) for n in grads)
 
 
 def test_reentrant_checkpointing_refused(tmp_path):
