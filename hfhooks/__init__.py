@@ -33,6 +33,7 @@ from hfhooks.evaluation import (
     unlearning_metrics,
 )
 from hfhooks.freeze import GradientMask
+from hfhooks.hub import HubError
 from hfhooks.layers import (
     LayerList,
     attention_head_slices,
@@ -90,6 +91,7 @@ __all__ = [
     "GradientMask",
     "GradientMaskCallback",
     "GradientRoutingCallback",
+    "HubError",
     "LayerList",
     "LayerRestorationCallback",
     "LossHook",

@@ -43,6 +43,7 @@ from hfhooks.artifacts import (
     read_artifact,
     write_artifact,
 )
+from hfhooks.hub import HubMixin
 from hfhooks.layers import Slices
 from hfhooks.params import ParamIndex, UnknownParameterError
 from hfhooks.topk import topk_masks
@@ -84,7 +85,7 @@ class _Entry:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-class ParamMask:
+class ParamMask(HubMixin):
     """A 0/1 mask over a model's parameters, keyed by canonical names.
 
     Build one from scores (:meth:`from_scores`), from structural slices (:meth:`from_slices`), from bool
@@ -95,6 +96,8 @@ class ParamMask:
     >>> m["w"].tolist(), m.density()
     ([[False, True], [True, False]], 0.5)
     """
+
+    hub_filename = "mask.safetensors"  # the file from_pretrained / save_pretrained / push_to_hub use
 
     def __init__(
         self, masks: Mapping[str, torch.Tensor] | None = None, *, metadata: Mapping[str, Any] | None = None

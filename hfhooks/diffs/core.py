@@ -48,17 +48,20 @@ from hfhooks.diffs.entries import (
 from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _write_diff
 from hfhooks.diffs.lora import _lora_from_dir, _lora_from_model
 from hfhooks.diffs.source import _select, _Source
+from hfhooks.hub import HubMixin
 from hfhooks.masks import ParamMask
 from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name
 
 
-class WeightDiff:
+class WeightDiff(HubMixin):
     """``Δ = θ_tuned − θ_base`` per canonical parameter name, with provenance (see the module docstring).
 
     Build one with :meth:`between`, :meth:`from_lora`, :meth:`load`, or from ``{name: Δ}`` tensors directly
     (no base fingerprint then). Combine with ``-d``, ``d1 + d2``, ``c * d``, :meth:`compose`; narrow with
     :meth:`restrict` and :meth:`changed_only`; shrink with :meth:`quantize` and :meth:`to_sparse`.
     """
+
+    hub_filename = "diff.safetensors"  # the file from_pretrained / save_pretrained / push_to_hub use
 
     def __init__(
         self,
