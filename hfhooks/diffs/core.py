@@ -34,6 +34,7 @@ from hfhooks.diffs.codec import _stored
 from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
+    DiffFileError,
     _all_flags,
     _const,
     _decode,
@@ -45,7 +46,7 @@ from hfhooks.diffs.entries import (
     _progress,
     tensor_fingerprint,
 )
-from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _write_diff
+from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _verify_payloads, _write_diff
 from hfhooks.diffs.lora import _lora_from_dir, _lora_from_model
 from hfhooks.diffs.source import _select, _Source
 from hfhooks.masks import ParamMask
@@ -543,10 +544,25 @@ class WeightDiff:
             ]
             if bad:
                 raise BaseMismatchError(_mismatch_message(bad, len(params)))
+        # All or nothing: every Δ is read — and so verified — before the first parameter changes. A lazily
+        # loaded diff checks each stored tensor's CRC-32 as it is read, so a corrupt entry would otherwise raise
+        # after the earlier parameters were updated. Verifying first costs a second read of the diff but only
+        # one tensor's memory at a time; a snapshot to undo from would cost a copy of every parameter the diff
+        # touches (the whole model for a full diff), and holding every decoded Δ would cost the whole diff —
+        # what lazy=True exists to avoid.
+        _verify_payloads(e for _, e in params.values())
+        done = 0
         with torch.no_grad():
-            for _, (param, entry) in params.items():
-                new = _add_delta(param.detach().cpu(), entry, scale)
+            for name, (param, entry) in params.items():
+                try:
+                    new = _add_delta(param.detach().cpu(), entry, scale)
+                except DiffFileError as e:  # it verified a moment ago: the file was rewritten meanwhile
+                    raise DiffFileError(
+                        f"{e} The diff file changed while it was being applied: {done} of {len(params)} "
+                        f"parameters (those before {name!r}) were already updated; reload the model."
+                    ) from None
                 param.copy_(new.to(param.device))
+                done += 1
         return model
 
     def _describe(self) -> dict[str, Any]:

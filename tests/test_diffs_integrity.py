@@ -1,0 +1,159 @@
+"""Diff integrity (issue 11): all-or-nothing in-memory apply, safetensors headers that look like pickles,
+eager CRC checks, the reserved ``::`` separator, diff algebra on one base, and LoRA adapters read as diffs
+with peft's own pattern rules and merge as the oracle."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hfhooks.artifacts import _digest, _meta_digest
+from hfhooks.checkpoints import read_safetensors_header
+from hfhooks.diffs import BaseMismatchError, DiffFileError, WeightDiff
+from hfhooks.masks import ParamMask
+from hfhooks.params import ParamIndex
+
+PICKLE_LIKE = {640, 896, 1152, 1408}  # header lengths (mod 2**16) whose first bytes are \x80\x02 … \x80\x05
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in ParamIndex(model).items()}
+
+
+def bitwise_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
+    )
+
+
+def header_length(path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
+def perturbed(model, seed=1, scale=1e-2):
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return out
+
+
+def rewrite(path, out, edit) -> None:
+    """Copy the diff file ``path`` to ``out`` after ``edit(metadata, tensors)``, with both digests recomputed —
+    a file only an hfhooks-aware tool could forge, so only the per-entry checks can catch it."""
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    edit(meta, tensors)
+    meta["hfhooks.meta_digest"] = json.dumps(_meta_digest(meta))
+    meta["hfhooks.digest"] = _digest(meta, tensors)
+    save_file(tensors, str(out), metadata=meta)
+
+
+# -- item 6: a safetensors header length is not a pickle marker ----------------------------------------------
+def test_every_one_tensor_mask_loads_back_whatever_its_name_length(tmp_path):
+    hit = set()
+    for length in range(1, 400):
+        name = "w" * length
+        mask = ParamMask({name: torch.tensor([True, False, True])})
+        path = mask.save(tmp_path / "m.safetensors")
+        hit.add(header_length(path) % 65536)
+        loaded = ParamMask.load(path)
+        assert list(loaded) == [name] and torch.equal(loaded[name], mask[name]), length
+    assert PICKLE_LIKE & hit, "the sweep never produced a header that starts like a pickle"
+
+
+@pytest.mark.parametrize("target", sorted(PICKLE_LIKE))
+def test_diff_whose_header_starts_like_a_pickle_loads_back(tmp_path, target):
+    """Pad the metadata until the diff writer's header length is ≡ target (mod 2**16) (bisection: the length
+    grows monotonically with the padding), then load the file both ways."""
+    d = WeightDiff({"layer.weight": torch.randn(3, 2)})
+
+    def length(pad: int) -> int:
+        return header_length(d.save(tmp_path / "d.safetensors", note="x" * pad))
+
+    goal = length(0) + (target - length(0)) % 65536
+    lo, hi = 0, 1
+    while length(hi) < goal:
+        hi *= 2
+    while lo < hi:  # the smallest padding whose header reaches the goal
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if length(mid) < goal else (lo, mid)
+    path = d.save(tmp_path / "d.safetensors", note="x" * lo)
+    assert header_length(path) % 65536 == target
+    with open(path, "rb") as f:
+        assert f.read(2) == bytes([0x80, target // 256])
+    for lazy in (False, True):
+        assert torch.equal(WeightDiff.load(path, lazy=lazy)["layer.weight"], d["layer.weight"])
+
+
+def test_real_pickles_are_still_refused(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.safetensors")
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    for name, kind in (("zip", "zip archive"), ("legacy", "Python pickle")):
+        with pytest.raises(DiffFileError, match=kind):
+            WeightDiff.load(tmp_path / f"{name}.safetensors")
+
+
+# -- item 4: an in-memory apply of a corrupt lazy diff changes nothing ----------------------------------------
+@pytest.mark.parametrize("storage", ["dense", "sparse", "quantized"])
+def test_lazy_apply_of_corrupt_diff_leaves_the_model_untouched(tmp_path, storage):
+    base = make_model("llama")
+    d = WeightDiff.between(base, perturbed(base), progress=False)
+    d = d.to_sparse() if storage == "sparse" else d.quantize(16) if storage == "quantized" else d
+    path = d.save(tmp_path / "d.safetensors")
+    infos = read_safetensors_header(path)[0]
+    last = max(infos.values(), key=lambda i: i.start)  # stored last: read after every other entry
+    raw = bytearray(path.read_bytes())
+    raw[last.start + (last.end - last.start) // 2] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    lazy = WeightDiff.load(tmp_path / "bad.safetensors", lazy=True)  # the header is intact: loads lazily
+    model = copy.deepcopy(base)
+    before = params(model)
+    with pytest.raises(DiffFileError, match="CRC-32"):
+        lazy.apply(model)
+    assert bitwise_equal(params(model), before)
+    with pytest.raises(DiffFileError, match="CRC-32"):  # also through derived (scaled, negated) diffs
+        (0.5 * lazy).apply(model)
+    assert bitwise_equal(params(model), before)
+
+
+# -- item 7: eager loads check the per-tensor CRCs; "::" names are refused -----------------------------------
+def test_eager_load_checks_recorded_crcs(tmp_path):
+    path = WeightDiff({"a": torch.ones(4), "b": torch.zeros(3)}).save(tmp_path / "d.safetensors")
+
+    def edit(meta, tensors):
+        tensors["b"][0] = 1.0  # the digests are recomputed, the recorded CRC of "b" is not
+
+    rewrite(path, tmp_path / "e.safetensors", edit)
+    for lazy in (False, True):
+        with pytest.raises(DiffFileError, match="'b' failed its CRC-32 check"):
+            WeightDiff.load(tmp_path / "e.safetensors", lazy=lazy).to_dict()
+
+
+def test_names_with_the_reserved_separator_are_refused_on_read(tmp_path):
+    path = WeightDiff({"a": torch.ones(4)}).save(tmp_path / "d.safetensors")
+
+    def edit(meta, tensors):
+        info = json.loads(meta["hfhooks.tensors"])
+        info["x::y"] = info.pop("a")
+        info["x::y"]["crc32"] = {"x::y": info["x::y"]["crc32"]["a"]}
+        meta["hfhooks.tensors"] = json.dumps(info)
+        tensors["x::y"] = tensors.pop("a")
+
+    rewrite(path, tmp_path / "e.safetensors", edit)
+    for lazy in (False, True):
+        with pytest.raises(DiffFileError, match="'x::y' contains '::'"):
+            WeightDiff.load(tmp_path / "e.safetensors", lazy=lazy)
+    with pytest.raises(ValueError, match="reserve"):
+        WeightDiff({"x::y": torch.ones(2)}).save(tmp_path / "f.safetensors")
+
+
