@@ -157,3 +157,74 @@ def test_names_with_the_reserved_separator_are_refused_on_read(tmp_path):
         WeightDiff({"x::y": torch.ones(2)}).save(tmp_path / "f.safetensors")
 
 
+# -- item 17: linear combinations of diffs from one base ------------------------------------------------------
+COMBOS = {
+    "lam*(t1+t2)": lambda a, b, c: 0.3 * (a + b),
+    "(t1+t2)*lam": lambda a, b, c: (a + b) * 0.3,
+    "t1-t2": lambda a, b, c: a - b,
+    "-t1+t2": lambda a, b, c: -a + b,
+    "t1-(-t2)": lambda a, b, c: a - (-b),
+    "2*t1-t2/3+c": lambda a, b, c: 2 * a - b / 3 + c,
+    "-(t1+t2)+t3": lambda a, b, c: -(a + b) + c,
+    "(t1-t2)/7*-2": lambda a, b, c: (a - b) / 7 * -2,
+    "0.5*(-t1)": lambda a, b, c: 0.5 * (-a),
+    "-(t1+t2)": lambda a, b, c: -(a + b),
+}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    base = make_model("llama")
+    diffs = [WeightDiff.between(base, perturbed(base, seed=s), progress=False) for s in (1, 2, 3)]
+    return base, diffs
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_linear_combinations_of_one_base(tmp_path, tasks, combo):
+    base, diffs = tasks
+    fn = COMBOS[combo]
+    d = fn(*diffs)
+    assert sorted(d.names()) == sorted(diffs[0].names())
+    for n in d:  # the same combination done tensor by tensor, bit for bit
+        assert torch.equal(d[n], fn(*(x[n] for x in diffs))), n
+    if combo not in ("0.5*(-t1)", "-(t1+t2)"):  # (a multiple of) −Δ records its path base: the target
+        assert d.metadata["base"] == diffs[0].metadata["base"]
+    model = d.apply(copy.deepcopy(base))  # checked against the base: it is a diff of that base
+    ref = params(base)
+    assert bitwise_equal(params(model), {n: ref[n] + d[n] for n in ref})
+    last = d.metadata["ops"][-1]
+    assert (last if isinstance(last, str) else last["op"]) in ("add", "subtract", "scale", "divide", "negate")
+    reloaded = WeightDiff.load(d.save(tmp_path / "d.safetensors"))
+    assert reloaded.metadata["base"] == d.metadata["base"]
+    (reloaded + diffs[0]).apply(copy.deepcopy(base))  # the linear base survives a save
+
+
+def test_negation_still_undoes_and_still_composes(tasks):
+    base, (t1, _, _) = tasks
+    tuned = t1.apply(copy.deepcopy(base))
+    assert bitwise_equal(params((-t1).apply(copy.deepcopy(tuned))), params(base)) is (
+        t1.exact_inverse is True
+    )
+    (-t1).apply(copy.deepcopy(base))  # and task negation on the base is accepted too
+    assert all(not bool(t1.compose(-t1)[n].ne(0).any()) for n in t1)
+
+
+def test_combinations_of_different_bases_are_refused(tasks):
+    base, (t1, t2, _) = tasks
+    other = perturbed(base, seed=9)
+    s = WeightDiff.between(other, perturbed(other, seed=4), progress=False)
+    for combo in (
+        lambda: t1 + s,
+        lambda: t1 - s,
+        lambda: -t1 + s,
+        lambda: 2 * t1 - s / 2,
+        lambda: -(t1 + t2) + s,
+    ):
+        with pytest.raises(BaseMismatchError, match="different bases"):
+            combo()
+    with pytest.raises(BaseMismatchError):
+        (0.5 * (t1 - t2)).apply(copy.deepcopy(other))
+    with pytest.raises(ZeroDivisionError):
+        t1 / 0
+    with pytest.raises(TypeError):
+        t1 * "2"
