@@ -228,3 +228,139 @@ def test_combinations_of_different_bases_are_refused(tasks):
         t1 / 0
     with pytest.raises(TypeError):
         t1 * "2"
+
+
+# -- item 16: LoRA adapters as diffs, with peft as the oracle --------------------------------------------------
+def peft_adapter(tmp_path, base, targets, zero=(), **kw):
+    """A random LoRA on a copy of ``base`` (lora_B of modules containing a ``zero`` name left at 0), saved to
+    ``tmp_path/adapter``; returns the PeftModel and peft's merged weights."""
+    import peft
+
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not (any(z in n for z in zero) and "lora_B" in n):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # e.g. peft 0.21 mistakes a lora_B bias for an unsharded ZeRO-3 tensor
+        model.save_pretrained(tmp_path / "adapter")
+        merged = params(copy.deepcopy(model).merge_and_unload())
+    return model, merged
+
+
+PATTERNS = {
+    "regex-or": ({"q_proj|v_proj": 4}, {"q_proj|v_proj": 16}),
+    "overlapping": ({"proj": 3, "self_attn.q_proj": 5}, {"self_attn.q_proj": 9, "proj": 2}),
+    "rank-only": ({"up_proj": 4}, {}),
+    "alpha-only-overlap": ({}, {"layers.1.mlp.up_proj": 3, "up_proj": 12}),
+    "dotted-regex": ({r"layers\.0\..*": 4}, {"v_proj": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(PATTERNS))
+def test_lora_dir_scaling_follows_peft_patterns(tmp_path, case):
+    from hfhooks.lora import lora_layers, lora_scaling
+
+    rank_pattern, alpha_pattern = PATTERNS[case]
+    base = make_model("llama")
+    model, merged = peft_adapter(
+        tmp_path,
+        base,
+        ["q_proj", "v_proj", "up_proj"],
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    names = {id(m): n for n, m in model.base_model.model.named_modules()}
+    for layer in lora_layers(model).values():  # peft's own scaling of every module
+        assert lora_scaling(cfg, names[id(layer)]) == layer.scaling["default"], names[id(layer)]
+    d = WeightDiff.from_lora(tmp_path / "adapter", base=base)
+    assert bitwise_equal(params(d.apply(copy.deepcopy(base))), merged)
+
+
+def test_pattern_fallback_matches_installed_peft():
+    other = pytest.importorskip("peft.utils.other")
+    if not hasattr(other, "get_pattern_key"):
+        pytest.skip("this peft has no get_pattern_key (peft 0.13)")
+    from hfhooks.lora import _pattern_key
+
+    keys = [
+        "q_proj",
+        "q_proj|v_proj",
+        "proj",
+        "self_attn.q_proj",
+        r"layers\.0\..*",
+        "mlp.*",
+        "v_proj",
+        "0.mlp",
+    ]
+    modules = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.0.mlp.up_proj",
+        "q_proj",
+        "model.layers.10.mlp",
+        "model.layers.1.self_attn.xq_proj",
+    ]
+    for i in range(len(keys)):
+        for j in range(len(keys)):
+            order = [keys[i], keys[j], *keys]
+            for m in modules:
+                assert _pattern_key(order, m) == other.get_pattern_key(order, m), (order, m)
+
+
+def test_lora_bias_is_part_of_the_diff(tmp_path):
+    import peft
+
+    if "lora_bias" not in peft.LoraConfig.__dataclass_fields__:
+        pytest.skip("this peft has no lora_bias")
+    base = make_model("gpt2")
+    model, merged = peft_adapter(tmp_path, base, ["c_attn", "c_fc"], lora_bias=True, fan_in_fan_out=True)
+    for d in (WeightDiff.from_lora(model), WeightDiff.from_lora(tmp_path / "adapter", base=base)):
+        assert any(n.endswith("c_attn.bias") for n in d)
+        assert bitwise_equal(params(d.apply(copy.deepcopy(base))), merged)
+
+
+def test_lora_dir_modules_to_save_are_diffed_not_dropped(tmp_path):
+    base = make_model("llama")
+    _, merged = peft_adapter(tmp_path, base, ["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match="modules_to_save copies .*lm_head.weight.*Pass base="):
+        WeightDiff.from_lora(tmp_path / "adapter")
+    d = WeightDiff.from_lora(tmp_path / "adapter", base=base)
+    assert "lm_head.weight" in d
+    assert bitwise_equal(params(d.apply(copy.deepcopy(base))), merged)
+
+
+def test_lora_dir_with_unknown_tensors_is_refused(tmp_path):
+    base = make_model("llama")
+    peft_adapter(tmp_path, base, ["q_proj"])
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+    tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.ones(2, 32)
+    save_file(tensors, str(f))
+    with pytest.raises(NotImplementedError, match="trainable_tokens_delta"):
+        WeightDiff.from_lora(tmp_path / "adapter", base=base)
+
+
+def test_cli_diff_of_lora_dir_honours_dtype_and_changed_only(tmp_path, capsys):
+    from hfhooks.cli import main
+
+    base = make_model("llama")
+    _, merged = peft_adapter(tmp_path, base, ["q_proj", "v_proj"], zero=["v_proj"])
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "d.safetensors"
+    args = ["diff", str(tmp_path / "base"), str(tmp_path / "adapter"), "-o", str(out), "--quiet"]
+    assert main([*args, "--dtype", "float64", "--changed-only"]) == 0
+    d = WeightDiff.load(out)
+    assert d.names() and all(n.endswith("q_proj.weight") for n in d)  # v_proj's Δ is 0: left out
+    assert {d.entry(n).dtype for n in d} == {torch.float64}
+    assert any(n.endswith("v_proj.weight") for n in d.metadata["unchanged"])
+    applied = params(d.apply(copy.deepcopy(base)))  # s·B·A in float64: close to peft's float32 merge
+    assert all(torch.allclose(applied[n], merged[n], atol=1e-6, rtol=0) for n in merged)

@@ -258,15 +258,18 @@ class WeightDiff:
         adapter: str | None = None,
         *,
         base: Any = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> WeightDiff:
         """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module (never A and B separately).
 
-        ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA, per-module
-        ``rank_pattern`` / ``alpha_pattern`` honoured). Works on a ``PeftModel`` (``adapter``: one adapter
-        name; default: the active adapters, summed) or an adapter directory (``adapter_config.json`` +
-        ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to record base fingerprints).
-        ``modules_to_save`` copies become dense entries (copy − original). DoRA is refused.
+        ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; per-module
+        ``rank_pattern`` / ``alpha_pattern`` resolved by peft's own rules). Works on a ``PeftModel``
+        (``adapter``: one adapter name; default: the active adapters, summed) or an adapter directory
+        (``adapter_config.json`` + ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to
+        record base fingerprints). A ``lora_B`` bias (``lora_bias=True``) becomes ``s·bias`` on the base bias;
+        ``modules_to_save`` copies become dense entries (copy − original; from a directory they need ``base=``).
+        ``dtype``: Δ's dtype (default ``float32`` for ``s·B·A``; copies default to an exact dtype, ``float64``
+        for ``float32`` weights). DoRA and adapter tensors of any other kind are refused.
         """
         if isinstance(model_or_dir, nn.Module):
             return _lora_from_model(model_or_dir, adapter, dtype)
