@@ -233,30 +233,31 @@ def test_combinations_of_different_bases_are_refused(tasks):
 # -- item 16: LoRA adapters as diffs, with peft as the oracle --------------------------------------------------
 def peft_adapter(tmp_path, base, targets, zero=(), **kw):
     """A random LoRA on a copy of ``base`` (lora_B of modules containing a ``zero`` name left at 0), saved to
-    ``tmp_path/adapter``; returns the PeftModel and peft's merged weights."""
+    ``tmp_path/adapter``. Returns the PeftModel peft loads back from that directory — the oracle for reading
+    the directory (peft's JSON config may list pattern keys in another order than the live config) — and
+    peft's merged weights of it."""
     import peft
 
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, **kw)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # tiny models; peft 0.21 mistakes a lora_B bias for a ZeRO-3 shard
         model = peft.get_peft_model(copy.deepcopy(base), cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad and not (any(z in n for z in zero) and "lora_B" in n):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # e.g. peft 0.21 mistakes a lora_B bias for an unsharded ZeRO-3 tensor
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and not (any(z in n for z in zero) and "lora_B" in n):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         model.save_pretrained(tmp_path / "adapter")
-        merged = params(copy.deepcopy(model).merge_and_unload())
-    return model, merged
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+        merged = params(copy.deepcopy(loaded).merge_and_unload())
+    return loaded, merged
 
 
 PATTERNS = {
     "regex-or": ({"q_proj|v_proj": 4}, {"q_proj|v_proj": 16}),
-    "overlapping": ({"proj": 3, "self_attn.q_proj": 5}, {"self_attn.q_proj": 9, "proj": 2}),
+    # overlapping keys: the first in the file wins (listed sorted: peft writes the JSON with sorted keys, and
+    # cannot reload its own adapter when the live order differed and set another rank)
+    "overlapping": ({"q_proj": 3, "self_attn.q_proj": 5}, {"q_proj": 9, "self_attn.q_proj": 2}),
     "rank-only": ({"up_proj": 4}, {}),
     "alpha-only-overlap": ({}, {"layers.1.mlp.up_proj": 3, "up_proj": 12}),
     "dotted-regex": ({r"layers\.0\..*": 4}, {"v_proj": 1}),
