@@ -287,9 +287,11 @@ _LORA_PART = re.compile(
 _LORA_EMBEDDING = re.compile(r"^(.*)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
 
 
-def _classify(cfg: Mapping[str, Any], name: str) -> tuple[str, str, str] | None:
-    """``(module, part, weight|bias)`` for a LoRA tensor, ``("", module, "copy")`` for a ``modules_to_save``
-    copy, ``None`` for anything else."""
+def _classify(cfg: Mapping[str, Any], stored: str) -> tuple[str, str, str] | None:
+    """``(module, part, weight|bias)`` for a LoRA tensor, ``("", module, "copy")`` for a whole replacement
+    tensor — a ``modules_to_save`` copy, or a base layer peft saved along (``save_embedding_layers``, e.g. when
+    embeddings are targeted) — and ``None`` for anything else."""
+    name = canonical_name(stored)
     m = _LORA_PART.match(name)
     if m:
         return m.group(1), m.group(2), m.group(3)
@@ -298,19 +300,20 @@ def _classify(cfg: Mapping[str, Any], name: str) -> tuple[str, str, str] | None:
         return m.group(1), m.group(2), "weight"
     module = name.rpartition(".")[0]
     saved = cfg.get("modules_to_save") or []
-    if any(module == k or module.endswith("." + k) for k in saved):  # peft's rule: the name ends with the key
-        return "", module, "copy"
+    if ".base_layer." in stored or any(module == k or module.endswith("." + k) for k in saved):
+        return "", module, "copy"  # peft's rule for modules_to_save: the module name ends with the key
     return None
 
 
 def adapter_module_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``{canonical name: tensor}`` of the ``modules_to_save`` copies a saved LoRA adapter carries (peft saves
-    them under the original module's parameter names: they replace those parameters when it is loaded)."""
+    """``{canonical name: tensor}`` of the whole tensors a saved LoRA adapter carries besides its LoRA
+    matrices: ``modules_to_save`` copies (saved under the original parameter names) and base layers saved with
+    the adapter (``…base_layer.weight``, e.g. embeddings). peft loads them over the base's parameters."""
     cfg, ckpt = _read_adapter(Path(path))
     return {
         canonical_name(n): ckpt.get(n)
         for n in ckpt
-        if (c := _classify(cfg, canonical_name(n))) is not None and c[2] == "copy"
+        if (c := _classify(cfg, n)) is not None and c[2] == "copy"
     }
 
 
@@ -331,7 +334,7 @@ def adapter_delta_weights(
     cfg, ckpt = _read_adapter(path)
     modules: dict[str, dict[str, str]] = {}
     for stored in ckpt:
-        kind = _classify(cfg, canonical_name(stored))
+        kind = _classify(cfg, stored)
         if kind is None:
             raise NotImplementedError(
                 f"{path}: the adapter holds {stored!r}, which is neither a LoRA matrix, a lora_B bias nor a "

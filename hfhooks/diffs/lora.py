@@ -62,9 +62,10 @@ def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype | None) -> WeightDi
     copies = adapter_module_copies(path)
     if copies and src is None:
         raise ValueError(
-            f"{path} carries modules_to_save copies ({', '.join(sorted(copies)[:3])}): whole replacement "
-            "tensors, which are a diff only against the base they replace. Pass base= (the base model or "
-            "checkpoint; CLI: the BASE argument) so they can be diffed instead of dropped."
+            f"{path} carries whole tensors that replace the base's when peft loads it (modules_to_save copies "
+            f"or saved base layers: {', '.join(sorted(copies)[:3])}), which are a diff only against the base "
+            "they replace. Pass base= (the base model or checkpoint; CLI: the BASE argument) so they can be "
+            "diffed instead of dropped."
         )
     diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": str(path)}], "scale": 1.0})
     for key, copy in copies.items():
@@ -75,8 +76,11 @@ def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype | None) -> WeightDi
         if src is not None:
             _check_target(src, key, tuple(delta.shape), "Δ")
             fields["base"] = tensor_fingerprint(src.get(key))
-        if key in diff.entries:
-            raise ValueError(f"{path}: {key!r} is both a modules_to_save copy and a LoRA target.")
+        copied = diff.entries.get(key)
+        if copied is not None and copied.changed:  # a saved base layer that differs, then LoRA on top of it
+            dt = torch.promote_types(copied.dtype, delta.dtype)
+            delta = copied.dense().to(dt) + delta.to(dt)
+            fields["changed"] = bool(delta.ne(0).any())
         diff.entries[key] = _dense_entry(delta, **fields)
     diff._refresh_fingerprints()
     return diff
