@@ -29,7 +29,14 @@ from torch import nn
 
 from hfhooks._version import __version__
 
-__all__ = ["FORMAT_VERSION", "ArtifactError", "model_fingerprint", "read_artifact", "write_artifact"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ArtifactError",
+    "model_fingerprint",
+    "read_artifact",
+    "sniff_pickle",
+    "write_artifact",
+]
 
 FORMAT_VERSION = "1"
 _DIGEST = "hfhooks.digest"
@@ -137,10 +144,22 @@ def write_artifact(
     return path
 
 
-def _sniff(path: Path) -> str | None:
+def sniff_pickle(path: str | os.PathLike) -> str | None:
+    """What kind of pickle ``path`` is (``"a Python pickle"``, ``"a torch.save() zip archive (a pickle)"``), or
+    ``None`` when it is not one — including every file whose first bytes are a plausible safetensors header.
+
+    A safetensors file starts with its header length as 8 little-endian bytes, so a header of 640, 896, 1,152
+    or 1,408 bytes (mod 65,536) starts ``\\x80\\x02`` … ``\\x80\\x05`` — a pickle protocol marker — and one of
+    19,280 bytes (mod 65,536) starts ``PK``. Such a file is safetensors when that length fits in the file and the header
+    opens with ``{``; only otherwise do the magic bytes decide. (A pickle that passed for safetensors here
+    would still be rejected by safetensors' own parser, which never executes anything.)
+    """
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK\x03\x04"):
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return None
+    if head.startswith(b"PK"):
         return "a torch.save() zip archive (a pickle)"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
         return "a Python pickle"
@@ -156,7 +175,7 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file.")
-    pickled = _sniff(path)
+    pickled = sniff_pickle(path)
     if pickled:
         raise ArtifactError(
             f"{path} is {pickled}, not safetensors. hfhooks never unpickles masks or diffs (pickles can run code); "

@@ -61,7 +61,7 @@ from huggingface_hub.serialization._base import parse_size_to_int, split_state_d
 from safetensors import safe_open
 
 from hfhooks._version import __version__
-from hfhooks.artifacts import ArtifactError
+from hfhooks.artifacts import ArtifactError, sniff_pickle
 from hfhooks.params import UnknownParameterError, canonical_name
 
 __all__ = [
@@ -255,9 +255,7 @@ class ReadBuffer:
 
 
 def _sniff_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return head.startswith(b"PK") or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5)
+    return sniff_pickle(path) is not None  # safetensors headers that start like a pickle are not one
 
 
 class Checkpoint:

@@ -119,7 +119,9 @@ def _diff(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     if (Path(args.tuned) / "adapter_config.json").is_file():
-        diff = WeightDiff.from_lora(args.tuned, base=args.base)
+        diff = WeightDiff.from_lora(args.tuned, base=args.base, dtype=args.dtype)
+        if args.changed_only:
+            diff = diff.changed_only()
         if args.layers:
             diff = diff.restrict(layers=args.layers)
         if args.names:

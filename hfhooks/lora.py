@@ -15,6 +15,7 @@ rows/columns are refused, since freezing them there would not freeze the effecti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from hfhooks.params import ParamIndex, canonical_name
 
 __all__ = [
     "adapter_delta_weights",
+    "adapter_module_copies",
     "lora_aware_mask",
     "lora_delta_weights",
     "lora_layers",
@@ -156,16 +158,36 @@ _DORA = (
 )
 
 
+def _pattern_key(keys: list[str], module: str) -> str:
+    """peft's ``get_pattern_key`` without peft (the rule of current peft releases): the first key that matches
+    the end of the module name as a regular expression, at a dot boundary; ``module`` itself if none does."""
+    return next((k for k in keys if re.match(rf"(.*\.)?({k})$", module)), module)
+
+
 def lora_scaling(config: Mapping[str, Any], module: str) -> float:
-    """PEFT's scaling ``s`` for ``module`` from an adapter config: ``lora_alpha / r`` (``/ √r`` with rsLoRA),
-    with ``rank_pattern`` / ``alpha_pattern`` overrides matched on the module name's suffix."""
+    r"""PEFT's scaling ``s`` for ``module`` from an adapter config: ``lora_alpha / r`` (``/ √r`` with rsLoRA),
+    with ``rank_pattern`` / ``alpha_pattern`` overrides resolved exactly as the installed peft resolves them
+    when it loads the adapter (keys are regular expressions, e.g. ``"q_proj|v_proj"``; the first matching key
+    wins, in the config's order).
+
+    peft ≥ 0.14 exposes ``peft.utils.other.get_pattern_key`` and looks up the rank and the alpha separately;
+    peft 0.13 (the oldest supported) matched ``.*\.{key}$`` over the rank keys followed by the alpha keys and
+    used the one winning key for both — reproduced here, since that is how peft 0.13 scales the adapter.
+    """
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    for key, value in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            r = value
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            alpha = value
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # peft 0.13 has no get_pattern_key; without peft, use the current rule
+        get_pattern_key = None if importlib.util.find_spec("peft") is not None else _pattern_key
+    if get_pattern_key is not None:
+        r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), r)
+        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha)
+    else:  # peft 0.13: one key from both patterns (peft/tuners/lora/model.py, _create_and_replace)
+        keys = [*rank_pattern, *alpha_pattern]
+        key = next((k for k in keys if re.match(rf".*\.{k}$", module)), module)
+        r, alpha = rank_pattern.get(key, r), alpha_pattern.get(key, alpha)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -207,7 +229,12 @@ def lora_delta_weights(
                     delta = (b.to(dtype) @ a.to(dtype)) * s
                     delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
                 bias = getattr(layer.lora_B[name], "bias", None)
-                if bias is not None and getattr(base_layer, "bias", None) is not None:
+                if bias is not None:  # lora_bias=True: the merge adds s·bias to the base bias
+                    if getattr(base_layer, "bias", None) is None:
+                        raise ValueError(
+                            f"{prefix}: the adapter has a lora_B bias (lora_bias=True) but the base layer has no "
+                            "bias, so the adapter cannot be expressed as (or merged into) a weight diff."
+                        )
                     add(f"{prefix}.bias", bias.detach().to(dtype).cpu() * s, base_layer.bias)
             else:  # nn.Embedding: lora_embedding_A is (r, num_embeddings), lora_embedding_B (dim, r)
                 a, b = layer.lora_embedding_A[name].detach(), layer.lora_embedding_B[name].detach()
@@ -236,14 +263,9 @@ def modules_to_save_copies(
     return out
 
 
-def adapter_delta_weights(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """``{canonical base weight name: ΔW}`` from a saved LoRA adapter directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``), without building the model. Linear and embedding adapters."""
+def _read_adapter(path: Path) -> tuple[dict[str, Any], Any]:
     from hfhooks.checkpoints import Checkpoint, CheckpointError
 
-    path = Path(path)
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} is not a PEFT adapter directory (no adapter_config.json).")
@@ -256,16 +278,73 @@ def adapter_delta_weights(
         raise CheckpointError(f"{cfg_file}: not a LoRA adapter config (peft_type={found!r}).")
     if cfg.get("use_dora"):
         raise NotImplementedError(_DORA)
-    ckpt = Checkpoint(path)
+    return cfg, Checkpoint(path)
+
+
+_LORA_PART = re.compile(
+    r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.(weight|bias)$"
+)
+_LORA_EMBEDDING = re.compile(r"^(.*)\.(lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
+
+
+def _classify(cfg: Mapping[str, Any], stored: str) -> tuple[str, str, str] | None:
+    """``(module, part, weight|bias)`` for a LoRA tensor, ``("", module, "copy")`` for a whole replacement
+    tensor — a ``modules_to_save`` copy, or a base layer peft saved along (``save_embedding_layers``, e.g. when
+    embeddings are targeted) — and ``None`` for anything else."""
+    name = canonical_name(stored)
+    m = _LORA_PART.match(name)
+    if m:
+        return m.group(1), m.group(2), m.group(3)
+    m = _LORA_EMBEDDING.match(name)
+    if m:
+        return m.group(1), m.group(2), "weight"
+    module = name.rpartition(".")[0]
+    saved = cfg.get("modules_to_save") or []
+    if ".base_layer." in stored or any(module == k or module.endswith("." + k) for k in saved):
+        return "", module, "copy"  # peft's rule for modules_to_save: the module name ends with the key
+    return None
+
+
+def adapter_module_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``{canonical name: tensor}`` of the whole tensors a saved LoRA adapter carries besides its LoRA
+    matrices: ``modules_to_save`` copies (saved under the original parameter names) and base layers saved with
+    the adapter (``…base_layer.weight``, e.g. embeddings). peft loads them over the base's parameters."""
+    cfg, ckpt = _read_adapter(Path(path))
+    return {
+        canonical_name(n): ckpt.get(n)
+        for n in ckpt
+        if (c := _classify(cfg, n)) is not None and c[2] == "copy"
+    }
+
+
+def adapter_delta_weights(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``{canonical base weight name: ΔW}`` from a saved LoRA adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``), without building the model. Linear and embedding adapters; a ``lora_B``
+    bias (``lora_bias=True``) gives ``s·bias`` on the base bias, as peft's merge adds it.
+
+    ``modules_to_save`` copies are whole replacement tensors, not deltas: they are left to
+    :func:`adapter_module_copies` (:meth:`WeightDiff.from_lora <hfhooks.diffs.WeightDiff.from_lora>` diffs them
+    against the base). Any other tensor in the adapter is refused (``NotImplementedError``) rather than dropped.
+    """
+    from hfhooks.checkpoints import CheckpointError
+
+    path = Path(path)
+    cfg, ckpt = _read_adapter(path)
     modules: dict[str, dict[str, str]] = {}
-    pattern = re.compile(
-        r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$"
-    )
     for stored in ckpt:
-        m = pattern.match(canonical_name(stored))
-        if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = stored
-    if not modules:
+        kind = _classify(cfg, stored)
+        if kind is None:
+            raise NotImplementedError(
+                f"{path}: the adapter holds {stored!r}, which is neither a LoRA matrix, a lora_B bias nor a "
+                "modules_to_save copy; hfhooks cannot express it as a weight diff. Load the adapter with peft, "
+                "merge it (merge_and_unload) and diff the merged model against the base instead."
+            )
+        module, part, what = kind
+        if what != "copy":
+            modules.setdefault(module, {})[part if what == "weight" else part + ".bias"] = stored
+    if not modules and not adapter_module_copies(path):
         raise CheckpointError(f"{path}: the adapter holds no lora_A / lora_B tensors.")
     out = {}
     for module, parts in sorted(modules.items()):
@@ -287,4 +366,6 @@ def adapter_delta_weights(
         else:
             raise CheckpointError(f"{path}: {module} has only one of its two LoRA matrices.")
         out[f"{module}.weight"] = delta.contiguous()
+        if "lora_B.bias" in parts:
+            out[f"{module}.bias"] = (ckpt.get(parts["lora_B.bias"]).to(dtype) * s).contiguous()
     return out

@@ -3,7 +3,6 @@ algebra (−Δ then +Δ), narrowing, quantisation, storage, file I/O (fuzzed), L
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import warnings
@@ -396,21 +395,50 @@ def test_fuzzed_diff_metadata_gives_clean_errors(tmp_path_factory, fields, tenso
             pass
 
 
-@settings(FUZZ, max_examples=200)
+def _same_diff(a: WeightDiff, b: WeightDiff) -> bool:
+    """Same entries, same recorded provenance, bitwise-identical Δ."""
+    fields = ("shape", "dtype", "storage", "base", "target", "exact", "exact_inverse", "changed", "levels")
+    return a.names() == b.names() and all(
+        all(getattr(a.entry(n), f) == getattr(b.entry(n), f) for f in fields)
+        and bitwise_equal({n: a[n]}, {n: b[n]})
+        for n in a
+    )
+
+
+_FUZZ_DIFF = WeightDiff(
+    {"a.weight": torch.randn(3, 4), "b": torch.randn(5), "c": torch.tensor([0.0, 1.5, 0.0, -2.0])}
+).quantize(4, names="b")
+
+
+@settings(FUZZ, max_examples=300)
 @given(data=st.data())
-def test_fuzzed_diff_bytes_give_clean_errors(tmp_path_factory, data):
+def test_fuzzed_diff_bytes_never_load_silently(tmp_path_factory, data):
+    """A mutated diff file either raises DiffFileError or — eagerly and lazily — loads a diff identical to the
+    original (e.g. a flipped padding space that is still JSON whitespace). Mutations land in the JSON header and
+    the tensor data, not just the (large) space padding of the reserved header."""
     d = tmp_path_factory.mktemp("bytes")
-    diff = WeightDiff({"a.weight": torch.randn(3, 4), "b": torch.randn(5)}).quantize(4, names="b")
-    raw = bytearray(diff.save(d / "d.safetensors").read_bytes())
+    original = _FUZZ_DIFF.to_sparse() if data.draw(st.booleans()) else _FUZZ_DIFF
+    raw = bytearray(original.save(d / "d.safetensors").read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    json_end = 8 + len(raw[8 : 8 + n].rstrip(b" "))
+    regions = [(0, json_end - 1), (8 + n, len(raw) - 1), (0, len(raw) - 1)]
     for _ in range(data.draw(st.integers(1, 3))):
-        pos = data.draw(st.integers(0, len(raw) - 1))
-        raw[pos] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
+        lo, hi = data.draw(st.sampled_from(regions))
+        pos = data.draw(st.integers(lo, hi))
+        if data.draw(st.booleans()):
+            raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+        else:
+            raw[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.integers(0, 3)) == 0:
         raw = raw[: data.draw(st.integers(0, len(raw)))]
     (d / "m.safetensors").write_bytes(bytes(raw))
     for lazy in (False, True):
-        with contextlib.suppress(DiffFileError):
-            WeightDiff.load(d / "m.safetensors", lazy=lazy).to_dict()
+        try:
+            loaded = WeightDiff.load(d / "m.safetensors", lazy=lazy)
+            loaded.to_dict()
+        except DiffFileError:
+            continue
+        assert _same_diff(loaded, original), f"a modified diff file loaded silently (lazy={lazy})"
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------

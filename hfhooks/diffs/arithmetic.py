@@ -20,6 +20,7 @@ from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
     Payload,
+    _bases,
     _bitwise_equal,
     _const,
     _decode,
@@ -45,12 +46,13 @@ def _negate_payload(p: Payload) -> Payload:
     return out
 
 
-def _scale_payload(e: DiffEntry, p: Payload, c: float) -> Payload:
+def _scale_payload(e: DiffEntry, p: Payload, c: float, divide: bool = False) -> Payload:
+    """``c·Δ`` (or ``Δ / c``: dividing is not multiplying by ``1/c`` in floating point, and ``d / c`` must
+    equal the same division done on the tensors)."""
     out = dict(p)
-    if "range" in p:
-        out["range"] = p["range"] * c
-    else:
-        out["values"] = (p["values"].to(torch.promote_types(e.dtype, torch.float32)) * c).to(e.dtype)
+    key = "range" if "range" in p else "values"
+    wide = p[key].to(torch.promote_types(e.dtype, torch.float32))
+    out[key] = (wide / c if divide else wide * c).to(e.dtype)
     return out
 
 
@@ -185,7 +187,8 @@ def _apply_fn(
     def fn(load: Callable[[], torch.Tensor]) -> torch.Tensor | TensorBlocks:
         theta = load()
         checks = []
-        if check_base and entry.base is not None:
+        bases = _bases(entry) if check_base else []
+        if bases:
             checks.append(_pool().submit(tensor_fingerprint, theta))
         deferred = _DEFERRED.get(entry.load)
         if deferred is not None:
@@ -196,8 +199,8 @@ def _apply_fn(
 
         def finish() -> None:
             results = [c.result() for c in checks]  # re-raises a DiffFileError from verify()
-            if check_base and entry.base is not None and results[0] != entry.base:
-                raise BaseMismatchError(_mismatch_message([(name, entry.base, results[0])], 1))
+            if bases and results[0] not in bases:
+                raise BaseMismatchError(_mismatch_message([(name, bases[0], results[0])], 1))
 
         if entry.storage != "dense":
             out = _add_payload(theta, entry, payload, scale)

@@ -81,6 +81,8 @@ def _entry_meta(e: DiffEntry, crcs: dict[str, str], nnz: int | None) -> dict[str
         "changed": e.changed,
         "crc32": crcs,
     }
+    if e.negated_base is not None:
+        info["negated_base"] = e.negated_base
     if nnz is not None:
         info["nnz"] = nnz
     if e.storage == "quantized":
@@ -105,7 +107,7 @@ def _decode_entry_meta(
     for flag in ("exact", "exact_inverse", "changed"):
         if info.get(flag) not in (True, False, None):
             raise ValueError(f"{flag} must be true, false or null, got {info.get(flag)!r}")
-    for fp in ("base", "target"):
+    for fp in ("base", "target", "negated_base"):
         if info.get(fp) is not None and not isinstance(info.get(fp), str):
             raise ValueError(f"{fp} fingerprint must be a string or null")
     levels = None
@@ -158,6 +160,7 @@ def _decode_entry_meta(
         exact_inverse=info.get("exact_inverse"),
         changed=info.get("changed"),
         levels=levels,
+        negated_base=info.get("negated_base"),
     )
     return entry, list(parts)
 

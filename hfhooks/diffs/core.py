@@ -9,6 +9,7 @@ because it builds one ``WeightDiff`` from two.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -34,18 +35,21 @@ from hfhooks.diffs.codec import _stored
 from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
+    DiffFileError,
     _all_flags,
+    _bases,
     _const,
     _decode,
     _dense_entry,
     _dtype_name,
     _is_changed,
+    _linear_base,
     _mismatch_message,
     _model_fingerprint,
     _progress,
     tensor_fingerprint,
 )
-from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _write_diff
+from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _verify_payloads, _write_diff
 from hfhooks.diffs.lora import _lora_from_dir, _lora_from_model
 from hfhooks.diffs.source import _select, _Source
 from hfhooks.hub import HubMixin
@@ -257,23 +261,31 @@ class WeightDiff(HubMixin):
         adapter: str | None = None,
         *,
         base: Any = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> WeightDiff:
         """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module (never A and B separately).
 
-        ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA, per-module
-        ``rank_pattern`` / ``alpha_pattern`` honoured). Works on a ``PeftModel`` (``adapter``: one adapter
-        name; default: the active adapters, summed) or an adapter directory (``adapter_config.json`` +
-        ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to record base fingerprints).
-        ``modules_to_save`` copies become dense entries (copy − original). DoRA is refused.
+        ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; per-module
+        ``rank_pattern`` / ``alpha_pattern`` resolved by peft's own rules). Works on a ``PeftModel``
+        (``adapter``: one adapter name; default: the active adapters, summed) or an adapter directory
+        (``adapter_config.json`` + ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to
+        record base fingerprints). A ``lora_B`` bias (``lora_bias=True``) becomes ``s·bias`` on the base bias;
+        ``modules_to_save`` copies become dense entries (copy − original; from a directory they need ``base=``).
+        ``dtype``: Δ's dtype (default ``float32`` for ``s·B·A``; copies default to an exact dtype, ``float64``
+        for ``float32`` weights). DoRA and adapter tensors of any other kind are refused.
         """
         if isinstance(model_or_dir, nn.Module):
             return _lora_from_model(model_or_dir, adapter, dtype)
         return _lora_from_dir(Path(model_or_dir), base, dtype)
 
     # -- algebra -------------------------------------------------------------------------------------------
+    # Diffs of one base form a vector space: ``+``, ``-``, unary ``-``, ``c * d``, ``d * c`` and ``d / c`` give
+    # the same Δ as the same combination done tensor by tensor, keep the base fingerprint, and record the
+    # operation in ``metadata["ops"]``; diffs of different bases are refused (BaseMismatchError).
     def negate(self) -> WeightDiff:
-        """``−Δ``: applied to the target, gives back the base (its base and target fingerprints swap)."""
+        """``−Δ``: applied to the target, gives back the base (its base and target fingerprints swap). It is
+        also ``−1·Δ`` of the original base: it applies there too (task negation) and combines linearly with
+        other diffs of that base (``-d1 + d2``)."""
         entries = {}
         for n, e in self.entries.items():
             entries[n] = replace(
@@ -283,9 +295,10 @@ class WeightDiff(HubMixin):
                 target=e.base,
                 exact=e.exact_inverse,
                 exact_inverse=e.exact,
+                negated_base=_linear_base(e),
             )
         diff = WeightDiff._of(entries, self.metadata, "negate")
-        diff.metadata["scale"] = -float(self.metadata.get("scale", 1.0))
+        diff.metadata["scale"] = _times(self.metadata, -1.0)
         return diff
 
     def __neg__(self) -> WeightDiff:
@@ -293,41 +306,48 @@ class WeightDiff(HubMixin):
 
     def scale(self, c: float) -> WeightDiff:
         """``c·Δ`` (its target is unknown unless ``c == 1``)."""
-        c = float(c)
+        return self._scaled(float(c), divide=False)
+
+    def _scaled(self, c: float, divide: bool) -> WeightDiff:
         if c == 1.0:
             return self
+        if divide and c == 0:
+            raise ZeroDivisionError("Cannot divide a diff by 0.")
         entries = {
             n: replace(
                 e,
-                load=_mapped(e, lambda p, e=e: _scale_payload(e, p, c)),
+                load=_mapped(e, lambda p, e=e: _scale_payload(e, p, c, divide)),
                 target=None,
                 exact=None,
                 exact_inverse=None,
-                changed=e.changed if c != 0 else False,
+                changed=e.changed if divide or c != 0 else False,
             )
             for n, e in self.entries.items()
         }
-        diff = WeightDiff._of(entries, self.metadata, {"op": "scale", "c": c})
-        diff.metadata["scale"] = c * float(self.metadata.get("scale", 1.0))
+        diff = WeightDiff._of(entries, self.metadata, {"op": "divide" if divide else "scale", "c": c})
+        diff.metadata["scale"] = _times(self.metadata, 1 / c if divide else c)
         return diff
 
     def __mul__(self, c: float) -> WeightDiff:
-        if not isinstance(c, int | float):
+        if not _is_scalar(c):
             return NotImplemented
         return self.scale(c)
 
     __rmul__ = __mul__
 
+    def __truediv__(self, c: float) -> WeightDiff:
+        """``Δ / c`` (computed as a division, like the same division on the tensors)."""
+        if not _is_scalar(c):
+            return NotImplemented
+        return self._scaled(float(c), divide=True)
+
     def add(self, other: WeightDiff) -> WeightDiff:
         """``Δ₁ + Δ₂`` for two diffs from the same base (task arithmetic). Mismatched bases are refused."""
-        for n in self.entries.keys() & other.entries.keys():
-            fa, fb = self.entries[n].base, other.entries[n].base
-            if fa and fb and fa != fb:
-                raise BaseMismatchError(
-                    f"Cannot add diffs from different bases: {n!r} has base {fa} in one and {fb} in the other. "
-                    "For a diff taken on top of another (base → mid → top), use compose()."
-                )
-        return _combine(self, other, "add", lambda a, b: (a.base or b.base, None))
+        return _linear(self, other, "add")
+
+    def subtract(self, other: WeightDiff) -> WeightDiff:
+        """``Δ₁ − Δ₂`` for two diffs from the same base; the result is a diff of that base."""
+        return _linear(self, other, "subtract")
 
     def __add__(self, other: WeightDiff) -> WeightDiff:
         if not isinstance(other, WeightDiff):
@@ -337,7 +357,7 @@ class WeightDiff(HubMixin):
     def __sub__(self, other: WeightDiff) -> WeightDiff:
         if not isinstance(other, WeightDiff):
             return NotImplemented
-        return self.add(other.negate())
+        return self.subtract(other)
 
     def compose(self, other: WeightDiff) -> WeightDiff:
         """This diff, then ``other`` (taken on top of this one's target): one diff from this base to ``other``'s
@@ -349,12 +369,7 @@ class WeightDiff(HubMixin):
                     f"Cannot compose: {n!r} of the second diff was computed on {bb}, but the first diff ends at "
                     f"{ta}. compose(a, b) needs b computed on a's target; for two diffs of one base, use add()."
                 )
-        return _combine(
-            self,
-            other,
-            "compose",
-            lambda a, b: (a.base, b.target),
-        )
+        return _combine(self, other, "compose", lambda x, y: x + y, lambda a, b: (a.base, b.target))
 
     # -- narrowing -----------------------------------------------------------------------------------------
     def restrict(
@@ -540,16 +555,31 @@ class WeightDiff(HubMixin):
             params[info.name] = (info.param, entry)
         if check_base:
             bad = [
-                (n, e.base, fp)
+                (n, _bases(e)[0], fp)
                 for n, (p, e) in params.items()
-                if e.base is not None and (fp := tensor_fingerprint(p)) != e.base
+                if _bases(e) and (fp := tensor_fingerprint(p)) not in _bases(e)
             ]
             if bad:
                 raise BaseMismatchError(_mismatch_message(bad, len(params)))
+        # All or nothing: every Δ is read — and so verified — before the first parameter changes. A lazily
+        # loaded diff checks each stored tensor's CRC-32 as it is read, so a corrupt entry would otherwise raise
+        # after the earlier parameters were updated. Verifying first costs a second read of the diff but only
+        # one tensor's memory at a time; a snapshot to undo from would cost a copy of every parameter the diff
+        # touches (the whole model for a full diff), and holding every decoded Δ would cost the whole diff —
+        # what lazy=True exists to avoid.
+        _verify_payloads(e for _, e in params.values())
+        done = 0
         with torch.no_grad():
-            for _, (param, entry) in params.items():
-                new = _add_delta(param.detach().cpu(), entry, scale)
+            for name, (param, entry) in params.items():
+                try:
+                    new = _add_delta(param.detach().cpu(), entry, scale)
+                except DiffFileError as e:  # it verified a moment ago: the file was rewritten meanwhile
+                    raise DiffFileError(
+                        f"{e} The diff file changed while it was being applied: {done} of {len(params)} "
+                        f"parameters (those before {name!r}) were already updated; reload the model."
+                    ) from None
                 param.copy_(new.to(param.device))
+                done += 1
         return model
 
     def _describe(self) -> dict[str, Any]:
@@ -574,21 +604,59 @@ class WeightDiff(HubMixin):
         return _read_diff(Path(path), lazy)
 
 
+def _is_scalar(c: object) -> bool:
+    return isinstance(c, numbers.Real) and not isinstance(c, bool)
+
+
+def _times(metadata: Mapping[str, Any], c: float) -> float | None:
+    """The diff-level ``scale`` record after multiplying by ``c`` (``None`` stays unknown: a sum has none)."""
+    prev = metadata.get("scale", 1.0)
+    return None if prev is None else c * float(prev)
+
+
+def _linear(a: WeightDiff, b: WeightDiff, op: str) -> WeightDiff:
+    """``a + b`` or ``a − b`` for diffs of one base (negated diffs count as diffs of their original base)."""
+    for n in a.entries.keys() & b.entries.keys():
+        fa, fb = _linear_base(a.entries[n]), _linear_base(b.entries[n])
+        if fa and fb and fa != fb:
+            raise BaseMismatchError(
+                f"Cannot {op} diffs from different bases: {n!r} has base {fa} in one and {fb} in the other. "
+                "For a diff taken on top of another (base → mid → top), use compose()."
+            )
+    sign = -1.0 if op == "subtract" else 1.0
+    return _combine(
+        a,
+        b,
+        op,
+        (lambda x, y: x - y) if sign < 0 else (lambda x, y: x + y),
+        lambda ea, eb: (_linear_base(ea) or _linear_base(eb), None),
+        lambda eb: _mapped(eb, _negate_payload) if sign < 0 else eb.load,
+    )
+
+
 def _combine(
     a: WeightDiff,
     b: WeightDiff,
     op: str,
+    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     fingerprints: Callable[[DiffEntry, DiffEntry], tuple[str | None, str | None]],
+    only_b: Callable[[DiffEntry], Callable[[], Any]] | None = None,
 ) -> WeightDiff:
+    """One diff from two, entry by entry: ``value(Δa, Δb)`` where both have a tensor; an entry of one side
+    alone is kept (``only_b`` maps the second side's payload, e.g. negates it for ``a − b``)."""
     entries: dict[str, DiffEntry] = {}
+    linear = op in ("add", "subtract")
     for n in [*a.entries, *(n for n in b.entries if n not in a.entries)]:
         ea, eb = a.entries.get(n), b.entries.get(n)
         if ea is None or eb is None:
             e = ea or eb
-            if op == "add":
-                entries[n] = replace(e, target=None, exact=None, exact_inverse=None)
-            else:
-                entries[n] = e
+            if eb is not None and only_b is not None:
+                e = replace(e, load=only_b(e))
+            if linear:  # a vector of its (linear) base now; where it lands is unknown
+                e = replace(
+                    e, base=_linear_base(e), negated_base=None, target=None, exact=None, exact_inverse=None
+                )
+            entries[n] = e
             continue
         if ea.shape != eb.shape:
             raise ValueError(f"Cannot {op} diffs: {n!r} is {ea.shape} in one and {eb.shape} in the other.")
@@ -598,7 +666,7 @@ def _combine(
             ea.shape,
             dt,
             "dense",
-            lambda ea=ea, eb=eb, dt=dt: {"values": ea.dense().to(dt) + eb.dense().to(dt)},
+            lambda ea=ea, eb=eb, dt=dt: {"values": value(ea.dense().to(dt), eb.dense().to(dt))},
             base=base,
             target=target,
         )

@@ -110,6 +110,10 @@ class DiffEntry:
     exact_inverse: bool | None = None  # target − Δ == base, bit for bit
     changed: bool | None = None  # target != base (None: unknown)
     levels: int | None = None
+    # Set on −Δ (negate) of a diff computed on this base: the entry is then both the inverse path from the
+    # target (``base``) and −1 × a task vector of ``negated_base`` — so it also applies there, and linear
+    # combinations treat it as a vector of that base.
+    negated_base: str | None = None
 
     def dense(self) -> torch.Tensor:
         """Δ as a dense tensor of ``shape`` and ``dtype``."""
@@ -134,6 +138,16 @@ def _decode(entry: DiffEntry, payload: Payload) -> torch.Tensor:
     out = torch.zeros(entry.shape, dtype=entry.dtype)
     out[mask] = values
     return out
+
+
+def _linear_base(e: DiffEntry) -> str | None:
+    """The base ``e`` is a task vector of, for linear combinations (a negated entry's original base)."""
+    return e.negated_base or e.base
+
+
+def _bases(e: DiffEntry) -> list[str]:
+    """Fingerprints of the weights ``e`` may be applied to (empty: unknown, not checked)."""
+    return [f for f in dict.fromkeys((e.base, e.negated_base)) if f is not None]
 
 
 def _const(payload: Payload) -> Callable[[], Payload]:

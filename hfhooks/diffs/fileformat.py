@@ -221,12 +221,23 @@ def _read_diff(path: Path, lazy: bool) -> WeightDiff:
     if not isinstance(diff.metadata.get("ops"), list):
         diff.metadata["ops"] = []
     for name, entry_info in info.items():
+        if _SEP in name:  # "<name>::mask" etc. are the stored parts of entry <name>: never an entry itself
+            raise bad(
+                f"tensor name {name!r} contains {_SEP!r}, which diff files reserve for the parts of an entry "
+                "(hfhooks never writes such a name; the file was edited or made by another tool)."
+            )
         try:
             entry, parts = _decode_entry_meta(name, entry_info, shapes)
         except (ValueError, TypeError, KeyError) as e:
             raise bad(f"tensor {name!r}: {e}") from None
         claimed.update(parts)
         if reader is None:
+            # The whole-file digest already matched; the per-tensor CRCs are checked too, as the lazy reader
+            # does, so both readers accept exactly the same files (a file whose digest was recomputed after an
+            # edit still fails here).
+            for part in parts:
+                if _crc(tensors[part]) != entry_info["crc32"][part]:
+                    raise bad(f"tensor {part!r} failed its CRC-32 check (corrupted or edited file).")
             payload = _payload_from(entry, name, {p: tensors[p] for p in parts}, path)
             diff.entries[name] = replace(entry, load=_const(payload))
         else:
@@ -309,3 +320,17 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     if _POOL is None:
         _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfhooks-crc")
     return _POOL
+
+
+def _verify_payloads(entries: Iterable[DiffEntry]) -> None:
+    """Read every entry's payload once and drop it, so every check a read makes (CRC-32s, mask and code
+    decoding) has passed before anything is changed. One tensor in memory at a time; a file-backed entry is
+    read into one reused buffer."""
+    buffer = ReadBuffer()
+    for entry in entries:
+        deferred = _DEFERRED.get(entry.load)
+        if deferred is not None:
+            _, verify = deferred(buffer)
+            verify()
+        else:
+            entry.load()

@@ -22,12 +22,19 @@ if TYPE_CHECKING:
     from hfhooks.diffs.core import WeightDiff
 
 
-def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype) -> WeightDiff:
+def _copy_entry(orig: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype | None):
+    """A ``modules_to_save`` copy as copy − original: exact by default (``float64`` for ``float32`` weights)."""
+    if dtype is None:
+        dtype = torch.float64 if orig.dtype == torch.float32 else None
+    return _between_entry(orig, copy, dtype, "dense")
+
+
+def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype | None) -> WeightDiff:
     from hfhooks.diffs.core import WeightDiff  # core imports this module (WeightDiff.from_lora)
     from hfhooks.lora import lora_delta_weights, modules_to_save_copies
 
     index = ParamIndex(model)
-    deltas = lora_delta_weights(model, adapter, dtype)
+    deltas = lora_delta_weights(model, adapter, dtype or torch.float32)
     copies = modules_to_save_copies(model, adapter)
     if not deltas and not copies:
         raise ValueError(
@@ -35,9 +42,7 @@ def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype) 
         )
     diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": adapter or "active"}], "scale": 1.0})
     for key, (orig, copy) in copies.items():  # a full copy: keep it exact
-        diff.entries[key] = _between_entry(
-            orig, copy, torch.float64 if orig.dtype == torch.float32 else None, "dense"
-        )
+        diff.entries[key] = _copy_entry(orig, copy, dtype)
     for key, (delta, base) in deltas.items():
         if key not in index:
             raise UnknownParameterError(index._unknown_message(key))
@@ -48,24 +53,41 @@ def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype) 
     return diff
 
 
-def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype) -> WeightDiff:
+def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype | None) -> WeightDiff:
     from hfhooks.diffs.core import WeightDiff  # core imports this module (WeightDiff.from_lora)
-    from hfhooks.lora import adapter_delta_weights
+    from hfhooks.lora import adapter_delta_weights, adapter_module_copies
 
     src = _Source(base) if base is not None else None
+    deltas = adapter_delta_weights(path, dtype or torch.float32)
+    copies = adapter_module_copies(path)
+    if copies and src is None:
+        raise ValueError(
+            f"{path} carries whole tensors that replace the base's when peft loads it (modules_to_save copies "
+            f"or saved base layers: {', '.join(sorted(copies)[:3])}), which are a diff only against the base "
+            "they replace. Pass base= (the base model or checkpoint; CLI: the BASE argument) so they can be "
+            "diffed instead of dropped."
+        )
     diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": str(path)}], "scale": 1.0})
-    for key, delta in adapter_delta_weights(path, dtype).items():
+    for key, copy in copies.items():
+        _check_target(src, key, tuple(copy.shape), "copy")
+        diff.entries[key] = _copy_entry(src.get(key), copy, dtype)
+    for key, delta in deltas.items():
         fields: dict[str, Any] = {"changed": bool(delta.ne(0).any())}
         if src is not None:
-            if key not in src:
-                raise UnknownParameterError(
-                    f"The adapter targets {key!r}, which the base lacks: {src.unknown(key)}"
-                )
-            if src.shape(key) != tuple(delta.shape):
-                raise ValueError(
-                    f"{key}: adapter Δ is {tuple(delta.shape)}, base weight is {src.shape(key)}."
-                )
+            _check_target(src, key, tuple(delta.shape), "Δ")
             fields["base"] = tensor_fingerprint(src.get(key))
+        copied = diff.entries.get(key)
+        if copied is not None and copied.changed:  # a saved base layer that differs, then LoRA on top of it
+            dt = torch.promote_types(copied.dtype, delta.dtype)
+            delta = copied.dense().to(dt) + delta.to(dt)
+            fields["changed"] = bool(delta.ne(0).any())
         diff.entries[key] = _dense_entry(delta, **fields)
     diff._refresh_fingerprints()
     return diff
+
+
+def _check_target(src: _Source, key: str, shape: tuple[int, ...], what: str) -> None:
+    if key not in src:
+        raise UnknownParameterError(f"The adapter targets {key!r}, which the base lacks: {src.unknown(key)}")
+    if src.shape(key) != shape:
+        raise ValueError(f"{key}: adapter {what} is {shape}, base weight is {src.shape(key)}.")
