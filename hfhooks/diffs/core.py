@@ -517,6 +517,7 @@ class WeightDiff:
             fsync=fsync,
             progress=progress,
             desc="apply diff",
+            inputs=[self.metadata.get("path")],  # the diff file, when the output could destroy it
         )
 
     def _apply_model(self, model: nn.Module, scale: float, check_base: bool) -> nn.Module:
