@@ -60,8 +60,8 @@ from typing import Any
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
-from hfhooks._version import __version__
 from hfhooks import paths
+from hfhooks._version import __version__
 from hfhooks.artifacts import ArtifactError
 from hfhooks.params import UnknownParameterError, canonical_name
 
@@ -75,6 +75,7 @@ __all__ = [
     "TensorBlocks",
     "TensorInfo",
     "edit_checkpoint",
+    "is_edited_checkpoint",
     "layer_map",
     "parse_layers",
     "read_safetensors_header",
@@ -308,7 +309,9 @@ class ReadBuffer:
             self._data = torch.empty(n, dtype=torch.uint8)
         view = self._data[:n]
         fd = info.fileno()
-        own = fd < 0  # a TensorInfo without a handle (parsed by read_safetensors_header): open it for this read
+        own = (
+            fd < 0
+        )  # a TensorInfo without a handle (parsed by read_safetensors_header): open it for this read
         if own:
             try:
                 fd = paths.open_regular(info.file)
@@ -325,8 +328,6 @@ class ReadBuffer:
             if own:
                 os.close(fd)
         return view.view(info.dtype).reshape(info.shape) if n else torch.empty(info.shape, dtype=info.dtype)
-
-
 
 
 class Checkpoint:
@@ -465,7 +466,9 @@ class Checkpoint:
         stem = index_path.name[: -len(".index.json")].removesuffix(".safetensors")
         listed = {f.name for f in files}
         unlisted = sorted(
-            p.name for p in self.dir.glob(f"{stem}*.safetensors") if p.name not in listed and not p.name.startswith(".")
+            p.name
+            for p in self.dir.glob(f"{stem}*.safetensors")
+            if p.name not in listed and not p.name.startswith(".")
         )
         if unlisted:
             warnings.warn(
@@ -855,6 +858,15 @@ def _copy_file(src: Path, dst: Path, directory: Path) -> None:
     shutil.copystat(src, dst)
 
 
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Carry one entry of a checkpoint directory into its in-place replacement, without following links: a
     symlink is recreated as the same link (same directory, so relative links keep their meaning), a directory is
@@ -878,9 +890,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copy2(src, dst, follow_symlinks=False)
 
 
-def _is_hfhooks_checkpoint(path: Path) -> bool:
+def is_edited_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a checkpoint directory an hfhooks edit wrote (what ``overwrite`` may replace), or an
     empty directory."""
+    path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
     if not any(path.iterdir()):
@@ -890,7 +903,9 @@ def _is_hfhooks_checkpoint(path: Path) -> bool:
             warnings.simplefilter("ignore")
             ckpt = Checkpoint(path)
         try:
-            meta = ckpt.index_metadata if ckpt.index_metadata else next(iter(ckpt.shard_metadata.values()), {})
+            meta = (
+                ckpt.index_metadata if ckpt.index_metadata else next(iter(ckpt.shard_metadata.values()), {})
+            )
             return bool(meta.get("hfhooks.edits"))
         finally:
             ckpt.close()
@@ -950,7 +965,6 @@ def edit_checkpoint(
     a second edit of the same checkpoint or output fails at once instead of racing; whether an existing output is
     replaced is decided at the start, and the final rename never replaces anything created meanwhile.
     """
-    from tqdm.auto import tqdm
 
     src = source if isinstance(source, Checkpoint) else Checkpoint(source, allow_pickle=allow_pickle)
     others = [p for p in inputs if p is not None]
@@ -969,15 +983,14 @@ def edit_checkpoint(
         existed = paths.check_output(out_path, others, overwrite=True, same_kind=lambda p: True)
     else:
         out_path = Path(out)
-        if allow_inside_source and src.path.is_dir():
-            # the source may hold the output but not lie inside it (equality was handled above: in place)
-            if paths.real(out_path) in paths.real(src.dir).parents:
-                raise paths.OutputPathError(f"The output {out_path} contains the input {src.dir}.")
+        # with allow_inside_source the source may hold the output, but not lie inside it
+        if allow_inside_source and src.path.is_dir() and paths.real(out_path) in paths.real(src.dir).parents:
+            raise paths.OutputPathError(f"The output {out_path} contains the input {src.dir}.")
         existed = paths.check_output(
             out_path,
             [*([] if allow_inside_source and src.path.is_dir() else [src.path]), *others],
             overwrite=overwrite,
-            same_kind=_is_hfhooks_checkpoint,
+            same_kind=is_edited_checkpoint,
             kind="checkpoint directory",
         )
     drop = set(drop)
@@ -1062,14 +1075,18 @@ def _write_edit(
                         tuple(new.shape) == info.shape and new.dtype == info.dtype
                     )
                     if not ok:
-                        got = f"{new.dtype} {tuple(new.shape)}" if hasattr(new, "dtype") else type(new).__name__
+                        got = (
+                            f"{new.dtype} {tuple(new.shape)}" if hasattr(new, "dtype") else type(new).__name__
+                        )
                         raise ValueError(
                             f"The edit of {name!r} returned {got}; it must keep the source's {info.dtype} "
                             f"{info.shape}."
                         )
                     if isinstance(new, TensorInfo):
                         if new.start is None:
-                            raise ValueError(f"The edit of {name!r} returned a TensorInfo with no byte range.")
+                            raise ValueError(
+                                f"The edit of {name!r} returned a TensorInfo with no byte range."
+                            )
                         writer.copy(new)  # bytes of another file, copied by the kernel
                     elif isinstance(new, TensorBlocks):
                         writer.write_blocks(name, new)  # written as computed: no full-size output
@@ -1091,7 +1108,8 @@ def _write_edit(
         index_meta["hfhooks.edits"] = [*_history(src.index_metadata.get("hfhooks.edits")), edit_record]
         index_name = "adapter_model.safetensors.index.json" if src.kind == "adapter" else INDEX_NAME
         (tmp / index_name).write_text(
-            json.dumps({"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+            json.dumps({"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+            + "\n"
         )
 
 

@@ -140,7 +140,9 @@ def open_regular(path: str | os.PathLike, *, follow: bool = True) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else None
+            what = (
+                "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else None
+            )
             raise OSError(
                 errno.EINVAL,
                 f"{path} is {what or 'not a regular file'} (mode {stat.filemode(st.st_mode)}); hfhooks only reads "

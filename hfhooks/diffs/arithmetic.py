@@ -197,7 +197,7 @@ def _apply_fn(
         def finish() -> None:
             results = [c.result() for c in checks]  # re-raises a DiffFileError from verify()
             if check_base and entry.base is not None and results[0] != entry.base:
-                raise BaseMismatchError(_mismatch_message([(name, entry.base, results[0])], 1))
+                raise BaseMismatchError(_mismatch_message([(name, entry.base, results[0])], None))
 
         if entry.storage != "dense":
             out = _add_payload(theta, entry, payload, scale)

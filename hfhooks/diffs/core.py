@@ -235,7 +235,7 @@ class WeightDiff:
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
-            return _write_diff(out, entries(), meta, common, progress, desc="diff")
+            return _write_diff(out, entries(), meta, common, progress, desc="diff", inputs=[base, tuned])
         diff = cls(metadata=meta)
         unchanged = []
         for n, entry in _progress(entries(), len(common), progress, "diff"):
