@@ -448,7 +448,7 @@ class Checkpoint:
     def _load_index(self, index_path: Path, kind: str) -> None:
         weight_map, self.index_metadata = self._read_index(index_path)
         files = sorted({self.dir / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        missing = [f.name for f in files if not os.path.lexists(f)]  # a FIFO is refused when opened
         if missing:
             raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing[:5])}.")
         self._load_files(files, kind)
