@@ -399,8 +399,8 @@ def test_stale_temps_are_decided_by_the_writers_lock(tmp_path):
     target = tmp_path / "mask.safetensors"
     model = make_model("llama", num_hidden_layers=2)
     stale = tmp_path / ".mask.safetensors.hfhooks-tmp-0123456789abcdef"
-    stale.write_bytes(b"half a file from a writer killed long ago")
     with paths.temp_file(target) as (live, _):  # a live writer (this process) holds its lock
+        stale.write_bytes(b"half a file from a writer killed long ago")  # nobody holds its lock
         ParamMask.full(model).save(target)
         assert live.exists() and not stale.exists()  # unlocked: removed; locked: kept
         live.unlink()
@@ -451,7 +451,12 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, ckpts, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(R, "restore_layers", interrupted)
-    code, err = run(capsys, "restore", ckpts / "tuned", ckpts / "base", "--layers", "1", "-o", tmp_path / "r")
+    try:
+        code, err = run(
+            capsys, "restore", ckpts / "tuned", ckpts / "base", "--layers", "1", "-o", tmp_path / "r"
+        )
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
     assert code == 130 and err.count("\n") == 1 and "interrupted" in err
 
 
