@@ -4,7 +4,9 @@ Every file hfhooks writes (masks, diffs) is a plain safetensors file whose ``__m
 (``hfhooks.kind``), who wrote it (``hfhooks.version``), and carries a SHA-256 digest over all other metadata
 and every tensor's bytes. Reading verifies the digest, so a truncated, bit-flipped or hand-edited file is a
 clear :class:`ArtifactError`, never a silently different mask. Writes go to a temporary file in the target
-directory and are renamed into place, so an interrupted save never leaves half a file under the real name.
+directory and are renamed into place, so an interrupted save never leaves half a file under the real name; the
+temporary is named ``.<name>.hfhooks-tmp-<hex>`` and locked by its writer, so the next save to the same path removes
+one a killed writer left (see :mod:`hfhooks.paths`).
 
 The helpers mask and diff files share live here too: bit packing (``numpy.packbits`` order), the digest of
 the metadata alone that lazy diff reads check, and re-raising an :class:`ArtifactError` as a file-kind error.
@@ -16,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from hfhooks._version import __version__
+from hfhooks.paths import check_output, publish, temp_file, write_error
 
 __all__ = [
     "FORMAT_VERSION",
@@ -132,16 +134,33 @@ def write_artifact(
         metadata[f"hfhooks.{key}"] = json.dumps(value)  # insertion order kept (e.g. a mask's tensor order)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata[_DIGEST] = _digest(metadata, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # saving over an earlier artifact of the same kind is what save() means; anything else (a model shard, a
+    # symlink, a directory) is refused rather than destroyed
+    existed = check_output(
+        path, (), overwrite=True, same_kind=lambda p: _is_artifact(p, kind), kind=f"{kind} file"
+    )
+    data = memoryview(save(tensors, metadata=metadata))
+    with temp_file(path) as (tmp, fd):  # locked while we write: a killed save's temp is removed by the next
+        try:
+            while data.nbytes:
+                data = data[os.write(fd, data[: 1 << 30]) :]
+        except OSError as e:  # ENOSPC / EFBIG: name the file, not a bare errno
+            raise write_error(e, path) from None
+        publish(tmp, path, replace=existed)
     return path
+
+
+def _is_artifact(path: Path, kind: str) -> bool:
+    """Whether ``path`` is an hfhooks artifact of ``kind`` (header only; what a save may replace)."""
+    from hfhooks.checkpoints import (  # checkpoints imports this module
+        CheckpointError,
+        read_safetensors_header,
+    )
+
+    try:
+        return read_safetensors_header(path)[1].get("hfhooks.kind") == kind
+    except (CheckpointError, OSError):
+        return False
 
 
 def sniff_pickle(path: str | os.PathLike) -> str | None:
@@ -174,7 +193,8 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
     """
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: no such file.")
+        what = "not a regular file (a FIFO, device or directory)" if path.exists() else "no such file"
+        raise ArtifactError(f"{path}: {what}.")
     pickled = sniff_pickle(path)
     if pickled:
         raise ArtifactError(

@@ -3,7 +3,8 @@
 A :class:`Checkpoint` is a lazy view of a checkpoint directory — ``model.safetensors``, a sharded
 ``model.safetensors.index.json`` + shards, a PEFT ``adapter_model.safetensors``, or a single ``.safetensors``
 file. Headers are parsed and validated up front (a malformed header or index is a :class:`CheckpointError`
-naming the file and the problem); tensors are read one at a time with :func:`safetensors.safe_open`.
+naming the file and the problem); tensors are read one at a time, with ``pread`` through the descriptors the
+headers were parsed from (a concurrent in-place edit cannot shift the bytes under the cached offsets).
 
 :func:`edit_checkpoint` writes an edited copy without ever holding more than the tensors it is computing:
 
@@ -40,28 +41,28 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import dataclasses
 import errno
 import json
 import math
 import os
 import re
-import secrets
 import shutil
+import stat
 import struct
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
-from safetensors import safe_open
 
+from hfhooks import paths
 from hfhooks._version import __version__
-from hfhooks.artifacts import ArtifactError, sniff_pickle
+from hfhooks.artifacts import ArtifactError
 from hfhooks.params import UnknownParameterError, canonical_name
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "TensorBlocks",
     "TensorInfo",
     "edit_checkpoint",
+    "is_edited_checkpoint",
     "layer_map",
     "parse_layers",
     "read_safetensors_header",
@@ -129,10 +131,58 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int | None = None
     end: int | None = None
+    # the open file the byte range refers to (see _Handle): reads go through it, never through a re-opened path
+    handle: _Handle | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _itemsize(self.dtype)
+
+    def fileno(self) -> int:
+        """A descriptor to read this tensor's bytes from: the shard :class:`Checkpoint` opened (so a concurrent
+        in-place edit that swaps the file cannot shift the bytes under the cached offsets), else a fresh open."""
+        return self.handle.fileno() if self.handle is not None else -1
+
+
+class _Handle:
+    """One shard a :class:`Checkpoint` opened: the descriptor its header was parsed from, kept for every read.
+
+    An in-place edit replaces shard files by rename, so the inode behind this descriptor keeps the bytes the
+    cached offsets describe. After :meth:`close` a read re-opens the path and re-validates the header: a shard
+    changed meanwhile is an error, never shifted bytes.
+    """
+
+    def __init__(self, path: Path, fd: int, layout: dict[str, tuple[Any, ...]]):
+        self.path, self.fd, self.layout = path, fd, layout
+
+    def fileno(self) -> int:
+        if self.fd < 0:
+            fd = paths.open_regular(self.path)
+            try:
+                infos, _ = _parse_header(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _layout(infos) != self.layout:
+                os.close(fd)
+                raise CheckpointError(
+                    f"{self.path} changed on disk since the checkpoint was opened (another edit?); open it again."
+                )
+            self.fd = fd
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _layout(infos: Mapping[str, TensorInfo]) -> dict[str, tuple[Any, ...]]:
+    return {n: (i.dtype, i.shape, i.start, i.end) for n, i in infos.items()}
 
 
 @dataclass(frozen=True)
@@ -158,23 +208,40 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
 
     Checks everything a reader relies on — header length, JSON, dtypes, shapes, that every tensor's byte range
     matches its shape and that the ranges tile the data section exactly — and raises :class:`CheckpointError`
-    saying what is wrong. Tensors are returned in file order.
+    saying what is wrong. Tensors are returned in file order. A FIFO or other non-regular file is refused
+    before anything is read from it.
     """
     path = Path(path)
+    try:
+        fd = paths.open_regular(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return _parse_header(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _parse_header(fd: int, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """:func:`read_safetensors_header` of an open file (read with ``pread``: the descriptor can be shared)."""
 
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a valid safetensors file: {why}")
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad(f"{size} bytes is too short for a header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise bad(f"header length {n} exceeds the file ({size} bytes) or the 100 MB limit")
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise bad(f"{size} bytes is too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad(f"header length {n} exceeds the file ({size} bytes) or the 100 MB limit")
+        raw = b""
+        while len(raw) < n:
+            chunk = os.pread(fd, n - len(raw), 8 + len(raw))
+            if not chunk:
+                raise bad("the file ended inside its header")
+            raw += chunk
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
     try:
@@ -241,7 +308,15 @@ class ReadBuffer:
             self._data = torch.empty(0, dtype=torch.uint8)  # free the old buffer before growing
             self._data = torch.empty(n, dtype=torch.uint8)
         view = self._data[:n]
-        fd = os.open(info.file, os.O_RDONLY)
+        fd = info.fileno()
+        own = (
+            fd < 0
+        )  # a TensorInfo without a handle (parsed by read_safetensors_header): open it for this read
+        if own:
+            try:
+                fd = paths.open_regular(info.file)
+            except OSError as e:
+                raise CheckpointError(f"{info.file}: cannot read: {e.strerror or e}") from None
         try:
             mv, done = memoryview(view.numpy()), 0
             while done < n:
@@ -250,12 +325,9 @@ class ReadBuffer:
                     raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}.")
                 done += got
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
         return view.view(info.dtype).reshape(info.shape) if n else torch.empty(info.shape, dtype=info.dtype)
-
-
-def _sniff_pickle(path: Path) -> bool:
-    return sniff_pickle(path) is not None  # safetensors headers that start like a pickle are not one
 
 
 class Checkpoint:
@@ -278,14 +350,26 @@ class Checkpoint:
         self.shard_metadata: dict[Path, dict[str, str]] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
+        self._handles: list[_Handle] = []
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory.")
-        if self.path.is_file():
-            self.dir = self.path.parent
-            self._load_files([self.path], "single")
-        else:
-            self.dir = self.path
-            self._discover()
+        try:
+            if self.path.is_dir():
+                self.dir = self.path
+                self._discover()
+            else:  # a file given explicitly (a FIFO or device is refused when it is opened)
+                self.dir = self.path.parent
+                self._load_files([self.path], "single", confine=False)
+        except BaseException:
+            self.close()
+            raise
+
+    def _inside(self, file: Path) -> None:
+        """Refuse a file of the directory (shard, index) that resolves outside it (a symlink elsewhere)."""
+        try:
+            paths.resolve_inside(file, self.dir)
+        except OSError as e:
+            raise CheckpointError(e.strerror) from None
 
     # -- discovery -------------------------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -309,11 +393,24 @@ class Checkpoint:
                     f"found {found}."
                 )
 
-    def _load_files(self, files: list[Path], kind: str) -> None:
+    def _load_files(self, files: list[Path], kind: str, confine: bool = True) -> None:
         self.kind = kind
         self.files = files
         for file in files:
-            infos, meta = read_safetensors_header(file)
+            if confine:
+                self._inside(file)
+            try:
+                fd = paths.open_regular(file)
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
+            try:
+                parsed, meta = _parse_header(fd, file)
+            except BaseException:
+                os.close(fd)
+                raise
+            handle = _Handle(file, fd, _layout(parsed))
+            self._handles.append(handle)
+            infos = {n: dataclasses.replace(i, handle=handle) for n, i in parsed.items()}
             self.shard_metadata[file] = meta
             for name, info in infos.items():
                 if name in self._infos:
@@ -323,8 +420,11 @@ class Checkpoint:
                 self._infos[name] = info
 
     def _read_index(self, index_path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        self._inside(index_path)
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            fd = paths.open_regular(index_path)
+            with os.fdopen(fd, "rb") as f:
+                index = json.loads(f.read().decode("utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{index_path}: not a readable JSON index: {e}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -348,7 +448,7 @@ class Checkpoint:
     def _load_index(self, index_path: Path, kind: str) -> None:
         weight_map, self.index_metadata = self._read_index(index_path)
         files = sorted({self.dir / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        missing = [f.name for f in files if not os.path.lexists(f)]  # a FIFO is refused when opened
         if missing:
             raise CheckpointError(f"{index_path} lists shard(s) that do not exist: {', '.join(missing[:5])}.")
         self._load_files(files, kind)
@@ -361,6 +461,21 @@ class Checkpoint:
         if extra:
             raise CheckpointError(
                 f"{index_path}: shards hold tensors the index does not list (e.g. {extra[0]!r}); the index is stale."
+            )
+        # a weight file the index does not list is never read, and an edit does not carry it over: say so
+        stem = index_path.name[: -len(".index.json")].removesuffix(".safetensors")
+        listed = {f.name for f in files}
+        unlisted = sorted(
+            p.name
+            for p in self.dir.glob(f"{stem}*.safetensors")
+            if p.name not in listed and not p.name.startswith(".")
+        )
+        if unlisted:
+            warnings.warn(
+                f"{self.dir} holds {len(unlisted)} weight file(s) its index {index_path.name} does not list "
+                f"({', '.join(unlisted[:3])}): they are ignored (not read, and not copied by an edit). Remove "
+                "them, or fix the index if they belong to the checkpoint.",
+                stacklevel=3,
             )
 
     def _load_pickle(self) -> None:
@@ -379,6 +494,11 @@ class Checkpoint:
         self.kind, self.files, self._pickled = "pickle", files, {}
         seen: dict[int, str] = {}
         for file in files:
+            self._inside(file)
+            try:
+                os.close(paths.open_regular(file))  # torch.load opens by name: refuse a FIFO before it blocks
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
@@ -445,11 +565,8 @@ class Checkpoint:
         info = self.info(name)
         if self._pickled is not None:
             return self._pickled[name].clone()
-        try:  # a short-lived handle: pages of the memory map stay resident only while the tensor lives
-            with safe_open(str(info.file), framework="pt") as handle:
-                return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from None
+        # read through the descriptor the header came from (a fresh buffer: the tensor owns its memory)
+        return ReadBuffer().read(info)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` one at a time, in file order."""
@@ -473,9 +590,26 @@ class Checkpoint:
         return {canonical_name(n): n for n in self._infos}
 
     def close(self) -> None:
-        """Release resources (files are opened per read, so this only drops cached pickled tensors)."""
+        """Close the shard files and drop cached pickled tensors. A later read re-opens the shard and checks
+        that its header is unchanged (a shard replaced meanwhile is a :class:`CheckpointError`)."""
+        for handle in self._handles:
+            handle.close()
         if self._pickled is not None:
             self._pickled.clear()
+
+    def _unchanged_on_disk(self) -> str | None:
+        """Why the files at this checkpoint's paths are no longer the ones it opened (``None`` if they are)."""
+        for handle in self._handles:
+            if handle.fd < 0:
+                continue
+            try:
+                now = os.stat(handle.path)
+            except OSError:
+                return f"{handle.path} was removed"
+            was = os.fstat(handle.fd)
+            if (now.st_ino, now.st_dev) != (was.st_ino, was.st_dev):
+                return f"{handle.path} was replaced"
+        return None
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -585,7 +719,7 @@ class _ShardWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align the data section, as safetensors does
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
         self.position = 0
         _write_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw))
 
@@ -618,7 +752,11 @@ class _ShardWriter:
     def copy(self, info: TensorInfo) -> None:
         """Copy a tensor's bytes from its source file (kernel-side when possible, never through Python memory)."""
         self._next(info.end - info.start)
-        src = os.open(info.file, os.O_RDONLY)
+        src = info.fileno()
+        if src >= 0:  # the descriptor the source checkpoint parsed the offsets from
+            _copy_range(src, self.fd, info.start, info.end - info.start)
+            return
+        src = paths.open_regular(info.file)
         try:
             _copy_range(src, self.fd, info.start, info.end - info.start)
         finally:
@@ -689,7 +827,7 @@ def _plan_shards(
 def _is_copied_file(path: Path, skip: set[str]) -> bool:
     name = path.name
     return (
-        path.is_file()
+        (path.is_file() or path.is_symlink())
         and name not in skip
         and name not in _SKIP_FILES
         and not name.endswith(".index.json")
@@ -698,50 +836,26 @@ def _is_copied_file(path: Path, skip: set[str]) -> bool:
     )
 
 
-def _temp_dir_for(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.hfhooks-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    (tmp / ".hfhooks-partial").write_text(json.dumps({"pid": os.getpid(), "output": str(out)}))
-    return tmp
+def _copy_file(src: Path, dst: Path, directory: Path) -> None:
+    """Copy one non-weight file of ``directory`` into a new output, never reading outside ``directory``.
 
-
-def _remove_stale_temps(out: Path) -> None:
-    """Remove temporary directories left next to ``out`` by edits whose process no longer exists."""
-    if not out.parent.is_dir():
-        return
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.hfhooks-(\d+)-[0-9a-f]+$")
-    for entry in out.parent.iterdir():
-        m = pattern.match(entry.name)
-        if not m or not (entry / ".hfhooks-partial").is_file():
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
+    A symlink resolving inside the directory (or a Hugging Face cache snapshot's blob store) is copied as the
+    file it points to; one resolving elsewhere is recreated as a link to the same absolute target, unread (its
+    target is not copied into the output). Non-regular files (FIFOs, sockets) are refused.
+    """
+    if src.is_symlink():
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, owned by someone else
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directory entries (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
+            paths.resolve_inside(src, directory)
+        except OSError:
+            os.symlink(os.path.realpath(src), dst)
+            return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if res != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            return False
-        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
-    return True
+        fd = paths.open_regular(src)
+    except OSError as e:
+        raise CheckpointError(f"{src}: cannot copy it into the output: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+    shutil.copystat(src, dst)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -754,15 +868,49 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
+    """Carry one entry of a checkpoint directory into its in-place replacement, without following links: a
+    symlink is recreated as the same link (same directory, so relative links keep their meaning), a directory is
+    rebuilt entry by entry, a file is hard-linked (copied where links are not possible)."""
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISDIR(st.st_mode):
         dst.mkdir()
-        for child in src.iterdir():
-            _link_or_copy(child, dst / child.name)
-        return
+        for child in os.scandir(src):
+            _link_or_copy(Path(child.path), dst / child.name)
+        shutil.copystat(src, dst, follow_symlinks=False)
+    else:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(
+                    f"{src} is not a regular file and cannot be hard-linked into the edited checkpoint; remove it."
+                ) from None
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def is_edited_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint directory an hfhooks edit wrote (what ``overwrite`` may replace), or an
+    empty directory."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = Checkpoint(path)
+        try:
+            meta = (
+                ckpt.index_metadata if ckpt.index_metadata else next(iter(ckpt.shard_metadata.values()), {})
+            )
+            return bool(meta.get("hfhooks.edits"))
+        finally:
+            ckpt.close()
+    except (CheckpointError, OSError):
+        return False
 
 
 Loader = Callable[[], torch.Tensor]
@@ -782,6 +930,8 @@ def edit_checkpoint(
     progress: bool = True,
     allow_pickle: bool = False,
     desc: str = "editing",
+    inputs: Iterable[str | os.PathLike | None] = (),
+    allow_inside_source: bool = False,
 ) -> Path:
     """Write ``source`` with some tensors replaced, streaming and atomically; return the output directory.
 
@@ -798,31 +948,51 @@ def edit_checkpoint(
         drop: names to leave out of the output.
         record: what the edit was (stored as JSON under ``hfhooks.edits`` in every shard and in the index).
         max_shard_size: re-shard the output (e.g. ``"2GB"``); default: keep the source's file layout.
-        overwrite: replace an existing ``out`` (atomically, like an in-place edit).
+        overwrite: replace an existing ``out`` (atomically, like an in-place edit) — only a checkpoint directory
+            an earlier hfhooks edit wrote (or an empty directory); anything else is refused.
         copy_files: copy the source directory's other files (config, tokenizer, generation config; not
             training state) into a new output — ``True``, ``False``, or explicit file names.
         fsync: flush every file to stable storage before the rename (slower; survives power loss too).
         progress: show a tqdm progress bar (bytes written).
         allow_pickle: accept a pickled ``pytorch_model.bin`` source (read with ``weights_only=True``).
+        inputs: the other paths the edit reads (a reference checkpoint, a diff file): the output may not equal,
+            contain or lie inside any of them, nor inside ``source`` (symlinks and ``..`` resolved).
+        allow_inside_source: let ``out`` be a subdirectory of the source directory (``LayerRestorationCallback``'s
+            ``<checkpoint>/<variant>/``); it still may not equal or contain any input. Only the source's top-level
+            files are read, so the new subdirectory never becomes part of what is read.
+
+    Safety: the output is locked (``fcntl.flock`` on ``.<name>.hfhooks.lock`` next to it) for the whole edit, so
+    a second edit of the same checkpoint or output fails at once instead of racing; whether an existing output is
+    replaced is decided at the start, and the final rename never replaces anything created meanwhile.
     """
-    from tqdm.auto import tqdm
 
     src = source if isinstance(source, Checkpoint) else Checkpoint(source, allow_pickle=allow_pickle)
-    in_place = out is None
-    if in_place:
+    others = [p for p in inputs if p is not None]
+    in_place = out is None or (
+        src.path.is_dir() and not Path(out).is_symlink() and paths.real(out) == paths.real(src.dir)
+    )
+    if in_place:  # out=None, or out=<the checkpoint> (the Python API's documented spelling of in place)
         if not src.path.is_dir():
             raise ValueError(f"In-place edits need a checkpoint directory; {src.path} is a file. Pass out=.")
+        if src.dir.is_symlink():
+            raise paths.OutputPathError(
+                f"{src.dir} is a symbolic link; an in-place edit would replace the link, not the checkpoint. "
+                f"Edit the real directory ({paths.real(src.dir)})."
+            )
         out_path = src.dir
+        existed = paths.check_output(out_path, others, overwrite=True, same_kind=lambda p: True)
     else:
         out_path = Path(out)
-        if out_path.resolve() == src.dir.resolve() and src.path.is_dir():
-            in_place = True
-        elif out_path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{out_path} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
-            )
-        elif out_path.exists() and not out_path.is_dir():
-            raise FileExistsError(f"{out_path} exists and is not a directory.")
+        # with allow_inside_source the source may hold the output, but not lie inside it
+        if allow_inside_source and src.path.is_dir() and paths.real(out_path) in paths.real(src.dir).parents:
+            raise paths.OutputPathError(f"The output {out_path} contains the input {src.dir}.")
+        existed = paths.check_output(
+            out_path,
+            [*([] if allow_inside_source and src.path.is_dir() else [src.path]), *others],
+            overwrite=overwrite,
+            same_kind=is_edited_checkpoint,
+            kind="checkpoint directory",
+        )
     drop = set(drop)
     for name in [*edits, *drop]:
         src.info(name)  # unknown names fail before anything is written
@@ -832,96 +1002,115 @@ def edit_checkpoint(
     plan = _plan_shards(src, names, max_shard_size)
     edit_record = {"hfhooks_version": __version__, "source": str(src.path), **dict(record or {})}
 
-    _remove_stale_temps(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir_for(out_path)
-    try:
-        total = sum(src.info(n).nbytes for n in names)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
-        weight_map: dict[str, str] = {}
-        shard_meta_base = next(iter(src.shard_metadata.values()), {}) if src.shard_metadata else {}
-        buffer = ReadBuffer()  # every edit's load() reads into it: valid until the edit's result is written
-        for file_name, tensors in plan:
-            src_file = src.info(tensors[0]).file
-            meta = dict(src.shard_metadata.get(src_file, shard_meta_base))
-            history = _history(meta.get("hfhooks.edits"))
-            meta.update({"format": "pt", "hfhooks.edits": json.dumps([*history, edit_record])})
-            writer = _ShardWriter(tmp / file_name, [src.info(n) for n in tensors], meta)
-            try:
-                for name in tensors:
-                    info = src.info(name)
-                    fn = edits.get(name)
-                    if fn is not None:
-                        new = fn(lambda name=name: src.read(name, buffer))
-                        ok = isinstance(new, torch.Tensor | TensorInfo | TensorBlocks) and (
-                            tuple(new.shape) == info.shape and new.dtype == info.dtype
-                        )
-                        if not ok:
-                            got = (
-                                f"{new.dtype} {tuple(new.shape)}"
-                                if hasattr(new, "dtype")
-                                else type(new).__name__
-                            )
-                            raise ValueError(
-                                f"The edit of {name!r} returned {got}; it must keep the source's {info.dtype} "
-                                f"{info.shape}."
-                            )
-                        if isinstance(new, TensorInfo):
-                            if new.start is None:
-                                raise ValueError(
-                                    f"The edit of {name!r} returned a TensorInfo with no byte range."
-                                )
-                            writer.copy(new)  # bytes of another file, copied by the kernel
-                        elif isinstance(new, TensorBlocks):
-                            writer.write_blocks(name, new)  # written as computed: no full-size output
-                        else:
-                            writer.write(new)
-                        del new
-                    elif info.start is None:  # pickled source: no byte range to copy
-                        writer.write(src.get(name))
-                    else:
-                        writer.copy(info)
-                    weight_map[name] = file_name
-                    bar.update(info.nbytes)
-            finally:
-                writer.close(fsync)
-        bar.close()
-        if len(plan) > 1:
-            index_meta = {k: v for k, v in src.index_metadata.items() if k != "hfhooks.edits"}
-            index_meta["total_size"] = total
-            index_meta["hfhooks.edits"] = [*_history(src.index_metadata.get("hfhooks.edits")), edit_record]
-            index_name = "adapter_model.safetensors.index.json" if src.kind == "adapter" else INDEX_NAME
-            (tmp / index_name).write_text(
-                json.dumps({"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-                + "\n"
+    with paths.exclusive_lock(out_path, "edited" if in_place else "written"):
+        if in_place and (why := src._unchanged_on_disk()):
+            raise CheckpointError(
+                f"{src.dir} changed since it was opened ({why}: another edit finished meanwhile); open it again "
+                "so this edit does not undo that one."
             )
-        weight_files = set(src.files) | {src.dir / INDEX_NAME, src.dir / _PICKLE_INDEX}
-        if in_place:
-            for entry in src.dir.iterdir():
-                if entry not in weight_files and not (tmp / entry.name).exists() and entry != tmp:
-                    if entry.name.startswith(f".{out_path.name}.hfhooks-"):
+        if not in_place and os.path.lexists(out_path) != existed:
+            raise FileExistsError(f"{out_path} was created or removed by someone else meanwhile; run again.")
+        with paths.temp_dir(out_path) as tmp:
+            try:
+                _write_edit(src, tmp, plan, names, edits, edit_record, fsync, progress, desc)
+            except OSError as e:
+                raise paths.write_error(e, out_path) from None
+            weight_files = set(src.files) | {src.dir / INDEX_NAME, src.dir / _PICKLE_INDEX}
+            if in_place:
+                for entry in src.dir.iterdir():
+                    if entry not in weight_files and not os.path.lexists(tmp / entry.name):
+                        _link_or_copy(entry, tmp / entry.name)
+            elif copy_files and src.path.is_dir():
+                wanted = None if copy_files is True else set(copy_files)
+                for entry in sorted(src.dir.iterdir()):
+                    if wanted is not None and entry.name not in wanted:
                         continue
-                    _link_or_copy(entry, tmp / entry.name)
-        elif copy_files and src.path.is_dir():
-            wanted = None if copy_files is True else set(copy_files)
-            for entry in sorted(src.dir.iterdir()):
-                if wanted is not None and entry.name not in wanted:
-                    continue
-                if entry in weight_files or (wanted is None and not _is_copied_file(entry, set())):
-                    continue
-                if entry.is_file() and not (tmp / entry.name).exists():
-                    shutil.copy2(entry, tmp / entry.name)
-        (tmp / ".hfhooks-partial").unlink()
-        if fsync:
-            _fsync_dir(tmp)
-        src.close()
-        _finalize(tmp, out_path, replace=in_place or out_path.exists())
-        if fsync:
-            _fsync_dir(out_path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    if entry in weight_files or (wanted is None and not _is_copied_file(entry, set())):
+                        continue
+                    if (entry.is_file() or entry.is_symlink()) and not os.path.lexists(tmp / entry.name):
+                        _copy_file(entry, tmp / entry.name, src.dir)
+            if fsync:
+                _fsync_dir(tmp)
+            src.close()
+            old = paths.publish(tmp, out_path, replace=in_place or existed)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            if fsync:
+                _fsync_dir(out_path.parent)
     return out_path
+
+
+def _write_edit(
+    src: Checkpoint,
+    tmp: Path,
+    plan: list[tuple[str, list[str]]],
+    names: list[str],
+    edits: Mapping[str, Callable[[Loader], torch.Tensor]],
+    edit_record: dict[str, Any],
+    fsync: bool,
+    progress: bool,
+    desc: str,
+) -> None:
+    """Write the edited shards (and the index) of ``src`` into the temporary directory ``tmp``."""
+    from tqdm.auto import tqdm
+
+    total = sum(src.info(n).nbytes for n in names)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    weight_map: dict[str, str] = {}
+    shard_meta_base = next(iter(src.shard_metadata.values()), {}) if src.shard_metadata else {}
+    buffer = ReadBuffer()  # every edit's load() reads into it: valid until the edit's result is written
+    for file_name, tensors in plan:
+        src_file = src.info(tensors[0]).file
+        meta = dict(src.shard_metadata.get(src_file, shard_meta_base))
+        history = _history(meta.get("hfhooks.edits"))
+        meta.update({"format": "pt", "hfhooks.edits": json.dumps([*history, edit_record])})
+        writer = _ShardWriter(tmp / file_name, [src.info(n) for n in tensors], meta)
+        try:
+            for name in tensors:
+                info = src.info(name)
+                fn = edits.get(name)
+                if fn is not None:
+                    new = fn(lambda name=name: src.read(name, buffer))
+                    ok = isinstance(new, torch.Tensor | TensorInfo | TensorBlocks) and (
+                        tuple(new.shape) == info.shape and new.dtype == info.dtype
+                    )
+                    if not ok:
+                        got = (
+                            f"{new.dtype} {tuple(new.shape)}" if hasattr(new, "dtype") else type(new).__name__
+                        )
+                        raise ValueError(
+                            f"The edit of {name!r} returned {got}; it must keep the source's {info.dtype} "
+                            f"{info.shape}."
+                        )
+                    if isinstance(new, TensorInfo):
+                        if new.start is None:
+                            raise ValueError(
+                                f"The edit of {name!r} returned a TensorInfo with no byte range."
+                            )
+                        writer.copy(new)  # bytes of another file, copied by the kernel
+                    elif isinstance(new, TensorBlocks):
+                        writer.write_blocks(name, new)  # written as computed: no full-size output
+                    else:
+                        writer.write(new)
+                    del new
+                elif info.start is None:  # pickled source: no byte range to copy
+                    writer.write(src.get(name))
+                else:
+                    writer.copy(info)
+                weight_map[name] = file_name
+                bar.update(info.nbytes)
+        finally:
+            writer.close(fsync)
+    bar.close()
+    if len(plan) > 1:
+        index_meta = {k: v for k, v in src.index_metadata.items() if k != "hfhooks.edits"}
+        index_meta["total_size"] = total
+        index_meta["hfhooks.edits"] = [*_history(src.index_metadata.get("hfhooks.edits")), edit_record]
+        index_name = "adapter_model.safetensors.index.json" if src.kind == "adapter" else INDEX_NAME
+        (tmp / index_name).write_text(
+            json.dumps({"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+            + "\n"
+        )
 
 
 def _history(raw: Any) -> list[Any]:
@@ -932,17 +1121,3 @@ def _history(raw: Any) -> list[Any]:
             value = json.loads(raw)
             return value if isinstance(value, list) else []
     return []
-
-
-def _finalize(tmp: Path, out: Path, replace: bool) -> None:
-    """Move the finished temporary directory into place: a plain rename, or an atomic swap then cleanup."""
-    if not replace:
-        os.rename(tmp, out)
-        return
-    if _exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
-        return
-    old = out.parent / f".{out.name}.hfhooks-old-{secrets.token_hex(4)}"  # pragma: no cover - non-Linux
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

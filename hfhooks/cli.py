@@ -112,12 +112,14 @@ def _layer_names(path: str, layers: str) -> list[str]:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    import tempfile
+    import shutil
     from pathlib import Path
 
     from hfhooks.diffs import WeightDiff
+    from hfhooks.paths import temp_dir
 
     progress = not args.quiet
+    _check_diff_output(args.output, [args.base, args.tuned], args.overwrite)
     if (Path(args.tuned) / "adapter_config.json").is_file():
         diff = WeightDiff.from_lora(args.tuned, base=args.base, dtype=args.dtype)
         if args.changed_only:
@@ -146,12 +148,32 @@ def _diff(args: argparse.Namespace) -> int:
         diff = WeightDiff.between(args.base, args.tuned, out=args.output, **kwargs)
     else:  # stream the exact diff to a scratch file, then quantise it tensor by tensor into the output
         out = Path(args.output)
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            exact = WeightDiff.between(args.base, args.tuned, out=Path(tmp) / "exact.safetensors", **kwargs)
-            exact.quantize(args.quantize).save(out, progress=progress)
+        # a locked, recognisable scratch directory next to the output: a killed run's is removed by the next
+        with temp_dir(out) as tmp:
+            try:
+                exact = WeightDiff.between(args.base, args.tuned, out=tmp / "exact.safetensors", **kwargs)
+                exact.quantize(args.quantize).save(out, progress=progress)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         diff = WeightDiff.load(out, lazy=True)
     _print_diff_summary(diff, args.output)
     return 0
+
+
+def _is_diff_file(path) -> bool:
+    """Whether ``path`` is an hfhooks diff file (the only thing ``diff --overwrite`` may replace)."""
+    from hfhooks.checkpoints import CheckpointError, read_safetensors_header
+
+    try:
+        return read_safetensors_header(path)[1].get("hfhooks.kind") == "diff"
+    except (CheckpointError, OSError):
+        return False
+
+
+def _check_diff_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
+    from hfhooks.paths import check_output
+
+    check_output(output, inputs, overwrite=overwrite, same_kind=_is_diff_file, kind="diff file")
 
 
 def _print_diff_summary(diff, path) -> None:
@@ -210,6 +232,8 @@ def _diff_info(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from hfhooks.diffs import WeightDiff
 
+    if not args.in_place:
+        _check_dir_output(args.output, [args.diff, args.target], args.overwrite)
     diff = WeightDiff.load(args.diff, lazy=True)
     out = diff.apply(
         args.target,
@@ -260,6 +284,9 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     diff.add_argument(
         "--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)"
     )
+    diff.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (only an hfhooks diff file)"
+    )
     diff.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     diff.set_defaults(func=_diff)
 
@@ -303,8 +330,28 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
     apply.set_defaults(func=_apply)
 
 
+def _check_dir_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
+    """``-o`` of a checkpoint edit: never an input (use --in-place), inside one or holding one; an existing one
+    only with --overwrite and only if an earlier hfhooks edit wrote it."""
+    from hfhooks.checkpoints import is_edited_checkpoint
+    from hfhooks.paths import check_output
+
+    check_output(
+        output,
+        inputs,
+        overwrite=overwrite,
+        same_kind=is_edited_checkpoint,
+        kind="checkpoint directory",
+        hint="To edit it in place, pass --in-place instead of -o.",
+    )
+
+
 def _add_write_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output directory (only one an earlier hfhooks edit wrote)",
+    )
     p.add_argument("--max-shard-size", help="re-shard the output (e.g. 2GB); default: the source's layout")
     p.add_argument("--fsync", action="store_true", help="flush to stable storage before the final rename")
     p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
@@ -315,6 +362,8 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
 def _restore(args: argparse.Namespace) -> int:
     from hfhooks.restoration import restore_layers
 
+    if not args.in_place:
+        _check_dir_output(args.output, [args.target, args.reference], args.overwrite)
     report = restore_layers(
         args.target,
         args.reference,
@@ -431,11 +480,20 @@ def _load_prompts(args: argparse.Namespace, tokenizer):
 
 
 def _search_restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
     import transformers
 
+    from hfhooks.paths import check_output
     from hfhooks.restoration import restore_layers, search_restoration
 
+    inputs = [args.post, args.base, args.prompts]
+    if args.restore_to:
+        _check_dir_output(args.restore_to, inputs, args.overwrite)
+    for side in (args.csv, args.plot):  # side outputs: never an input or inside one, never silently replaced
+        if side:
+            check_output(side, inputs, overwrite=args.overwrite, same_kind=Path.is_file, kind="file")
     transformers.utils.logging.set_verbosity_error()
     # from_pretrained takes `dtype` from transformers 4.56 on; older releases only know `torch_dtype`
     modern = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit()) >= (4, 56)
@@ -529,7 +587,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--csv", help="write every row to this CSV file")
     search.add_argument("--plot", help="write the validity/diversity plot to this PNG")
     search.add_argument("--restore-to", help="write POST with the selected range restored to this directory")
-    search.add_argument("--overwrite", action="store_true", help="replace an existing --restore-to directory")
+    search.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --restore-to directory (one hfhooks wrote), --csv or --plot file",
+    )
     search.add_argument("--json", action="store_true", help="machine-readable output")
     search.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     search.set_defaults(func=_search_restore)
@@ -559,6 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # an interrupted edit leaves its inputs intact and nothing under the output name: say so in one line
+        print("hfhooks: interrupted (inputs untouched, no output written)", file=sys.stderr)
+        return 130
     except (ArtifactError, ValueError, KeyError, IndexError, OSError, NotImplementedError) as e:
         # user errors (bad files, wrong base, unknown names, existing outputs): one clean line, exit 2
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

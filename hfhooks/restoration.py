@@ -106,6 +106,7 @@ def restore_layers(
     fsync: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    allow_inside_source: bool = False,
 ) -> RestoreReport:
     """Set decoder ``layers`` of ``target`` to ``reference``'s weights.
 
@@ -119,7 +120,11 @@ def restore_layers(
         include: extra parameter names / globs / ``re:`` patterns to restore.
         adapters: for LoRA layers inside the range: ``"zero"`` (``lora_B = 0``: the adapter stays, with no
             effect, and save/load round-trips) or ``"drop"`` (unwrap the module / omit its tensors).
-        out: for a checkpoint target, the output directory (``out=target`` edits it in place, atomically).
+        out: for a checkpoint target, the output directory (``out=target`` edits it in place, atomically). It
+            may not equal, contain or lie inside ``reference`` or (unless ``allow_inside_source``) ``target``; an
+            existing one is replaced only with ``overwrite`` and only if an earlier hfhooks edit wrote it.
+        allow_inside_source: let ``out`` be a subdirectory of the target checkpoint (see
+            :func:`~hfhooks.checkpoints.edit_checkpoint`).
     """
     if adapters not in ("zero", "drop"):
         raise ValueError(f"adapters={adapters!r}: use 'zero' or 'drop'.")
@@ -139,7 +144,13 @@ def restore_layers(
         include,
         adapters,
         Path(out),
-        dict(overwrite=overwrite, max_shard_size=max_shard_size, fsync=fsync, progress=progress),
+        dict(
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            fsync=fsync,
+            progress=progress,
+            allow_inside_source=allow_inside_source,
+        ),
         allow_pickle,
     )
 
@@ -295,6 +306,8 @@ def _restore_checkpoint(
     allow_pickle: bool,
 ) -> RestoreReport:
     ckpt = Checkpoint(path, allow_pickle=allow_pickle)
+    # the reference is read too: the output may not equal, contain or lie inside it either
+    write = {**write, "inputs": [reference] if isinstance(reference, str | os.PathLike) else []}
     block_path, of = layer_map(ckpt.keys())
     if block_path is None:
         raise ValueError(f"{path}: cannot find decoder layers in the tensor names (e.g. {ckpt.keys()[0]!r}).")

@@ -261,9 +261,10 @@ def test_written_shards_are_valid_safetensors_for_odd_tensors(tmp_path):
         "i64": torch.arange(9),
         "flag": torch.tensor([True, False, True]),
     }
-    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "src").mkdir()  # the output may not lie inside the source directory
+    save_file(tensors, tmp_path / "src" / "model.safetensors")
     edits = {"bf16": lambda load: load() * 2, "scalar": lambda load: load() + 1}
-    out = edit_checkpoint(tmp_path, tmp_path / "out", edits, progress=False)
+    out = edit_checkpoint(tmp_path / "src", tmp_path / "out", edits, progress=False)
     infos, meta = read_safetensors_header(out / "model.safetensors")
     assert meta["format"] == "pt" and set(infos) == set(tensors)
     with safe_open(out / "model.safetensors", "pt") as f:

@@ -102,6 +102,7 @@ class LayerRestorationCallback(TrainerCallback):
             self.layers,
             out=out,
             overwrite=True,
+            allow_inside_source=self.mode == "variant",  # <checkpoint>/<variant>/ lives inside the checkpoint
             adapters=self.adapters,
             progress=False,
             **self.options,

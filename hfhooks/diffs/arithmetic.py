@@ -200,7 +200,7 @@ def _apply_fn(
         def finish() -> None:
             results = [c.result() for c in checks]  # re-raises a DiffFileError from verify()
             if bases and results[0] not in bases:
-                raise BaseMismatchError(_mismatch_message([(name, bases[0], results[0])], 1))
+                raise BaseMismatchError(_mismatch_message([(name, bases[0], results[0])], None))
 
         if entry.storage != "dense":
             out = _add_payload(theta, entry, payload, scale)

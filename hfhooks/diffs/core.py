@@ -242,7 +242,7 @@ class WeightDiff(HubMixin):
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
-            return _write_diff(out, entries(), meta, common, progress, desc="diff")
+            return _write_diff(out, entries(), meta, common, progress, desc="diff", inputs=[base, tuned])
         diff = cls(metadata=meta)
         unchanged = []
         for n, entry in _progress(entries(), len(common), progress, "diff"):
@@ -535,6 +535,7 @@ class WeightDiff(HubMixin):
             fsync=fsync,
             progress=progress,
             desc="apply diff",
+            inputs=[self.metadata.get("path")],  # the diff file, when the output could destroy it
         )
 
     def _apply_model(self, model: nn.Module, scale: float, check_base: bool) -> nn.Module:

@@ -33,11 +33,17 @@ class BaseMismatchError(ValueError):
     """A diff applied to (or combined with) weights other than the ones it was computed from."""
 
 
-def _mismatch_message(bad: list[tuple[str, str, str]], total: int) -> str:
+def _mismatch_message(bad: list[tuple[str, str, str]], total: int | None) -> str:
+    """``total=None``: a streamed apply that stops at the first mismatching tensor (the others are unchecked)."""
     name, want, got = bad[0]
+    found = (
+        f"{len(bad)} of {total} tensors do not match its base (e.g. {name!r}: expected {want}, found {got})"
+        if total is not None
+        else f"tensor {name!r} does not match its base (expected {want}, found {got}; the streamed apply stops "
+        "at the first mismatch, so later tensors were not checked, and nothing was written)"
+    )
     return (
-        f"This diff was computed on different weights: {len(bad)} of {total} tensors do not match its base "
-        f"(e.g. {name!r}: expected {want}, found {got}). Apply it to the model it was extracted from. To apply "
+        f"This diff was computed on different weights: {found}. Apply it to the model it was extracted from. To apply "
         "it to other weights on purpose (task arithmetic on an edited model), pass check_base=False (CLI: "
         "--no-check-base); to combine diffs of one base, add them first: (d1 + d2).apply(base)."
     )

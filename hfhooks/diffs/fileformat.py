@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import tempfile
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfhooks._version import __version__
-from hfhooks.artifacts import FORMAT_VERSION, _decode_metadata, _digest, _meta_digest, _reraise_as
+from hfhooks.artifacts import (
+    FORMAT_VERSION,
+    ArtifactError,
+    _decode_metadata,
+    _digest,
+    _meta_digest,
+    _reraise_as,
+)
 from hfhooks.checkpoints import (
     ReadBuffer,
     TensorInfo,
@@ -43,6 +49,7 @@ from hfhooks.diffs.entries import (
     _model_fingerprint,
     _progress,
 )
+from hfhooks.paths import check_output, publish, temp_file, write_error
 
 if TYPE_CHECKING:
     from hfhooks.diffs.core import WeightDiff
@@ -103,8 +110,13 @@ def _write_diff(
     names: Sequence[str],
     progress: bool,
     desc: str,
+    inputs: Iterable[Any] = (),
 ) -> WeightDiff:
     """Stream entries into a diff file, atomically.
+
+    The file is written under a locked ``.<name>.hfhooks-tmp-<hex>`` temporary (a killed writer's is removed by
+    the next write to the same path) and renamed into place; an existing file is replaced only if it is an
+    hfhooks diff, and ``path`` may not equal or lie inside any of ``inputs`` (the checkpoints it is computed from).
 
     Tensors are written straight into the data section behind a reserved header (one pass, one tensor in
     memory); the header — which needs every tensor's offsets, CRCs and exactness — is written last, padded with
@@ -112,75 +124,93 @@ def _write_diff(
     copy of the data (slower, still correct).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    reserve = 65536 + sum(2048 + 24 * len(n) for n in names) + 4 * len(json.dumps(meta, default=str))
-    reserve += -reserve % 8
-    data = _DataFile(fd, 8 + reserve)
-    try:
-        infos: dict[str, dict[str, Any]] = {}
-        per_base: dict[str, tuple[tuple[int, ...], str | None]] = {}
-        per_target: dict[str, tuple[tuple[int, ...], str | None]] = {}
-        unchanged: list[str] = list(meta.get("unchanged", []))
-        for name, entry in _progress(items, len(names), progress, desc):
-            if entry is None:
-                unchanged.append(name)
-                continue
-            if _SEP in name:
-                raise ValueError(f"Tensor name {name!r} contains {_SEP!r}, which diff files reserve.")
-            payload = entry.load()
-            stored = _stored(name, entry, payload)
-            crcs = {k: data.add(k, v) for k, v in sorted(stored.items())}
-            nnz = int(payload["mask"].sum()) if payload.get("mask") is not None else None
-            infos[name] = _entry_meta(entry, crcs, nnz)
-            per_base[name] = (entry.shape, entry.base)
-            per_target[name] = (entry.shape, entry.target)
-            del payload, stored
-        full_meta = {k: v for k, v in meta.items() if k not in _RESERVED_META}
-        full_meta.update(
-            {
-                "base": _model_fingerprint(per_base),
-                "target": _model_fingerprint(per_target),
-                "exact": _all_flags(i["exact"] for i in infos.values()),
-                "exact_inverse": _all_flags(i["exact_inverse"] for i in infos.values()),
-                "unchanged": unchanged,
-                "tensors": infos,
-            }
-        )
-        metadata = {
-            "format": "pt",
-            "hfhooks.kind": "diff",
-            "hfhooks.version": __version__,
-            "hfhooks.format_version": FORMAT_VERSION,
-        }
-        for key, value in full_meta.items():
-            metadata[f"hfhooks.{key}"] = json.dumps(value)
-        metadata["hfhooks.meta_digest"] = json.dumps(_meta_digest(metadata))
-        metadata["hfhooks.digest"] = _digest(metadata, data)
-        raw = _header_bytes(metadata, data)
-        if len(raw) <= reserve:
-            os.pwrite(fd, reserve.to_bytes(8, "little") + raw + b" " * (reserve - len(raw)), 0)
-        else:  # pragma: no cover - only with enormous metadata
-            raw += b" " * (-len(raw) % 8)
-            fd2, tmp2 = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                _write_all(fd2, memoryview(len(raw).to_bytes(8, "little") + raw))
-                _copy_range(fd, fd2, 8 + reserve, data.size)
-            finally:
-                os.close(fd2)
-            os.replace(tmp2, tmp)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+    existed = check_output(
+        path,
+        [p for p in inputs if isinstance(p, str | os.PathLike)],
+        overwrite=True,
+        same_kind=_is_diff_file,
+        kind="diff file",
+    )
+    with temp_file(path) as (tmp, fd):
+        try:
+            _stream_diff(path, tmp, fd, items, meta, names, progress, desc)
+        except OSError as e:  # ENOSPC / EFBIG from a bare os.write: name the file
+            raise write_error(e, path) from None
+        publish(tmp, path, replace=existed)
     diff = _read_diff(path, lazy=True)
     diff.metadata["path"] = str(path)
     return diff
+
+
+def _is_diff_file(path: Path) -> bool:
+    try:
+        return read_safetensors_header(path)[1].get("hfhooks.kind") == "diff"
+    except (ArtifactError, OSError):
+        return False
+
+
+def _stream_diff(
+    path: Path,
+    tmp: Path,
+    fd: int,
+    items: Iterable[tuple[str, DiffEntry | None]],
+    meta: Mapping[str, Any],
+    names: Sequence[str],
+    progress: bool,
+    desc: str,
+) -> None:
+    """The body of :func:`_write_diff`: entries into the open temporary ``tmp`` (``fd``), header last."""
+    reserve = 65536 + sum(2048 + 24 * len(n) for n in names) + 4 * len(json.dumps(meta, default=str))
+    reserve += -reserve % 8
+    data = _DataFile(fd, 8 + reserve)
+    infos: dict[str, dict[str, Any]] = {}
+    per_base: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    per_target: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    unchanged: list[str] = list(meta.get("unchanged", []))
+    for name, entry in _progress(items, len(names), progress, desc):
+        if entry is None:
+            unchanged.append(name)
+            continue
+        if _SEP in name:
+            raise ValueError(f"Tensor name {name!r} contains {_SEP!r}, which diff files reserve.")
+        payload = entry.load()
+        stored = _stored(name, entry, payload)
+        crcs = {k: data.add(k, v) for k, v in sorted(stored.items())}
+        nnz = int(payload["mask"].sum()) if payload.get("mask") is not None else None
+        infos[name] = _entry_meta(entry, crcs, nnz)
+        per_base[name] = (entry.shape, entry.base)
+        per_target[name] = (entry.shape, entry.target)
+        del payload, stored
+    full_meta = {k: v for k, v in meta.items() if k not in _RESERVED_META}
+    full_meta.update(
+        {
+            "base": _model_fingerprint(per_base),
+            "target": _model_fingerprint(per_target),
+            "exact": _all_flags(i["exact"] for i in infos.values()),
+            "exact_inverse": _all_flags(i["exact_inverse"] for i in infos.values()),
+            "unchanged": unchanged,
+            "tensors": infos,
+        }
+    )
+    metadata = {
+        "format": "pt",
+        "hfhooks.kind": "diff",
+        "hfhooks.version": __version__,
+        "hfhooks.format_version": FORMAT_VERSION,
+    }
+    for key, value in full_meta.items():
+        metadata[f"hfhooks.{key}"] = json.dumps(value)
+    metadata["hfhooks.meta_digest"] = json.dumps(_meta_digest(metadata))
+    metadata["hfhooks.digest"] = _digest(metadata, data)
+    raw = _header_bytes(metadata, data)
+    if len(raw) <= reserve:
+        os.pwrite(fd, reserve.to_bytes(8, "little") + raw + b" " * (reserve - len(raw)), 0)
+    else:  # pragma: no cover - only with enormous metadata
+        raw += b" " * (-len(raw) % 8)
+        with temp_file(path) as (tmp2, fd2):
+            _write_all(fd2, memoryview(len(raw).to_bytes(8, "little") + raw))
+            _copy_range(fd, fd2, 8 + reserve, data.size)
+            os.replace(tmp2, tmp)
 
 
 def _read_diff(path: Path, lazy: bool) -> WeightDiff:
