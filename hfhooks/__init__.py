@@ -33,6 +33,7 @@ from hfhooks.evaluation import (
     unlearning_metrics,
 )
 from hfhooks.freeze import GradientMask
+from hfhooks.hooks import HookRecord, installed_hooks, remove_hooks
 from hfhooks.layers import (
     LayerList,
     attention_head_slices,
@@ -90,6 +91,7 @@ __all__ = [
     "GradientMask",
     "GradientMaskCallback",
     "GradientRoutingCallback",
+    "HookRecord",
     "LayerList",
     "LayerRestorationCallback",
     "LossHook",
@@ -126,6 +128,7 @@ __all__ = [
     "faithfulness",
     "find_layers",
     "forget_retain_dataset",
+    "installed_hooks",
     "layer_of",
     "mia_efficacy",
     "mlp_projections",
@@ -133,6 +136,7 @@ __all__ = [
     "model_fingerprint",
     "reference_logprobs",
     "relearn_attack",
+    "remove_hooks",
     "restore_layers",
     "routing_labels",
     "salun",
