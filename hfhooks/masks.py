@@ -161,6 +161,8 @@ class ParamMask:
         )
         entries = {}
         for name, (axis, idx) in slices.items():
+            if name not in shape_of and isinstance(shapes, ParamIndex) and name in shapes:
+                shape_of[name] = tuple(shapes.info(name).shape)  # a tied weight's alias
             if name not in shape_of:
                 raise UnknownParameterError(f"Slice names unknown parameter {name!r}.")
             shape = tuple(shape_of[name])

@@ -40,7 +40,7 @@ def _args(tmp_path, **kw):
 
 def _lm_data(n=6, seq=6, **tags):
     ids = random_input_ids(n, seq)
-    return TaggedDataset([{"input_ids": ids[i], "labels": ids[i]} for i in range(n)], tags=tags or None)
+    return TaggedDataset([{"input_ids": ids[i], "labels": ids[i]} for i in range(n)], tags=tags)
 
 
 def _raw_hooks(model, optimizer=None) -> int:
@@ -48,6 +48,7 @@ def _raw_hooks(model, optimizer=None) -> int:
     n = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     n += sum(len(p._backward_hooks or {}) + len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
     if optimizer is not None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         n += len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
     return n
 
@@ -63,13 +64,25 @@ def _half_mask(model) -> ParamMask:
 
 
 # -- item 8: None gradients, non-finite weights ---------------------------------------------------------------
+def _gpt2_classifier():
+    config = make_model("gpt2").config
+    config.num_labels, config.pad_token_id = 2, 0
+    torch.manual_seed(0)
+    return T.GPT2ForSequenceClassification(config)
+
+
+def _classification_data(n):
+    ids = random_input_ids(n, 6) % 63 + 1  # no pad token (0) inside
+    rows = [{"input_ids": ids[i], "labels": torch.tensor(i % 2)} for i in range(n)]
+    return TaggedDataset(rows, tags={"rationale": [[0.0, 1.0, 1.0, 0.0, 0.0, 1.0]] * n})
+
+
 def test_gradient_mask_and_attribution_alignment_train_together_on_gpt2(tmp_path):
-    model = make_model("gpt2")
+    model = _gpt2_classifier()
     index = ParamIndex(model)
     mask = _half_mask(model)
     before = {n: p.detach().clone() for n, p in index.items()}
-    n = 4
-    data = _lm_data(n, 6, rationale=[[0.0, 1.0, 1.0, 0.0, 0.0, 1.0]] * n)
+    data = _classification_data(4)
     trainer = T.Trainer(
         model=model, args=_args(tmp_path, max_steps=2), train_dataset=data, data_collator=TaggedCollator(),
         callbacks=[GradientMaskCallback(mask), AttributionAlignmentCallback("grad_x_input", prior="rationale")],
@@ -145,20 +158,19 @@ def _interrupted_run(tmp_path, model, callbacks, data=None):
 def _frozen_grad_after_plain_backward(model, mask) -> float:
     """|grad| summed over coordinates the mask froze, after a plain forward/backward (0 = still masked)."""
     model.zero_grad()
-    ids = random_input_ids(2, 6)
-    model(input_ids=ids, labels=ids).loss.backward()
+    ids = random_input_ids(2, 6) % 63 + 1
+    labels = torch.tensor([0, 1]) if model.config.num_labels == 2 and "Sequence" in type(model).__name__ else ids
+    model(input_ids=ids, labels=labels).loss.backward()
     return sum(
         float(p.grad[~mask[n]].abs().sum()) for n, p in ParamIndex(model).items() if p.grad is not None
     )
 
 
 def test_interrupted_train_leaves_no_hooks(tmp_path):
-    model = make_model("llama")
+    model = _gpt2_classifier()
     mask = _half_mask(model)
     align = AttributionAlignmentCallback("grad_x_input", prior="rationale")
-    n = 12
-    data = _lm_data(n, 6, rationale=[[0.0, 1.0, 1.0, 0.0, 0.0, 1.0]] * n)
-    trainer = _interrupted_run(tmp_path, model, [GradientMaskCallback(mask), align], data)
+    trainer = _interrupted_run(tmp_path, model, [GradientMaskCallback(mask), align], _classification_data(12))
     with pytest.warns(RuntimeWarning, match="ended without on_train_end"):
         left = installed_hooks(model)
     assert left == []
@@ -300,10 +312,11 @@ def test_mask_keyed_by_tied_alias_acts_like_canonical_name(arch, value, others):
 def test_alias_and_canonical_name_that_disagree_are_refused():
     model = _tied("gpt2")
     shape = model.lm_head.weight.shape
-    mask = ParamMask({"lm_head.weight": torch.zeros(shape), "transformer.wte.weight": torch.ones(shape)})
+    no, yes = torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+    mask = ParamMask({"lm_head.weight": no, "transformer.wte.weight": yes})
     with pytest.raises(ValueError, match="same parameter"):
         GradientMask(model, mask, freeze="grad").attach()
-    same = ParamMask({"lm_head.weight": torch.zeros(shape), "transformer.wte.weight": torch.zeros(shape)})
+    same = ParamMask({"lm_head.weight": no, "transformer.wte.weight": no})
     assert same.canonical(model).names() == ["transformer.wte.weight"]
 
 
