@@ -324,7 +324,9 @@ class GradientMask:
                 # Before accumulation, clipping and DDP's all-reduce, so all of them see the masked gradient.
                 hooks.tensor_hook(target.param, target.mask_grad, target.name)
         frozen_whole = {id(t.param) for t in self._frozen if t.kind == "all"}
-        trainable = [p for _, p in ParamIndex(self.model).items() if p.requires_grad and id(p) not in frozen_whole]
+        trainable = [
+            p for _, p in ParamIndex(self.model).items() if p.requires_grad and id(p) not in frozen_whole
+        ]
         self.finite = FiniteMonitor(trainable, "GradientMask") if self.check_finite else None
         if optimizer is not None:
             opt = innermost_optimizer(optimizer)
@@ -341,15 +343,14 @@ class GradientMask:
         """Restore frozen coordinates (and zero their optimizer state). Called automatically when attached
         with an optimizer in ``hard`` / ``groups`` mode."""
         self._steps += 1
-        if self.finite is not None:
+        if self.freeze != "grad":
+            dropped = {id(p) for _, params in self._removed for p in params}
+            # Tensors dropped from the optimizer never stepped: nothing to undo.
+            _restore_all([t for t in self._frozen if not (t.kind == "all" and id(t.param) in dropped)])
+            if self._optimizer is not None and self._zero_state_each_step:
+                self._zero_all_state()
+        if self.finite is not None:  # after the restore: a NaN on a frozen coordinate is undone, not reported
             self.finite.check()
-        if self.freeze == "grad":
-            return
-        dropped = {id(p) for _, params in self._removed for p in params}
-        # Tensors dropped from the optimizer never stepped: nothing to undo.
-        _restore_all([t for t in self._frozen if not (t.kind == "all" and id(t.param) in dropped)])
-        if self._optimizer is not None and self._zero_state_each_step:
-            self._zero_all_state()
 
     def _zero_all_state(self) -> None:
         if self._optimizer is None:

