@@ -331,9 +331,9 @@ class FiniteMonitor:
             if device.type == "cpu":
                 self._report(self.step, int(bad))
             else:
-                host = torch.empty((), dtype=bad.dtype, pin_memory=torch.cuda.is_available())
-                host.copy_(bad, non_blocking=True)
                 event = torch.cuda.Event() if device.type == "cuda" else None
+                host = torch.empty((), dtype=bad.dtype, pin_memory=event is not None)
+                host.copy_(bad, non_blocking=event is not None)  # other accelerators: a plain (synced) copy
                 if event is not None:
                     event.record()
                 self._pending.append((self.step, host, event))
