@@ -33,6 +33,7 @@ from hfhooks.evaluation import (
     unlearning_metrics,
 )
 from hfhooks.freeze import GradientMask
+from hfhooks.hooks import HookRecord, installed_hooks, remove_hooks
 from hfhooks.hub import HubError
 from hfhooks.layers import (
     LayerList,
@@ -91,6 +92,7 @@ __all__ = [
     "GradientMask",
     "GradientMaskCallback",
     "GradientRoutingCallback",
+    "HookRecord",
     "HubError",
     "LayerList",
     "LayerRestorationCallback",
@@ -128,6 +130,7 @@ __all__ = [
     "faithfulness",
     "find_layers",
     "forget_retain_dataset",
+    "installed_hooks",
     "layer_of",
     "mia_efficacy",
     "mlp_projections",
@@ -135,6 +138,7 @@ __all__ = [
     "model_fingerprint",
     "reference_logprobs",
     "relearn_attack",
+    "remove_hooks",
     "restore_layers",
     "routing_labels",
     "salun",

@@ -25,7 +25,7 @@ Example (a plain PyTorch loop):
     >>> mask = ParamMask({"weight": torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]]), "bias": torch.tensor([1, 0])})
     >>> opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
     >>> before = model.weight.detach().clone()
-    >>> with GradientMask(model, mask).attach(opt):
+    >>> with GradientMask(model, mask, optimizer=opt):
     ...     for _ in range(3):
     ...         model(torch.randn(8, 4)).square().mean().backward(); opt.step(); opt.zero_grad()
     >>> bool((model.weight == before)[mask["weight"].logical_not()].all())
@@ -34,11 +34,13 @@ Example (a plain PyTorch loop):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from hfhooks.hooks import FiniteMonitor, HookSet
 from hfhooks.masks import ParamMask
 from hfhooks.params import ParamIndex, bit_view, is_dtensor
 
@@ -137,8 +139,14 @@ class _Frozen:
             return (bit_view(t) & self.keep).view(t.dtype)
         return t.masked_fill(self.drop, 0)  # a gradient or state in another dtype than the parameter
 
-    def mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """Tensor-hook form (before accumulation): a new, masked gradient."""
+    def mask_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Tensor-hook form (before accumulation): a new, masked gradient.
+
+        ``None`` passes through: ``torch.autograd.grad(..., allow_unused=True)`` (e.g. attribution alignment's
+        self-check) calls tensor hooks with ``None`` for outputs that do not reach this parameter.
+        """
+        if grad is None:
+            return None
         if self.kind == "all":
             return torch.zeros_like(grad)
         return self._masked(grad)
@@ -233,39 +241,54 @@ class GradientMask:
     """Enforce a :class:`ParamMask` on a model's training: only masked-in coordinates change.
 
     Args:
-        model: the model (plain, PEFT, DDP or compiled; names are canonical).
+        model: the model (plain, PEFT, DDP or compiled; names are canonical, tied-weight aliases resolve to the
+            shared tensor).
         mask: the mask (``1`` = may train) or a path to a saved mask file.
         freeze: ``"hard"`` (default: bit-identical guarantee), ``"groups"`` (hard, and drop fully frozen
             tensors from the optimizer), or ``"grad"`` (gradient masking only).
         others: what happens to trainable parameters the mask does not name: ``"freeze"`` (default) or ``"train"``.
+        optimizer: the optimizer that steps the model; ``with GradientMask(model, mask, optimizer=opt):`` attaches
+            with it. ``hard`` / ``groups`` need it (or :meth:`after_step` called after every step).
+        check_finite: warn once when a trainable parameter turns NaN / inf after an optimizer step.
     """
 
-    def __init__(self, model: nn.Module, mask: ParamMask | str, freeze: str = "hard", others: str = "freeze"):
+    def __init__(
+        self,
+        model: nn.Module,
+        mask: ParamMask | str,
+        freeze: str = "hard",
+        others: str = "freeze",
+        optimizer: torch.optim.Optimizer | None = None,
+        check_finite: bool = True,
+    ):
         check_freeze_args(freeze, others)
         self.model, self.freeze, self.others = model, freeze, others
         self.mask = (
             ParamMask.load(mask) if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__") else mask
         )
+        self.optimizer, self.check_finite = optimizer, check_finite
+        self.finite: FiniteMonitor | None = None
         self._frozen: list[_Frozen] = []
-        self._handles: list = []
+        self._hooks: HookSet | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._removed: list[tuple[dict, list[nn.Parameter]]] = []
         self._zero_state_each_step = True
+        self._steps = 0  # after_step calls since attach
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._hooks is not None and self._hooks.live
 
     @property
     def num_hooks(self) -> int:
         """Number of live hooks this object installed (0 after :meth:`detach`)."""
-        return len(self._handles)
+        return len(self._hooks) if self._hooks is not None else 0
 
     def _targets(self) -> list[_Frozen]:
         from hfhooks.lora import lora_aware_mask  # LoRA mapping lives with the other PEFT knowledge
 
         index = ParamIndex(self.model)
-        mask = lora_aware_mask(index, self.mask)
+        mask = lora_aware_mask(index, self.mask.canonical(index))
         mask.validate(index)
         frozen = []
         for name, param in index.items():
@@ -281,21 +304,30 @@ class GradientMask:
     def attach(self, optimizer: torch.optim.Optimizer | None = None) -> GradientMask:
         """Install the hooks; with an optimizer, also restore after each of its steps (``hard``/``groups``).
 
-        Without an optimizer call :meth:`after_step` yourself after every ``optimizer.step()``.
-        Snapshot values are taken now: attach after loading a checkpoint, before training.
+        ``optimizer`` defaults to the one given to the constructor. Without one, call :meth:`after_step`
+        yourself after every ``optimizer.step()`` (:meth:`detach` warns if frozen coordinates moved meanwhile).
+        Snapshot values are taken now: attach after loading a checkpoint, before training. Inside a
+        ``Trainer`` run the hooks are removed if the run ends without ``on_train_end`` (see :mod:`hfhooks.hooks`).
         """
         if self.attached:
             raise RuntimeError("GradientMask is already attached; call detach() first.")
+        optimizer = optimizer if optimizer is not None else self.optimizer
         self._frozen = self._targets()
+        self._hooks = hooks = HookSet(self, self.model)
+        self._steps = 0
         for target in self._frozen:
             if is_dtensor(target.param):
                 # FSDP2: the sharded parameter never sees an autograd gradient (the unsharded copy does); FSDP
                 # runs post-accumulate hooks on it once the reduce-scattered gradient shard is in place.
-                hook = target.param.register_post_accumulate_grad_hook(target.mask_grad_)
+                hooks.post_accumulate_grad_hook(target.param, target.mask_grad_, target.name)
             else:
                 # Before accumulation, clipping and DDP's all-reduce, so all of them see the masked gradient.
-                hook = target.param.register_hook(target.mask_grad)
-            self._handles.append(hook)
+                hooks.tensor_hook(target.param, target.mask_grad, target.name)
+        frozen_whole = {id(t.param) for t in self._frozen if t.kind == "all"}
+        trainable = [
+            p for _, p in ParamIndex(self.model).items() if p.requires_grad and id(p) not in frozen_whole
+        ]
+        self.finite = FiniteMonitor(trainable, "GradientMask") if self.check_finite else None
         if optimizer is not None:
             opt = innermost_optimizer(optimizer)
             self._optimizer = opt
@@ -303,20 +335,22 @@ class GradientMask:
             self._zero_all_state()
             if self.freeze == "groups":
                 self._drop_frozen_from_groups(opt)
-            if self.freeze in ("hard", "groups"):
-                self._handles.append(opt.register_step_post_hook(lambda *_: self.after_step()))
+            if self.freeze in ("hard", "groups") or self.finite is not None:
+                hooks.step_post_hook(opt, lambda *_: self.after_step())
         return self
 
     def after_step(self) -> None:
         """Restore frozen coordinates (and zero their optimizer state). Called automatically when attached
         with an optimizer in ``hard`` / ``groups`` mode."""
-        if self.freeze == "grad":
-            return
-        dropped = {id(p) for _, params in self._removed for p in params}
-        # Tensors dropped from the optimizer never stepped: nothing to undo.
-        _restore_all([t for t in self._frozen if not (t.kind == "all" and id(t.param) in dropped)])
-        if self._optimizer is not None and self._zero_state_each_step:
-            self._zero_all_state()
+        self._steps += 1
+        if self.freeze != "grad":
+            dropped = {id(p) for _, params in self._removed for p in params}
+            # Tensors dropped from the optimizer never stepped: nothing to undo.
+            _restore_all([t for t in self._frozen if not (t.kind == "all" and id(t.param) in dropped)])
+            if self._optimizer is not None and self._zero_state_each_step:
+                self._zero_all_state()
+        if self.finite is not None:  # after the restore: a NaN on a frozen coordinate is undone, not reported
+            self.finite.check()
 
     def _zero_all_state(self) -> None:
         if self._optimizer is None:
@@ -342,17 +376,41 @@ class GradientMask:
         return {k: v for k, v in out.items() if v}
 
     def detach(self) -> None:
-        """Remove every hook this object installed and put back optimizer param groups it edited."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove every hook this object installed and put back optimizer param groups it edited.
+
+        Attached in ``hard`` / ``groups`` mode without an optimizer and never given :meth:`after_step`, it warns
+        if frozen coordinates moved (the optimizer hook that would have restored them was never installed).
+        """
+        if self._hooks is None:
+            return
+        unenforced = self.attached and self.freeze != "grad" and self._optimizer is None and not self._steps
+        self._hooks.close()
+        self._hooks = None
         for group, params in self._removed:
             group["params"] = params
         self._removed.clear()
         self._optimizer = None
+        if self.finite is not None:
+            self.finite.flush()
+        moved = self.moved() if unenforced else {}
+        if moved:
+            warnings.warn(
+                f"GradientMask(freeze={self.freeze!r}) was attached without an optimizer and after_step() was never "
+                f"called, so weight decay / momentum moved {sum(moved.values())} frozen coordinates "
+                f"(e.g. {next(iter(moved))}). Pass optimizer=... (or attach(optimizer)).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __enter__(self) -> GradientMask:
         if not self.attached:
+            if self.optimizer is None and self.freeze != "grad":
+                raise ValueError(
+                    f"GradientMask(freeze={self.freeze!r}) as a context manager needs the optimizer: without its "
+                    "step hook, weight decay and momentum move frozen coordinates. Use "
+                    "`with GradientMask(model, mask, optimizer=opt):` (or `with GradientMask(model, mask).attach(opt):`); "
+                    "pass freeze='grad' to mask gradients only."
+                )
             self.attach()
         return self
 

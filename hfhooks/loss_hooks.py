@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfhooks.hooks import HookSet
+
 __all__ = ["LossHook", "count_items", "is_causal_lm"]
 
 LossFn = Callable[[Any, torch.Tensor | None, dict[str, Any]], torch.Tensor]
@@ -73,28 +75,29 @@ class LossHook:
         self.num_items: Any = None  # the forward's num_items_in_batch, during fn
         self.active = active or (lambda m: m.training)
         self.causal = is_causal_lm(model)
-        self._handles: list = []
+        self._hooks: HookSet | None = None
         self._ctx: dict[str, Any] = {}
 
     def attach(self) -> LossHook:
-        if self._handles:
+        if self.num_hooks:
             raise RuntimeError("LossHook is already attached.")
-        self._handles.append(self.model.register_forward_pre_hook(self._pre, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._post, with_kwargs=True))
+        self._hooks = HookSet(self, self.model)
+        self._hooks.forward_pre_hook(self.model, self._pre, "loss", with_kwargs=True)
+        self._hooks.forward_hook(self.model, self._post, "loss", with_kwargs=True)
         return self
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
         self._ctx = {}
 
     @property
     def num_hooks(self) -> int:
-        return len(self._handles)
+        return len(self._hooks) if self._hooks is not None else 0
 
     def __enter__(self) -> LossHook:
-        return self.attach() if not self._handles else self
+        return self.attach() if not self.num_hooks else self
 
     def __exit__(self, *exc) -> None:
         self.detach()

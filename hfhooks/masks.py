@@ -164,6 +164,8 @@ class ParamMask(HubMixin):
         )
         entries = {}
         for name, (axis, idx) in slices.items():
+            if name not in shape_of and isinstance(shapes, ParamIndex) and name in shapes:
+                shape_of[name] = tuple(shapes.info(name).shape)  # a tied weight's alias
             if name not in shape_of:
                 raise UnknownParameterError(f"Slice names unknown parameter {name!r}.")
             shape = tuple(shape_of[name])
@@ -320,7 +322,34 @@ class ParamMask(HubMixin):
                     "The mask was computed on a different model configuration."
                 )
             resolved[index.canonical(name)] = param
+        self.canonical(index)  # two names of one tensor (tied weights) must not disagree
         return resolved
+
+    def canonical(self, model: nn.Module | ParamIndex) -> ParamMask:
+        """This mask keyed by canonical names: tied-weight aliases (``lm_head.weight`` of a model whose head
+        shares the embedding) and wrapped names map onto the name the shared tensor is indexed under, so that
+        a mask keyed by an alias acts exactly as one keyed by the canonical name.
+
+        Names that do not resolve are kept as they are (:meth:`validate` reports them). Two names of one
+        tensor with different bits raise ``ValueError``: one tensor cannot be both frozen and trained.
+        """
+        index = model if isinstance(model, ParamIndex) else ParamIndex(model)
+        entries: dict[str, _Entry] = {}
+        source: dict[str, str] = {}
+        for name, entry in self._entries.items():
+            canon = index.canonical(name) if name in index or index.resolves(name) else name
+            if canon in entries:
+                first = entries[canon]
+                if first.shape != entry.shape or not torch.equal(first.dense(), entry.dense()):
+                    raise ValueError(
+                        f"The mask names one tensor twice with different values: {source[canon]!r} and {name!r} "
+                        f"are the same parameter ({canon!r}, tied weights). Keep one of the two entries."
+                    )
+                continue
+            entries[canon], source[canon] = entry, name
+        if list(entries) == list(self._entries):
+            return self
+        return ParamMask._from_entries(entries, self.metadata)
 
     # -- I/O -----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, model: nn.Module | None = None, **extra: Any) -> Path:

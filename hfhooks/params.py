@@ -210,6 +210,14 @@ class ParamIndex:
         """The live ``Parameter`` for a canonical name."""
         return self.info(name).param
 
+    def resolves(self, name: str) -> bool:
+        """Whether ``name`` (canonical, an alias of a tied weight, or as printed by the wrapped model) names a
+        parameter of the model."""
+        if name in self or name in self._by_full:
+            return True
+        canon = canonical_name(name)
+        return canon != name and canon in self
+
     def canonical(self, name: str) -> str:
         """Canonical name for a name as printed by the wrapped model, a canonical name, or an alias."""
         if name in self._by_full:
@@ -253,7 +261,9 @@ class ParamIndex:
         if include is not None:
             keep: list[str] = []
             for pat in _as_list(include):
-                hit = [n for n in names if _match(pat, n)]
+                # a tied weight's alias (lm_head.weight sharing the embedding) selects its canonical name
+                alias = self._alias.get(pat)
+                hit = [n for n in names if _match(pat, n) or n == alias]
                 if not hit:
                     raise UnknownParameterError(self._unknown_message(pat))
                 keep.extend(h for h in hit if h not in keep)

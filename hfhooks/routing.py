@@ -18,8 +18,11 @@ per example or per token: at every dedicated-unit site ``ã = m ⊙ a + (1 − m
 ``m`` (fractional or negative allowed) chosen by label for dedicated and shared units.
 
 One optimizer for everything still moves zero-gradient slices through momentum and weight decay (a known
-weakness of the reference code); ``strict=True`` restores, after each step whose micro-batches were all
-*forget* (all *retain*), the coordinates that mode must not change.
+weakness of the reference code, which avoids it with separate optimizers). Routing is therefore exact by
+default (``strict=True``): after each step whose micro-batches were all *forget* (all *retain*), the coordinates
+that mode must not change are restored, which needs the optimizer (``Router(..., optimizer=opt)`` or
+``attach(opt)``). The leaky behaviour of the reference code must be asked for by name: ``strict=False``.
+A first optimizer step that no routing label reached raises before the optimizer changes anything.
 
 After training, :func:`ablate` zeroes (or re-initialises) the dedicated slices and :func:`calibrate_logits`
 trains only the LM-head bias, so that trivial bias shifts do not masquerade as retained knowledge.
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 
 from hfhooks.data import pop_kwargs_hook, to_device
 from hfhooks.freeze import innermost_optimizer
+from hfhooks.hooks import HookSet
 from hfhooks.layers import attention_head_slices, find_layers, mlp_unit_slices, select_layers
 from hfhooks.masks import ParamMask
 from hfhooks.params import ParamIndex, is_dtensor, unwrap_model
@@ -136,7 +140,10 @@ class Router:
         forget_weights / retain_weights: activation-level ``(dedicated, shared)`` gradient weights.
         shared_on_forget: patterns of non-dedicated parameters that still learn from forget data (e.g.
             ``["*embed_tokens*"]``); by default forget data trains only dedicated coordinates.
-        strict: restore coordinates a step's mode must not change (momentum / weight decay), see above.
+        strict: ``True`` (default): restore, after each optimizer step, the coordinates that step's mode must
+            not change (momentum / weight decay), so nothing leaks; needs ``optimizer`` for parameter-level
+            routing. ``False``: the leaky mode (one optimizer moves every coordinate), asked for by name.
+        optimizer: the optimizer that steps the model (used by ``with Router(...)`` and :meth:`attach`).
     """
 
     def __init__(
@@ -148,31 +155,48 @@ class Router:
         forget_weights: tuple[float, float] = (1.0, 0.0),
         retain_weights: tuple[float, float] = (0.0, 1.0),
         shared_on_forget: Sequence[str] = (),
-        strict: bool = False,
+        strict: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         if level not in ("param", "activation"):
             raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
         self.model, self.dedicated, self.level, self.label_name = model, dedicated, level, label_name
         self.forget_weights, self.retain_weights = forget_weights, retain_weights
-        self.shared_on_forget, self.strict = list(shared_on_forget), strict
+        self.shared_on_forget, self.strict, self.optimizer = list(shared_on_forget), strict, optimizer
         self.counts: Counter[str] = Counter()  # micro-batches seen per mode (training forwards only)
         self._labels: torch.Tensor | None = None
         self._mode: int = UNLABELLED
         self._step_modes: set[int] = set()
-        self._handles: list = []
+        self._hooks: HookSet | None = None
+        self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
         self._sites: list[_Site] = []
         self._snapshot: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_hooks(self) -> int:
-        return len(self._handles)
+        return len(self._hooks) if self._hooks is not None else 0
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks is not None and self._hooks.live
 
     # -- setup ---------------------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer | None = None) -> Router:
-        """Install the label pre-hook, gradient hooks and activation hooks (and, if ``strict``, step hooks)."""
-        if self._handles:
+        """Install the label pre-hook, gradient hooks, activation hooks and optimizer step hooks.
+
+        ``optimizer`` defaults to the constructor's. Parameter-level ``strict`` routing refuses to attach
+        without one (it could not undo weight decay and momentum); pass ``strict=False`` to accept the leak.
+        """
+        if self.attached:
             raise RuntimeError("Router is already attached; call detach() first.")
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if optimizer is None and self.strict and self.level == "param":
+            raise ValueError(
+                "Router(strict=True) needs the optimizer: without its step hooks, weight decay and momentum move "
+                "coordinates a forget (retain) step must not change. Use Router(model, dedicated, optimizer=opt) "
+                "(or router.attach(opt)); strict=False asks for the leaky behaviour explicitly."
+            )
         index = ParamIndex(self.model)
         sharded = [n for n, p in index.items() if is_dtensor(p)]
         if (
@@ -182,6 +206,7 @@ class Router:
                 f"{sharded[0]} is a DTensor (FSDP2 / tensor parallel): gradient routing does not support sharded "
                 "parameters yet. Train with DDP (torchrun --nproc_per_node N) or a single process."
             )
+        self.dedicated = self.dedicated.canonical(index)  # tied-weight aliases act on the shared tensor
         resolved = self.dedicated.validate(index)
         frozen = [n for n, p in resolved.items() if not p.requires_grad]
         if frozen:
@@ -208,28 +233,33 @@ class Router:
             raise ValueError(
                 "The dedicated mask has no consumer (down/output projection) slices: nothing to route in the forward."
             )
-        self._handles.append(pop_kwargs_hook(self.model, [self.label_name], self._receive))
+        self._hooks = hooks = HookSet(self, self.model)
+        self.steps = 0
+        hooks.add(
+            pop_kwargs_hook(self.model, [self.label_name], self._receive), "forward_pre", "routing labels"
+        )
         for target in self._targets:
-            self._handles.append(target.param.register_hook(self._grad_hook(target)))
+            hooks.tensor_hook(target.param, self._grad_hook(target))
         for site in self._sites:
-            self._handles.append(site.module.register_forward_pre_hook(self._site_hook(site)))
-        if optimizer is not None and self.strict:
+            hooks.forward_pre_hook(site.module, self._site_hook(site))
+        if optimizer is not None:
             opt = innermost_optimizer(optimizer)
-            self._handles.append(opt.register_step_pre_hook(lambda *_: self._before_step()))
-            self._handles.append(opt.register_step_post_hook(lambda *_: self._after_step()))
+            hooks.step_pre_hook(opt, lambda *_: self._before_step())
+            if self.strict:
+                hooks.step_post_hook(opt, lambda *_: self._after_step())
         return self
 
     def detach(self) -> None:
         """Remove every hook this router installed."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
         self._targets.clear()
         self._sites.clear()
         self._labels = None
 
     def __enter__(self) -> Router:
-        if not self._handles:
+        if not self.attached:
             self.attach()
         return self
 
@@ -315,8 +345,27 @@ class Router:
         retain_dedicated = (labels == RETAIN) & units  # retain examples never use dedicated units
         return routed.masked_fill(retain_dedicated, 0)
 
-    # -- strict mode -----------------------------------------------------------------------------------------
+    # -- optimizer steps -------------------------------------------------------------------------------------
+    def check_labels_arrived(self) -> None:
+        """Raise (after detaching) if no routing label reached the model since attach: routing would do
+        nothing. Called before the first optimizer step, so the refused step never changes a weight."""
+        counts = self.counts
+        if counts["unlabelled (no labels passed)"] and not (
+            counts["forget"] or counts["retain"] or counts["unlabelled"]
+        ):
+            self.detach()
+            raise RuntimeError(
+                f"No routing labels reached the model in the first step (batch key {self.label_name!r}). Wrap the "
+                "training set in hfhooks.TaggedDataset(dataset, tags=[...]) and pass data_collator=hfhooks.TaggedCollator()."
+            )
+
     def _before_step(self) -> None:
+        self.steps += 1
+        if self.steps == 1:
+            self.check_labels_arrived()
+        if not self.strict:
+            self._step_modes = set()
+            return
         modes, self._step_modes = self._sync_modes(self._step_modes), set()
         self._snapshot = []
         if self.level != "param" or len(modes) != 1 or modes == {UNLABELLED}:
@@ -366,7 +415,9 @@ def ablate(
     if how not in ("zero", "reinit"):
         raise ValueError(f"how={how!r} must be 'zero' or 'reinit'.")
     changed = 0
-    for name, param in dedicated.validate(model).items():
+    index = model if isinstance(model, ParamIndex) else ParamIndex(model)
+    dedicated = dedicated.canonical(index)  # a tied-weight alias is the shared tensor
+    for name, param in dedicated.validate(index).items():
         sel = dedicated[name].to(param.device)
         if how == "zero":
             param.data.masked_fill_(sel, 0)

@@ -22,6 +22,7 @@ from hfhooks.attribution.distances import DISTANCES, distance
 from hfhooks.attribution.methods import METHODS, compute_attribution, needs_double_backprop, target_scores
 from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, Prior, pool_words
 from hfhooks.attribution.sites import AttributionSite
+from hfhooks.hooks import HookSet
 from hfhooks.loss_hooks import LossHook, count_items
 
 __all__ = ["AttributionAlignment"]
@@ -116,7 +117,7 @@ class AttributionAlignment:
         self._rerunning = False
         self._stack: contextlib.ExitStack | None = None
         self._cap = None
-        self._handles: list = []
+        self._hooks: HookSet | None = None
         tags = [*self.prior.tags, "special_tokens_mask", *([word_ids] if word_ids else [])]
         self._loss = LossHook(model, self._term, tags=tags, mode="add", active=self._active)
 
@@ -132,25 +133,26 @@ class AttributionAlignment:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def attach(self) -> AttributionAlignment:
-        if self._handles:
+        if self._hooks is not None:
             raise RuntimeError("AttributionAlignment is already attached.")
         self._loss.attach()  # first: its pre-hook pops the tags before _open copies the kwargs
-        self._handles.append(self.model.register_forward_pre_hook(self._open, with_kwargs=True))
+        self._hooks = HookSet(self, self.model)
+        self._hooks.forward_pre_hook(self.model, self._open, "attribution site", with_kwargs=True)
         return self
 
     def detach(self) -> None:
         self._close()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
         self._loss.detach()
 
     @property
     def num_hooks(self) -> int:
-        return len(self._handles) + self._loss.num_hooks
+        return (len(self._hooks) if self._hooks is not None else 0) + self._loss.num_hooks
 
     def __enter__(self) -> AttributionAlignment:
-        return self.attach() if not self._handles else self
+        return self.attach() if self._hooks is None else self
 
     def __exit__(self, *exc) -> None:
         self.detach()

@@ -17,8 +17,10 @@ class GradientMaskCallback(TrainerCallback):
     """Enforce a :class:`~hfhooks.ParamMask` during ``Trainer.train()`` (see :class:`~hfhooks.GradientMask`).
 
     Hooks are installed at ``on_train_begin`` — after the Trainer has created the optimizer, wrapped the model
-    and loaded any checkpoint it resumes from — and all removed at ``on_train_end``. With ``freeze="hard"``
-    (default) the callback also checks at the end that no frozen coordinate moved, and raises if one did.
+    and loaded any checkpoint it resumes from — and all removed at ``on_train_end``, or, when an exception ends
+    ``train()`` before that, as soon as the run is seen to be over (see :mod:`hfhooks.hooks`). With
+    ``freeze="hard"`` (default) the callback also checks at the end that no frozen coordinate moved, and raises
+    if one did. It warns once if trainable weights turn NaN / inf (a non-finite loss or gradient).
 
     Args:
         mask: a :class:`ParamMask` (1 = may train) or the path of a saved mask.
@@ -50,6 +52,8 @@ class GradientMaskCallback(TrainerCallback):
         if self.enforcer is not None:
             self.enforcer.detach()
         self.enforcer = GradientMask(model, self.mask, self.freeze, self.others).attach(optimizer)
+        if self.enforcer.finite is not None:  # name the Trainer's step in the non-finite warning
+            self.enforcer.finite.step_offset = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.enforcer is None:

@@ -29,7 +29,8 @@ class GradientRoutingCallback(TrainerCallback):
         layers, mlp_units, heads: the default dedicated slices (all layers, last 64 units, last head).
         level: ``"param"`` (SGTM) or ``"activation"`` (gradient routing, mixed batches).
         label_name: the tag / batch key holding the labels.
-        strict: undo momentum / weight-decay drift of coordinates a step's mode must not change.
+        strict: ``True`` (default): undo momentum / weight-decay drift of coordinates a step's mode must not
+            change, so routing is exact; ``False`` asks for the leaky behaviour of a single optimizer.
         save_mask: if set, the dedicated mask is saved there (safetensors) when training starts.
         **router_kwargs: forwarded to :class:`~hfhooks.routing.Router` (e.g. ``forget_weights``).
 
@@ -49,7 +50,7 @@ class GradientRoutingCallback(TrainerCallback):
         heads: int | Sequence[int] = 1,
         level: str = "param",
         label_name: str = "routing",
-        strict: bool = False,
+        strict: bool = True,
         save_mask: str | os.PathLike | None = None,
         **router_kwargs,
     ):
@@ -76,18 +77,11 @@ class GradientRoutingCallback(TrainerCallback):
         )
         self.router.attach(optimizer)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.router is None or state.global_step != 1:
-            return
-        counts = self.router.counts
-        if counts["unlabelled (no labels passed)"] and not (
-            counts["forget"] or counts["retain"] or counts["unlabelled"]
-        ):
-            self.router.detach()
-            raise RuntimeError(
-                f"No routing labels reached the model in the first step (batch key {self.label_name!r}). Wrap the "
-                "training set in hfhooks.TaggedDataset(dataset, tags=[...]) and pass data_collator=hfhooks.TaggedCollator()."
-            )
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # Before the first step changes anything (the router's optimizer pre-hook checks too, for loops
+        # whose optimizer the Trainer does not step itself).
+        if self.router is not None and self.router.attached and self.router.steps == 0:
+            self.router.check_labels_arrived()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.router is not None and logs is not None and "loss" in logs:
