@@ -82,9 +82,10 @@ def resumed_checkpoint(args: Any, state: Any, resume_from: ResumeFrom, owner: st
         return None
     if resume_from is not None and resume_from is not True:
         ckpt = Path(resume_from)
-    elif isinstance(getattr(args, "resume_from_checkpoint", None), str) and Path(
-        args.resume_from_checkpoint
-    ).is_dir():
+    elif (
+        isinstance(getattr(args, "resume_from_checkpoint", None), str)
+        and Path(args.resume_from_checkpoint).is_dir()
+    ):
         ckpt = Path(args.resume_from_checkpoint)
     else:
         ckpt = _checkpoint(args, state)

@@ -9,10 +9,13 @@ from transformers import TrainerCallback
 
 from hfhooks.callbacks._guards import refuse_unsupported
 from hfhooks.callbacks._logging import add_to_logs
+from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 from hfhooks.masks import ParamMask
 from hfhooks.routing import Router, dedicated_mask
 
 __all__ = ["GradientRoutingCallback"]
+
+_OWNER = "GradientRoutingCallback"
 
 
 class GradientRoutingCallback(TrainerCallback):
@@ -31,6 +34,8 @@ class GradientRoutingCallback(TrainerCallback):
         label_name: the tag / batch key holding the labels.
         strict: undo momentum / weight-decay drift of coordinates a step's mode must not change.
         save_mask: if set, the dedicated mask is saved there (safetensors) when training starts.
+        resume_from: the checkpoint a resumed run restores the dedicated mask and batch counters from
+            (default: the one the Trainer resumes from); ``False`` starts them afresh.
         **router_kwargs: forwarded to :class:`~hfhooks.routing.Router` (e.g. ``forget_weights``).
 
     Example::
@@ -51,6 +56,7 @@ class GradientRoutingCallback(TrainerCallback):
         label_name: str = "routing",
         strict: bool = False,
         save_mask: str | os.PathLike | None = None,
+        resume_from: ResumeFrom = None,
         **router_kwargs,
     ):
         if dedicated is not None and not isinstance(dedicated, ParamMask):
@@ -62,9 +68,18 @@ class GradientRoutingCallback(TrainerCallback):
         self.level, self.label_name, self.strict = level, label_name, strict
         self.save_mask, self.router_kwargs = save_mask, router_kwargs
         self.router: Router | None = None
+        self.resume_from = resume_from
+        self._given_mask = dedicated is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientRoutingCallback", model=model)
+        saved = load_mask(args, state, _OWNER, self.resume_from)
+        counts: dict[str, int] = {}
+        if saved is not None:  # resumed: the dedicated mask and counters the checkpoint was trained with
+            if self._given_mask:
+                check_same_mask(self.dedicated, saved, _OWNER, "dedicated mask")
+            self.dedicated = saved
+            counts = load_state(args, state, _OWNER, self.resume_from)[1].get("counts", {})
         if self.dedicated is None:
             self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
         if self.save_mask is not None and state.is_world_process_zero:
@@ -74,7 +89,15 @@ class GradientRoutingCallback(TrainerCallback):
         self.router = Router(
             model, self.dedicated, self.level, self.label_name, strict=self.strict, **self.router_kwargs
         )
+        self.router.counts.update(counts)
         self.router.attach(optimizer)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.dedicated is None:
+            return
+        save_mask(args, state, _OWNER, self.dedicated, model=model)
+        counts = dict(self.router.counts) if self.router is not None else {}
+        save_state(args, state, _OWNER, meta={"counts": counts})
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.router is None or state.global_step != 1:

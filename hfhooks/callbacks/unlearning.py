@@ -56,7 +56,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
     Resuming: the mask, NPO's reference log-probabilities and the random-label generator are saved with every
     checkpoint (``<checkpoint>/hfhooks/``) and restored on ``trainer.train(resume_from_checkpoint=...)``, so a
     resumed run trains exactly the θ₀ mask and equals the uninterrupted one. A checkpoint without them raises
-    :class:`~hfhooks.callbacks._state.CallbackStateError`; it is never re-scored silently at the resumed weights.
+    :class:`~hfhooks.callbacks.CallbackStateError`; it is never re-scored silently at the resumed weights.
     """
 
     def __init__(

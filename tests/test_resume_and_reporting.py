@@ -1,0 +1,171 @@
+"""Callback state across ``resume_from_checkpoint``, and callback metrics in ``report_to`` integrations."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as T
+from conftest import make_model, random_input_ids
+
+from hfhooks import (
+    GradientMaskCallback,
+    GradientRoutingCallback,
+    ParamMask,
+    SaliencyUnlearningCallback,
+    TaggedCollator,
+    TaggedDataset,
+    forget_retain_dataset,
+)
+from hfhooks.callbacks import CallbackStateError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _lm_data(n: int = 16):
+    ids = random_input_ids(n, 8)
+    return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
+
+
+def _bert_data(n: int = 16):
+    ids = random_input_ids(n, 6)
+    return [{"input_ids": ids[i], "labels": torch.tensor(i % 2)} for i in range(n)]
+
+
+def _args(out, **kw) -> T.TrainingArguments:
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2, weight_decay=0.1,
+        use_cpu=True, report_to=[], logging_strategy="no", save_strategy="steps", save_steps=3,
+        disable_tqdm=True, seed=0, data_seed=0,
+    )  # fmt: skip
+    base.update(kw)
+    return T.TrainingArguments(**base)
+
+
+def _train(arch, out, dataset, callbacks, resume=None, model_seed=0, collator=None, **kw):
+    """Train a fresh tiny model (its init differs by ``model_seed``: a resumed run must get its weights from
+    the checkpoint); return the final weights."""
+    overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if arch == "bert" else {}
+    model = make_model(arch, seed=model_seed, **overrides)
+    trainer = T.Trainer(
+        model=model,
+        args=_args(out, **kw),
+        train_dataset=dataset,
+        data_collator=collator or TaggedCollator(),
+        callbacks=callbacks,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _differing(a, b) -> int:
+    return sum(int((a[n] != b[n]).sum()) for n in a)
+
+
+# -- resume ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "objective"), [("llama", "npo"), ("bert", "random_labels")])
+def test_resumed_salun_equals_uninterrupted(arch, objective, tmp_path):
+    """Item 11: SalUn resumed from the middle checkpoint (a fresh model and Trainer) ends bit-identical to the
+    uninterrupted run — the plain Trainer's own resume is bit-exact on CPU (checked first) — and no coordinate
+    outside the θ₀ mask moved (the old code re-scored at the resumed weights: thousands moved)."""
+    data = _lm_data() if arch == "llama" else _bert_data()
+    forget, retain = data[:4], data[4:]
+    ds = forget_retain_dataset(forget, retain)
+
+    plain = _train(arch, tmp_path / "plain", ds, [])
+    plain_resumed = _train(
+        arch, tmp_path / "plain", ds, [], resume=str(tmp_path / "plain/checkpoint-3"), model_seed=5
+    )
+    assert _differing(plain, plain_resumed) == 0  # the baseline: the Trainer alone resumes bit-exactly
+
+    def callback():
+        return SaliencyUnlearningCallback(forget, objective=objective, ratio=0.3, progress=False)
+
+    full_cb = callback()
+    full = _train(arch, tmp_path / "a", ds, [full_cb])
+    resumed = _train(
+        arch, tmp_path / "a", ds, [callback()], resume=str(tmp_path / "a/checkpoint-3"), model_seed=5
+    )
+    assert _differing(full, resumed) == 0
+    theta0 = dict(
+        make_model(arch, **({"hidden_dropout_prob": 0.0} if arch == "bert" else {})).named_parameters()
+    )
+    mask = full_cb.mask
+    outside = sum(int((resumed[n][~mask[n]] != theta0[n].detach()[~mask[n]]).sum()) for n in mask)
+    assert outside == 0
+    assert sum(int((resumed[n] != theta0[n].detach()).sum()) for n in mask) > 0  # it did train
+
+
+def test_resume_true_finds_the_checkpoint_and_missing_state_raises(tmp_path):
+    data = _lm_data()
+    forget, retain = data[:4], data[4:]
+    ds = forget_retain_dataset(forget, retain)
+    # a checkpoint written without the callback: resuming with it must not silently re-score
+    _train("llama", tmp_path, ds, [], max_steps=3)
+    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.3, progress=False)
+    with pytest.raises(CallbackStateError, match="does not exist"):
+        _train("llama", tmp_path, ds, [cb], resume=True)
+    # resume_from=False asks for the re-scoring by name
+    cb = SaliencyUnlearningCallback(
+        forget, objective="graddiff", ratio=0.3, progress=False, resume_from=False
+    )
+    _train("llama", tmp_path, ds, [cb], resume=True)
+    assert cb.mask is not None
+
+
+def test_resume_from_another_runs_checkpoint_is_refused(tmp_path):
+    data = _lm_data()
+    forget, retain = data[:4], data[4:]
+    ds = forget_retain_dataset(forget, retain)
+    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.3, progress=False)
+    _train("llama", tmp_path / "a", ds, [cb])
+    cb = SaliencyUnlearningCallback(
+        forget, objective="graddiff", ratio=0.3, progress=False, resume_from=tmp_path / "a/checkpoint-6"
+    )
+    with pytest.raises(CallbackStateError, match="does not hold the state this run resumed from"):
+        _train("llama", tmp_path / "b", ds, [cb], resume=str(tmp_path / "a/checkpoint-3"))
+
+
+def test_gradient_mask_resume_checks_the_mask(tmp_path):
+    model = make_model("llama")
+    data = _lm_data()
+    names = [n for n, _ in model.named_parameters() if "mlp" in n]
+    mask = ParamMask.from_scores({n: torch.rand(model.get_parameter(n).shape) for n in names}, 0.5)
+    other = ~mask
+    collator = T.default_data_collator
+    full = _train("llama", tmp_path, data, [GradientMaskCallback(mask)], collator=collator)
+    assert (tmp_path / "checkpoint-3/hfhooks/GradientMaskCallback.mask.safetensors").is_file()
+    resumed = _train(
+        "llama",
+        tmp_path,
+        data,
+        [GradientMaskCallback(mask)],
+        resume=str(tmp_path / "checkpoint-3"),
+        model_seed=5,
+        collator=collator,
+    )
+    assert _differing(full, resumed) == 0
+    with pytest.raises(CallbackStateError, match="differs from the one the checkpoint was trained with"):
+        _train("llama", tmp_path, data, [GradientMaskCallback(other)], resume=True, collator=collator)
+
+
+def test_routing_counters_and_dedicated_mask_survive_resume(tmp_path):
+    data = _lm_data()
+    labels = [i % 2 for i in range(len(data))]
+    ds = TaggedDataset(data, tags={"routing": labels}, group_by="routing", batch_size=2)
+    kw = dict(per_device_train_batch_size=1, max_steps=6)
+
+    full_cb = GradientRoutingCallback(mlp_units=8, heads=1)
+    full = _train("llama", tmp_path, ds, [full_cb], **kw)
+    resumed_cb = GradientRoutingCallback(mlp_units=8, heads=1)
+    resumed = _train(
+        "llama", tmp_path, ds, [resumed_cb], resume=str(tmp_path / "checkpoint-3"), model_seed=5, **kw
+    )
+    assert _differing(full, resumed) == 0
+    assert resumed_cb.router.counts == full_cb.router.counts  # counted from step 0, not from the resume
+    assert resumed_cb.dedicated == full_cb.dedicated
