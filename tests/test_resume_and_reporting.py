@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def _args(out, **kw) -> T.TrainingArguments:
     return T.TrainingArguments(**base)
 
 
-def _train(arch, out, dataset, callbacks, resume=None, model_seed=0, collator=None, **kw):
+def _train(arch, out, dataset, callbacks, resume=None, model_seed=0, collator=None, eval_dataset=None, **kw):
     """Train a fresh tiny model (its init differs by ``model_seed``: a resumed run must get its weights from
     the checkpoint); return the final weights."""
     overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if arch == "bert" else {}
@@ -52,6 +53,7 @@ def _train(arch, out, dataset, callbacks, resume=None, model_seed=0, collator=No
         model=model,
         args=_args(out, **kw),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator or TaggedCollator(),
         callbacks=callbacks,
     )
@@ -169,3 +171,86 @@ def test_routing_counters_and_dedicated_mask_survive_resume(tmp_path):
     assert _differing(full, resumed) == 0
     assert resumed_cb.router.counts == full_cb.router.counts  # counted from step 0, not from the resume
     assert resumed_cb.dedicated == full_cb.dedicated
+
+
+# -- metrics in report_to integrations -------------------------------------------------------------------------
+
+
+class Recorder(T.TrainerCallback):
+    """A stand-in for TensorBoardCallback (registered as the "tensorboard" integration): it keeps a copy of
+    what a reporter sees at its on_log — the moment TensorBoard or wandb write the step."""
+
+    seen: ClassVar[list[dict]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        Recorder.seen.append(dict(logs))
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", Recorder)
+    Recorder.seen = []
+    return Recorder
+
+
+def test_routing_metrics_reach_the_reporting_integrations(recorder, tmp_path):
+    """Item 15: routing/* metrics are in the logs the integrations see (the old code added them after)."""
+    data = _lm_data()
+    ds = TaggedDataset(
+        data, tags={"routing": [i % 2 for i in range(len(data))]}, group_by="routing", batch_size=2
+    )
+    cb = GradientRoutingCallback(mlp_units=8, heads=1)
+    _train(
+        "llama", tmp_path, ds, [cb], per_device_train_batch_size=1, max_steps=4, save_strategy="no",
+        report_to=["tensorboard"], logging_strategy="steps", logging_steps=2,
+    )  # fmt: skip
+    train_logs = [log for log in recorder.seen if "loss" in log]
+    assert len(train_logs) == 2
+    assert all("routing/forget_batches" in log and "routing/retain_batches" in log for log in train_logs)
+    assert train_logs[-1]["routing/forget_batches"] + train_logs[-1]["routing/retain_batches"] == 4
+
+
+def test_callback_handler_is_found_from_inside_an_event(tmp_path):
+    """The one stack-walking helper: from inside any callback event it returns the Trainer's handler."""
+    from hfhooks.callbacks._logging import callback_handler
+
+    found = {}
+
+    class Probe(T.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            found["handler"] = callback_handler()
+
+    trainer = T.Trainer(
+        model=make_model("llama"), args=_args(tmp_path, max_steps=1, save_strategy="no"),
+        train_dataset=_lm_data(4), callbacks=[Probe()],
+    )  # fmt: skip
+    trainer.train()
+    assert found["handler"] is trainer.callback_handler
+    assert callback_handler() is None  # outside an event: nothing to find
+
+
+def test_unlearning_metrics_are_reported_and_select_the_best_checkpoint(recorder, tmp_path):
+    """Item 15: eval_unlearn/* reach the integrations at each Trainer evaluation and metric_for_best_model
+    selects the checkpoint where they were best (the old code raised: the metric was not in the eval metrics)."""
+    from hfhooks import UnlearningEvalCallback
+
+    data = _bert_data(24)
+    forget, retain, test = data[:6], data[6:18], data[18:]
+    cb = UnlearningEvalCallback(forget, retain, test, every=1000, collate=T.default_data_collator)
+    _train(
+        "bert", tmp_path, data, [cb], collator=T.default_data_collator, max_steps=6, learning_rate=5e-2,
+        eval_strategy="steps", eval_steps=2, save_steps=2, report_to=["tensorboard"],
+        metric_for_best_model="unlearn/RA", greater_is_better=True, load_best_model_at_end=True, eval_dataset=test,
+    )  # fmt: skip
+    evals = [log for log in recorder.seen if "eval_runtime" in log]
+    assert len(evals) == 3
+    assert all(
+        {"eval_unlearn/UA", "eval_unlearn/RA", "eval_unlearn/TA", "eval_unlearn/MIA"} <= set(e) for e in evals
+    )
+    state = T.TrainerState.load_from_json(str(tmp_path / "checkpoint-6" / "trainer_state.json"))
+    values = [e["eval_unlearn/RA"] for e in evals]
+    best = max(range(3), key=lambda i: (values[i], -i))  # the Trainer keeps the first of equal values
+    assert state.best_metric == values[best]
+    assert state.best_model_checkpoint.endswith(f"checkpoint-{2 * (best + 1)}")

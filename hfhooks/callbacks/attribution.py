@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 from hfhooks.attribution.alignment import AttributionAlignment
 from hfhooks.attribution.methods import needs_double_backprop
 from hfhooks.callbacks._guards import refuse_unsupported
-from hfhooks.callbacks._logging import add_to_logs
+from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
 from hfhooks.callbacks._state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["AttributionAlignmentCallback"]
@@ -50,6 +50,8 @@ class AttributionAlignmentCallback(TrainerCallback):
     checkpoint when it is not the Trainer's ``output_dir/checkpoint-<step>``).
     """
 
+    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
+
     def __init__(
         self,
         method: str = "grad_x_input",
@@ -67,6 +69,7 @@ class AttributionAlignmentCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
+        report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
         if getattr(args, "gradient_checkpointing", False):
             gc = getattr(args, "gradient_checkpointing_kwargs", None) or {}
             if gc.get("use_reentrant", True) is not False:

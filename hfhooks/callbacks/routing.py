@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from transformers import TrainerCallback
 
 from hfhooks.callbacks._guards import refuse_unsupported
-from hfhooks.callbacks._logging import add_to_logs
+from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
 from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 from hfhooks.masks import ParamMask
 from hfhooks.routing import Router, dedicated_mask
@@ -46,6 +46,8 @@ class GradientRoutingCallback(TrainerCallback):
                           callbacks=[GradientRoutingCallback(mlp_units=64, heads=1)])
     """
 
+    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
+
     def __init__(
         self,
         dedicated: ParamMask | str | os.PathLike | None = None,
@@ -73,6 +75,7 @@ class GradientRoutingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientRoutingCallback", model=model)
+        report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
         saved = load_mask(args, state, _OWNER, self.resume_from)
         counts: dict[str, int] = {}
         if saved is not None:  # resumed: the dedicated mask and counters the checkpoint was trained with
