@@ -254,3 +254,65 @@ def test_unlearning_metrics_are_reported_and_select_the_best_checkpoint(recorder
     best = max(range(3), key=lambda i: (values[i], -i))  # the Trainer keeps the first of equal values
     assert state.best_metric == values[best]
     assert state.best_model_checkpoint.endswith(f"checkpoint-{2 * (best + 1)}")
+
+
+# -- SalUn on LoRA, degenerate scores (item 13) ---------------------------------------------------------------
+
+
+def test_topk_warns_on_all_zero_scores_and_deciding_ties():
+    from hfhooks.topk import DegenerateScoresWarning, topk_masks
+
+    with pytest.warns(DegenerateScoresWarning, match="all zero"):
+        topk_masks({"a": torch.rand(10), "b": torch.zeros(10)}, 0.5)
+    with pytest.warns(DegenerateScoresWarning, match="tie order"):  # 9 of 10 picks among 50 equal scores
+        topk_masks({"a": torch.cat([torch.tensor([5.0]), torch.ones(50)])}, 10 / 51)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateScoresWarning)
+        topk_masks({"a": torch.randperm(100).float(), "b": torch.tensor([1.0, 1.0])}, 0.3)  # distinct: silent
+
+
+def test_salun_on_fresh_lora_scores_base_units_and_freezes_the_others(tmp_path):
+    """A fresh adapter's lora_A scores 0: the mask came from layer order, silently. Now the adapted base weights'
+    output units are scored (checked against plain autograd), the top ratio keep trainable lora_B rows, and
+    the effective weight W + s·B·A of every other unit is unchanged after training."""
+    from conftest import lora
+
+    from hfhooks.lora import lora_delta_weights
+    from hfhooks.topk import DegenerateScoresWarning
+
+    model = lora(make_model("llama"), ["q_proj", "v_proj", "down_proj"])
+    data = _lm_data(12)
+    forget, retain = data[:4], data[4:]
+    # oracle: |Σ ∇W| of each adapted base weight over the forget set, summed per output row
+    model.eval()
+    bases = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    for p in bases.values():
+        p.requires_grad_(True)
+    loss = sum(model(**T.default_data_collator(forget[i : i + 2]))["loss"] for i in (0, 2))
+    grads = torch.autograd.grad(loss, list(bases.values()))
+    for p in bases.values():
+        p.requires_grad_(False)
+    units = {n: g.abs().sum(1) for n, g in zip(bases, grads)}
+    k = round(0.3 * sum(u.numel() for u in units.values()))
+    threshold = torch.cat(list(units.values())).topk(k).values[-1]
+
+    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.3, progress=False, batch_size=2)
+    before = {n: d.clone() for n, (d, _) in lora_delta_weights(model).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateScoresWarning)
+        T.Trainer(
+            model=model, args=_args(tmp_path, max_steps=3, save_strategy="no"),
+            train_dataset=forget_retain_dataset(forget, retain), data_collator=TaggedCollator(), callbacks=[cb],
+        ).train()  # fmt: skip
+    after = lora_delta_weights(model)
+    moved_units = kept_units = 0
+    for name, u in units.items():
+        canon = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        kept = u >= threshold
+        b_name = next(n for n in cb.mask if n.startswith(canon.rsplit(".", 1)[0] + ".lora_B"))
+        assert torch.equal(cb.mask[b_name].all(dim=1), kept)  # lora_B rows trainable ⇔ top units
+        delta = after[canon][0] - before[canon]
+        assert not bool(delta[~kept].any())  # the other units' effective weights never moved
+        moved_units += int(delta[kept].ne(0).any(dim=1).sum())
+        kept_units += int(kept.sum())
+    assert moved_units > 0 and kept_units == k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,9 @@ from hfhooks.callbacks._state import (
 )
 from hfhooks.data import TaggedCollator
 from hfhooks.freeze import GradientMask, check_freeze_args
+from hfhooks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks import ParamMask
+from hfhooks.params import ParamIndex
 from hfhooks.saliency import compute_saliency
 from hfhooks.unlearning import UnlearningObjective, objective_hook, reference_logprobs
 
@@ -36,7 +39,9 @@ class SaliencyUnlearningCallback(TrainerCallback):
     guarantee and swaps the model's loss for the objective. Train on
     :func:`~hfhooks.forget_retain_dataset` ``(forget, retain)`` with ``data_collator=TaggedCollator(...)``.
     Under DDP every rank scores the whole forget set and rank 0's scores are broadcast, so all ranks hold the
-    same mask. On a PeftModel the mask covers the trainable (LoRA) parameters.
+    same mask. On a PeftModel with LoRA adapters the mask is over output units (see
+    :func:`~hfhooks.lora.lora_unit_saliency`): the adapted base weights are scored, the top ``ratio`` of their
+    output units keep trainable ``lora_B`` rows, the others' ``lora_B`` rows stay zero.
 
     Args:
         forget: the forget set (map-style dataset of dict examples), for the mask and NPO's reference.
@@ -93,10 +98,27 @@ class SaliencyUnlearningCallback(TrainerCallback):
 
     def _compute_mask(self, model) -> ParamMask:
         loader = torch.utils.data.DataLoader(self.forget, batch_size=self.batch_size, collate_fn=self.collate)
-        scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
+        lora = bool(lora_layers(model))
+        if (
+            lora
+        ):  # a fresh adapter's own weights score 0 (B = 0): score the adapted base weights' output units
+            scores = lora_unit_saliency(model, loader, progress=self.progress)
+        else:
+            scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for t in scores.values():  # identical masks on every rank, whatever the float noise
                 torch.distributed.broadcast(t, src=0)
+        if lora:
+            mask = lora_unit_mask(model, scores, self.ratio)
+            others = [n for n, p in ParamIndex(model).items() if p.requires_grad and n not in mask]
+            if others:
+                warnings.warn(
+                    f"SaliencyUnlearningCallback on LoRA: {len(others)} trainable non-LoRA parameters (e.g. "
+                    f"{others[:3]}, modules_to_save) are outside the unit mask and stay frozen. Pass mask=... to "
+                    "train them.",
+                    stacklevel=3,
+                )
+            return mask
         mask = ParamMask.from_scores(scores, self.ratio)
         mask.metadata.update(scores.metadata)
         return mask
