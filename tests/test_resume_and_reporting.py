@@ -316,3 +316,28 @@ def test_salun_on_fresh_lora_scores_base_units_and_freezes_the_others(tmp_path):
         moved_units += int(delta[kept].ne(0).any(dim=1).sum())
         kept_units += int(kept.sum())
     assert moved_units > 0 and kept_units == k
+
+
+def test_attribution_alignment_resume_equals_uninterrupted(tmp_path):
+    """AttributionAlignmentCallback's token-sampling generator (fraction < 1) continues across a resume."""
+    from test_attribution import _bert, _data
+
+    from hfhooks import AttributionAlignmentCallback
+
+    ds = TaggedDataset(_data(16), tags=["rationale"])
+
+    def run(resume=None, seed=0):
+        torch.manual_seed(seed)
+        model = _bert()
+        cb = AttributionAlignmentCallback("grad_x_input", prior="rationale", weight=1.0, fraction=0.5)
+        T.Trainer(
+            model=model,
+            args=_args(tmp_path),
+            train_dataset=ds,
+            data_collator=TaggedCollator(),
+            callbacks=[cb],
+        ).train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    full = run()
+    assert _differing(full, run(str(tmp_path / "checkpoint-3"))) == 0
