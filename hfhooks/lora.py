@@ -37,6 +37,8 @@ __all__ = [
     "lora_delta_weights",
     "lora_layers",
     "lora_scaling",
+    "lora_unit_mask",
+    "lora_unit_saliency",
     "modules_to_save_copies",
 ]
 
@@ -139,6 +141,57 @@ def lora_aware_mask(model: nn.Module | ParamIndex, mask: ParamMask) -> ParamMask
     result = keep | mapped
     result.metadata = dict(mask.metadata, lora_mapped=True)
     return result
+
+
+# -- SalUn on a LoRA adapter ------------------------------------------------------------------------------------
+def _adapted_weights(index: ParamIndex) -> dict[str, int]:
+    """``{canonical base weight name: its output-unit axis}`` for every 2-D weight a linear LoRA adapter wraps."""
+    names = {id(p): n for n, p in index.items()}
+    out = {}
+    for layer in lora_layers(index.model).values():
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        active = [a for a in layer.active_adapters if a in getattr(layer, "lora_A", {})]
+        if weight is not None and weight.dim() == 2 and active and id(weight) in names:
+            out[names[id(weight)]] = 1 if getattr(layer, "fan_in_fan_out", False) else 0
+    return out
+
+
+def lora_unit_saliency(
+    model: nn.Module, dataloader: Any, loss_fn: Any = None, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """SalUn's weight saliency for a LoRA adapter, per output unit of each adapted base weight.
+
+    Scoring the adapter's own weights is degenerate on a fresh adapter: ``lora_B = 0`` makes every ``lora_A``
+    gradient exactly zero, so a top-k over them is decided by tie order. Instead the *base* weights ``W`` the
+    adapters wrap are scored (``|Σ_b ∇W|``, SalUn's score, at the current weights) and summed per output unit:
+    ``{W's name: score per output unit}`` (rows of ``W``; columns for ``fan_in_fan_out`` / GPT-2 ``Conv1D``).
+    Output units map exactly onto rows of ``lora_B`` (:func:`lora_unit_mask`). Memory: one fp32 score per
+    adapted base weight while scoring.
+    """
+    from hfhooks.saliency import Scores, compute_saliency
+
+    index = ParamIndex(model)
+    adapted = _adapted_weights(index)
+    if not adapted:
+        raise ValueError("The model has no linear LoRA adapter: score it with compute_saliency(...) instead.")
+    scores = compute_saliency(
+        model, dataloader, "grad_abs_sum", loss_fn=loss_fn, params=list(adapted), progress=progress
+    )
+    units = {n: scores[n].sum(dim=1 - axis) for n, axis in adapted.items()}
+    return Scores(units, metadata=dict(scores.metadata, granularity="output units of LoRA-adapted weights"))
+
+
+def lora_unit_mask(model: nn.Module, unit_scores: Mapping[str, torch.Tensor], ratio: float) -> ParamMask:
+    """Keep the top ``ratio`` of output units (globally) by :func:`lora_unit_saliency`, expressed over the
+    adapter: the kept units' ``lora_B`` rows train, the others stay zero (so those outputs of ``W + s·B·A``
+    never change), every ``lora_A`` trains. Trainable non-LoRA parameters (``modules_to_save``) are frozen."""
+    index = ParamIndex(model)
+    adapted = _adapted_weights(index)
+    keep = ParamMask.from_scores(unit_scores, ratio)  # 1-D scores: a top-k over units
+    slices = {n: (adapted[n], keep[n].nonzero().flatten()) for n in unit_scores}
+    mask = lora_aware_mask(index, ParamMask.from_slices(slices, index))
+    mask.metadata.update(getattr(unit_scores, "metadata", {}), unit_ratio=ratio)
+    return mask
 
 
 def _only(mask: ParamMask, name: str) -> ParamMask:

@@ -13,11 +13,20 @@ scores at the threshold, earlier tensors win, and within a tensor lower flat ind
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
 
-__all__ = ["topk_masks"]
+__all__ = ["DegenerateScoresWarning", "topk_masks"]
+
+TIE_WARN_FRACTION = 0.05
+"""Warn when tie-breaking order, not the scores, decides more than this fraction of the selected elements."""
+
+
+class DegenerateScoresWarning(UserWarning):
+    """Scores that cannot rank what they select: all-zero tensors, or ties deciding much of a top-k."""
+
 
 _CHUNK = 1 << 22  # elements per streamed chunk: ~32 MB of int64 keys
 _BINS = 1 << 16
@@ -37,8 +46,9 @@ def _chunks(t: torch.Tensor) -> Iterator[torch.Tensor]:
         yield flat[start : start + _CHUNK]
 
 
-def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, int]:
-    """Key of the k-th best element (1-based) and how many elements have a strictly better key."""
+def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, int, int]:
+    """Key of the k-th best element (1-based), how many elements have a strictly better key, and how many
+    share the k-th key."""
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for t in tensors:
         for c in _chunks(t):
@@ -59,17 +69,23 @@ def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, i
     pos_low = int(torch.searchsorted(above_low, torch.tensor(k - better)))
     lo = _BINS - 1 - pos_low
     better += int(above_low[pos_low - 1]) if pos_low > 0 else 0
-    return (hi << 16) | lo, better
+    return (hi << 16) | lo, better, int(low[lo])
 
 
-def _select(tensors: list[torch.Tensor], k: int, largest: bool) -> list[torch.Tensor]:
+def _select(
+    tensors: list[torch.Tensor], k: int, largest: bool, ties: list[tuple[int, int, int]] | None = None
+) -> list[torch.Tensor]:
+    """Exact top-``k``; appends ``(k, elements taken by tie order, elements tied)`` to ``ties`` when tie order
+    decided part of the selection."""
     total = sum(t.numel() for t in tensors)
     if k <= 0:
         return [torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
     if k >= total:
         return [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
-    threshold, better = _kth_key(tensors, k, largest)
+    threshold, better, tied = _kth_key(tensors, k, largest)
     ties_left = k - better  # how many elements equal to the threshold still get selected
+    if ties is not None and tied > ties_left:  # tie order, not the scores, picks ties_left of `tied`
+        ties.append((k, ties_left, tied))
     out = []
     for t in tensors:
         parts = []
@@ -108,6 +124,7 @@ def topk_masks(
     if not names:
         raise ValueError("No scores given: nothing to select from.")
     tensors = []
+    zero = []
     for name in names:
         t = scores[name]
         if not torch.is_floating_point(t):
@@ -116,8 +133,32 @@ def topk_masks(
             raise ValueError(
                 f"Scores for {name!r} contain NaN; fix the scoring (e.g. a NaN loss) before selecting."
             )
+        if t.numel() and not bool(t.any()):
+            zero.append(name)
         tensors.append(t)
+    if zero:
+        warnings.warn(
+            f"Scores of {len(zero)} of {len(names)} tensors are all zero (e.g. {zero[:3]}): they cannot be ranked, "
+            "so tie order (tensor order, flat index) decides their part of the mask. Typical causes: parameters the "
+            "loss does not reach, or a fresh LoRA adapter scored on its own weights (lora_A has zero gradient "
+            "while lora_B = 0; see hfhooks.lora.lora_unit_saliency).",
+            DegenerateScoresWarning,
+            stacklevel=2,
+        )
+    ties: list[tuple[int, int, int]] = []
     if scope == "tensor":
-        return {n: _select([t], round(ratio * t.numel()), largest)[0] for n, t in zip(names, tensors)}
-    k = round(ratio * sum(t.numel() for t in tensors))
-    return dict(zip(names, _select(tensors, k, largest)))
+        out = {n: _select([t], round(ratio * t.numel()), largest, ties)[0] for n, t in zip(names, tensors)}
+    else:
+        k = round(ratio * sum(t.numel() for t in tensors))
+        out = dict(zip(names, _select(tensors, k, largest, ties)))
+    selected = sum(k for k, _, _ in ties)
+    by_order = sum(taken for _, taken, _ in ties)
+    if selected and by_order > TIE_WARN_FRACTION * selected:
+        warnings.warn(
+            f"{by_order} of the {selected} selected elements were picked among "
+            f"{sum(tied for _, _, tied in ties)} equal scores by tie order (earlier tensors, lower flat indices), "
+            "not by their scores: the scores do not rank enough elements to select this ratio.",
+            DegenerateScoresWarning,
+            stacklevel=2,
+        )
+    return out

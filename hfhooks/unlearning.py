@@ -130,6 +130,14 @@ class UnlearningObjective:
             raise ValueError(f"beta={self.beta} must be > 0.")
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def get_rng_state(self) -> torch.Tensor:
+        """State of the random-label generator (saved with checkpoints, so a resumed run draws the same labels)."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore a state from :meth:`get_rng_state`."""
+        self._generator.set_state(state)
+
     def __call__(
         self,
         logits: torch.Tensor,

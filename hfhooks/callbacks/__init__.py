@@ -1,5 +1,6 @@
 """Trainer callbacks: thin adapters that wire the core into ``transformers.Trainer``'s lifecycle."""
 
+from hfhooks.callbacks._state import CallbackStateError
 from hfhooks.callbacks.attribution import AttributionAlignmentCallback
 from hfhooks.callbacks.evaluation import UnlearningEvalCallback
 from hfhooks.callbacks.gradient_mask import GradientMaskCallback
@@ -9,6 +10,7 @@ from hfhooks.callbacks.unlearning import SaliencyUnlearningCallback
 
 __all__ = [
     "AttributionAlignmentCallback",
+    "CallbackStateError",
     "GradientMaskCallback",
     "GradientRoutingCallback",
     "LayerRestorationCallback",

@@ -9,9 +9,18 @@ from transformers import TrainerCallback
 from hfhooks.attribution.alignment import AttributionAlignment
 from hfhooks.attribution.methods import needs_double_backprop
 from hfhooks.callbacks._guards import refuse_unsupported
-from hfhooks.callbacks._logging import add_to_logs
+from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
+from hfhooks.callbacks._state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["AttributionAlignmentCallback"]
+
+_OWNER = "AttributionAlignmentCallback"
+
+
+def _describe(options: dict) -> dict:
+    """The options as JSON (objects by type name), to check that a resumed run aligns the same way."""
+    plain = (str, int, float, bool, type(None))
+    return {k: v if isinstance(v, plain) else type(v).__name__ for k, v in sorted(options.items())}
 
 
 class AttributionAlignmentCallback(TrainerCallback):
@@ -34,7 +43,14 @@ class AttributionAlignmentCallback(TrainerCallback):
     ``torch_compile=True`` works with ``torch_compile_backend="eager"`` only: AOTAutograd backends (``inductor``,
     ``aot_eager``…) hide the embedding output inside the compiled graph, so no attribution can be taken there;
     the callback refuses them with that alternative.
+
+    Resuming: the options, the token-sampling generator and the reuse decision are saved with every checkpoint
+    (``<checkpoint>/hfhooks/``) and restored on ``resume_from_checkpoint``; other options than the checkpoint's,
+    or a checkpoint without them, raise (``resume_from=False`` starts afresh; ``resume_from=PATH`` names the
+    checkpoint when it is not the Trainer's ``output_dir/checkpoint-<step>``).
     """
+
+    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
 
     def __init__(
         self,
@@ -42,15 +58,18 @@ class AttributionAlignmentCallback(TrainerCallback):
         prior="rationale",
         distance: str | None = None,
         weight: float = 1.0,
+        resume_from: ResumeFrom = None,
         **kwargs,
     ):
         self.options = dict(method=method, prior=prior, distance=distance, weight=weight, **kwargs)
+        self.resume_from = resume_from
         self.alignment: AttributionAlignment | None = None
         self._hold_math_sdpa = False
         self._sdpa: contextlib.ExitStack | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
+        report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
         if getattr(args, "gradient_checkpointing", False):
             gc = getattr(args, "gradient_checkpointing_kwargs", None) or {}
             if gc.get("use_reentrant", True) is not False:
@@ -72,7 +91,32 @@ class AttributionAlignmentCallback(TrainerCallback):
         )
         if self.alignment is not None:
             self.alignment.detach()
-        self.alignment = AttributionAlignment(model, **self.options).attach()
+        self.alignment = AttributionAlignment(model, **self.options)
+        saved = load_state(args, state, _OWNER, self.resume_from)
+        if saved is not None:
+            self._restore(*saved)
+        self.alignment.attach()
+
+    def _restore(self, tensors: dict, meta: dict) -> None:
+        if meta.get("options") != _describe(self.options):
+            raise CallbackStateError(
+                f"{_OWNER}: the checkpoint was trained with options {meta.get('options')}, this resumed run has "
+                f"{_describe(self.options)}. Resume with the same options, or pass resume_from=False."
+            )
+        # the generator samples attributed tokens (fraction < 1): continue its stream where the checkpoint left it
+        self.alignment._generator.set_state(tensors["generator"])
+        self.alignment.reuse_backward = meta["reuse_backward"]
+        self.alignment.reused = meta["reused"]
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.alignment is None:
+            return
+        meta = {
+            "options": _describe(self.options),
+            "reuse_backward": self.alignment.reuse_backward,
+            "reused": self.alignment.reused,
+        }
+        save_state(args, state, _OWNER, {"generator": self.alignment._generator.get_state()}, meta)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.alignment is not None:

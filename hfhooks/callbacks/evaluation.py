@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._logging import add_to_logs
+from hfhooks.callbacks._logging import add_to_logs, evaluation_prefixes, report_before_integrations
 from hfhooks.evaluation import average_gap, unlearning_metrics
 
 __all__ = ["UnlearningEvalCallback"]
@@ -22,7 +22,14 @@ class UnlearningEvalCallback(TrainerCallback):
     ``history``. The best weights by ``unlearn/gap`` (if ``retrain`` is given, lower is better) or by
     ``select(metrics)`` (higher is better) are kept in CPU memory and, with ``restore_best=True``, loaded back at
     train end. Correct under DDP: all ranks evaluate shards and agree on the numbers.
+
+    Every Trainer evaluation (``eval_strategy``, ``trainer.evaluate()``) adds ``eval_unlearn/UA`` … too (with
+    the evaluation's prefix; reused when this callback already evaluated at that step), so they are reported
+    and can select the best checkpoint: ``metric_for_best_model="unlearn/gap", greater_is_better=False``. Pass
+    ``at_trainer_eval=False`` to evaluate on the ``every`` schedule only.
     """
+
+    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
 
     def __init__(
         self,
@@ -35,6 +42,7 @@ class UnlearningEvalCallback(TrainerCallback):
         restore_best: bool = False,
         batch_size: int = 256,
         collate: Callable | None = None,
+        at_trainer_eval: bool = True,
     ):
         if every < 1:
             raise ValueError(f"every={every} must be ≥ 1.")
@@ -44,6 +52,7 @@ class UnlearningEvalCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self._pending: dict[str, float] | None = None
+        self.at_trainer_eval = at_trainer_eval
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         metrics = unlearning_metrics(model, *self.sets, batch_size=self.batch_size, collate=self.collate)
@@ -55,15 +64,45 @@ class UnlearningEvalCallback(TrainerCallback):
         self.history.append({"step": step, **metrics})
         return metrics
 
+    def _metrics_at(self, model: nn.Module, step: int) -> dict[str, float]:
+        """The metrics at ``step``: evaluated once per step, whoever asks first."""
+        if self.history and self.history[-1]["step"] == step:
+            return {k: v for k, v in self.history[-1].items() if k != "step"}
+        return self.evaluate(model, step)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        report_before_integrations(args)  # for trainer.evaluate() without train()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        report_before_integrations(args)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
             self._pending = self.evaluate(model, state.global_step)
             control.should_log = True
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending is not None and logs is not None:
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None:
+            return
+        prefixes = evaluation_prefixes(logs)
+        if (
+            prefixes
+        ):  # a Trainer evaluation: `logs` is the metrics dict evaluate() returns for best-model selection
+            self._add_eval_metrics(state, logs, prefixes, model)
+        elif self._pending is not None:
             add_to_logs(state, logs, {f"unlearn/{k}": round(v, 4) for k, v in self._pending.items()})
             self._pending = None
+
+    def _add_eval_metrics(self, state, logs: dict, prefixes: list[str], model) -> None:
+        if not self.at_trainer_eval or model is None:
+            return
+        metrics = self._metrics_at(model, state.global_step)
+        add_to_logs(state, logs, {f"{p}_unlearn/{k}": v for p in prefixes for k, v in metrics.items()})
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        # on_log normally added them already; a Trainer subclass whose evaluate() does not log still gets them
+        if metrics is not None and not any("_unlearn/" in k for k in metrics):
+            self._add_eval_metrics(state, metrics, evaluation_prefixes(metrics) or ["eval"], model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.restore_best and self.best is not None and model is not None:

@@ -7,6 +7,7 @@ import os
 from transformers import TrainerCallback
 
 from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, save_mask
 from hfhooks.freeze import GradientMask, check_freeze_args
 from hfhooks.masks import ParamMask
 
@@ -27,6 +28,11 @@ class GradientMaskCallback(TrainerCallback):
         freeze: ``"hard"`` | ``"groups"`` | ``"grad"`` (see :mod:`hfhooks.freeze`).
         others: ``"freeze"`` (default: parameters the mask does not name do not train) or ``"train"``.
         verify: check at train end that frozen coordinates are bit-identical (``hard``/``groups`` only).
+        resume_from: the checkpoint whose saved mask a resumed run is checked against (default: the one the
+            Trainer resumes from); ``False`` skips the check.
+
+    The mask is saved with every checkpoint (``<checkpoint>/hfhooks/``); a resumed run raises if its mask
+    differs from the one the checkpoint was trained with, or if the checkpoint holds none.
 
     Example::
 
@@ -41,19 +47,27 @@ class GradientMaskCallback(TrainerCallback):
         freeze: str = "hard",
         others: str = "freeze",
         verify: bool = True,
+        resume_from: ResumeFrom = None,
     ):
         self.mask = mask if isinstance(mask, ParamMask) else ParamMask.load(mask)
         self.freeze, self.others, self.verify = freeze, others, verify
         self.enforcer: GradientMask | None = None
+        self.resume_from = resume_from
         check_freeze_args(freeze, others)  # fail at construction, not at train time
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
+        saved = load_mask(args, state, "GradientMaskCallback", self.resume_from)
+        if saved is not None:
+            check_same_mask(self.mask, saved, "GradientMaskCallback")
         if self.enforcer is not None:
             self.enforcer.detach()
         self.enforcer = GradientMask(model, self.mask, self.freeze, self.others).attach(optimizer)
         if self.enforcer.finite is not None:  # name the Trainer's step in the non-finite warning
             self.enforcer.finite.step_offset = state.global_step
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        save_mask(args, state, "GradientMaskCallback", self.mask, model=model)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.enforcer is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterable
@@ -12,13 +13,16 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hfhooks.artifacts import model_fingerprint
 from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._state import CallbackStateError, ResumeFrom, load_state, save_state
 from hfhooks.layers import find_layers, layer_of
 from hfhooks.params import ParamIndex
 from hfhooks.restoration import RestoreReport, parse_layers, restore_layers
 
 __all__ = ["LayerRestorationCallback"]
 
+_OWNER = "LayerRestorationCallback"
 _WHEN = ("train_end", "save")
 _MODES = ("inplace", "variant")
 
@@ -38,6 +42,11 @@ class LayerRestorationCallback(TrainerCallback):
             each save, ``<output_dir>/<variant>/`` at train end.
         variant: the variant directory's name.
         embeddings, final_norm, lm_head, adapters: as in :func:`hfhooks.restore_layers`.
+        resume_from: the checkpoint a resumed run checks its settings against (default: the one the Trainer
+            resumes from); ``False`` skips the check.
+
+    Resuming: the settings (layers, when, mode, the reference's identity) are saved with every checkpoint and a
+    resumed run with other settings, or from a checkpoint without them, raises.
 
     Checkpoint edits stream shard by shard (bounded memory) and run on the main process only; the live model
     is restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
@@ -62,6 +71,7 @@ class LayerRestorationCallback(TrainerCallback):
         final_norm: bool = False,
         lm_head: bool = False,
         adapters: str = "zero",
+        resume_from: ResumeFrom = None,
     ):
         self.when = {when} if isinstance(when, str) else set(when)
         if not self.when or not self.when <= set(_WHEN):
@@ -78,6 +88,7 @@ class LayerRestorationCallback(TrainerCallback):
         self.options = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
         self.adapters = adapters
         self.reports: list[RestoreReport] = []
+        self.resume_from = resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(
@@ -87,8 +98,36 @@ class LayerRestorationCallback(TrainerCallback):
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
         )
+        saved = load_state(args, state, _OWNER, self.resume_from)
+        if saved is not None and json.loads(json.dumps(self._settings())) != saved[1]:
+            raise CallbackStateError(
+                f"{_OWNER}: the checkpoint was trained with {saved[1]}, this resumed run has {self._settings()}. "
+                "Resume with the same settings, or pass resume_from=False."
+            )
+
+    def _settings(self) -> dict:
+        ref = self.reference
+        if isinstance(ref, str | os.PathLike):
+            ref = str(Path(ref).resolve())
+        elif isinstance(ref, torch.nn.Module):
+            ref = {"model": model_fingerprint(ref)}
+        else:  # {name: tensor}: its names and shapes
+            ref = {"tensors": sorted((k, list(v.shape)) for k, v in dict(ref).items())}
+        return {
+            "reference": ref,
+            "layers": repr(self.layers),
+            "when": sorted(self.when),
+            "mode": self.mode,
+            "variant": self.variant,
+            **self.options,
+            "adapters": self.adapters,
+        }
 
     def on_save(self, args, state, control, **kwargs):
+        self._restore_checkpoint(args, state)
+        save_state(args, state, _OWNER, meta=self._settings())  # after an in-place edit of the checkpoint
+
+    def _restore_checkpoint(self, args, state) -> None:
         if "save" not in self.when or not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"

@@ -8,11 +8,14 @@ from collections.abc import Iterable, Sequence
 from transformers import TrainerCallback
 
 from hfhooks.callbacks._guards import refuse_unsupported
-from hfhooks.callbacks._logging import add_to_logs
+from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
+from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 from hfhooks.masks import ParamMask
 from hfhooks.routing import Router, dedicated_mask
 
 __all__ = ["GradientRoutingCallback"]
+
+_OWNER = "GradientRoutingCallback"
 
 
 class GradientRoutingCallback(TrainerCallback):
@@ -32,6 +35,8 @@ class GradientRoutingCallback(TrainerCallback):
         strict: ``True`` (default): undo momentum / weight-decay drift of coordinates a step's mode must not
             change, so routing is exact; ``False`` asks for the leaky behaviour of a single optimizer.
         save_mask: if set, the dedicated mask is saved there (safetensors) when training starts.
+        resume_from: the checkpoint a resumed run restores the dedicated mask and batch counters from
+            (default: the one the Trainer resumes from); ``False`` starts them afresh.
         **router_kwargs: forwarded to :class:`~hfhooks.routing.Router` (e.g. ``forget_weights``).
 
     Example::
@@ -41,6 +46,8 @@ class GradientRoutingCallback(TrainerCallback):
                           train_dataset=train, data_collator=TaggedCollator(homogeneous="routing"),
                           callbacks=[GradientRoutingCallback(mlp_units=64, heads=1)])
     """
+
+    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
 
     def __init__(
         self,
@@ -52,6 +59,7 @@ class GradientRoutingCallback(TrainerCallback):
         label_name: str = "routing",
         strict: bool = True,
         save_mask: str | os.PathLike | None = None,
+        resume_from: ResumeFrom = None,
         **router_kwargs,
     ):
         if dedicated is not None and not isinstance(dedicated, ParamMask):
@@ -63,9 +71,19 @@ class GradientRoutingCallback(TrainerCallback):
         self.level, self.label_name, self.strict = level, label_name, strict
         self.save_mask, self.router_kwargs = save_mask, router_kwargs
         self.router: Router | None = None
+        self.resume_from = resume_from
+        self._given_mask = dedicated is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientRoutingCallback", model=model)
+        report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
+        saved = load_mask(args, state, _OWNER, self.resume_from)
+        counts: dict[str, int] = {}
+        if saved is not None:  # resumed: the dedicated mask and counters the checkpoint was trained with
+            if self._given_mask:
+                check_same_mask(self.dedicated, saved, _OWNER, "dedicated mask")
+            self.dedicated = saved
+            counts = load_state(args, state, _OWNER, self.resume_from)[1].get("counts", {})
         if self.dedicated is None:
             self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
         if self.save_mask is not None and state.is_world_process_zero:
@@ -75,6 +93,7 @@ class GradientRoutingCallback(TrainerCallback):
         self.router = Router(
             model, self.dedicated, self.level, self.label_name, strict=self.strict, **self.router_kwargs
         )
+        self.router.counts.update(counts)
         self.router.attach(optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -82,6 +101,13 @@ class GradientRoutingCallback(TrainerCallback):
         # whose optimizer the Trainer does not step itself).
         if self.router is not None and self.router.attached and self.router.steps == 0:
             self.router.check_labels_arrived()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.dedicated is None:
+            return
+        save_mask(args, state, _OWNER, self.dedicated, model=model)
+        counts = dict(self.router.counts) if self.router is not None else {}
+        save_state(args, state, _OWNER, meta={"counts": counts})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.router is not None and logs is not None and "loss" in logs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -10,9 +11,20 @@ import torch
 from transformers import TrainerCallback
 
 from hfhooks.callbacks._guards import fsdp_version, has_dtensors, refuse_unsupported
+from hfhooks.callbacks._state import (
+    CallbackStateError,
+    ResumeFrom,
+    check_same_mask,
+    load_mask,
+    load_state,
+    save_mask,
+    save_state,
+)
 from hfhooks.data import TaggedCollator
 from hfhooks.freeze import GradientMask, check_freeze_args
+from hfhooks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks import ParamMask
+from hfhooks.params import ParamIndex
 from hfhooks.saliency import compute_saliency
 from hfhooks.unlearning import UnlearningObjective, objective_hook, reference_logprobs
 
@@ -27,7 +39,9 @@ class SaliencyUnlearningCallback(TrainerCallback):
     guarantee and swaps the model's loss for the objective. Train on
     :func:`~hfhooks.forget_retain_dataset` ``(forget, retain)`` with ``data_collator=TaggedCollator(...)``.
     Under DDP every rank scores the whole forget set and rank 0's scores are broadcast, so all ranks hold the
-    same mask. On a PeftModel the mask covers the trainable (LoRA) parameters.
+    same mask. On a PeftModel with LoRA adapters the mask is over output units (see
+    :func:`~hfhooks.lora.lora_unit_saliency`): the adapted base weights are scored, the top ``ratio`` of their
+    output units keep trainable ``lora_B`` rows, the others' ``lora_B`` rows stay zero.
 
     Args:
         forget: the forget set (map-style dataset of dict examples), for the mask and NPO's reference.
@@ -40,6 +54,14 @@ class SaliencyUnlearningCallback(TrainerCallback):
         batch_size: batch size for scoring and the NPO reference pass.
         freeze: freeze mode (``hard`` default; see :class:`~hfhooks.GradientMask`).
         save_mask: save the mask there (safetensors) once computed.
+        resume_from: on ``resume_from_checkpoint``, the checkpoint to read the saved mask and NPO reference
+            from (default: the one the Trainer resumes from, see below); ``False`` recomputes both at the
+            resumed weights instead.
+
+    Resuming: the mask, NPO's reference log-probabilities and the random-label generator are saved with every
+    checkpoint (``<checkpoint>/hfhooks/``) and restored on ``trainer.train(resume_from_checkpoint=...)``, so a
+    resumed run trains exactly the θ₀ mask and equals the uninterrupted one. A checkpoint without them raises
+    :class:`~hfhooks.callbacks.CallbackStateError`; it is never re-scored silently at the resumed weights.
     """
 
     def __init__(
@@ -54,6 +76,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
         freeze: str = "hard",
         save_mask: str | os.PathLike | None = None,
         progress: bool = True,
+        resume_from: ResumeFrom = None,
     ):
         check_freeze_args(freeze, "freeze")
         if not 0 < ratio <= 1:
@@ -65,6 +88,8 @@ class SaliencyUnlearningCallback(TrainerCallback):
             else objective
         )
         self.mask = mask if mask is None or isinstance(mask, ParamMask) else ParamMask.load(mask)
+        self._given_mask = self.mask is not None  # given: verified on resume; computed: restored on resume
+        self.resume_from = resume_from
         self.collate = collate or TaggedCollator().base
         self.save_mask, self.progress = save_mask, progress
         self.freezer: GradientMask | None = None
@@ -73,35 +98,98 @@ class SaliencyUnlearningCallback(TrainerCallback):
 
     def _compute_mask(self, model) -> ParamMask:
         loader = torch.utils.data.DataLoader(self.forget, batch_size=self.batch_size, collate_fn=self.collate)
-        scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
+        lora = bool(lora_layers(model))
+        if (
+            lora
+        ):  # a fresh adapter's own weights score 0 (B = 0): score the adapted base weights' output units
+            scores = lora_unit_saliency(model, loader, progress=self.progress)
+        else:
+            scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for t in scores.values():  # identical masks on every rank, whatever the float noise
                 torch.distributed.broadcast(t, src=0)
+        if lora:
+            mask = lora_unit_mask(model, scores, self.ratio)
+            others = [n for n, p in ParamIndex(model).items() if p.requires_grad and n not in mask]
+            if others:
+                warnings.warn(
+                    f"SaliencyUnlearningCallback on LoRA: {len(others)} trainable non-LoRA parameters (e.g. "
+                    f"{others[:3]}, modules_to_save) are outside the unit mask and stay frozen. Pass mask=... to "
+                    "train them.",
+                    stacklevel=3,
+                )
+            return mask
         mask = ParamMask.from_scores(scores, self.ratio)
         mask.metadata.update(scores.metadata)
         return mask
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
-        if self.mask is None and (fsdp_version(args) == 2 or has_dtensors(model)):
+        self._detach()
+        restored = self._restore(args, state)
+        if not restored and self.mask is None and (fsdp_version(args) == 2 or has_dtensors(model)):
             raise RuntimeError(
                 "SaliencyUnlearningCallback cannot score saliency under FSDP2 (gradients are sharded, the top-k "
                 "must be global). Compute the mask first — this callback under DDP or one process with "
                 "save_mask=..., or hfhooks.compute_saliency + ParamMask.from_scores — and pass mask=... here."
             )
-        self._detach()
-        if self.mask is None:
-            self.mask = self._compute_mask(model)
-            if self.save_mask is not None and state.is_world_process_zero:
-                self.mask.save(self.save_mask, model=model)
-        if self.objective.name == "npo" and (self.objective.reference is None or self._own_reference):
-            # NPO's reference is this run's θ₀: recomputed at every train start, never reused from another model
-            self.objective.reference = reference_logprobs(
-                model, self.forget, self.collate, self.batch_size, self.progress
-            )
-            self._own_reference = True
+        if not restored:
+            if self.mask is None:
+                self.mask = self._compute_mask(model)
+                if self.save_mask is not None and state.is_world_process_zero:
+                    self.mask.save(self.save_mask, model=model)
+            if self.objective.name == "npo" and (self.objective.reference is None or self._own_reference):
+                # NPO's reference is this run's θ₀: recomputed at every fresh train start, never reused from
+                # another model (a resumed run restores the checkpoint's instead, see _restore)
+                self.objective.reference = reference_logprobs(
+                    model, self.forget, self.collate, self.batch_size, self.progress
+                )
+                self._own_reference = True
         self.freezer = GradientMask(model, self.mask, self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
+
+    _OWNER = "SaliencyUnlearningCallback"
+
+    def _restore(self, args, state) -> bool:
+        """Load the mask, NPO reference and random-label generator saved with the resumed checkpoint.
+
+        Returns False for a fresh run (or ``resume_from=False``); raises if a resumed checkpoint lacks them.
+        """
+        saved_mask = load_mask(args, state, self._OWNER, self.resume_from)
+        if saved_mask is None:
+            return False
+        tensors, meta = load_state(args, state, self._OWNER, self.resume_from)
+        if self._given_mask:
+            check_same_mask(self.mask, saved_mask, self._OWNER)
+        else:
+            self.mask = saved_mask
+        if meta.get("objective") != self.objective.name:
+            raise CallbackStateError(
+                f"{self._OWNER}: the checkpoint was trained with objective {meta.get('objective')!r}, this run "
+                f"uses {self.objective.name!r}. Resume with the same objective, or pass resume_from=False."
+            )
+        if "npo_reference" in tensors:
+            if self.objective.reference is not None and not self._own_reference:
+                if not torch.equal(self.objective.reference.cpu(), tensors["npo_reference"]):
+                    raise CallbackStateError(
+                        f"{self._OWNER}: the NPO reference given for this resumed run differs from the one the "
+                        "checkpoint was trained with. Pass the same reference, or resume_from=False."
+                    )
+            else:
+                self.objective.reference = tensors["npo_reference"]
+                self._own_reference = True
+        if "generator" in tensors:  # random_labels: continue the label stream where the checkpoint left it
+            self.objective.set_rng_state(tensors["generator"])
+        return True
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.mask is None:
+            return
+        save_mask(args, state, self._OWNER, self.mask, model=model)
+        tensors = {"generator": self.objective.get_rng_state()}
+        if self.objective.name == "npo" and self.objective.reference is not None:
+            tensors["npo_reference"] = self.objective.reference
+        save_state(args, state, self._OWNER, tensors, {"objective": self.objective.name, "ratio": self.ratio})
 
     def _detach(self) -> dict[str, int]:
         moved = {}

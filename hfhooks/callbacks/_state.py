@@ -1,0 +1,184 @@
+"""Callback state saved with every Trainer checkpoint and restored on ``resume_from_checkpoint``.
+
+A callback that computes something at train start (a saliency mask, NPO's reference log-probabilities, a
+dedicated mask) must not compute it again at the *resumed* weights: the resumed run would then train another
+mask than the one the checkpoint was trained with. So each hfhooks callback writes its state at ``on_save``
+as stamped safetensors artifacts (:func:`hfhooks.artifacts.write_artifact`, :meth:`ParamMask.save`) into
+``<checkpoint>/hfhooks/`` — deleted with the checkpoint by ``save_total_limit`` rotation — and reads it back at
+``on_train_begin`` when ``state.global_step > 0`` (the Trainer restores its ``TrainerState`` from the
+checkpoint before ``on_train_begin``). A resumed run whose checkpoint holds no such state is an error, never a
+silent recomputation.
+
+Which checkpoint: the callback's ``resume_from`` (a checkpoint directory) if given, else
+``args.resume_from_checkpoint`` if it names a directory, else ``<output_dir>/checkpoint-<global_step>`` —
+what ``trainer.train(resume_from_checkpoint=True)`` resumes from. The chosen checkpoint's
+``trainer_state.json`` must match the resumed state (same step and log history), so the state of another
+run's checkpoint is never picked up. ``resume_from=False`` recomputes the state at the resumed weights,
+deliberately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hfhooks.artifacts import read_artifact, write_artifact
+from hfhooks.masks import ParamMask
+
+__all__ = [
+    "STATE_DIR",
+    "CallbackStateError",
+    "check_same_mask",
+    "load_mask",
+    "load_state",
+    "resumed_checkpoint",
+    "save_mask",
+    "save_state",
+]
+
+STATE_DIR = "hfhooks"
+_KIND = "callback_state"
+
+ResumeFrom = str | os.PathLike | bool | None
+
+
+class CallbackStateError(RuntimeError):
+    """A resumed run whose checkpoint does not hold (or does not match) a callback's saved state."""
+
+
+def _checkpoint(args: Any, state: Any) -> Path:
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+def _writable_dir(args: Any, state: Any, owner: str) -> Path | None:
+    """``<checkpoint>/hfhooks`` on the process that saves (``args.should_save``); None elsewhere."""
+    if not getattr(args, "should_save", True):
+        return None
+    ckpt = _checkpoint(args, state)
+    if not ckpt.is_dir():
+        warnings.warn(
+            f"{owner}: the checkpoint {ckpt} was not found at on_save, so the callback's state is not saved with "
+            "it; resuming from it will raise.",
+            stacklevel=3,
+        )
+        return None
+    return ckpt / STATE_DIR
+
+
+def resumed_checkpoint(args: Any, state: Any, resume_from: ResumeFrom, owner: str) -> Path | None:
+    """The checkpoint directory this run resumes from, or ``None`` for a fresh run (or ``resume_from=False``).
+
+    Raises :class:`CallbackStateError` if the directory does not exist or its ``trainer_state.json`` does not
+    match the resumed ``state`` (another run's checkpoint at the same step).
+    """
+    if state.global_step == 0 or resume_from is False:
+        return None
+    if resume_from is not None and resume_from is not True:
+        ckpt = Path(resume_from)
+    elif (
+        isinstance(getattr(args, "resume_from_checkpoint", None), str)
+        and Path(args.resume_from_checkpoint).is_dir()
+    ):
+        ckpt = Path(args.resume_from_checkpoint)
+    else:
+        ckpt = _checkpoint(args, state)
+    how = (
+        f"Pass {owner}(..., resume_from='path/to/checkpoint-{state.global_step}') naming the checkpoint the "
+        f"run resumes from, or resume_from=False to recompute the state at the resumed weights (the resumed "
+        "run then trains with a different state than the checkpoint did)."
+    )
+    saved = ckpt / "trainer_state.json"
+    if not saved.is_file():
+        raise CallbackStateError(
+            f"{owner}: the run resumes at step {state.global_step}, but {ckpt} is not its checkpoint (no "
+            f"trainer_state.json there). {how}"
+        )
+    try:
+        recorded = json.loads(saved.read_text())
+    except ValueError as e:
+        raise CallbackStateError(f"{owner}: {saved} is not valid JSON ({e}). {how}") from None
+    same_history = json.dumps(recorded.get("log_history")) == json.dumps(state.log_history)  # NaN == NaN here
+    if recorded.get("global_step") != state.global_step or not same_history:
+        raise CallbackStateError(
+            f"{owner}: {ckpt} does not hold the state this run resumed from (step "
+            f"{recorded.get('global_step')} vs {state.global_step}, or another log history). {how}"
+        )
+    return ckpt
+
+
+def _missing(path: Path, owner: str, step: int) -> CallbackStateError:
+    return CallbackStateError(
+        f"{owner}: the run resumes at step {step}, but {path} does not exist — the checkpoint was written "
+        f"without this callback (or by hfhooks before it saved callback state). Recomputing the state at the "
+        "resumed weights would train with another state than the checkpoint did. Resume from a checkpoint "
+        f"saved with {owner}, or pass resume_from=False to recompute it deliberately."
+    )
+
+
+def save_state(
+    args: Any,
+    state: Any,
+    owner: str,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """Write ``tensors`` and JSON ``meta`` as ``<checkpoint>/hfhooks/<owner>.safetensors`` (atomically)."""
+    folder = _writable_dir(args, state, owner)
+    if folder is None:
+        return None
+    info = {"callback": owner, "global_step": state.global_step, "state": dict(meta or {})}
+    return write_artifact(folder / f"{owner}.safetensors", dict(tensors or {}), _KIND, info)
+
+
+def load_state(
+    args: Any, state: Any, owner: str, resume_from: ResumeFrom
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(tensors, meta)`` saved by :func:`save_state` in the resumed checkpoint; ``None`` for a fresh run."""
+    ckpt = resumed_checkpoint(args, state, resume_from, owner)
+    if ckpt is None:
+        return None
+    path = ckpt / STATE_DIR / f"{owner}.safetensors"
+    if not path.is_file():
+        raise _missing(path, owner, state.global_step)
+    tensors, meta = read_artifact(path, _KIND)
+    if meta.get("callback") != owner or meta.get("global_step") != state.global_step:
+        raise CallbackStateError(
+            f"{path} holds the state of {meta.get('callback')!r} at step {meta.get('global_step')}, not "
+            f"{owner!r} at step {state.global_step}."
+        )
+    return tensors, meta.get("state", {})
+
+
+def save_mask(args: Any, state: Any, owner: str, mask: ParamMask, model: Any = None) -> Path | None:
+    """Save ``mask`` as ``<checkpoint>/hfhooks/<owner>.mask.safetensors`` (:meth:`ParamMask.save`)."""
+    folder = _writable_dir(args, state, owner)
+    if folder is None:
+        return None
+    return mask.save(folder / f"{owner}.mask.safetensors", model=model, global_step=state.global_step)
+
+
+def load_mask(args: Any, state: Any, owner: str, resume_from: ResumeFrom) -> ParamMask | None:
+    """The mask :func:`save_mask` wrote into the resumed checkpoint; ``None`` for a fresh run."""
+    ckpt = resumed_checkpoint(args, state, resume_from, owner)
+    if ckpt is None:
+        return None
+    path = ckpt / STATE_DIR / f"{owner}.mask.safetensors"
+    if not path.is_file():
+        raise _missing(path, owner, state.global_step)
+    return ParamMask.load(path)
+
+
+def check_same_mask(given: ParamMask, saved: ParamMask, owner: str, what: str = "mask") -> None:
+    """Raise :class:`CallbackStateError` if the mask given to a resumed run differs from the checkpoint's."""
+    if given != saved:
+        raise CallbackStateError(
+            f"{owner}: the {what} given for this resumed run differs from the one the checkpoint was trained with "
+            f"({given!r} vs {saved!r}). Pass the same {what}, or resume_from=False to train on with the new one."
+        )
