@@ -61,6 +61,7 @@ from hfhooks.routing import (
     ablate,
     calibrate_logits,
     dedicated_mask,
+    load_logit_bias,
     routing_labels,
 )
 from hfhooks.saliency import SCORES, Scores, compute_saliency
@@ -114,6 +115,7 @@ __all__ = [
     "attribute",
     "average_gap",
     "calibrate_logits",
+    "load_logit_bias",
     "canonical_name",
     "compute_saliency",
     "consensus_mask",

@@ -6,7 +6,7 @@ import os
 
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._guards import refuse_step_in_backward, refuse_unsupported
 from hfhooks.freeze import GradientMask, check_freeze_args
 from hfhooks.masks import ParamMask
 
@@ -47,6 +47,7 @@ class GradientMaskCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
+        refuse_step_in_backward(args, "GradientMaskCallback", optimizer)
         if self.enforcer is not None:
             self.enforcer.detach()
         self.enforcer = GradientMask(model, self.mask, self.freeze, self.others).attach(optimizer)

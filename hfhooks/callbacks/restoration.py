@@ -39,9 +39,16 @@ class LayerRestorationCallback(TrainerCallback):
         variant: the variant directory's name.
         embeddings, final_norm, lm_head, adapters: as in :func:`hfhooks.restore_layers`.
 
-    Checkpoint edits stream shard by shard (bounded memory) and run on the main process only; the live model
-    is restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
+    Checkpoint edits stream shard by shard (bounded memory) and run on the processes that save
+    (``args.should_save``: the main process, or each node's with ``save_on_each_node``); the live model is
+    restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
     ``callback.reports``.
+
+    With ``push_to_hub=True`` the Trainer uploads a checkpoint *before* its ``on_save`` event, so the checkpoint
+    is restored at ``on_push_begin`` instead, before any file is copied or uploaded. Pushes must carry restored
+    weights, so ``push_to_hub=True`` needs ``mode="inplace"`` with ``"train_end"`` in ``when`` (what
+    ``trainer.push_to_hub()`` uploads after training is the live model) and, unless ``hub_strategy="end"``,
+    ``"save"`` too (the checkpoints pushed during training); other combinations are refused at train start.
 
     Example::
 
@@ -78,6 +85,8 @@ class LayerRestorationCallback(TrainerCallback):
         self.options = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
         self.adapters = adapters
         self.reports: list[RestoreReport] = []
+        self._restored: set[Path] = set()  # checkpoints already edited (at on_push_begin, before on_save)
+        self._training = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(
@@ -87,14 +96,50 @@ class LayerRestorationCallback(TrainerCallback):
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
         )
+        if getattr(args, "push_to_hub", False):
+            self._check_push(args)
+        self._restored, self._training = set(), True
+
+    def _check_push(self, args) -> None:
+        strategy = str(getattr(getattr(args, "hub_strategy", None), "value", args.hub_strategy))
+        needed = {"train_end"} if strategy == "end" else {"train_end", "save"}
+        if self.mode != "inplace" or not needed <= self.when:
+            raise ValueError(
+                f"LayerRestorationCallback(mode={self.mode!r}, when={tuple(sorted(self.when))}) with "
+                f"push_to_hub=True (hub_strategy={strategy!r}) would upload unrestored weights: "
+                + (
+                    "mode='variant' keeps the trained weights as the model the Trainer pushes. "
+                    if self.mode != "inplace"
+                    else "the Trainer pushes the live model at trainer.push_to_hub() and, unless "
+                    "hub_strategy='end', each checkpoint as it is saved. "
+                )
+                + f"Use mode='inplace', when={tuple(sorted(needed))}, or push_to_hub=False and upload the "
+                "restored directory yourself (huggingface_hub.upload_folder)."
+            )
+
+    def _checkpoint(self, args, state) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        # Trainer._save_checkpoint pushes (_push_from_checkpoint) before it calls on_save: restore the checkpoint
+        # now so that the files copied and uploaded are the restored ones. Only the main process pushes.
+        if "save" not in self.when or not args.should_save or not self._training:
+            return  # trainer.push_to_hub() after training: on_train_end already restored the live model
+        ckpt = self._checkpoint(args, state)
+        if ckpt.is_dir() and ckpt.resolve() not in self._restored:
+            self._restore_checkpoint(ckpt)
 
     def on_save(self, args, state, control, **kwargs):
-        if "save" not in self.when or not state.is_world_process_zero:
+        if "save" not in self.when or not args.should_save:
             return
-        ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        ckpt = self._checkpoint(args, state)
         if not ckpt.is_dir():
             warnings.warn(f"LayerRestorationCallback: {ckpt} was not found; nothing restored.", stacklevel=2)
             return
+        if ckpt.resolve() not in self._restored:
+            self._restore_checkpoint(ckpt)
+
+    def _restore_checkpoint(self, ckpt: Path) -> None:
         out = ckpt if self.mode == "inplace" else ckpt / self.variant
         report = restore_layers(
             ckpt,
@@ -106,9 +151,11 @@ class LayerRestorationCallback(TrainerCallback):
             progress=False,
             **self.options,
         )
+        self._restored.add(ckpt.resolve())
         self.reports.append(report)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._training = False
         if "train_end" not in self.when or model is None:
             return
         if self.mode == "inplace":
@@ -127,7 +174,7 @@ class LayerRestorationCallback(TrainerCallback):
         }
         report = restore_layers(model, self.reference, self.layers, adapters="zero", **self.options)
         try:
-            if state.is_world_process_zero:
+            if args.should_save:
                 out = Path(args.output_dir) / self.variant
                 model.save_pretrained(out)
                 report.path = out
