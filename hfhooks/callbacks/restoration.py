@@ -102,6 +102,11 @@ class LayerRestorationCallback(TrainerCallback):
 
     def _check_push(self, args) -> None:
         strategy = str(getattr(getattr(args, "hub_strategy", None), "value", args.hub_strategy))
+        if strategy != "end" and not hasattr(TrainerCallback, "on_push_begin"):
+            raise ValueError(
+                "LayerRestorationCallback cannot restore checkpoints before the Trainer pushes them with this "
+                "transformers version (no on_push_begin event): use hub_strategy='end', or upgrade transformers."
+            )
         needed = {"train_end"} if strategy == "end" else {"train_end", "save"}
         if self.mode != "inplace" or not needed <= self.when:
             raise ValueError(
