@@ -447,7 +447,10 @@ def run_seed(
             dedicated = dedicated_mask(model, mlp_units=s.mlp_units, heads=s.dedicated_heads)
             # strict: momentum and weight decay never move the coordinates a step's mode must not change
             callback = GradientRoutingCallback(
-                dedicated, save_mask=out / "dedicated.safetensors", shared_on_forget=VARIANTS[variant], strict=True
+                dedicated,
+                save_mask=out / "dedicated.safetensors",
+                shared_on_forget=VARIANTS[variant],
+                strict=True,
             )
             train(model, retain + forget, s, seed, routing=retain_labels + forget_labels, callbacks=[callback],
                   progress=progress)  # fmt: skip

@@ -48,12 +48,12 @@ from hfhooks.params import ParamIndex, is_dtensor, unwrap_model
 from hfhooks.saliency import model_state_preserved
 
 __all__ = [
+    "DEDICATED_SEMANTICS",
     "FORGET",
     "RETAIN",
     "UNLABELLED",
     "Router",
     "ablate",
-    "DEDICATED_SEMANTICS",
     "calibrate_logits",
     "check_dedicated",
     "dedicated_mask",
@@ -492,14 +492,18 @@ def load_logit_bias(model: nn.Module, path: str | os.PathLike) -> nn.Parameter:
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
-        raise ValueError("load_logit_bias needs a model whose get_output_embeddings() is an nn.Linear LM head.")
+        raise ValueError(
+            "load_logit_bias needs a model whose get_output_embeddings() is an nn.Linear LM head."
+        )
     name = _head_bias_name(base, head)
     with Checkpoint(path) as ckpt:
         if name not in ckpt:
             raise KeyError(f"{path} holds no {name!r}: it was not saved from a calibrate_logits model.")
         bias = ckpt.get(name)
     if tuple(bias.shape) != (head.out_features,):
-        raise ValueError(f"{name} in {path} has shape {tuple(bias.shape)}; the head has {head.out_features} outputs.")
+        raise ValueError(
+            f"{name} in {path} has shape {tuple(bias.shape)}; the head has {head.out_features} outputs."
+        )
     bias = bias.to(device=head.weight.device, dtype=head.weight.dtype)
     if head.bias is not None:
         if not torch.equal(head.bias.detach(), bias):

