@@ -35,6 +35,7 @@ from hfhooks import (
     SaliencyUnlearningCallback,
     TaggedCollator,
     ablate,
+    attribute,
     calibrate_logits,
     dedicated_mask,
     forget_retain_dataset,
@@ -352,3 +353,56 @@ def test_unlearning_with_compute_loss_func_is_refused_with_the_reason(tmp_path):
     with pytest.raises(RuntimeError, match="compute_loss_func.*replace the forget/retain objective"):
         trainer.train()
     assert _unchanged(model, before)
+
+
+# -- item 18: integrated gradients ---------------------------------------------------------------------------
+def _nonlinear_bert():
+    """A tiny BERT whose large weights make the score far from linear along the IG path (like a trained one)."""
+    torch.manual_seed(3)
+    return tiny_bert(initializer_range=0.3).eval()
+
+
+def _ig_batch():
+    ids = torch.randint(5, 64, (6, 10), generator=torch.Generator().manual_seed(4))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(6) % 2}
+
+
+def _delta(model, batch, classes):
+    """s(x) − s(0) at the embedding output, computed independently of hfhooks."""
+    e = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        f = lambda x: model(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits  # noqa: E731
+        return (f(e) - f(torch.zeros_like(e))).gather(1, classes[:, None]).squeeze(1)
+
+
+def test_integrated_gradients_default_converges_and_large_gaps_warn():
+    from hfhooks.attribution.methods import completeness_gap
+
+    model, batch = _nonlinear_bert(), _ig_batch()
+    reference = attribute(model, batch, "integrated_gradients", steps=256, completeness_tol=None)
+    delta = _delta(model, batch, batch["labels"])
+    assert completeness_gap(reference, delta).max() < 1e-3  # the reference really is converged
+    coarse = attribute(model, batch, "integrated_gradients", steps=2, completeness_tol=None)
+    assert completeness_gap(coarse, delta).max() > 0.1  # the model is nonlinear enough to tell
+    with pytest.warns(UserWarning, match="steps=2 is far from converged"):
+        attribute(model, batch, "integrated_gradients", steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = attribute(model, batch, "integrated_gradients")  # no steps given: converged, no warning
+    cos = torch.nn.functional.cosine_similarity(default.flatten(1), reference.flatten(1), dim=1)
+    assert cos.min() > 0.999
+    assert completeness_gap(default, delta).max() < 0.05
+
+
+def test_integrated_gradients_pred_target_keeps_one_class_along_the_path():
+    from hfhooks.attribution.methods import completeness_gap
+
+    model, batch = _nonlinear_bert(), _ig_batch()
+    with torch.no_grad():
+        pred = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1)
+        at_zero = model(
+            inputs_embeds=torch.zeros(*batch["input_ids"].shape, 32), attention_mask=batch["attention_mask"]
+        ).logits.argmax(-1)
+    assert (pred != at_zero).any()  # some examples switch class along the path
+    attr = attribute(model, batch, "integrated_gradients", target="pred", steps=256, completeness_tol=None)
+    assert completeness_gap(attr, _delta(model, batch, pred)).max() < 1e-3
