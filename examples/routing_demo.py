@@ -320,7 +320,8 @@ def cached(model, data: list[dict]) -> list[dict]:
 
 def calibrate(model, forget: list[dict], retain: list[dict], s: Settings) -> None:
     """Logit calibration (in place): train the LM-head bias on forget + retain loss (ALGORITHMS.md §2)."""
-    with warnings.catch_warnings():  # the demo never saves its models: the bias need not survive from_pretrained
+    # the demo never saves its models: the added bias need not survive from_pretrained
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="calibrate_logits added an LM-head bias")
         calibrate_logits(
             CachedHead(model),
