@@ -25,7 +25,7 @@ Run:
 
     python examples/routing_demo.py --quick --out outputs/routing              # ≈ 1.5 min on 2 CPU cores
     python examples/routing_demo.py --out outputs/routing                      # ≈ 15–20 min, one seed
-    python examples/routing_demo.py --seeds 0 1 --out outputs/routing --docs   # the run in docs/routing.md
+    python examples/routing_demo.py --quick --seeds 0 1 2 --threads 1 --out outputs/routing --docs  # docs/routing.md
 
 Artifacts in ``--out``: ``results.json`` (every number, per seed), ``routing_tradeoff.png`` and the dedicated
 mask of the last SGTM run (``dedicated.safetensors``).
@@ -44,6 +44,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -319,11 +320,14 @@ def cached(model, data: list[dict]) -> list[dict]:
 
 def calibrate(model, forget: list[dict], retain: list[dict], s: Settings) -> None:
     """Logit calibration (in place): train the LM-head bias on forget + retain loss (ALGORITHMS.md §2)."""
-    calibrate_logits(
-        CachedHead(model),
-        {"forget": (cached(model, forget), 1.0), "retain": (cached(model, retain), 1.0)},
-        steps=s.calib_steps, lr=s.calib_lr, progress=False,
-    )  # fmt: skip
+    # the demo never saves its models: the added bias need not survive from_pretrained
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="calibrate_logits added an LM-head bias")
+        calibrate_logits(
+            CachedHead(model),
+            {"forget": (cached(model, forget), 1.0), "retain": (cached(model, retain), 1.0)},
+            steps=s.calib_steps, lr=s.calib_lr, progress=False,
+        )  # fmt: skip
 
 
 def gradient_ascent(model, forget: list[dict], retain: list[dict], cal: tuple, val: dict, target: float,
@@ -445,8 +449,12 @@ def run_seed(
             t0 = time.time()
             model = new_model(lang, s, seed)
             dedicated = dedicated_mask(model, mlp_units=s.mlp_units, heads=s.dedicated_heads)
+            # strict: momentum and weight decay never move the coordinates a step's mode must not change
             callback = GradientRoutingCallback(
-                dedicated, save_mask=out / "dedicated.safetensors", shared_on_forget=VARIANTS[variant]
+                dedicated,
+                save_mask=out / "dedicated.safetensors",
+                shared_on_forget=VARIANTS[variant],
+                strict=True,
             )
             train(model, retain + forget, s, seed, routing=retain_labels + forget_labels, callbacks=[callback],
                   progress=progress)  # fmt: skip

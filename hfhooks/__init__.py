@@ -63,6 +63,7 @@ from hfhooks.routing import (
     ablate,
     calibrate_logits,
     dedicated_mask,
+    load_logit_bias,
     routing_labels,
 )
 from hfhooks.saliency import SCORES, Scores, compute_saliency
@@ -132,6 +133,7 @@ __all__ = [
     "forget_retain_dataset",
     "installed_hooks",
     "layer_of",
+    "load_logit_bias",
     "mia_efficacy",
     "mlp_projections",
     "mlp_unit_slices",

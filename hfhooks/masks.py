@@ -53,6 +53,9 @@ __all__ = ["GRANULARITIES", "MaskFileError", "ParamMask"]
 GRANULARITIES = ("element", "row", "column")
 _AXIS = {"row": 0, "column": 1}
 _SEMANTICS = "1=trainable"
+# What a 1 means. "1=dedicated" is a routing mask (hfhooks.dedicated_mask): a 1 is a coordinate that holds the
+# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing).
+_KNOWN_SEMANTICS = (_SEMANTICS, "1=dedicated")
 _RESERVED_META = ("tensors", "semantics", "kind", "version", "format_version", "digest")
 
 
@@ -272,7 +275,9 @@ class ParamMask(HubMixin):
 
     def __invert__(self) -> ParamMask:
         return ParamMask._from_entries(
-            {n: _Entry(e.granularity, e.shape, ~e.bits) for n, e in self._entries.items()}, self.metadata
+            {n: _Entry(e.granularity, e.shape, ~e.bits) for n, e in self._entries.items()},
+            # the complement no longer means what the recorded semantics / routing layout say
+            {k: v for k, v in self.metadata.items() if k not in ("semantics", "routing")},
         )
 
     def __eq__(self, other: object) -> bool:
@@ -370,7 +375,10 @@ class ParamMask(HubMixin):
         if model is not None:
             meta["model"] = model_fingerprint(model)
         meta.update(extra)
-        meta["semantics"] = _SEMANTICS
+        semantics = self.metadata.get("semantics", _SEMANTICS)
+        if semantics not in _KNOWN_SEMANTICS:
+            raise ValueError(f"mask.metadata['semantics']={semantics!r}: use one of {_KNOWN_SEMANTICS}.")
+        meta["semantics"] = semantics
         meta["tensors"] = info
         return write_artifact(path, tensors, "mask", meta)
 
@@ -379,9 +387,9 @@ class ParamMask(HubMixin):
         """Load a mask file written by :meth:`save`, verifying its integrity and internal consistency."""
         with _reraise_as(MaskFileError):
             tensors, meta = read_artifact(path, "mask")
-        if meta.get("semantics") != _SEMANTICS:
+        if meta.get("semantics") not in _KNOWN_SEMANTICS:
             raise MaskFileError(
-                f"{path}: mask semantics {meta.get('semantics')!r}; this hfhooks reads {_SEMANTICS!r} masks."
+                f"{path}: mask semantics {meta.get('semantics')!r}; this hfhooks reads {_KNOWN_SEMANTICS} masks."
             )
         info = meta.pop("tensors", None)
         if not isinstance(info, dict) or set(info) != set(tensors):

@@ -230,26 +230,32 @@ def _restore_model(
             raise ValueError(
                 f"Shape mismatch for {n!r}: target {tuple(index.info(n).shape)}, reference {ref.shape(n)}."
             )
+    module_names = {id(m): canonical_name(k) for k, m in model.named_modules()}
+    in_range = [
+        (module_names[id(layer)], layer)
+        for layer in lora_layers(model).values()
+        if _layer_from(module_names[id(layer)], blocks.path) in set(chosen)
+    ]
+    if adapters == "zero":  # refuse before anything is modified: a half-restored model is worse than none
+        dora = [name for name, layer in in_range if len(getattr(layer, "lora_magnitude_vector", None) or {})]
+        if dora:
+            raise NotImplementedError(
+                f"{dora[0]} (and {len(dora) - 1} more) is a DoRA layer: zeroing lora_B does not remove its "
+                "magnitude rescaling, so the layer would not be restored. Use adapters='drop' (unwraps the "
+                "adapter), or merge_and_unload() the model first. Nothing was modified."
+            )
     with torch.no_grad():
         for n in wanted:
             p = index.param(n)
             p.copy_(ref.get(n).to(device=p.device, dtype=p.dtype))
     report = RestoreReport(chosen, wanted)
-    module_names = {id(m): canonical_name(k) for k, m in model.named_modules()}
-    for layer in list(lora_layers(model).values()):
-        name = module_names[id(layer)]
-        if _layer_from(name, blocks.path) not in set(chosen):
-            continue
+    for name, layer in in_range:
         if adapters == "zero":
             with torch.no_grad():
                 for key in ("lora_B", "lora_embedding_B"):
                     for sub in getattr(layer, key, {}).values():
                         for p in sub.parameters() if isinstance(sub, nn.Module) else [sub]:
                             p.zero_()
-                for mag in getattr(layer, "lora_magnitude_vector", {}).values():  # DoRA: no longer equivalent
-                    raise NotImplementedError(
-                        f"{name} is a DoRA layer; zeroing lora_B does not remove its magnitude rescaling ({mag})."
-                    )
             report.adapters[name] = "zeroed"
         else:
             _unwrap_lora(model, layer)

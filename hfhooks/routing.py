@@ -31,6 +31,8 @@ trains only the LM-head bias, so that trivial bias shifts do not masquerade as r
 from __future__ import annotations
 
 import itertools
+import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfhooks.checkpoints import Checkpoint
 from hfhooks.data import pop_kwargs_hook, to_device
 from hfhooks.freeze import innermost_optimizer
 from hfhooks.hooks import HookSet
@@ -49,15 +52,22 @@ from hfhooks.params import ParamIndex, is_dtensor, unwrap_model
 from hfhooks.saliency import model_state_preserved
 
 __all__ = [
+    "DEDICATED_SEMANTICS",
     "FORGET",
     "RETAIN",
     "UNLABELLED",
     "Router",
     "ablate",
     "calibrate_logits",
+    "check_dedicated",
     "dedicated_mask",
+    "load_logit_bias",
     "routing_labels",
 ]
+
+DEDICATED_SEMANTICS = "1=dedicated"
+"""``ParamMask.metadata["semantics"]`` of a dedicated mask: a 1 marks a coordinate that holds the forget domain
+(and is zeroed by :func:`ablate`) — not a trainable one. Saved into the mask file and checked where it is used."""
 
 FORGET, RETAIN, UNLABELLED = 1, 0, -1
 _NAMES = {
@@ -109,7 +119,29 @@ def dedicated_mask(
     mask = ParamMask.from_slices(slices, index)
     as_json = lambda x: x if isinstance(x, int) else list(x)  # noqa: E731
     mask.metadata["routing"] = {"mlp_units": as_json(mlp_units), "heads": as_json(heads), "layers": chosen}
+    mask.metadata["semantics"] = DEDICATED_SEMANTICS
     return mask
+
+
+def check_dedicated(mask: ParamMask, what: str) -> ParamMask:
+    """Refuse a mask whose recorded meaning is not "1 = dedicated" where a dedicated mask is needed.
+
+    A mask from :func:`dedicated_mask` (or a file it was saved to) says ``semantics="1=dedicated"``; a mask
+    built by hand carries no semantics and is taken as given. A ``"1=trainable"`` mask (SalUn, GradientMask)
+    marks the coordinates that *may change*: ablating it would zero the wrong half of the model. Files saved by
+    hfhooks versions before the dedicated semantics existed say ``"1=trainable"`` but keep the
+    ``metadata["routing"]`` record of :func:`dedicated_mask`, which identifies them.
+    """
+    semantics = mask.metadata.get("semantics")
+    if semantics in (None, DEDICATED_SEMANTICS) or "routing" in mask.metadata:
+        return mask
+    raise ValueError(
+        f"{what} needs a dedicated mask (1 = dedicated coordinate, semantics {DEDICATED_SEMANTICS!r}), but this "
+        f"mask's semantics is {semantics!r}: a 1 there marks a coordinate that may change (a SalUn or "
+        "GradientMask mask), the opposite meaning. Build the dedicated mask with hfhooks.dedicated_mask(...) or "
+        "load the one GradientRoutingCallback(save_mask=...) wrote; if this mask really marks dedicated "
+        f"coordinates, set mask.metadata['semantics'] = {DEDICATED_SEMANTICS!r}."
+    )
 
 
 @dataclass
@@ -160,6 +192,7 @@ class Router:
     ):
         if level not in ("param", "activation"):
             raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
+        check_dedicated(dedicated, "Router")
         self.model, self.dedicated, self.level, self.label_name = model, dedicated, level, label_name
         self.forget_weights, self.retain_weights = forget_weights, retain_weights
         self.shared_on_forget, self.strict, self.optimizer = list(shared_on_forget), strict, optimizer
@@ -414,6 +447,7 @@ def ablate(
     dedicated coordinates in place. Returns the number of coordinates changed."""
     if how not in ("zero", "reinit"):
         raise ValueError(f"how={how!r} must be 'zero' or 'reinit'.")
+    check_dedicated(dedicated, "ablate")
     changed = 0
     index = model if isinstance(model, ParamIndex) else ParamIndex(model)
     dedicated = dedicated.canonical(index)  # a tied-weight alias is the shared tensor
@@ -445,9 +479,10 @@ def calibrate_logits(
     """Train only the LM-head bias on a weighted sum of losses (e.g. forget + β·adjacent + α·retain).
 
     ``data`` maps a name to ``(dataloader, weight)``; each step takes one batch of each. If the output layer
-    has no bias (Llama, GPT-2) a zero bias is added to it, so the calibrated model keeps it (saved as
-    ``lm_head.bias``). Every other parameter's ``requires_grad`` and the modules' training flags are restored.
-    Returns the total loss per step.
+    has no bias (Llama, GPT-2) a zero bias is added to it. ``save_pretrained`` saves it (as ``lm_head.bias``),
+    but ``from_pretrained`` of an architecture without an LM-head bias drops it, so a ``UserWarning`` says so:
+    after loading, put it back with :func:`load_logit_bias` (``load_logit_bias(model, path)``). Every other
+    parameter's ``requires_grad`` and the modules' training flags are restored. Returns the total loss per step.
     """
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -455,7 +490,8 @@ def calibrate_logits(
         raise ValueError(
             "calibrate_logits needs a model whose get_output_embeddings() is an nn.Linear LM head."
         )
-    if head.bias is None:
+    added = head.bias is None
+    if added:
         head.bias = nn.Parameter(
             torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device)
         )
@@ -475,4 +511,54 @@ def calibrate_logits(
             opt.step()
             history.append(float(total.detach()))
     head.bias.grad = None
+    if added:
+        name = _head_bias_name(base, head)
+        warnings.warn(
+            f"calibrate_logits added an LM-head bias ({name!r}) that {type(base).__name__} does not have: "
+            "save_pretrained writes it, but from_pretrained drops it (an unexpected key), so a reloaded model "
+            "would lose the calibration. After loading, call hfhooks.load_logit_bias(model, path).",
+            stacklevel=2,
+        )
     return history
+
+
+def _head_bias_name(base: nn.Module, head: nn.Module) -> str:
+    prefix = next((n for n, m in base.named_modules() if m is head), "lm_head")
+    return f"{prefix}.bias"
+
+
+def load_logit_bias(model: nn.Module, path: str | os.PathLike) -> nn.Parameter:
+    """Put the LM-head bias :func:`calibrate_logits` added back into ``model`` after ``from_pretrained(path)``.
+
+    Architectures without an LM-head bias (Llama, GPT-2, …) drop the saved ``lm_head.bias`` when loading; this
+    reads it from the checkpoint directory ``path`` (``model.safetensors`` or its sharded index) and installs it,
+    so the reloaded logits equal the calibrated ones. Raises ``KeyError`` if the checkpoint holds no such bias
+    and ``ValueError`` if the model already has a different one or the shape does not fit.
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        hfhooks.load_logit_bias(model, path)
+    """
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            "load_logit_bias needs a model whose get_output_embeddings() is an nn.Linear LM head."
+        )
+    name = _head_bias_name(base, head)
+    with Checkpoint(path) as ckpt:
+        if name not in ckpt:
+            raise KeyError(f"{path} holds no {name!r}: it was not saved from a calibrate_logits model.")
+        bias = ckpt.get(name)
+    if tuple(bias.shape) != (head.out_features,):
+        raise ValueError(
+            f"{name} in {path} has shape {tuple(bias.shape)}; the head has {head.out_features} outputs."
+        )
+    bias = bias.to(device=head.weight.device, dtype=head.weight.dtype)
+    if head.bias is not None:
+        if not torch.equal(head.bias.detach(), bias):
+            raise ValueError(f"{name} of the model differs from the one in {path}; not overwriting it.")
+        return head.bias
+    head.bias = nn.Parameter(bias, requires_grad=head.weight.requires_grad)
+    return head.bias

@@ -210,6 +210,16 @@ def objective_hook(model: nn.Module, objective: UnlearningObjective) -> LossHook
     causal = is_causal_lm(model)
 
     def fn(outputs: Any, labels: torch.Tensor, tags: Mapping[str, Any]) -> torch.Tensor:
+        if labels is None and FORGET_TAG in tags:
+            # The Trainer pops `labels` before forward when it computes the loss itself from the logits; that loss
+            # then replaces whatever the model returns, so the objective could not act even with the labels.
+            raise RuntimeError(
+                "The unlearning objective's loss hook saw no labels in the model's forward although the batch is "
+                "tagged: the Trainer removes `labels` from the inputs and computes its own loss from the logits "
+                "when TrainingArguments(label_smoothing_factor>0) or Trainer(compute_loss_func=...) is set, and "
+                "that loss would replace the forget/retain objective. Unlearn with label_smoothing_factor=0 and "
+                "without compute_loss_func (put any extra term into the objective instead)."
+            )
         if FORGET_TAG not in tags:
             raise RuntimeError(
                 "No 'unlearn' tags reached the model: build the training set with hfhooks.forget_retain_dataset(...) "

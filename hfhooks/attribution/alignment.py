@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from hfhooks.attribution.distances import DISTANCES, distance
-from hfhooks.attribution.methods import METHODS, compute_attribution, needs_double_backprop, target_scores
+from hfhooks.attribution.methods import (
+    IG_STEPS,
+    METHODS,
+    compute_attribution,
+    needs_double_backprop,
+    target_scores,
+)
 from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, Prior, pool_words
 from hfhooks.attribution.sites import AttributionSite
 from hfhooks.hooks import HookSet
@@ -43,7 +49,8 @@ class AttributionAlignment:
         target / score: what is attributed (see :func:`~hfhooks.attribution.methods.target_scores`). ``score``
             defaults to ``"logprob"`` (the gold label's log-probability, whose gradient the loss already
             computes) for first order and to ``"logit"`` for the other methods.
-        steps: integrated-gradients steps.
+        steps: integrated-gradients steps (midpoint rule; the default converges, see
+            :data:`~hfhooks.attribution.methods.IG_STEPS`).
         input_key: attribute to this input tensor instead of the embeddings (e.g. ``"pixel_values"``).
         special_token_ids: token ids excluded from normalisation besides padding, or the tokenizer itself
             (its ``all_special_ids``). Default: the config's pad/bos/eos/sep/cls ids — BERT configs carry only
@@ -72,7 +79,7 @@ class AttributionAlignment:
         fraction: float = 1.0,
         target: str = "label",
         score: str | None = None,
-        steps: int = 4,
+        steps: int = IG_STEPS,
         input_key: str | None = None,
         special_token_ids: Sequence[int] | Any | None = None,
         word_ids: str | None = None,

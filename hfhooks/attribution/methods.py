@@ -21,15 +21,31 @@ the caller forces the math kernel (:func:`needs_double_backprop`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "attribute", "compute_attribution", "needs_double_backprop", "target_scores"]
+__all__ = [
+    "IG_STEPS",
+    "METHODS",
+    "attribute",
+    "completeness_gap",
+    "compute_attribution",
+    "needs_double_backprop",
+    "target_scores",
+]
 
 METHODS = ("attention", "grad_x_input_first_order", "input_gradient", "grad_x_input", "integrated_gradients")
+
+IG_STEPS = 16
+"""Default integrated-gradients steps (midpoint rule). Measured against a 512-step reference: 4 steps gave
+cosine 0.63 on pretrained MiniLM; 16 steps give ≥ 0.999 and completeness gaps of a few percent (docs/attribution.md)."""
+
+IG_COMPLETENESS_TOL = 0.1
+"""Warn when |Σ attributions − (s(x) − s(baseline))| exceeds this share of |s(x) − s(baseline)|."""
 
 
 def needs_double_backprop(method: str) -> bool:
@@ -58,6 +74,14 @@ def target_scores(
     return values.gather(-1, idx[:, None]).squeeze(-1)
 
 
+def completeness_gap(attributions: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-example ``|Σ attributions − Δ| / |Δ|`` with ``Δ = s(x) − s(baseline)``: integrated gradients'
+    completeness axiom says it is 0 for the exact integral; the midpoint rule's error shrinks as ``1/steps²``.
+    A ``|Δ|`` below 1e-6 is taken as 1e-6."""
+    total = attributions.flatten(1).sum(1).float()
+    return (total - delta.float()).abs() / delta.float().abs().clamp_min(1e-6)
+
+
 def compute_attribution(
     method: str,
     logits: torch.Tensor,
@@ -68,14 +92,17 @@ def compute_attribution(
     attentions: tuple[torch.Tensor, ...] | None = None,
     query: torch.Tensor | None = None,
     rerun: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    steps: int = 4,
+    steps: int = IG_STEPS,
     create_graph: bool = True,
+    completeness_tol: float | None = None,
 ) -> torch.Tensor:
     """Attribution of ``method`` with the shape of ``site`` (``attention``: ``[B, T]``).
 
     ``create_graph=False`` gives plain (non-differentiable) attributions for inspection. ``attentions`` and
     ``query`` (the query position per example) are needed for ``attention``; ``rerun(site') -> logits`` (a
-    forward from a modified site) for ``integrated_gradients``.
+    forward from a modified site) for ``integrated_gradients``, whose ``steps`` midpoints approximate the path
+    integral. With ``completeness_tol`` set, integrated gradients also run the baseline (one forward without
+    a graph) and warn when an example's :func:`completeness_gap` exceeds it: too few ``steps``.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -98,15 +125,35 @@ def compute_attribution(
     if method == "integrated_gradients":
         if rerun is None:
             raise ValueError("integrated_gradients needs a forward function of the site (rerun).")
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be ≥ 1.")
+        # One class along the whole path: with target="pred" the argmax at x, not at each interpolation point
+        # (a path integral of a switching score is not an attribution of s(x) and breaks completeness).
+        idx = logits.detach().argmax(-1) if target == "pred" else labels
         base = torch.zeros_like(site)
         total = torch.zeros_like(site)
         for j in range(steps):
             alpha = (j + 0.5) / steps
             point = base + alpha * (site - base)
-            s = target_scores(rerun(point), labels, target, score).sum()
+            s = target_scores(rerun(point), idx, "label", score).sum()
             (g,) = torch.autograd.grad(s, point, create_graph=create_graph, retain_graph=True)
             total = total + g
         attr = (site - base) * total / steps
+        if completeness_tol is not None:
+            with torch.no_grad():
+                delta = target_scores(logits.detach(), idx, "label", score) - target_scores(
+                    rerun(base), idx, "label", score
+                )
+            gap = completeness_gap(attr.detach(), delta)
+            worst = int(gap.argmax())
+            if float(gap[worst]) > completeness_tol:
+                warnings.warn(
+                    f"integrated_gradients with steps={steps} is far from converged: the attributions of example "
+                    f"{worst} sum to {float(attr.detach()[worst].sum()):.4g} but s(x) - s(baseline) = "
+                    f"{float(delta[worst]):.4g} (completeness gap {float(gap[worst]):.0%}, tolerance "
+                    f"{completeness_tol:.0%}). Use more steps (e.g. steps={4 * steps}).",
+                    stacklevel=3,
+                )
         return attr if create_graph else attr.detach()
     s = target_scores(logits, labels, target, score).sum()
     if method == "grad_x_input_first_order":
@@ -125,14 +172,17 @@ def attribute(
     input_key: str | None = None,
     target: str = "label",
     score: str = "logit",
-    steps: int = 4,
+    steps: int = IG_STEPS,
     differentiable: bool = False,
+    completeness_tol: float | None = IG_COMPLETENESS_TOL,
 ) -> torch.Tensor:
     """Attributions of ``model`` on ``batch``: ``[B, T]`` per token (embedding models) or input-shaped.
 
     Token models (those with ``get_input_embeddings()``) are attributed at the embedding output and summed
     over the embedding dimension; otherwise ``input_key`` names the input tensor (e.g. ``"pixel_values"``).
     The model's training flag is untouched; with ``differentiable=False`` the result is detached.
+    ``integrated_gradients`` warns when its completeness gap exceeds ``completeness_tol`` (``None``: no check;
+    in train mode dropout makes every forward differ, so the gap is then noise too).
 
     >>> import torch, transformers
     >>> cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -151,5 +201,6 @@ def attribute(
         attr = compute_attribution(
             method, out["logits"], cap.tensor, labels, target, score, out.get("attentions") if hasattr(out, "get") else None,
             site.query_positions(cap.kwargs), cap.rerun, steps, create_graph=differentiable,
+            completeness_tol=completeness_tol,
         )  # fmt: skip
     return site.reduce(attr, method)

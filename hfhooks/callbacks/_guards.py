@@ -7,22 +7,45 @@ from typing import Any
 
 from hfhooks.params import is_dtensor
 
-__all__ = ["fsdp_version", "has_dtensors", "refuse_unsupported"]
+__all__ = ["fsdp_version", "has_dtensors", "refuse_step_in_backward", "refuse_unsupported"]
+
+_TRUE = ("1", "true", "yes")
 
 
-def fsdp_version(args: Any) -> int | None:
-    """The FSDP version ``args`` (TrainingArguments) selects: ``None`` (no FSDP), ``1`` or ``2``.
+def fsdp_version(args: Any, model: Any = None) -> int | None:
+    """The FSDP version in use: ``None`` (no FSDP), ``1`` or ``2``.
 
-    transformers ≥ 5 defaults ``fsdp_config["version"]`` to 2 (``fully_shard``); older releases to 1.
+    Read from ``args`` (TrainingArguments) first — transformers ≥ 5 defaults ``fsdp_config["version"]`` to 2
+    (``fully_shard``), older releases to 1 — then from what ``accelerate launch --use_fsdp`` exports
+    (``ACCELERATE_USE_FSDP``, and ``FSDP_VERSION`` since accelerate 1.6; absent means 1, the only version of
+    accelerate < 1.6), where the Trainer's ``Accelerator`` builds its FSDP plugin from the environment although
+    ``args.fsdp`` is empty; finally from ``model``: a ``FullyShardedDataParallel`` wrapper anywhere in it is
+    FSDP1.
     """
     fsdp = getattr(args, "fsdp", None)
     if not fsdp or fsdp in ("", []):
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE:
+            version = os.environ.get("FSDP_VERSION", "1").strip() or "1"
+            if version not in ("1", "2"):
+                raise RuntimeError(f"FSDP_VERSION={version!r} in the environment: expected '1' or '2'.")
+            return int(version)
+        if model is not None and _has_fsdp1_wrapper(model):
+            return 1
         return None
     config = getattr(args, "fsdp_config", None) or {}
     import transformers
 
     default = 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
     return int(config.get("version", config.get("fsdp_version", default)))
+
+
+def _has_fsdp1_wrapper(model: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    modules = model.modules() if hasattr(model, "modules") else ()
+    return any(isinstance(m, FullyShardedDataParallel) for m in modules)
 
 
 def has_dtensors(model: Any) -> bool:
@@ -52,12 +75,13 @@ def refuse_unsupported(
             f"{what} does not support DeepSpeed: it steps the optimizer inside backward and keeps gradients "
             f"partitioned, so gradient edits made from callbacks would silently do nothing. {instead}"
         )
-    version = fsdp_version(args)
+    version = fsdp_version(args, model)
     if version is None and has_dtensors(model):
         version = 2  # sharded with fully_shard by the user, outside TrainingArguments
     if version == 1:
         raise RuntimeError(
-            f"{what} does not support FSDP1 (TrainingArguments(fsdp=..., fsdp_config={{'version': 1}})): flattened "
+            f"{what} does not support FSDP1 (TrainingArguments(fsdp=..., fsdp_config={{'version': 1}}), or "
+            "accelerate launch --use_fsdp with FSDP_VERSION=1 / unset): flattened "
             "parameters do not line up with per-parameter masks. "
             + ("Use FSDP2 (fsdp_config={'version': 2}) instead." if fsdp2 else instead)
         )
@@ -65,4 +89,35 @@ def refuse_unsupported(
         raise RuntimeError(
             f"{what} does not support FSDP2 yet: its hooks and tensors are not sharded with the parameters. "
             f"{instead}"
+        )
+
+
+# transformers' optimizers that update each parameter inside ``backward`` (``OptimizerNames`` values): LOMO and
+# AdaLomo fuse the update into backward; the ``*_layerwise`` ones step per parameter from
+# ``register_post_accumulate_grad_hook`` and hand the Trainer a dummy optimizer whose ``step()`` does nothing.
+_STEP_IN_BACKWARD = ("lomo", "adalomo")
+
+
+def refuse_step_in_backward(args: Any, what: str, optimizer: Any = None) -> None:
+    """Raise ``RuntimeError`` if the optimizer updates the weights inside ``backward`` (LOMO, AdaLomo,
+    layer-wise GaLore / APOLLO), where ``what`` needs a real ``optimizer.step()``: its step hooks (hard freeze,
+    strict routing, unlearning's mask guarantee) would never run, and weight decay would move frozen coordinates
+    unnoticed."""
+    optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "")) or "").lower()
+    cls = type(optimizer).__name__ if optimizer is not None else ""
+    if (
+        optim in _STEP_IN_BACKWARD
+        or optim.endswith("_layerwise")
+        or cls
+        in (
+            "Lomo",
+            "AdaLomo",
+            "LayerWiseDummyOptimizer",
+        )
+    ):
+        raise RuntimeError(
+            f"{what} does not support optim={optim or cls!r}: that optimizer updates the weights inside backward "
+            "(there is no optimizer.step() to guard), so the masked coordinates would not be held. Use an "
+            "optimizer with a separate step, e.g. optim='adamw_torch' (or 'adafactor' / 'adamw_bnb_8bit' to "
+            "save memory)."
         )

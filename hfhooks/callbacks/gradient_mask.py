@@ -6,7 +6,7 @@ import os
 
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._guards import refuse_step_in_backward, refuse_unsupported
 from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, save_mask
 from hfhooks.freeze import GradientMask, check_freeze_args
 from hfhooks.masks import ParamMask
@@ -57,6 +57,7 @@ class GradientMaskCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
+        refuse_step_in_backward(args, "GradientMaskCallback", optimizer)
         saved = load_mask(args, state, "GradientMaskCallback", self.resume_from)
         if saved is not None:
             check_same_mask(self.mask, saved, "GradientMaskCallback")

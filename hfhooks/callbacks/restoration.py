@@ -48,9 +48,16 @@ class LayerRestorationCallback(TrainerCallback):
     Resuming: the settings (layers, when, mode, the reference's identity) are saved with every checkpoint and a
     resumed run with other settings, or from a checkpoint without them, raises.
 
-    Checkpoint edits stream shard by shard (bounded memory) and run on the main process only; the live model
-    is restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
+    Checkpoint edits stream shard by shard (bounded memory) and run on the processes that save
+    (``args.should_save``: the main process, or each node's with ``save_on_each_node``); the live model is
+    restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
     ``callback.reports``.
+
+    With ``push_to_hub=True`` the Trainer uploads a checkpoint *before* its ``on_save`` event, so the checkpoint
+    is restored at ``on_push_begin`` instead, before any file is copied or uploaded. Pushes must carry restored
+    weights, so ``push_to_hub=True`` needs ``mode="inplace"`` with ``"train_end"`` in ``when`` (what
+    ``trainer.push_to_hub()`` uploads after training is the live model) and, unless ``hub_strategy="end"``,
+    ``"save"`` too (the checkpoints pushed during training); other combinations are refused at train start.
 
     Example::
 
@@ -88,6 +95,8 @@ class LayerRestorationCallback(TrainerCallback):
         self.options = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
         self.adapters = adapters
         self.reports: list[RestoreReport] = []
+        self._restored: set[Path] = set()  # checkpoints already edited (at on_push_begin, before on_save)
+        self._training = False
         self.resume_from = resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -98,12 +107,15 @@ class LayerRestorationCallback(TrainerCallback):
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
         )
+        if getattr(args, "push_to_hub", False):
+            self._check_push(args)
         saved = load_state(args, state, _OWNER, self.resume_from)
         if saved is not None and json.loads(json.dumps(self._settings())) != saved[1]:
             raise CallbackStateError(
                 f"{_OWNER}: the checkpoint was trained with {saved[1]}, this resumed run has {self._settings()}. "
                 "Resume with the same settings, or pass resume_from=False."
             )
+        self._restored, self._training = set(), True
 
     def _settings(self) -> dict:
         ref = self.reference
@@ -123,17 +135,52 @@ class LayerRestorationCallback(TrainerCallback):
             "adapters": self.adapters,
         }
 
+    def _check_push(self, args) -> None:
+        strategy = str(getattr(getattr(args, "hub_strategy", None), "value", args.hub_strategy))
+        if strategy != "end" and not hasattr(TrainerCallback, "on_push_begin"):
+            raise ValueError(
+                "LayerRestorationCallback cannot restore checkpoints before the Trainer pushes them with this "
+                "transformers version (no on_push_begin event): use hub_strategy='end', or upgrade transformers."
+            )
+        needed = {"train_end"} if strategy == "end" else {"train_end", "save"}
+        if self.mode != "inplace" or not needed <= self.when:
+            raise ValueError(
+                f"LayerRestorationCallback(mode={self.mode!r}, when={tuple(sorted(self.when))}) with "
+                f"push_to_hub=True (hub_strategy={strategy!r}) would upload unrestored weights: "
+                + (
+                    "mode='variant' keeps the trained weights as the model the Trainer pushes. "
+                    if self.mode != "inplace"
+                    else "the Trainer pushes the live model at trainer.push_to_hub() and, unless "
+                    "hub_strategy='end', each checkpoint as it is saved. "
+                )
+                + f"Use mode='inplace', when={tuple(sorted(needed))}, or push_to_hub=False and upload the "
+                "restored directory yourself (huggingface_hub.upload_folder)."
+            )
+
+    def _checkpoint(self, args, state) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        # Trainer._save_checkpoint pushes (_push_from_checkpoint) before it calls on_save: restore the checkpoint
+        # now so that the files copied and uploaded are the restored ones. Only the main process pushes.
+        if "save" not in self.when or not args.should_save or not self._training:
+            return  # trainer.push_to_hub() after training: on_train_end already restored the live model
+        ckpt = self._checkpoint(args, state)
+        if ckpt.is_dir() and ckpt.resolve() not in self._restored:
+            self._restore_checkpoint(ckpt)
+
     def on_save(self, args, state, control, **kwargs):
-        self._restore_checkpoint(args, state)
+        if "save" in self.when and args.should_save:
+            ckpt = self._checkpoint(args, state)
+            if not ckpt.is_dir():
+                warnings.warn(
+                    f"LayerRestorationCallback: {ckpt} was not found; nothing restored.", stacklevel=2
+                )
+            elif ckpt.resolve() not in self._restored:
+                self._restore_checkpoint(ckpt)
         save_state(args, state, _OWNER, meta=self._settings())  # after an in-place edit of the checkpoint
 
-    def _restore_checkpoint(self, args, state) -> None:
-        if "save" not in self.when or not state.is_world_process_zero:
-            return
-        ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not ckpt.is_dir():
-            warnings.warn(f"LayerRestorationCallback: {ckpt} was not found; nothing restored.", stacklevel=2)
-            return
+    def _restore_checkpoint(self, ckpt: Path) -> None:
         out = ckpt if self.mode == "inplace" else ckpt / self.variant
         report = restore_layers(
             ckpt,
@@ -146,9 +193,11 @@ class LayerRestorationCallback(TrainerCallback):
             progress=False,
             **self.options,
         )
+        self._restored.add(ckpt.resolve())
         self.reports.append(report)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._training = False
         if "train_end" not in self.when or model is None:
             return
         if self.mode == "inplace":
@@ -167,7 +216,7 @@ class LayerRestorationCallback(TrainerCallback):
         }
         report = restore_layers(model, self.reference, self.layers, adapters="zero", **self.options)
         try:
-            if state.is_world_process_zero:
+            if args.should_save:
                 out = Path(args.output_dir) / self.variant
                 model.save_pretrained(out)
                 report.path = out

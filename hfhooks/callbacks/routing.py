@@ -7,11 +7,11 @@ from collections.abc import Iterable, Sequence
 
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.callbacks._guards import refuse_step_in_backward, refuse_unsupported
 from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
 from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 from hfhooks.masks import ParamMask
-from hfhooks.routing import Router, dedicated_mask
+from hfhooks.routing import DEDICATED_SEMANTICS, Router, check_dedicated, dedicated_mask
 
 __all__ = ["GradientRoutingCallback"]
 
@@ -64,6 +64,8 @@ class GradientRoutingCallback(TrainerCallback):
     ):
         if dedicated is not None and not isinstance(dedicated, ParamMask):
             dedicated = ParamMask.load(dedicated)
+        if dedicated is not None:
+            check_dedicated(dedicated, "GradientRoutingCallback")
         if level not in ("param", "activation"):
             raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
         self.dedicated = dedicated
@@ -76,6 +78,10 @@ class GradientRoutingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientRoutingCallback", model=model)
+        if (
+            self.strict or self.level == "param"
+        ):  # step hooks / gradient hooks that must run before the update
+            refuse_step_in_backward(args, "GradientRoutingCallback", optimizer)
         report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
         saved = load_mask(args, state, _OWNER, self.resume_from)
         counts: dict[str, int] = {}
@@ -87,6 +93,8 @@ class GradientRoutingCallback(TrainerCallback):
         if self.dedicated is None:
             self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
         if self.save_mask is not None and state.is_world_process_zero:
+            # saved as what it is: 1 = dedicated (ablated later), never read back as a "1=trainable" mask
+            self.dedicated.metadata.setdefault("semantics", DEDICATED_SEMANTICS)
             self.dedicated.save(self.save_mask, model=model)
         if self.router is not None:
             self.router.detach()

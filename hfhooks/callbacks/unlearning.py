@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import fsdp_version, has_dtensors, refuse_unsupported
+from hfhooks.callbacks._guards import fsdp_version, has_dtensors, refuse_step_in_backward, refuse_unsupported
 from hfhooks.callbacks._state import (
     CallbackStateError,
     ResumeFrom,
@@ -125,6 +125,14 @@ class SaliencyUnlearningCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
+        refuse_step_in_backward(args, "SaliencyUnlearningCallback", optimizer)
+        if getattr(args, "label_smoothing_factor", 0) > 0:  # checked before the (costly) saliency pass
+            raise ValueError(
+                f"SaliencyUnlearningCallback does not support label_smoothing_factor={args.label_smoothing_factor}: "
+                "the Trainer then removes `labels` from the model's inputs and replaces the model's loss with a "
+                "label-smoothed cross-entropy on every example, so the forget/retain objective would neither see "
+                "the labels nor act. Set label_smoothing_factor=0."
+            )
         self._detach()
         restored = self._restore(args, state)
         if not restored and self.mask is None and (fsdp_version(args) == 2 or has_dtensors(model)):
