@@ -590,6 +590,10 @@ class Campaign:
             self._m_tensor_set,
             self._m_overwrite,
         ]
+        # valid files must load back: one-tensor masks and diffs whose only difference is the name length
+        # (the header length sweeps through every multiple of 8 over ~800 bytes)
+        for length in range(1, 2 * trials + 1 if self.quick else 400):
+            judge(fam, self._check_round_trip, d, length)
         for t in range(trials):
             kind, path, original = originals[t % len(originals)]
             raw = path.read_bytes()
@@ -606,6 +610,34 @@ class Campaign:
                 argv = ["mask", "info", target] if kind == "mask" else ["diff-info", target, "--lazy"]
                 judge(fam, self._check_cli_read, argv, label, target, original, kind)
             target.unlink(missing_ok=True)
+
+    def _check_round_trip(self, d: Path, length: int) -> str:
+        name = "w" * length
+        path = d / "valid.safetensors"
+        mask = ParamMask({name: torch.arange(12).reshape(3, 4) % 3 == 0})
+        mask.save(path)
+        (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+        try:
+            loaded = ParamMask.load(path)
+        except ArtifactError as e:
+            raise Violation(
+                "valid file refused", f"a one-tensor mask named 'w'×{length} (header {n} bytes): {e}"
+            ) from None
+        if loaded != mask:
+            raise Violation("round trip changed a valid mask", f"'w'×{length}")
+        delta = WeightDiff.between({name: torch.zeros(3)}, {name: torch.ones(3)}, progress=False)
+        delta.save(path)
+        (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+        for lazy in (False, True):
+            try:
+                back = WeightDiff.load(path, lazy=lazy)[name]
+            except ArtifactError as e:
+                raise Violation(
+                    "valid file refused", f"a one-tensor diff named 'w'×{length} (header {n} bytes): {e}"
+                ) from None
+            if not torch.equal(back, torch.ones(3)):
+                raise Violation("round trip changed a valid diff", f"'w'×{length}")
+        return "ok"
 
     def _check_mask_load(self, path: Path, original: ParamMask, label: str) -> str:
         try:
@@ -694,16 +726,18 @@ class Campaign:
             return "clean"
         # exit 0: the file must hold the original data (the in-process check decides that precisely)
         try:
-            same = (
-                (ParamMask.load(path) == original)
-                if kind == "mask"
-                else not same_tensors(diff_tensors(path), {n: original[n] for n in original.names()})
-            )
+            if kind == "mask":
+                same = ParamMask.load(path) == original
+            else:  # read it as the command did (--lazy: per-tensor CRCs, not the whole-file digest)
+                lazy = WeightDiff.load(path, lazy="--lazy" in argv)
+                same = not same_tensors(
+                    {n: lazy[n] for n in lazy.names()}, {n: original[n] for n in original.names()}
+                )
         except ArtifactError:
             same = False
         if not same:
             raise Violation(
-                "silent load of altered data", f"hfhooks {' '.join(argv[:2])} exited 0 on {label}"
+                "silent load of altered data", f"hfhooks {' '.join(map(str, argv[:2]))} exited 0 on {label}"
             )
         return "ok"
 
