@@ -27,12 +27,8 @@ def test_quick_campaign_finds_no_violation(tmp_path):
         [
             sys.executable,
             str(ROOT / "scripts" / "adversarial_campaign.py"),
-            "--quick",
-            "--json",
-            "--seed",
-            "0",
-        ]
-        + ["--out", str(tmp_path)],
+            *("--quick", "--json", "--seed", "0", "--out", str(tmp_path)),
+        ],
         capture_output=True,
         text=True,
         env=env,
