@@ -178,6 +178,9 @@ def resolve_inside(path: Path, directory: Path) -> Path:
     return resolved
 
 
+_HELD: set[Path] = set()  # targets this process holds exclusive_lock on (flock is per open file: no re-entry)
+
+
 def _lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}{_LOCK_SUFFIX}"
 
@@ -209,12 +212,24 @@ def exclusive_lock(target: str | os.PathLike, what: str = "edited") -> Iterator[
         if same:
             break
         os.close(fd)  # we locked a lock file its previous holder has just removed: take the current one
+    _HELD.add(target)
     try:
         yield
     finally:
+        _HELD.discard(target)
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _owning(target: Path, what: str) -> Iterator[None]:
+    """Hold ``target``'s exclusive lock unless this process already does (an edit locks before its temp)."""
+    if Path(os.path.abspath(target)) in _HELD:
+        yield
+    else:
+        with exclusive_lock(target, what):
+            yield
 
 
 def _temp_name(target: Path) -> Path:
@@ -225,9 +240,12 @@ def sweep_stale(target: str | os.PathLike) -> list[Path]:
     """Remove the temporaries of earlier writes to ``target`` whose writer is gone; return what was removed.
 
     A writer holds an ``flock`` on its temporary for as long as it runs, so a temporary nobody holds is stale
-    (killed writer). A brand-new, still-empty one is left alone: its writer may be between creating and locking it.
+    (killed writer). Called with ``target``'s exclusive lock held (as :func:`temp_file` / :func:`temp_dir` do),
+    no other hfhooks writer of ``target`` can be between creating and locking its temporary, so every unlocked
+    one is stale; without that lock a brand-new, still-empty one is left alone for a few seconds.
     """
     target = Path(os.path.abspath(target))
+    owner = target in _HELD
     removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
@@ -246,7 +264,7 @@ def sweep_stale(target: str | os.PathLike) -> list[Path]:
                 continue  # a live writer holds it
             st = os.fstat(fd)
             empty = st.st_size == 0 if stat.S_ISREG(st.st_mode) else not any(os.scandir(entry))
-            if empty and time.time() - st.st_mtime < _YOUNG_S:
+            if empty and not owner and time.time() - st.st_mtime < _YOUNG_S:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(entry, ignore_errors=True)
@@ -266,18 +284,19 @@ def temp_file(target: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     umask implies (like ``open()``), removed on error. The caller publishes it with :func:`publish`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
-    tmp = _temp_name(target)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the fd closes: marks the temporary as alive
-        yield tmp, fd
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    with _owning(target, "written"):
+        sweep_stale(target)
+        tmp = _temp_name(target)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until the fd closes: marks the temporary as alive
+            yield tmp, fd
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @contextlib.contextmanager
@@ -285,18 +304,19 @@ def temp_dir(target: str | os.PathLike) -> Iterator[Path]:
     """A locked temporary directory next to ``target`` (see :func:`temp_file`), removed on error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
-    tmp = _temp_name(target)
-    tmp.mkdir()
-    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(fd)
+    with _owning(target, "written"):
+        sweep_stale(target)
+        tmp = _temp_name(target)
+        tmp.mkdir()
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            os.close(fd)
 
 
 def _renameat2(a: Path, b: Path, flag: int) -> bool:

@@ -280,7 +280,11 @@ def _limit(fsize: int) -> None:
 
 
 def _reset_after_fork() -> None:
-    """Thread pools do not survive fork(): drop the lazy-diff CRC pool so the child creates its own."""
+    """Make the child look like a fresh ``python -m hfhooks``: Python's default warning filters (this
+    process ignores warnings; the CLI's users see them) and no inherited thread pool (pools do not survive
+    fork(): drop the lazy-diff CRC pool so the child creates its own)."""
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
     try:
         import hfhooks.diffs.fileformat as ff
 
@@ -613,7 +617,7 @@ class Campaign:
 
     def _check_round_trip(self, d: Path, length: int) -> str:
         name = "w" * length
-        path = d / "valid.safetensors"
+        path = d / "valid-mask.safetensors"
         mask = ParamMask({name: torch.arange(12).reshape(3, 4) % 3 == 0})
         mask.save(path)
         (n,) = struct.unpack("<Q", path.read_bytes()[:8])
@@ -626,6 +630,7 @@ class Campaign:
         if loaded != mask:
             raise Violation("round trip changed a valid mask", f"'w'×{length}")
         delta = WeightDiff.between({name: torch.zeros(3)}, {name: torch.ones(3)}, progress=False)
+        path = d / "valid-diff.safetensors"  # a diff may not replace a mask file (only an earlier diff)
         delta.save(path)
         (n,) = struct.unpack("<Q", path.read_bytes()[:8])
         for lazy in (False, True):
