@@ -166,7 +166,13 @@ def test_routing_callback_saves_a_hand_built_mask_as_dedicated(tmp_path):
     hand = built & built  # the same row/column slices, no metadata: as a mask combined by hand
     assert "semantics" not in hand.metadata
     cb = GradientRoutingCallback(hand, save_mask=tmp_path / "d.safetensors")
-    cb.on_train_begin(_args(tmp_path), T.TrainerState(), T.TrainerControl(), model=model)
+    cb.on_train_begin(
+        _args(tmp_path),
+        T.TrainerState(),
+        T.TrainerControl(),
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters()),
+    )
     try:
         assert ParamMask.load(tmp_path / "d.safetensors").metadata["semantics"] == "1=dedicated"
     finally:
