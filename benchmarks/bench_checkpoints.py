@@ -133,9 +133,9 @@ def run_op(op: str, root: Path, layers: str) -> dict:
     torch.set_num_threads(1)
     import gc
 
-    from hfhooks.checkpoints import Checkpoint
     from hfhooks.diffs import WeightDiff
-    from hfhooks.restoration import restore_layers
+    from hfhooks.io.checkpoints import Checkpoint
+    from hfhooks.restoration.restore import restore_layers
 
     out = root / "out"
     gc.collect()
@@ -208,7 +208,7 @@ def search_timing() -> dict:
     import torch
     import transformers
 
-    from hfhooks.restoration import CRCPrompt, search_restoration
+    from hfhooks.restoration.restore import CRCPrompt, search_restoration
 
     torch.set_num_threads(1)
     cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,

@@ -49,7 +49,7 @@ from torch import nn
 from transformers import default_data_collator
 
 from hfhooks import ParamMask, UnlearningObjective, average_gap, salun, unlearning_metrics
-from hfhooks.evaluation import true_class_confidence
+from hfhooks.unlearning.evaluation import true_class_confidence
 
 METHODS_FIXED = ("Original", "Retrain", "FT", "GA", "RL")
 KEYS = ("UA", "RA", "TA", "MIA")

@@ -35,8 +35,8 @@ import torch
 import transformers as T
 from transformers.utils import logging as hf_logging
 
-from hfhooks.checkpoints import Checkpoint
-from hfhooks.restoration import crc_prompts, search_restoration
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.restoration.restore import crc_prompts, search_restoration
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"

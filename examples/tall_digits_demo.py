@@ -28,8 +28,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hfhooks.diffs import WeightDiff, consensus_mask, tall_masks
-from hfhooks.freeze import GradientMask
-from hfhooks.masks import ParamMask
+from hfhooks.freeze.gradient_mask import GradientMask
+from hfhooks.masks.mask import ParamMask
 
 TASKS = {
     "parity": lambda y: y % 2,

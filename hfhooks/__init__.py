@@ -1,80 +1,96 @@
-"""hfhooks: gradient masking, attribution alignment, saliency unlearning and layer restoration for
-Hugging Face ``Trainer`` runs and plain PyTorch — via callbacks and module/tensor hooks only.
+"""hfhooks: gradient masking, gradient routing, saliency unlearning, attribution alignment and layer
+restoration for Hugging Face ``Trainer`` runs and plain PyTorch — via callbacks and module/tensor hooks only.
 
-The core (names, masks, scores) works without a Trainer; callbacks are thin adapters over it.
+Layout: one folder per concept (``core``, ``masks``, ``io``, ``freeze``, ``routing``, ``unlearning``,
+``attribution``, ``restoration``, ``diffs``, ``trainer``, ``cli``); see docs/architecture.md. Every public name
+is importable from here. Names are resolved on first use (PEP 562), so ``import hfhooks`` and the ``hfhooks``
+command start without importing torch or transformers; only what a program touches is loaded.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from hfhooks._version import __version__
-from hfhooks.artifacts import ArtifactError, model_fingerprint
-from hfhooks.attribution import AttributionAlignment, attribute, deletion_insertion, faithfulness
-from hfhooks.callbacks import (
-    AttributionAlignmentCallback,
-    GradientMaskCallback,
-    GradientRoutingCallback,
-    LayerRestorationCallback,
-    SaliencyUnlearningCallback,
-    UnlearningEvalCallback,
-)
-from hfhooks.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
-from hfhooks.data import Tagged, TaggedCollator, TaggedDataset
-from hfhooks.diffs import (
-    BaseMismatchError,
-    DiffFileError,
-    WeightDiff,
-    consensus_mask,
-    consensus_merge,
-    tall_masks,
-    tensor_fingerprint,
-)
-from hfhooks.evaluation import (
-    average_gap,
-    mia_efficacy,
-    relearn_attack,
-    unlearning_metrics,
-)
-from hfhooks.freeze import GradientMask
-from hfhooks.hooks import HookRecord, installed_hooks, remove_hooks
-from hfhooks.hub import HubError
-from hfhooks.layers import (
-    LayerList,
-    attention_head_slices,
-    find_layers,
-    layer_of,
-    mlp_projections,
-    mlp_unit_slices,
-)
-from hfhooks.loss_hooks import LossHook
-from hfhooks.masks import MaskFileError, ParamMask
-from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
-from hfhooks.restoration import (
-    CRCPrompt,
-    RestorationSearch,
-    RestoreReport,
-    crc_prompts,
-    crc_scores,
-    restore_layers,
-    search_restoration,
-)
-from hfhooks.routing import (
-    FORGET,
-    RETAIN,
-    UNLABELLED,
-    Router,
-    ablate,
-    calibrate_logits,
-    dedicated_mask,
-    load_logit_bias,
-    routing_labels,
-)
-from hfhooks.saliency import SCORES, Scores, compute_saliency
-from hfhooks.topk import topk_masks
-from hfhooks.unlearning import (
-    OBJECTIVES,
-    UnlearningObjective,
-    forget_retain_dataset,
-    reference_logprobs,
-    salun,
-)
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "FORGET": "hfhooks.routing.router",
+    "OBJECTIVES": "hfhooks.unlearning.objectives",
+    "RETAIN": "hfhooks.routing.router",
+    "SCORES": "hfhooks.masks.saliency",
+    "UNLABELLED": "hfhooks.routing.router",
+    "ArtifactError": "hfhooks.io.artifacts",
+    "AttributionAlignment": "hfhooks.attribution",
+    "AttributionAlignmentCallback": "hfhooks.attribution.callback",
+    "BaseMismatchError": "hfhooks.diffs",
+    "CRCPrompt": "hfhooks.restoration.restore",
+    "CallbackStateError": "hfhooks.trainer.state",
+    "Checkpoint": "hfhooks.io.checkpoints",
+    "CheckpointError": "hfhooks.io.checkpoints",
+    "Config": "hfhooks.core.config",
+    "DiffFileError": "hfhooks.diffs",
+    "GradientMask": "hfhooks.freeze.gradient_mask",
+    "GradientMaskCallback": "hfhooks.freeze.callback",
+    "GradientRoutingCallback": "hfhooks.routing.callback",
+    "HookRecord": "hfhooks.core.hooks",
+    "HubError": "hfhooks.io.hub",
+    "LayerList": "hfhooks.core.layers",
+    "LayerRestorationCallback": "hfhooks.restoration.callback",
+    "LossHook": "hfhooks.core.loss_hooks",
+    "MaskFileError": "hfhooks.masks.mask",
+    "ParamIndex": "hfhooks.core.params",
+    "ParamMask": "hfhooks.masks.mask",
+    "RestorationSearch": "hfhooks.restoration.restore",
+    "RestoreReport": "hfhooks.restoration.restore",
+    "Router": "hfhooks.routing.router",
+    "SaliencyUnlearningCallback": "hfhooks.unlearning.callback",
+    "Scores": "hfhooks.masks.saliency",
+    "Tagged": "hfhooks.core.data",
+    "TaggedCollator": "hfhooks.core.data",
+    "TaggedDataset": "hfhooks.core.data",
+    "UnknownParameterError": "hfhooks.core.params",
+    "UnlearningEvalCallback": "hfhooks.unlearning.eval_callback",
+    "UnlearningObjective": "hfhooks.unlearning.objectives",
+    "WeightDiff": "hfhooks.diffs",
+    "ablate": "hfhooks.routing.router",
+    "attention_head_slices": "hfhooks.core.layers",
+    "attribute": "hfhooks.attribution",
+    "average_gap": "hfhooks.unlearning.evaluation",
+    "calibrate_logits": "hfhooks.routing.router",
+    "canonical_name": "hfhooks.core.params",
+    "compute_saliency": "hfhooks.masks.saliency",
+    "consensus_mask": "hfhooks.diffs",
+    "consensus_merge": "hfhooks.diffs",
+    "crc_prompts": "hfhooks.restoration.restore",
+    "crc_scores": "hfhooks.restoration.restore",
+    "dedicated_mask": "hfhooks.routing.router",
+    "deletion_insertion": "hfhooks.attribution",
+    "edit_checkpoint": "hfhooks.io.checkpoints",
+    "faithfulness": "hfhooks.attribution",
+    "find_layers": "hfhooks.core.layers",
+    "forget_retain_dataset": "hfhooks.unlearning.objectives",
+    "installed_hooks": "hfhooks.core.hooks",
+    "layer_of": "hfhooks.core.layers",
+    "load_logit_bias": "hfhooks.routing.router",
+    "mia_efficacy": "hfhooks.unlearning.evaluation",
+    "mlp_projections": "hfhooks.core.layers",
+    "mlp_unit_slices": "hfhooks.core.layers",
+    "model_fingerprint": "hfhooks.io.artifacts",
+    "reference_logprobs": "hfhooks.unlearning.objectives",
+    "relearn_attack": "hfhooks.unlearning.evaluation",
+    "remove_hooks": "hfhooks.core.hooks",
+    "restore_layers": "hfhooks.restoration.restore",
+    "routing_labels": "hfhooks.routing.router",
+    "salun": "hfhooks.unlearning.objectives",
+    "search_restoration": "hfhooks.restoration.restore",
+    "tall_masks": "hfhooks.diffs",
+    "tensor_fingerprint": "hfhooks.diffs",
+    "topk_masks": "hfhooks.masks.topk",
+    "unlearning_metrics": "hfhooks.unlearning.evaluation",
+    "unwrap_model": "hfhooks.core.params",
+}
 
 __all__ = [
     "FORGET",
@@ -87,8 +103,10 @@ __all__ = [
     "AttributionAlignmentCallback",
     "BaseMismatchError",
     "CRCPrompt",
+    "CallbackStateError",
     "Checkpoint",
     "CheckpointError",
+    "Config",
     "DiffFileError",
     "GradientMask",
     "GradientMaskCallback",
@@ -151,3 +169,84 @@ __all__ = [
     "unlearning_metrics",
     "unwrap_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hfhooks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real imports
+    from hfhooks.attribution import AttributionAlignment, attribute, deletion_insertion, faithfulness
+    from hfhooks.attribution.callback import AttributionAlignmentCallback
+    from hfhooks.core.config import Config
+    from hfhooks.core.data import Tagged, TaggedCollator, TaggedDataset
+    from hfhooks.core.hooks import HookRecord, installed_hooks, remove_hooks
+    from hfhooks.core.layers import (
+        LayerList,
+        attention_head_slices,
+        find_layers,
+        layer_of,
+        mlp_projections,
+        mlp_unit_slices,
+    )
+    from hfhooks.core.loss_hooks import LossHook
+    from hfhooks.core.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
+    from hfhooks.diffs import (
+        BaseMismatchError,
+        DiffFileError,
+        WeightDiff,
+        consensus_mask,
+        consensus_merge,
+        tall_masks,
+        tensor_fingerprint,
+    )
+    from hfhooks.freeze.callback import GradientMaskCallback
+    from hfhooks.freeze.gradient_mask import GradientMask
+    from hfhooks.io.artifacts import ArtifactError, model_fingerprint
+    from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
+    from hfhooks.io.hub import HubError
+    from hfhooks.masks.mask import MaskFileError, ParamMask
+    from hfhooks.masks.saliency import SCORES, Scores, compute_saliency
+    from hfhooks.masks.topk import topk_masks
+    from hfhooks.restoration.callback import LayerRestorationCallback
+    from hfhooks.restoration.restore import (
+        CRCPrompt,
+        RestorationSearch,
+        RestoreReport,
+        crc_prompts,
+        crc_scores,
+        restore_layers,
+        search_restoration,
+    )
+    from hfhooks.routing.callback import GradientRoutingCallback
+    from hfhooks.routing.router import (
+        FORGET,
+        RETAIN,
+        UNLABELLED,
+        Router,
+        ablate,
+        calibrate_logits,
+        dedicated_mask,
+        load_logit_bias,
+        routing_labels,
+    )
+    from hfhooks.trainer.state import CallbackStateError
+    from hfhooks.unlearning.callback import SaliencyUnlearningCallback
+    from hfhooks.unlearning.eval_callback import UnlearningEvalCallback
+    from hfhooks.unlearning.evaluation import average_gap, mia_efficacy, relearn_attack, unlearning_metrics
+    from hfhooks.unlearning.objectives import (
+        OBJECTIVES,
+        UnlearningObjective,
+        forget_retain_dataset,
+        reference_logprobs,
+        salun,
+    )

@@ -21,7 +21,7 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def _mask_info(args: argparse.Namespace) -> int:
-    from hfhooks.masks import ParamMask
+    from hfhooks.masks.mask import ParamMask
 
     mask = ParamMask.load(args.file)
     counts = mask.counts()
@@ -101,7 +101,7 @@ def _dtype(name: str):
 
 
 def _layer_names(path: str, layers: str) -> list[str]:
-    from hfhooks.checkpoints import Checkpoint, layer_map, parse_layers
+    from hfhooks.io.checkpoints import Checkpoint, layer_map, parse_layers
 
     names = Checkpoint(path).keys()
     block_path, of = layer_map(names)
@@ -116,7 +116,7 @@ def _diff(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hfhooks.diffs import WeightDiff
-    from hfhooks.paths import temp_dir
+    from hfhooks.io.paths import temp_dir
 
     progress = not args.quiet
     _check_diff_output(args.output, [args.base, args.tuned], args.overwrite)
@@ -162,7 +162,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _is_diff_file(path) -> bool:
     """Whether ``path`` is an hfhooks diff file (the only thing ``diff --overwrite`` may replace)."""
-    from hfhooks.checkpoints import CheckpointError, read_safetensors_header
+    from hfhooks.io.checkpoints import CheckpointError, read_safetensors_header
 
     try:
         return read_safetensors_header(path)[1].get("hfhooks.kind") == "diff"
@@ -171,7 +171,7 @@ def _is_diff_file(path) -> bool:
 
 
 def _check_diff_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
-    from hfhooks.paths import check_output
+    from hfhooks.io.paths import check_output
 
     check_output(output, inputs, overwrite=overwrite, same_kind=_is_diff_file, kind="diff file")
 
@@ -333,8 +333,8 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _check_dir_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
     """``-o`` of a checkpoint edit: never an input (use --in-place), inside one or holding one; an existing one
     only with --overwrite and only if an earlier hfhooks edit wrote it."""
-    from hfhooks.checkpoints import is_edited_checkpoint
-    from hfhooks.paths import check_output
+    from hfhooks.io.checkpoints import is_edited_checkpoint
+    from hfhooks.io.paths import check_output
 
     check_output(
         output,
@@ -360,7 +360,7 @@ def _add_write_options(p: argparse.ArgumentParser) -> None:
 
 # -- restoration -----------------------------------------------------------------------------------------------
 def _restore(args: argparse.Namespace) -> int:
-    from hfhooks.restoration import restore_layers
+    from hfhooks.restoration.restore import restore_layers
 
     if not args.in_place:
         _check_dir_output(args.output, [args.target, args.reference], args.overwrite)
@@ -432,7 +432,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_prompts(args: argparse.Namespace, tokenizer):
-    from hfhooks.restoration import CRCPrompt, crc_prompts
+    from hfhooks.restoration.restore import CRCPrompt, crc_prompts
 
     if not args.prompts:
         if tokenizer is None:
@@ -485,8 +485,8 @@ def _search_restore(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from hfhooks.paths import check_output
-    from hfhooks.restoration import restore_layers, search_restoration
+    from hfhooks.io.paths import check_output
+    from hfhooks.restoration.restore import restore_layers, search_restoration
 
     inputs = [args.post, args.base, args.prompts]
     if args.restore_to:
@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hfhooks`` console script. Returns the exit code."""
-    from hfhooks.artifacts import ArtifactError
+    from hfhooks.io.artifacts import ArtifactError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -71,10 +71,10 @@ if str(REPO) not in sys.path:
 
 import hfhooks.cli  # noqa: E402
 import hfhooks.diffs  # noqa: E402  (imported here so forked children start instantly)
-import hfhooks.restoration  # noqa: E402
+import hfhooks.restoration.restore  # noqa: E402
 from hfhooks import ParamMask  # noqa: E402
-from hfhooks.artifacts import ArtifactError  # noqa: E402
 from hfhooks.diffs import WeightDiff  # noqa: E402
+from hfhooks.io.artifacts import ArtifactError  # noqa: E402
 
 FAMILIES = (
     "fuzz_artifacts",

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models of every supported layout, built from configs (never downloaded).
 
 Every factory builds in milliseconds: hidden size 32, 4 attention heads, 2 layers, vocabulary 64. The
-architectures cover the layouts :mod:`hfhooks.layers` knows about:
+architectures cover the layouts :mod:`hfhooks.core.layers` knows about:
 
 * ``llama`` — separate q/k/v/o ``nn.Linear``, grouped-query attention (4 query heads, 2 KV heads), gated MLP;
 * ``mistral`` — same layout as Llama (GQA), different classes;

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hfhooks.checkpoints import (
+from hfhooks.core.params import UnknownParameterError
+from hfhooks.io.checkpoints import (
     INDEX_NAME,
     Checkpoint,
     CheckpointError,
@@ -32,7 +33,6 @@ from hfhooks.checkpoints import (
     layer_map,
     read_safetensors_header,
 )
-from hfhooks.params import UnknownParameterError
 
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
@@ -279,7 +279,7 @@ _KILL_CHILD = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
-    from hfhooks.checkpoints import Checkpoint, edit_checkpoint
+    from hfhooks.io.checkpoints import Checkpoint, edit_checkpoint
 
     src, out, marker, name = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 

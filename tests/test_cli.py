@@ -12,12 +12,12 @@ import torch
 import transformers as T
 from conftest import lora, make_model
 
-from hfhooks.checkpoints import Checkpoint
 from hfhooks.cli import build_parser, main
+from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import WeightDiff
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex
-from hfhooks.restoration import restore_layers
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.masks.mask import ParamMask
+from hfhooks.restoration.restore import restore_layers
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from hfhooks.artifacts import write_artifact
-from hfhooks.checkpoints import Checkpoint
+from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs import (
     BaseMismatchError,
     DiffFileError,
@@ -25,8 +24,9 @@ from hfhooks.diffs import (
     tall_masks,
     tensor_fingerprint,
 )
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex, UnknownParameterError
+from hfhooks.io.artifacts import write_artifact
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.masks.mask import ParamMask
 
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 

@@ -14,11 +14,11 @@ from conftest import make_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hfhooks.artifacts import _digest, _meta_digest
-from hfhooks.checkpoints import read_safetensors_header
+from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, DiffFileError, WeightDiff
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex
+from hfhooks.io.artifacts import _digest, _meta_digest
+from hfhooks.io.checkpoints import read_safetensors_header
+from hfhooks.masks.mask import ParamMask
 
 PICKLE_LIKE = {640, 896, 1152, 1408}  # header lengths (mod 2**16) whose first bytes are \x80\x02 … \x80\x05
 
@@ -266,7 +266,7 @@ PATTERNS = {
 
 @pytest.mark.parametrize("case", list(PATTERNS))
 def test_lora_dir_scaling_follows_peft_patterns(tmp_path, case):
-    from hfhooks.lora import lora_layers, lora_scaling
+    from hfhooks.masks.lora import lora_layers, lora_scaling
 
     rank_pattern, alpha_pattern = PATTERNS[case]
     base = make_model("llama")
@@ -289,7 +289,7 @@ def test_pattern_fallback_matches_installed_peft():
     other = pytest.importorskip("peft.utils.other")
     if not hasattr(other, "get_pattern_key"):
         pytest.skip("this peft has no get_pattern_key (peft 0.13)")
-    from hfhooks.lora import _pattern_key
+    from hfhooks.masks.lora import _pattern_key
 
     keys = [
         "q_proj",

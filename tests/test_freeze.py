@@ -15,7 +15,7 @@ from hfhooks import (
     attention_head_slices,
     mlp_unit_slices,
 )
-from hfhooks.callbacks._guards import refuse_unsupported
+from hfhooks.trainer.guards import refuse_unsupported
 
 VOCAB = 48
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hfhooks import ParamMask, WeightDiff
-from hfhooks.hub import HubError
+from hfhooks.io.hub import HubError
 
 
 def _mask() -> ParamMask:

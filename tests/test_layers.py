@@ -1,7 +1,7 @@
 """Decoder-layer discovery and the MLP-unit / attention-head selectors, verified functionally.
 
 The structural facts below (block paths, which modules produce / consume MLP units, which hold q/k/v and the
-output projection) are written out by hand per architecture, independently of :mod:`hfhooks.layers`. The
+output projection) are written out by hand per architecture, independently of :mod:`hfhooks.core.layers`. The
 selectors are then checked by what zeroing or perturbing the selected slices does to a real forward pass,
 compared with hooks that act on the hidden units / head outputs directly.
 """
@@ -29,7 +29,7 @@ from hfhooks import (
     mlp_projections,
     mlp_unit_slices,
 )
-from hfhooks.layers import layer_of, select_layers
+from hfhooks.core.layers import layer_of, select_layers
 
 ATOL = 1e-6
 

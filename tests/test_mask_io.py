@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hfhooks import ArtifactError, MaskFileError, ParamMask
-from hfhooks.artifacts import _digest, write_artifact
-from hfhooks.params import UnknownParameterError
+from hfhooks.core.params import UnknownParameterError
+from hfhooks.io.artifacts import _digest, write_artifact
 
 # --------------------------------------------------------------------------------------------------------------
 # Masks used throughout: every granularity, odd sizes (padding bits), 0-d and empty tensors.
@@ -63,7 +63,7 @@ def slice_mask() -> ParamMask:
 
 
 def scored_mask() -> ParamMask:
-    from hfhooks.saliency import Scores
+    from hfhooks.masks.saliency import Scores
 
     g = torch.Generator().manual_seed(3)
     scores = Scores(

@@ -24,12 +24,12 @@ import pytest
 import torch
 from conftest import make_model
 
-from hfhooks import paths
-from hfhooks.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
+from hfhooks.io import paths
 from hfhooks.cli import main
+from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, WeightDiff
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex
+from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
+from hfhooks.masks.mask import ParamMask
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"the secret outside every directory hfhooks was given"
@@ -172,7 +172,7 @@ def test_output_that_is_a_symlink_to_the_input_is_refused(capsys, ckpts, tmp_pat
 
 
 def test_python_api_checks_the_reference_and_the_diff_file_too(ckpts, tmp_path):
-    from hfhooks.restoration import restore_layers
+    from hfhooks.restoration.restore import restore_layers
 
     with pytest.raises(paths.OutputPathError, match="is the input"):
         restore_layers(
@@ -317,7 +317,7 @@ def test_a_locked_checkpoint_or_output_is_refused(ckpts, tmp_path):
 
 
 def test_output_created_meanwhile_is_left_alone(ckpts, tmp_path, monkeypatch):
-    import hfhooks.checkpoints as C
+    import hfhooks.io.checkpoints as C
 
     out = tmp_path / "out"
     real_write = C._write_edit
@@ -445,7 +445,7 @@ def test_full_disk_is_an_error_naming_the_path(ckpts, tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, ckpts, tmp_path, monkeypatch):
-    import hfhooks.restoration as R
+    import hfhooks.restoration.restore as R
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -42,7 +42,7 @@ from hfhooks import (
     load_logit_bias,
     restore_layers,
 )
-from hfhooks.callbacks._guards import fsdp_version, refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import fsdp_version, refuse_step_in_backward, refuse_unsupported
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -15,12 +15,12 @@ import transformers as T
 from conftest import PEFT_VERSION, lora, make_model
 from torch import nn
 
-from hfhooks.callbacks.restoration import LayerRestorationCallback
-from hfhooks.checkpoints import Checkpoint
+from hfhooks.core.layers import find_layers, layer_of
+from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs import WeightDiff
-from hfhooks.layers import find_layers, layer_of
-from hfhooks.params import ParamIndex, UnknownParameterError
-from hfhooks.restoration import (
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.restoration.callback import LayerRestorationCallback
+from hfhooks.restoration.restore import (
     CRCPrompt,
     RestorationSearch,
     crc_prompts,

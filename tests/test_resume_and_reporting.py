@@ -19,7 +19,7 @@ from hfhooks import (
     TaggedDataset,
     forget_retain_dataset,
 )
-from hfhooks.callbacks import CallbackStateError
+from hfhooks.trainer.state import CallbackStateError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -214,7 +214,7 @@ def test_routing_metrics_reach_the_reporting_integrations(recorder, tmp_path):
 
 def test_callback_handler_is_found_from_inside_an_event(tmp_path):
     """The one stack-walking helper: from inside any callback event it returns the Trainer's handler."""
-    from hfhooks.callbacks._logging import callback_handler
+    from hfhooks.trainer.reporting import callback_handler
 
     found = {}
 
@@ -260,7 +260,7 @@ def test_unlearning_metrics_are_reported_and_select_the_best_checkpoint(recorder
 
 
 def test_topk_warns_on_all_zero_scores_and_deciding_ties():
-    from hfhooks.topk import DegenerateScoresWarning, topk_masks
+    from hfhooks.masks.topk import DegenerateScoresWarning, topk_masks
 
     with pytest.warns(DegenerateScoresWarning, match="all zero"):
         topk_masks({"a": torch.rand(10), "b": torch.zeros(10)}, 0.5)
@@ -277,8 +277,8 @@ def test_salun_on_fresh_lora_scores_base_units_and_freezes_the_others(tmp_path):
     the effective weight W + s·B·A of every other unit is unchanged after training."""
     from conftest import lora
 
-    from hfhooks.lora import lora_delta_weights
-    from hfhooks.topk import DegenerateScoresWarning
+    from hfhooks.masks.lora import lora_delta_weights
+    from hfhooks.masks.topk import DegenerateScoresWarning
 
     model = lora(make_model("llama"), ["q_proj", "v_proj", "down_proj"])
     data = _lm_data(12)

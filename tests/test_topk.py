@@ -1,4 +1,4 @@
-"""Exact global / per-tensor top-k (``hfhooks.topk``) against a brute-force stable-argsort oracle."""
+"""Exact global / per-tensor top-k (``hfhooks.masks.topk``) against a brute-force stable-argsort oracle."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import hfhooks.topk as topk_mod
+import hfhooks.masks.topk as topk_mod
 from hfhooks import ParamMask, topk_masks
 
 

@@ -25,7 +25,7 @@ from hfhooks import (
     salun,
     unlearning_metrics,
 )
-from hfhooks.unlearning import objective_hook, reference_logprobs
+from hfhooks.unlearning.objectives import objective_hook, reference_logprobs
 
 
 class MLPClassifier(nn.Module):
@@ -375,7 +375,7 @@ def test_npo_reference_is_never_reused_across_runs():
         seen["ref"] = orig(model, forget, *a, **k)
         return seen["ref"]
 
-    import hfhooks.unlearning as U
+    import hfhooks.unlearning.objectives as U
 
     U.reference_logprobs, saved = spy, U.reference_logprobs
     try:

@@ -3,7 +3,7 @@
 During each training forward a pre-hook decides whether this step is due (every ``every`` steps), captures the
 attribution site, and forces SDPA's math kernel when the method needs double backprop; a forward hook
 computes the differentiable attribution, the prior and the distance, and adds ``weight × term`` to the
-model's loss through :class:`~hfhooks.loss_hooks.LossHook` (so gradient accumulation and
+model's loss through :class:`~hfhooks.core.loss_hooks.LossHook` (so gradient accumulation and
 ``num_items_in_batch`` scaling stay right). On the first term the hook checks that it really sends gradient to
 the trainable parameters — penalties computed without ``create_graph`` are silent no-ops in published code.
 """
@@ -28,8 +28,8 @@ from hfhooks.attribution.methods import (
 )
 from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, Prior, pool_words
 from hfhooks.attribution.sites import AttributionSite
-from hfhooks.hooks import HookSet
-from hfhooks.loss_hooks import LossHook, count_items
+from hfhooks.core.hooks import HookSet
+from hfhooks.core.loss_hooks import LossHook, count_items
 
 __all__ = ["AttributionAlignment"]
 
@@ -129,7 +129,7 @@ class AttributionAlignment:
         self._loss = LossHook(model, self._term, tags=tags, mode="add", active=self._active)
 
     def _config_special_ids(self) -> list[int]:
-        from hfhooks.params import unwrap_model
+        from hfhooks.core.params import unwrap_model
 
         cfg = getattr(unwrap_model(self.model), "config", None)
         ids = {

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.params import unwrap_model
+from hfhooks.core.params import unwrap_model
 
 __all__ = ["AttributionSite", "Capture"]
 

@@ -5,7 +5,7 @@ maps here (negate, scale, mask, sparsify, quantise), so nothing is computed unti
 :func:`_between_entry` computes one tensor's Δ with its exactness flags; :func:`_plus_blocks` / :func:`_plus`
 add ``scale·Δ`` in the wider dtype, block by block, leaving θ bit-identical where Δ is zero; :func:`_apply_fn`
 is the streaming per-tensor edit that applying a diff to a checkpoint hands to
-:func:`~hfhooks.checkpoints.edit_checkpoint`.
+:func:`~hfhooks.io.checkpoints.edit_checkpoint`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from hfhooks.checkpoints import ReadBuffer, TensorBlocks
+from hfhooks.core.params import bit_view
 from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
@@ -30,7 +30,7 @@ from hfhooks.diffs.entries import (
     tensor_fingerprint,
 )
 from hfhooks.diffs.fileformat import _DEFERRED, _pool
-from hfhooks.params import bit_view
+from hfhooks.io.checkpoints import ReadBuffer, TensorBlocks
 
 
 def _mapped(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[], Payload]:

@@ -3,7 +3,7 @@
 
 Kept apart from :mod:`hfhooks.diffs.fileformat` (which writes and reads whole files) because it is pure: no
 file access, just payload ⇄ stored tensors and metadata ⇄ :class:`~hfhooks.diffs.entries.DiffEntry`. Masks
-are bit-packed like mask files (:func:`hfhooks.artifacts._pack_bits`); quantised codes of 1, 2, 4 or 8 bits
+are bit-packed like mask files (:func:`hfhooks.io.artifacts._pack_bits`); quantised codes of 1, 2, 4 or 8 bits
 are packed big-endian within each byte.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from hfhooks.artifacts import _pack_bits, _unpack_bits
 from hfhooks.diffs.entries import (
     STORAGES,
     DiffEntry,
@@ -26,6 +25,7 @@ from hfhooks.diffs.entries import (
     _dtype_name,
     _parse_dtype,
 )
+from hfhooks.io.artifacts import _pack_bits, _unpack_bits
 
 _SEP = "::"
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.checkpoints import Checkpoint, ReadBuffer, edit_checkpoint, layer_map, parse_layers
+from hfhooks.core.params import ParamIndex, UnknownParameterError, canonical_name
 from hfhooks.diffs.arithmetic import (
     _add_delta,
     _apply_fn,
@@ -52,9 +52,9 @@ from hfhooks.diffs.entries import (
 from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _verify_payloads, _write_diff
 from hfhooks.diffs.lora import _lora_from_dir, _lora_from_model
 from hfhooks.diffs.source import _select, _Source
-from hfhooks.hub import HubMixin
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex, UnknownParameterError, canonical_name
+from hfhooks.io.checkpoints import Checkpoint, ReadBuffer, edit_checkpoint, layer_map, parse_layers
+from hfhooks.io.hub import HubMixin
+from hfhooks.masks.mask import ParamMask
 
 
 class WeightDiff(HubMixin):

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from hfhooks.artifacts import ArtifactError
-from hfhooks.checkpoints import _tensor_bytes
-from hfhooks.params import bit_view
+from hfhooks.core.params import bit_view
+from hfhooks.io.artifacts import ArtifactError
+from hfhooks.io.checkpoints import _tensor_bytes
 
 STORAGES = ("dense", "sparse", "quantized")
 

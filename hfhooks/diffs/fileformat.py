@@ -22,22 +22,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hfhooks._version import __version__
-from hfhooks.artifacts import (
-    FORMAT_VERSION,
-    ArtifactError,
-    _decode_metadata,
-    _digest,
-    _meta_digest,
-    _reraise_as,
-)
-from hfhooks.checkpoints import (
-    ReadBuffer,
-    TensorInfo,
-    _copy_range,
-    _tensor_bytes,
-    _write_all,
-    read_safetensors_header,
-)
 from hfhooks.diffs.codec import _SEP, _decode_entry_meta, _entry_meta, _payload_from, _stored
 from hfhooks.diffs.entries import (
     DiffEntry,
@@ -49,7 +33,23 @@ from hfhooks.diffs.entries import (
     _model_fingerprint,
     _progress,
 )
-from hfhooks.paths import check_output, publish, temp_file, write_error
+from hfhooks.io.artifacts import (
+    FORMAT_VERSION,
+    ArtifactError,
+    _decode_metadata,
+    _digest,
+    _meta_digest,
+    _reraise_as,
+)
+from hfhooks.io.checkpoints import (
+    ReadBuffer,
+    TensorInfo,
+    _copy_range,
+    _tensor_bytes,
+    _write_all,
+    read_safetensors_header,
+)
+from hfhooks.io.paths import check_output, publish, temp_file, write_error
 
 if TYPE_CHECKING:
     from hfhooks.diffs.core import WeightDiff
@@ -95,7 +95,7 @@ class _DataFile(Mapping[str, torch.Tensor]):
 
 
 def _header_bytes(metadata: Mapping[str, str], data: _DataFile) -> bytes:
-    from hfhooks.checkpoints import _CODES
+    from hfhooks.io.checkpoints import _CODES
 
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     for name, (dtype, shape, start, end) in data.infos.items():
@@ -214,8 +214,8 @@ def _stream_diff(
 
 
 def _read_diff(path: Path, lazy: bool) -> WeightDiff:
-    from hfhooks.artifacts import read_artifact
     from hfhooks.diffs.core import WeightDiff  # core imports this module (save / load)
+    from hfhooks.io.artifacts import read_artifact
 
     def bad(why: str) -> DiffFileError:
         return DiffFileError(f"{path}: {why}")

@@ -1,7 +1,7 @@
 """LoRA adapters as weight diffs: ``ΔW = s·B·A`` per adapted module, from a ``PeftModel`` or an adapter directory.
 
 The LoRA arithmetic itself (scaling, rsLoRA, rank / alpha patterns, ``modules_to_save``) is
-:mod:`hfhooks.lora`; this module turns its per-module Δ into :class:`~hfhooks.diffs.WeightDiff` entries with
+:mod:`hfhooks.masks.lora`; this module turns its per-module Δ into :class:`~hfhooks.diffs.WeightDiff` entries with
 base fingerprints, for :meth:`WeightDiff.from_lora <hfhooks.diffs.WeightDiff.from_lora>`.
 """
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs.arithmetic import _between_entry
 from hfhooks.diffs.entries import _dense_entry, tensor_fingerprint
 from hfhooks.diffs.source import _Source
-from hfhooks.params import ParamIndex, UnknownParameterError
 
 if TYPE_CHECKING:
     from hfhooks.diffs.core import WeightDiff
@@ -31,7 +31,7 @@ def _copy_entry(orig: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype | Non
 
 def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype | None) -> WeightDiff:
     from hfhooks.diffs.core import WeightDiff  # core imports this module (WeightDiff.from_lora)
-    from hfhooks.lora import lora_delta_weights, modules_to_save_copies
+    from hfhooks.masks.lora import lora_delta_weights, modules_to_save_copies
 
     index = ParamIndex(model)
     deltas = lora_delta_weights(model, adapter, dtype or torch.float32)
@@ -55,7 +55,7 @@ def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype |
 
 def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype | None) -> WeightDiff:
     from hfhooks.diffs.core import WeightDiff  # core imports this module (WeightDiff.from_lora)
-    from hfhooks.lora import adapter_delta_weights, adapter_module_copies
+    from hfhooks.masks.lora import adapter_delta_weights, adapter_module_copies
 
     src = _Source(base) if base is not None else None
     deltas = adapter_delta_weights(path, dtype or torch.float32)

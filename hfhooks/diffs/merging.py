@@ -1,7 +1,7 @@
 """Model merging from task diffs: TALL masks (:func:`tall_masks`), :func:`consensus_mask` and :func:`consensus_merge`.
 
 Works on :class:`~hfhooks.diffs.WeightDiff` objects through their public interface only (``d[name]``,
-``d1 + d2``, :meth:`~hfhooks.diffs.WeightDiff.restrict`) and returns :class:`~hfhooks.masks.ParamMask` masks,
+``d1 + d2``, :meth:`~hfhooks.diffs.WeightDiff.restrict`) and returns :class:`~hfhooks.masks.mask.ParamMask` masks,
 so it needs nothing else from the package.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hfhooks.masks import ParamMask
+from hfhooks.masks.mask import ParamMask
 
 if TYPE_CHECKING:
     from hfhooks.diffs.core import WeightDiff

@@ -1,9 +1,9 @@
 """Where a diff's tensors come from: one read interface over models, checkpoint directories and state dicts.
 
 :class:`_Source` lets :meth:`WeightDiff.between <hfhooks.diffs.WeightDiff.between>`, LoRA diffs and
-:mod:`hfhooks.restoration` read any mix of an ``nn.Module`` (or ``ParamIndex``), a (sharded) checkpoint
+:mod:`hfhooks.restoration.restore` read any mix of an ``nn.Module`` (or ``ParamIndex``), a (sharded) checkpoint
 directory read tensor by tensor, or a ``{name: tensor}`` mapping without caring which. :func:`_select` picks
-tensors by name, glob or ``re:`` regex (the rules of :mod:`hfhooks.params`) and names the nearest on a miss.
+tensors by name, glob or ``re:`` regex (the rules of :mod:`hfhooks.core.params`) and names the nearest on a miss.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.checkpoints import Checkpoint, ReadBuffer
-from hfhooks.params import ParamIndex, UnknownParameterError, _match
+from hfhooks.core.params import ParamIndex, UnknownParameterError, _match
+from hfhooks.io.checkpoints import Checkpoint, ReadBuffer
 
 
 class _Source:

@@ -45,8 +45,8 @@ from hfhooks import (
     dedicated_mask,
     forget_retain_dataset,
 )
-from hfhooks.freeze import innermost_optimizer
-from hfhooks.routing import FORGET, RETAIN
+from hfhooks.freeze.gradient_mask import innermost_optimizer
+from hfhooks.routing.router import FORGET, RETAIN
 
 CALLBACKS = ("gradient_mask", "routing", "unlearning", "attribution", "restoration")
 """Matrix rows (marker ``callback=``)."""
@@ -448,8 +448,8 @@ def scenario_restoration(setup: str, out: Path, **extra: Any) -> dict[str, Any]:
 
 def _effective_layer0_mismatch(model: nn.Module, reference: dict[str, torch.Tensor]) -> int:
     """Coordinates of layer-0 LoRA layers whose effective weight (W + s·B·A) differs from the reference."""
-    from hfhooks.lora import lora_layers
-    from hfhooks.params import canonical_name
+    from hfhooks.core.params import canonical_name
+    from hfhooks.masks.lora import lora_layers
 
     bad = 0
     names = {id(m): n for n, m in model.named_modules()}
@@ -466,7 +466,7 @@ def _effective_layer0_mismatch(model: nn.Module, reference: dict[str, torch.Tens
 
 def _checkpoint_layer0_mismatch(ckpt: Path, reference: dict[str, torch.Tensor], cb) -> int:
     """Layer-0 tensors of the saved checkpoint that differ from the reference (adapters: nonzero lora_B)."""
-    from hfhooks.checkpoints import Checkpoint
+    from hfhooks.io.checkpoints import Checkpoint
 
     if not any(r.path is not None and Path(r.path) == ckpt for r in cb.reports):
         return -1  # the save-time edit did not happen

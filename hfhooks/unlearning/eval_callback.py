@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._logging import add_to_logs, evaluation_prefixes, report_before_integrations
-from hfhooks.evaluation import average_gap, unlearning_metrics
+from hfhooks.trainer.reporting import add_to_logs, evaluation_prefixes, report_before_integrations
+from hfhooks.unlearning.evaluation import average_gap, unlearning_metrics
 
 __all__ = ["UnlearningEvalCallback"]
 

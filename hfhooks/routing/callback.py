@@ -7,11 +7,11 @@ from collections.abc import Iterable, Sequence
 
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import refuse_step_in_backward, refuse_unsupported
-from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
-from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
-from hfhooks.masks import ParamMask
-from hfhooks.routing import DEDICATED_SEMANTICS, Router, check_dedicated, dedicated_mask
+from hfhooks.masks.mask import ParamMask
+from hfhooks.routing.router import DEDICATED_SEMANTICS, Router, check_dedicated, dedicated_mask
+from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
+from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 
 __all__ = ["GradientRoutingCallback"]
 
@@ -19,7 +19,7 @@ _OWNER = "GradientRoutingCallback"
 
 
 class GradientRoutingCallback(TrainerCallback):
-    """Route gradients by per-example routing labels during ``Trainer.train()`` (see :mod:`hfhooks.routing`).
+    """Route gradients by per-example routing labels during ``Trainer.train()`` (see :mod:`hfhooks.routing.router`).
 
     Labels travel with the data: wrap the training set in :class:`~hfhooks.TaggedDataset` (its ``routing`` tag
     holds 1 = forget, 0 = retain, -1 = unlabelled) and pass :class:`~hfhooks.TaggedCollator` as the
@@ -37,7 +37,7 @@ class GradientRoutingCallback(TrainerCallback):
         save_mask: if set, the dedicated mask is saved there (safetensors) when training starts.
         resume_from: the checkpoint a resumed run restores the dedicated mask and batch counters from
             (default: the one the Trainer resumes from); ``False`` starts them afresh.
-        **router_kwargs: forwarded to :class:`~hfhooks.routing.Router` (e.g. ``forget_weights``).
+        **router_kwargs: forwarded to :class:`~hfhooks.routing.router.Router` (e.g. ``forget_weights``).
 
     Example::
 

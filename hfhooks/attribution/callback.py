@@ -8,9 +8,9 @@ from transformers import TrainerCallback
 
 from hfhooks.attribution.alignment import AttributionAlignment
 from hfhooks.attribution.methods import needs_double_backprop
-from hfhooks.callbacks._guards import refuse_unsupported
-from hfhooks.callbacks._logging import add_to_logs, report_before_integrations
-from hfhooks.callbacks._state import CallbackStateError, ResumeFrom, load_state, save_state
+from hfhooks.trainer.guards import refuse_unsupported
+from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
+from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["AttributionAlignmentCallback"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hfhooks.params import is_dtensor
+from hfhooks.core.params import is_dtensor
 
 __all__ = ["fsdp_version", "has_dtensors", "refuse_step_in_backward", "refuse_unsupported"]
 

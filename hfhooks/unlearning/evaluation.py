@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.data import TaggedCollator, to_device
-from hfhooks.saliency import model_state_preserved
+from hfhooks.core.data import TaggedCollator, to_device
+from hfhooks.masks.saliency import model_state_preserved
 
 __all__ = [
     "METRICS",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfhooks.params import ParamIndex, canonical_name, unwrap_model
+from hfhooks.core.params import ParamIndex, canonical_name, unwrap_model
 
 __all__ = [
     "LayerList",

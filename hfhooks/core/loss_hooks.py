@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.hooks import HookSet
+from hfhooks.core.hooks import HookSet
 
 __all__ = ["LossHook", "count_items", "is_causal_lm"]
 
@@ -31,7 +31,7 @@ LossFn = Callable[[Any, torch.Tensor | None, dict[str, Any]], torch.Tensor]
 
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether the Trainer shifts labels for this model when counting items (decoder-only LM heads)."""
-    from hfhooks.params import unwrap_model
+    from hfhooks.core.params import unwrap_model
 
     base = unwrap_model(model)
     return type(base).__name__.endswith(("ForCausalLM", "LMHeadModel")) and not getattr(

@@ -1,6 +1,6 @@
 """``ParamMask``: which coordinates of which parameters may change (1 = trainable / kept).
 
-A mask is keyed by canonical parameter names (see :mod:`hfhooks.params`). Each entry is one of:
+A mask is keyed by canonical parameter names (see :mod:`hfhooks.core.params`). Each entry is one of:
 
 * ``element`` — a bool tensor of the parameter's shape;
 * ``row`` — a bool vector over dim 0 (whole output rows of a Linear, e.g. MLP units of an up-projection);
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hfhooks.artifacts import (
+from hfhooks.core.layers import Slices
+from hfhooks.core.params import ParamIndex, UnknownParameterError
+from hfhooks.io.artifacts import (
     ArtifactError,
     _pack_bits,
     _reraise_as,
@@ -43,10 +45,8 @@ from hfhooks.artifacts import (
     read_artifact,
     write_artifact,
 )
-from hfhooks.hub import HubMixin
-from hfhooks.layers import Slices
-from hfhooks.params import ParamIndex, UnknownParameterError
-from hfhooks.topk import topk_masks
+from hfhooks.io.hub import HubMixin
+from hfhooks.masks.topk import topk_masks
 
 __all__ = ["GRANULARITIES", "MaskFileError", "ParamMask"]
 
@@ -54,7 +54,7 @@ GRANULARITIES = ("element", "row", "column")
 _AXIS = {"row": 0, "column": 1}
 _SEMANTICS = "1=trainable"
 # What a 1 means. "1=dedicated" is a routing mask (hfhooks.dedicated_mask): a 1 is a coordinate that holds the
-# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing).
+# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing.router).
 _KNOWN_SEMANTICS = (_SEMANTICS, "1=dedicated")
 _RESERVED_META = ("tensors", "semantics", "kind", "version", "format_version", "digest")
 
@@ -138,7 +138,7 @@ class ParamMask(HubMixin):
 
         ``scope="global"`` applies one threshold across all tensors (SalUn); ``"tensor"`` selects within each
         tensor. Selection is exact and memory-bounded (no concatenation or full sort; see
-        :func:`hfhooks.topk.topk_masks`). Exactly ``round(ratio * N)`` elements are kept; ties at the
+        :func:`hfhooks.masks.topk.topk_masks`). Exactly ``round(ratio * N)`` elements are kept; ties at the
         threshold go to earlier tensors (in ``scores`` order) and, within a tensor, lower flat indices.
         """
         masks = topk_masks(scores, ratio, scope=scope, largest=largest)
@@ -155,7 +155,7 @@ class ParamMask(HubMixin):
     def from_slices(
         cls, slices: Slices, shapes: nn.Module | ParamIndex | Mapping[str, Iterable[int]]
     ) -> ParamMask:
-        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.layers`).
+        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.core.layers`).
 
         ``shapes`` is the model (or its :class:`ParamIndex`) or an explicit ``{name: shape}``. 1-D parameters
         (biases) become element masks.
@@ -300,7 +300,7 @@ class ParamMask(HubMixin):
     def validate(self, model: nn.Module | ParamIndex) -> dict[str, nn.Parameter]:
         """Check every name resolves in ``model`` (wrapped or not) with the right shape.
 
-        Returns ``{canonical name: live Parameter}``. Raises :class:`~hfhooks.params.UnknownParameterError`
+        Returns ``{canonical name: live Parameter}``. Raises :class:`~hfhooks.core.params.UnknownParameterError`
         listing the nearest names for unknown ones, and ``ValueError`` naming both shapes on a mismatch.
         An empty mask is an error: it would make every hook a silent no-op.
         """

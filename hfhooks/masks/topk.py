@@ -141,7 +141,7 @@ def topk_masks(
             f"Scores of {len(zero)} of {len(names)} tensors are all zero (e.g. {zero[:3]}): they cannot be ranked, "
             "so tie order (tensor order, flat index) decides their part of the mask. Typical causes: parameters the "
             "loss does not reach, or a fresh LoRA adapter scored on its own weights (lora_A has zero gradient "
-            "while lora_B = 0; see hfhooks.lora.lora_unit_saliency).",
+            "while lora_B = 0; see hfhooks.masks.lora.lora_unit_saliency).",
             DegenerateScoresWarning,
             stacklevel=2,
         )

@@ -60,10 +60,10 @@ from typing import Any
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
-from hfhooks import paths
+from hfhooks.io import paths
 from hfhooks._version import __version__
-from hfhooks.artifacts import ArtifactError
-from hfhooks.params import UnknownParameterError, canonical_name
+from hfhooks.core.params import UnknownParameterError, canonical_name
+from hfhooks.io.artifacts import ArtifactError
 
 __all__ = [
     "ADAPTER_NAME",
@@ -338,8 +338,8 @@ class Checkpoint:
     ``.safetensors`` file, and — only with ``allow_pickle=True`` — ``pytorch_model.bin`` (+ index), loaded
     with ``torch.load(weights_only=True, mmap=True)``.
 
-    Names are the names stored in the file (for full models, the canonical names of :mod:`hfhooks.params`;
-    for adapters, :func:`~hfhooks.params.canonical_name` of them is what layer lookups use).
+    Names are the names stored in the file (for full models, the canonical names of :mod:`hfhooks.core.params`;
+    for adapters, :func:`~hfhooks.core.params.canonical_name` of them is what layer lookups use).
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
@@ -626,14 +626,14 @@ class Checkpoint:
 def layer_map(names: Iterable[str]) -> tuple[str | None, dict[str, int | None]]:
     """The block-list path and each name's decoder-layer index, inferred from parameter names alone.
 
-    Works without a model (checkpoints, diffs): the known block paths of :mod:`hfhooks.layers` are tried first
+    Works without a model (checkpoints, diffs): the known block paths of :mod:`hfhooks.core.layers` are tried first
     (``model.layers``, ``transformer.h``…), then the most common ``<path>.<int>.`` prefix. Names are made
     canonical first (PEFT adapter names work). Names outside the block list map to ``None``.
 
     >>> layer_map(["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"])[1]
     {'model.embed_tokens.weight': None, 'model.layers.1.mlp.up_proj.weight': 1}
     """
-    from hfhooks.layers import _LAYER_PATHS
+    from hfhooks.core.layers import _LAYER_PATHS
 
     names = list(names)
     canon = {n: canonical_name(n) for n in names}

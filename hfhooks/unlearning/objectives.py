@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfhooks.data import TaggedCollator, TaggedDataset, to_device
-from hfhooks.freeze import GradientMask
-from hfhooks.loss_hooks import LossHook, is_causal_lm
-from hfhooks.masks import ParamMask
-from hfhooks.saliency import compute_saliency, model_state_preserved
+from hfhooks.core.data import TaggedCollator, TaggedDataset, to_device
+from hfhooks.core.loss_hooks import LossHook, is_causal_lm
+from hfhooks.freeze.gradient_mask import GradientMask
+from hfhooks.masks.mask import ParamMask
+from hfhooks.masks.saliency import compute_saliency, model_state_preserved
 
 __all__ = [
     "OBJECTIVES",

@@ -13,12 +13,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hfhooks.artifacts import model_fingerprint
-from hfhooks.callbacks._guards import refuse_unsupported
-from hfhooks.callbacks._state import CallbackStateError, ResumeFrom, load_state, save_state
-from hfhooks.layers import find_layers, layer_of
-from hfhooks.params import ParamIndex
-from hfhooks.restoration import RestoreReport, parse_layers, restore_layers
+from hfhooks.core.layers import find_layers, layer_of
+from hfhooks.core.params import ParamIndex
+from hfhooks.io.artifacts import model_fingerprint
+from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
+from hfhooks.trainer.guards import refuse_unsupported
+from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["LayerRestorationCallback"]
 
@@ -50,7 +50,7 @@ class LayerRestorationCallback(TrainerCallback):
 
     Checkpoint edits stream shard by shard (bounded memory) and run on the processes that save
     (``args.should_save``: the main process, or each node's with ``save_on_each_node``); the live model is
-    restored on every process. Each edit's :class:`~hfhooks.restoration.RestoreReport` is kept in
+    restored on every process. Each edit's :class:`~hfhooks.restoration.restore.RestoreReport` is kept in
     ``callback.reports``.
 
     With ``push_to_hub=True`` the Trainer uploads a checkpoint *before* its ``on_save`` event, so the checkpoint

@@ -6,7 +6,7 @@ and every tensor's bytes. Reading verifies the digest, so a truncated, bit-flipp
 clear :class:`ArtifactError`, never a silently different mask. Writes go to a temporary file in the target
 directory and are renamed into place, so an interrupted save never leaves half a file under the real name; the
 temporary is named ``.<name>.hfhooks-tmp-<hex>`` and locked by its writer, so the next save to the same path removes
-one a killed writer left (see :mod:`hfhooks.paths`).
+one a killed writer left (see :mod:`hfhooks.io.paths`).
 
 The helpers mask and diff files share live here too: bit packing (``numpy.packbits`` order), the digest of
 the metadata alone that lazy diff reads check, and re-raising an :class:`ArtifactError` as a file-kind error.
@@ -29,7 +29,7 @@ from safetensors.torch import save
 from torch import nn
 
 from hfhooks._version import __version__
-from hfhooks.paths import check_output, publish, temp_file, write_error
+from hfhooks.io.paths import check_output, publish, temp_file, write_error
 
 __all__ = [
     "FORMAT_VERSION",
@@ -55,7 +55,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
 
     Two models with the same fingerprint accept the same masks. Stored in artifacts as provenance.
     """
-    from hfhooks.params import ParamIndex, unwrap_model
+    from hfhooks.core.params import ParamIndex, unwrap_model
 
     index = model if hasattr(model, "shapes") else ParamIndex(model)
     h = hashlib.sha256()
@@ -152,7 +152,7 @@ def write_artifact(
 
 def _is_artifact(path: Path, kind: str) -> bool:
     """Whether ``path`` is an hfhooks artifact of ``kind`` (header only; what a save may replace)."""
-    from hfhooks.checkpoints import (  # checkpoints imports this module
+    from hfhooks.io.checkpoints import (  # checkpoints imports this module
         CheckpointError,
         read_safetensors_header,
     )

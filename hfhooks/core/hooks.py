@@ -111,7 +111,7 @@ _REGISTRY: weakref.WeakKeyDictionary[nn.Module, _ModelHooks] = weakref.WeakKeyDi
 
 
 def _key(model: nn.Module) -> nn.Module:
-    from hfhooks.params import unwrap_model  # params imports nothing from here; keep the module light
+    from hfhooks.core.params import unwrap_model  # params imports nothing from here; keep the module light
 
     return unwrap_model(model)
 

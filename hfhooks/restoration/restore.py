@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.checkpoints import Checkpoint, edit_checkpoint, layer_map, parse_layers
+from hfhooks.core.layers import find_layers
+from hfhooks.core.params import ParamIndex, UnknownParameterError, _match, canonical_name, unwrap_model
 from hfhooks.diffs.source import _Source
-from hfhooks.layers import find_layers
-from hfhooks.params import ParamIndex, UnknownParameterError, _match, canonical_name, unwrap_model
+from hfhooks.io.checkpoints import Checkpoint, edit_checkpoint, layer_map, parse_layers
 
 __all__ = [
     "CRCPrompt",
@@ -124,7 +124,7 @@ def restore_layers(
             may not equal, contain or lie inside ``reference`` or (unless ``allow_inside_source``) ``target``; an
             existing one is replaced only with ``overwrite`` and only if an earlier hfhooks edit wrote it.
         allow_inside_source: let ``out`` be a subdirectory of the target checkpoint (see
-            :func:`~hfhooks.checkpoints.edit_checkpoint`).
+            :func:`~hfhooks.io.checkpoints.edit_checkpoint`).
     """
     if adapters not in ("zero", "drop"):
         raise ValueError(f"adapters={adapters!r}: use 'zero' or 'drop'.")
@@ -195,7 +195,7 @@ def _restore_model(
     adapters: str,
     allow_pickle: bool,
 ) -> RestoreReport:
-    from hfhooks.lora import lora_layers
+    from hfhooks.masks.lora import lora_layers
 
     index = ParamIndex(model)
     blocks = find_layers(model)

@@ -10,8 +10,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import fsdp_version, has_dtensors, refuse_step_in_backward, refuse_unsupported
-from hfhooks.callbacks._state import (
+from hfhooks.core.data import TaggedCollator
+from hfhooks.core.params import ParamIndex
+from hfhooks.freeze.gradient_mask import GradientMask, check_freeze_args
+from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
+from hfhooks.masks.mask import ParamMask
+from hfhooks.masks.saliency import compute_saliency
+from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.state import (
     CallbackStateError,
     ResumeFrom,
     check_same_mask,
@@ -20,13 +26,7 @@ from hfhooks.callbacks._state import (
     save_mask,
     save_state,
 )
-from hfhooks.data import TaggedCollator
-from hfhooks.freeze import GradientMask, check_freeze_args
-from hfhooks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex
-from hfhooks.saliency import compute_saliency
-from hfhooks.unlearning import UnlearningObjective, objective_hook, reference_logprobs
+from hfhooks.unlearning.objectives import UnlearningObjective, objective_hook, reference_logprobs
 
 __all__ = ["SaliencyUnlearningCallback"]
 
@@ -40,7 +40,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
     :func:`~hfhooks.forget_retain_dataset` ``(forget, retain)`` with ``data_collator=TaggedCollator(...)``.
     Under DDP every rank scores the whole forget set and rank 0's scores are broadcast, so all ranks hold the
     same mask. On a PeftModel with LoRA adapters the mask is over output units (see
-    :func:`~hfhooks.lora.lora_unit_saliency`): the adapted base weights are scored, the top ``ratio`` of their
+    :func:`~hfhooks.masks.lora.lora_unit_saliency`): the adapted base weights are scored, the top ``ratio`` of their
     output units keep trainable ``lora_B`` rows, the others' ``lora_B`` rows stay zero.
 
     Args:
@@ -61,7 +61,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
     Resuming: the mask, NPO's reference log-probabilities and the random-label generator are saved with every
     checkpoint (``<checkpoint>/hfhooks/``) and restored on ``trainer.train(resume_from_checkpoint=...)``, so a
     resumed run trains exactly the θ₀ mask and equals the uninterrupted one. A checkpoint without them raises
-    :class:`~hfhooks.callbacks.CallbackStateError`; it is never re-scored silently at the resumed weights.
+    :class:`~hfhooks.trainer.state.CallbackStateError`; it is never re-scored silently at the resumed weights.
     """
 
     def __init__(

@@ -42,14 +42,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfhooks.checkpoints import Checkpoint
-from hfhooks.data import pop_kwargs_hook, to_device
-from hfhooks.freeze import innermost_optimizer
-from hfhooks.hooks import HookSet
-from hfhooks.layers import attention_head_slices, find_layers, mlp_unit_slices, select_layers
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex, is_dtensor, unwrap_model
-from hfhooks.saliency import model_state_preserved
+from hfhooks.core.data import pop_kwargs_hook, to_device
+from hfhooks.core.hooks import HookSet
+from hfhooks.core.layers import attention_head_slices, find_layers, mlp_unit_slices, select_layers
+from hfhooks.core.params import ParamIndex, is_dtensor, unwrap_model
+from hfhooks.freeze.gradient_mask import innermost_optimizer
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.masks.mask import ParamMask
+from hfhooks.masks.saliency import model_state_preserved
 
 __all__ = [
     "DEDICATED_SEMANTICS",

@@ -3,7 +3,7 @@
 A callback that computes something at train start (a saliency mask, NPO's reference log-probabilities, a
 dedicated mask) must not compute it again at the *resumed* weights: the resumed run would then train another
 mask than the one the checkpoint was trained with. So each hfhooks callback writes its state at ``on_save``
-as stamped safetensors artifacts (:func:`hfhooks.artifacts.write_artifact`, :meth:`ParamMask.save`) into
+as stamped safetensors artifacts (:func:`hfhooks.io.artifacts.write_artifact`, :meth:`ParamMask.save`) into
 ``<checkpoint>/hfhooks/`` — deleted with the checkpoint by ``save_total_limit`` rotation — and reads it back at
 ``on_train_begin`` when ``state.global_step > 0`` (the Trainer restores its ``TrainerState`` from the
 checkpoint before ``on_train_begin``). A resumed run whose checkpoint holds no such state is an error, never a
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hfhooks.artifacts import read_artifact, write_artifact
-from hfhooks.masks import ParamMask
+from hfhooks.io.artifacts import read_artifact, write_artifact
+from hfhooks.masks.mask import ParamMask
 
 __all__ = [
     "STATE_DIR",

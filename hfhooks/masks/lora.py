@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex, canonical_name
+from hfhooks.core.params import ParamIndex, canonical_name
+from hfhooks.masks.mask import ParamMask
 
 __all__ = [
     "adapter_delta_weights",
@@ -168,7 +168,7 @@ def lora_unit_saliency(
     Output units map exactly onto rows of ``lora_B`` (:func:`lora_unit_mask`). Memory: one fp32 score per
     adapted base weight while scoring.
     """
-    from hfhooks.saliency import Scores, compute_saliency
+    from hfhooks.masks.saliency import Scores, compute_saliency
 
     index = ParamIndex(model)
     adapted = _adapted_weights(index)
@@ -317,7 +317,7 @@ def modules_to_save_copies(
 
 
 def _read_adapter(path: Path) -> tuple[dict[str, Any], Any]:
-    from hfhooks.checkpoints import Checkpoint, CheckpointError
+    from hfhooks.io.checkpoints import Checkpoint, CheckpointError
 
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
@@ -381,7 +381,7 @@ def adapter_delta_weights(
     :func:`adapter_module_copies` (:meth:`WeightDiff.from_lora <hfhooks.diffs.WeightDiff.from_lora>` diffs them
     against the base). Any other tensor in the adapter is refused (``NotImplementedError``) rather than dropped.
     """
-    from hfhooks.checkpoints import CheckpointError
+    from hfhooks.io.checkpoints import CheckpointError
 
     path = Path(path)
     cfg, ckpt = _read_adapter(path)

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hfhooks.hooks import FiniteMonitor, HookSet
-from hfhooks.masks import ParamMask
-from hfhooks.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.core.hooks import FiniteMonitor, HookSet
+from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.masks.mask import ParamMask
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
 
@@ -285,7 +285,7 @@ class GradientMask:
         return len(self._hooks) if self._hooks is not None else 0
 
     def _targets(self) -> list[_Frozen]:
-        from hfhooks.lora import lora_aware_mask  # LoRA mapping lives with the other PEFT knowledge
+        from hfhooks.masks.lora import lora_aware_mask  # LoRA mapping lives with the other PEFT knowledge
 
         index = ParamIndex(self.model)
         mask = lora_aware_mask(index, self.mask.canonical(index))
@@ -307,7 +307,7 @@ class GradientMask:
         ``optimizer`` defaults to the one given to the constructor. Without one, call :meth:`after_step`
         yourself after every ``optimizer.step()`` (:meth:`detach` warns if frozen coordinates moved meanwhile).
         Snapshot values are taken now: attach after loading a checkpoint, before training. Inside a
-        ``Trainer`` run the hooks are removed if the run ends without ``on_train_end`` (see :mod:`hfhooks.hooks`).
+        ``Trainer`` run the hooks are removed if the run ends without ``on_train_end`` (see :mod:`hfhooks.core.hooks`).
         """
         if self.attached:
             raise RuntimeError("GradientMask is already attached; call detach() first.")

@@ -6,10 +6,10 @@ import os
 
 from transformers import TrainerCallback
 
-from hfhooks.callbacks._guards import refuse_step_in_backward, refuse_unsupported
-from hfhooks.callbacks._state import ResumeFrom, check_same_mask, load_mask, save_mask
-from hfhooks.freeze import GradientMask, check_freeze_args
-from hfhooks.masks import ParamMask
+from hfhooks.freeze.gradient_mask import GradientMask, check_freeze_args
+from hfhooks.masks.mask import ParamMask
+from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, save_mask
 
 __all__ = ["GradientMaskCallback"]
 
@@ -19,13 +19,13 @@ class GradientMaskCallback(TrainerCallback):
 
     Hooks are installed at ``on_train_begin`` — after the Trainer has created the optimizer, wrapped the model
     and loaded any checkpoint it resumes from — and all removed at ``on_train_end``, or, when an exception ends
-    ``train()`` before that, as soon as the run is seen to be over (see :mod:`hfhooks.hooks`). With
+    ``train()`` before that, as soon as the run is seen to be over (see :mod:`hfhooks.core.hooks`). With
     ``freeze="hard"`` (default) the callback also checks at the end that no frozen coordinate moved, and raises
     if one did. It warns once if trainable weights turn NaN / inf (a non-finite loss or gradient).
 
     Args:
         mask: a :class:`ParamMask` (1 = may train) or the path of a saved mask.
-        freeze: ``"hard"`` | ``"groups"`` | ``"grad"`` (see :mod:`hfhooks.freeze`).
+        freeze: ``"hard"`` | ``"groups"`` | ``"grad"`` (see :mod:`hfhooks.freeze.gradient_mask`).
         others: ``"freeze"`` (default: parameters the mask does not name do not train) or ``"train"``.
         verify: check at train end that frozen coordinates are bit-identical (``hard``/``groups`` only).
         resume_from: the checkpoint whose saved mask a resumed run is checked against (default: the one the

@@ -271,7 +271,11 @@ class ParamIndex:
         for pat in _as_list(exclude or []):
             names = [n for n in names if not _match(pat, n)]
         if layers is not None:
-            from hfhooks.layers import find_layers, layer_of, select_layers  # layers.py builds on this module
+            from hfhooks.core.layers import (  # layers.py builds on this module
+                find_layers,
+                layer_of,
+                select_layers,
+            )
 
             blocks = find_layers(self.model)
             wanted = set(select_layers(blocks, layers))

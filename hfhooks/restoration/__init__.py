@@ -1,0 +1,2 @@
+"""Layer restoration: ``restore_layers`` and the range search (``restore``) and ``LayerRestorationCallback``
+(``callback``)."""
