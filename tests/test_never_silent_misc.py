@@ -179,6 +179,9 @@ def test_routing_callback_saves_a_hand_built_mask_as_dedicated(tmp_path):
         cb.router.detach()
 
 
+HAS_PUSH_EVENT = hasattr(T.TrainerCallback, "on_push_begin")
+
+
 # -- (d) LayerRestorationCallback and the Hub ---------------------------------------------------------------
 class FakeHub:
     """Stands in for huggingface_hub.HfApi: records the weights each upload would send, at upload time."""
@@ -202,10 +205,17 @@ class FakeHub:
 @pytest.fixture
 def hub(monkeypatch):
     fake = FakeHub()
-    monkeypatch.setattr(T.trainer, "hf_api", lambda: fake)
+    if hasattr(T.trainer, "hf_api"):  # transformers 5
+        monkeypatch.setattr(T.trainer, "hf_api", lambda: fake)
+    else:  # transformers 4.x calls the module-level huggingface_hub functions it imported
+        monkeypatch.setattr(T.trainer, "create_repo", fake.create_repo)
+        monkeypatch.setattr(T.trainer, "upload_folder", fake.upload_folder)
     return fake
 
 
+@pytest.mark.skipif(
+    not HAS_PUSH_EVENT, reason="no on_push_begin event: such pushes are refused (tested below)"
+)
 def test_restoration_runs_before_the_trainer_pushes_a_checkpoint(tmp_path, hub):
     reference = tiny_llama()
     model = copy.deepcopy(reference)
@@ -242,7 +252,9 @@ def test_restoration_refuses_pushes_it_cannot_restore(tmp_path, hub, kwargs, str
     args = _args(tmp_path, push_to_hub=True, hub_strategy=strategy)
     trainer = T.Trainer(model=model, args=args, train_dataset=LMData(), callbacks=[cb])
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="unrestored weights"):
+    # without the on_push_begin event (transformers 4.x) every strategy but "end" is refused for that reason
+    why = "unrestored weights" if HAS_PUSH_EVENT or strategy == "end" else "no on_push_begin event"
+    with pytest.raises(ValueError, match=why):
         trainer.train()
     assert _unchanged(model, before)
 

@@ -60,9 +60,9 @@ from typing import Any
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
-from hfhooks.io import paths
 from hfhooks._version import __version__
 from hfhooks.core.params import UnknownParameterError, canonical_name
+from hfhooks.io import paths
 from hfhooks.io.artifacts import ArtifactError
 
 __all__ = [

@@ -74,7 +74,8 @@ def report_before_integrations(args: Any) -> bool:
     """
     from transformers.integrations import get_reporting_integration_callbacks
 
-    reporters = tuple(get_reporting_integration_callbacks(getattr(args, "report_to", None)))
+    # transformers 4.x iterates report_to without a None check (TrainingArguments turns None into a list)
+    reporters = tuple(get_reporting_integration_callbacks(getattr(args, "report_to", None) or []))
     if not reporters:
         return True
     handler = callback_handler()
