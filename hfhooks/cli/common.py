@@ -53,10 +53,7 @@ def progress_enabled(args: argparse.Namespace) -> bool:
     ``-q``: with N processes, N bars on one terminal would garble it."""
     if getattr(args, "quiet", False):
         return False
-    for var in ("RANK", "LOCAL_RANK"):
-        if os.environ.get(var, "0").strip() not in ("", "0"):
-            return False
-    return True
+    return all(os.environ.get(var, "0").strip() in ("", "0") for var in ("RANK", "LOCAL_RANK"))
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any], lines: Sequence[str] | str) -> None:
