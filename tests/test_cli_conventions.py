@@ -71,7 +71,7 @@ def ckpts(tmp_path_factory):
 )
 def test_torch_free_verification_agrees_with_read_artifact(ckpts, tmp_path, name, kind):
     tensors, meta = read_artifact(ckpts / name, kind)
-    data, entries, meta2 = read_verified(ckpts / name, kind)
+    data, _entries, meta2 = read_verified(ckpts / name, kind)
     assert meta2 == meta and set(data) == set(tensors)
     for n, t in tensors.items():
         assert data[n] == t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

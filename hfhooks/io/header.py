@@ -159,4 +159,3 @@ def read_verified(
             except (ValueError, RecursionError):
                 raise ArtifactError(f"{path}: metadata {key!r} is not valid JSON.") from None
     return data, entries, decoded
-
