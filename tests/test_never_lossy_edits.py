@@ -24,10 +24,10 @@ import pytest
 import torch
 from conftest import make_model
 
-from hfhooks.io import paths
 from hfhooks.cli import main
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, WeightDiff
+from hfhooks.io import paths
 from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
 from hfhooks.masks.mask import ParamMask
 
