@@ -152,13 +152,13 @@ class Run:
     seconds: float = 0.0
 
     def outcome(self) -> str:
-        """ "success", "clean" (exit 2, one-line hfhooks or argparse error, no traceback), "hang" or "crash"."""
+        """ "success", "clean" (exit 1 or 2, one-line hfhooks or argparse error, no traceback), "hang" or "crash"."""
         if self.timed_out:
             return "hang"
         if self.rc == 0:
             return "success"
         lines = [ln for ln in self.err.splitlines() if ln.strip()]
-        if self.rc == 2 and "Traceback" not in self.err and lines:
+        if self.rc in (1, 2) and "Traceback" not in self.err and lines:
             last = lines[-1]
             if last.startswith("hfhooks: error:") or (last.startswith("hfhooks ") and ": error:" in last):
                 return "clean"

@@ -101,14 +101,14 @@ def test_diff_info_apply_round_trip(capsys, ckpts):
     assert all(torch.equal(applied.get(n), want[n]) for n in applied)
     # the wrong base is refused with a clean message and exit code 2; nothing is written
     code, _, err = run(capsys, "apply", tmp / "d.safetensors", tmp / "tuned", "-o", tmp / "wrong", "-q")
-    assert code == 2 and "--no-check-base" in err and "Traceback" not in err and not (tmp / "wrong").exists()
+    assert code == 1 and "--no-check-base" in err and "Traceback" not in err and not (tmp / "wrong").exists()
     code, _, _ = run(
         capsys, "apply", tmp / "d.safetensors", tmp / "tuned", "-o", tmp / "forced", "--no-check-base", "-q"
     )
     assert code == 0
     # an existing output needs --overwrite
     code, _, err = run(capsys, "apply", tmp / "d.safetensors", tmp / "base", "-o", tmp / "applied", "-q")
-    assert code == 2 and "--overwrite" in err
+    assert code == 1 and "--overwrite" in err
     # −Δ in place takes tuned back to base
     code, _, _ = run(
         capsys,
@@ -157,9 +157,9 @@ def test_diff_options(capsys, ckpts):
     code, _, err = run(
         capsys, "diff", tmp / "base", tmp / "tuned", "-o", tmp / "x.safetensors", "--names", "nope.*"
     )
-    assert code == 2 and "matches no tensor" in err
+    assert code == 1 and "matches no tensor" in err
     code, _, err = run(capsys, "diff", tmp / "base", tmp / "missing", "-o", tmp / "x.safetensors")
-    assert code == 2 and "no such file" in err
+    assert code == 1 and "no such file" in err
 
 
 def test_diff_of_a_lora_adapter(capsys, tmp_path):
@@ -194,9 +194,9 @@ def test_restore(capsys, ckpts):
     r = Checkpoint(tmp / "r")
     assert all(torch.equal(r.get(n), expected.state_dict()[n]) for n in r)
     code, _, err = run(capsys, "restore", tmp / "tuned", tmp / "base", "--layers", "9", "-o", tmp / "r2")
-    assert code == 2 and "out of range" in err
+    assert code == 1 and "out of range" in err
     code, _, err = run(capsys, "restore", tmp / "tuned", tmp / "base", "--layers", "1", "-o", tmp / "r")
-    assert code == 2 and "--overwrite" in err
+    assert code == 1 and "--overwrite" in err
     code, _, _ = run(
         capsys, "restore", tmp / "tuned", tmp / "base", "--layers", "2", "--in-place", "--final-norm", "-q"
     )
@@ -210,7 +210,7 @@ def test_restore(capsys, ckpts):
     code, _, err = run(
         capsys, "restore", tmp / "g", tmp / "g", "--layers", "0", "--embeddings", "-o", tmp / "g2"
     )
-    assert code == 2 and "tied" in err
+    assert code == 1 and "tied" in err
 
 
 def test_search_restore(capsys, tmp_path):
@@ -253,7 +253,7 @@ def test_search_restore(capsys, tmp_path):
     assert code == 0 and len(result["rows"]) == 2 + 6 and result["best"]["eligible"]
     prompts.write_text('{"input_ids": [1]}\n')
     code, _, err = run(capsys, "search-restore", tmp_path / "post", tmp_path / "base", "--prompts", prompts)
-    assert code == 2 and "prompts.jsonl:1" in err
+    assert code == 1 and "prompts.jsonl:1" in err
 
 
 def test_mask_info_still_works(capsys, tmp_path):
@@ -261,7 +261,7 @@ def test_mask_info_still_works(capsys, tmp_path):
     code, out, _ = run(capsys, "mask", "info", tmp_path / "m.safetensors", "--limit", "2")
     assert code == 0 and "TOTAL" in out
     code, _, err = run(capsys, "diff-info", tmp_path / "m.safetensors")
-    assert code == 2 and "not a 'diff' file" in err
+    assert code == 1 and "not a 'diff' file" in err
 
 
 def test_every_documented_command_line_parses():

@@ -84,7 +84,7 @@ def test_restore_output_equal_to_its_target_is_refused(capsys, ckpts, spell):
     out = {"same": post, "dot": post / ".", "dotdot": ckpts / "base" / ".." / "tuned"}[spell]
     before = tree_digest(ckpts)
     code, err = run(capsys, "restore", post, ckpts / "base", "--layers", "1", "-o", out, "-q")
-    assert code == 2 and "is the input" in err and "--in-place" in err
+    assert code == 1 and "is the input" in err and "--in-place" in err
     assert tree_digest(ckpts) == before
 
 
@@ -106,7 +106,7 @@ def test_output_holding_the_inputs_is_never_replaced(capsys, ckpts):
         ],
     ):
         code, err = run(capsys, *argv)
-        assert code == 2 and (
+        assert code == 1 and (
             "contains the input" in err or "inside the input" in err or "is the input" in err
         )
     assert tree_digest(ckpts) == before  # the checkpoints and the sibling file are all still there
@@ -117,10 +117,10 @@ def test_apply_output_equal_to_target_and_diff_into_a_base_shard_are_refused(cap
     assert run(capsys, "diff", ckpts / "base", ckpts / "tuned", "-o", diff_path, "-q")[0] == 0
     before = tree_digest(ckpts)
     code, err = run(capsys, "apply", diff_path, ckpts / "base", "-o", ckpts / "base", "-q")
-    assert code == 2 and "is the input" in err
+    assert code == 1 and "is the input" in err
     shard = next((ckpts / "base").glob("model-*.safetensors"))
     code, err = run(capsys, "diff", ckpts / "base", ckpts / "tuned", "-o", shard, "--overwrite", "-q")
-    assert code == 2 and "inside the input" in err
+    assert code == 1 and "inside the input" in err
     assert tree_digest(ckpts) == before
     Checkpoint(ckpts / "base")  # still loads
 
@@ -129,9 +129,9 @@ def test_diff_output_needs_overwrite_and_overwrite_replaces_only_a_diff(capsys, 
     out = tmp_path / "task.safetensors"
     out.write_bytes(b"precious, not a diff")
     code, err = run(capsys, "diff", ckpts / "base", ckpts / "tuned", "-o", out, "-q")
-    assert code == 2 and "already exists" in err and out.read_bytes() == b"precious, not a diff"
+    assert code == 1 and "already exists" in err and out.read_bytes() == b"precious, not a diff"
     code, err = run(capsys, "diff", ckpts / "base", ckpts / "tuned", "-o", out, "--overwrite", "-q")
-    assert code == 2 and "not a previous hfhooks diff file" in err
+    assert code == 1 and "not a previous hfhooks diff file" in err
     assert out.read_bytes() == b"precious, not a diff"
     out.unlink()
     assert run(capsys, "diff", ckpts / "base", ckpts / "tuned", "-o", out, "-q")[0] == 0
@@ -146,7 +146,7 @@ def test_overwrite_never_replaces_a_directory_hfhooks_did_not_write(capsys, ckpt
     code, err = run(
         capsys, "restore", ckpts / "tuned", ckpts / "base", "--layers", "1", "-o", home, "--overwrite", "-q"
     )
-    assert code == 2 and "not a previous hfhooks checkpoint directory" in err
+    assert code == 1 and "not a previous hfhooks checkpoint directory" in err
     assert (home / "thesis.tex").read_text() == "years of work"
     # an earlier hfhooks output is replaced
     out = tmp_path / "restored"
@@ -162,11 +162,11 @@ def test_output_that_is_a_symlink_to_the_input_is_refused(capsys, ckpts, tmp_pat
     code, err = run(
         capsys, "restore", ckpts / "tuned", ckpts / "base", "--layers", "1", "-o", link, "--overwrite", "-q"
     )
-    assert code == 2 and "is the input" in err
+    assert code == 1 and "is the input" in err
     diff_link = tmp_path / "d.safetensors"
     diff_link.symlink_to(next((ckpts / "base").glob("model-*.safetensors")))
     code, err = run(capsys, "diff", ckpts / "base", ckpts / "tuned", "-o", diff_link, "--overwrite", "-q")
-    assert code == 2 and "inside the input" in err
+    assert code == 1 and "inside the input" in err
     before[diff_link.name] = "link:" + os.readlink(diff_link)
     assert tree_digest(tmp_path) == before  # the links are unchanged and no temporary link is left behind
 
@@ -277,7 +277,7 @@ def test_fifo_input_is_refused_without_blocking(capsys, ckpts, tmp_path, where):
     finally:
         timer.cancel()
     assert time.monotonic() - start < 5.0, "blocked opening the FIFO"
-    assert code == 2 and ("FIFO" in err or "no such file" in err), err
+    assert code == 1 and ("FIFO" in err or "no such file" in err), err
 
 
 # -- item 5: readers and in-place edits, locks, outputs created meanwhile --------------------------------------
@@ -438,7 +438,7 @@ def test_full_disk_is_an_error_naming_the_path(ckpts, tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert f"cannot write {out}" in proc.stderr and "File too large" in proc.stderr
     assert "Traceback" not in proc.stderr and "SafetensorError" not in proc.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".hfhooks" in p.name]

@@ -9,6 +9,7 @@ because it builds one ``WeightDiff`` from two.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -198,6 +199,7 @@ class WeightDiff(HubMixin):
         out: str | os.PathLike | None = None,
         allow_pickle: bool = False,
         progress: bool = True,
+        dry_run: bool = False,
     ) -> WeightDiff:
         """``Δ = tuned − base`` for two models, checkpoint directories or state dicts (any mix).
 
@@ -211,6 +213,8 @@ class WeightDiff(HubMixin):
             strict: names present in only one side are an error (``False``: skipped and listed).
             out: stream straight into this diff file (bounded memory for big checkpoints) and return the
                 diff backed by it, lazily loaded.
+            dry_run: check the sources, names and shapes only and return an empty diff whose
+                ``metadata["planned"]`` / ``["planned_numel"]`` list the tensors that would be diffed.
         """
         if storage not in ("dense", "sparse", "auto"):
             raise ValueError(f"storage={storage!r}: use 'dense', 'sparse' or 'auto'.")
@@ -235,6 +239,9 @@ class WeightDiff(HubMixin):
             "scale": 1.0,
             "skipped": sorted(only_a + only_b),
         }
+        if dry_run:
+            numel = [math.prod(a.shape(n)) for n in common]
+            return cls(metadata={**meta, "planned": common, "planned_numel": numel})
 
         def entries() -> Iterator[tuple[str, DiffEntry | None]]:
             for n in common:
@@ -499,12 +506,14 @@ class WeightDiff(HubMixin):
         fsync: bool = False,
         allow_pickle: bool = False,
         progress: bool = True,
+        dry_run: bool = False,
     ) -> Any:
         """``θ ← θ + scale·Δ`` on a model (in place; returns it) or a checkpoint directory (streamed into
         ``out``; pass ``out=target`` for an atomic in-place edit; returns the output path).
 
         With ``check_base`` (default) every tensor's fingerprint must match the diff's base before anything
         changes — :class:`BaseMismatchError` otherwise. Coordinates where Δ is zero stay bit-identical.
+        ``dry_run`` (checkpoints only): check names, shapes and the output path, return it, write nothing.
         """
         if isinstance(target, nn.Module):
             return self._apply_model(target, float(scale), check_base)
@@ -535,7 +544,8 @@ class WeightDiff(HubMixin):
             fsync=fsync,
             progress=progress,
             desc="apply diff",
-            inputs=[self.metadata.get("path")],  # the diff file, when the output could destroy it
+            inputs=[self.metadata.get("path")],
+            dry_run=dry_run,  # the diff file, when the output could destroy it
         )
 
     def _apply_model(self, model: nn.Module, scale: float, check_base: bool) -> nn.Module:

@@ -29,6 +29,10 @@ from safetensors.torch import save
 from torch import nn
 
 from hfhooks._version import __version__
+from hfhooks.io.header import (  # torch-free: the CLI reads artifacts without torch
+    FORMAT_VERSION,
+    ArtifactError,
+)
 from hfhooks.io.paths import check_output, publish, temp_file, write_error
 
 __all__ = [
@@ -40,14 +44,9 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT_VERSION = "1"
 _DIGEST = "hfhooks.digest"
 _META_DIGEST = "hfhooks.meta_digest"  # diff files: a digest of the metadata alone, checkable without the data
 _STAMP_KEYS = {"hfhooks.kind", "hfhooks.version", "hfhooks.format_version", _DIGEST}
-
-
-class ArtifactError(ValueError):
-    """A file that is not a valid hfhooks artifact of the expected kind (corrupt, truncated, foreign)."""
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:

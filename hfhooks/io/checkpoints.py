@@ -932,6 +932,7 @@ def edit_checkpoint(
     desc: str = "editing",
     inputs: Iterable[str | os.PathLike | None] = (),
     allow_inside_source: bool = False,
+    dry_run: bool = False,
 ) -> Path:
     """Write ``source`` with some tensors replaced, streaming and atomically; return the output directory.
 
@@ -960,6 +961,8 @@ def edit_checkpoint(
         allow_inside_source: let ``out`` be a subdirectory of the source directory (``LayerRestorationCallback``'s
             ``<checkpoint>/<variant>/``); it still may not equal or contain any input. Only the source's top-level
             files are read, so the new subdirectory never becomes part of what is read.
+        dry_run: make every check a real edit makes before writing (output path, names, shard plan), then
+            return the output path without locking, writing or creating anything.
 
     Safety: the output is locked (``fcntl.flock`` on ``.<name>.hfhooks.lock`` next to it) for the whole edit, so
     a second edit of the same checkpoint or output fails at once instead of racing; whether an existing output is
@@ -1001,6 +1004,8 @@ def edit_checkpoint(
         raise ValueError("The edit would drop every tensor of the checkpoint.")
     plan = _plan_shards(src, names, max_shard_size)
     edit_record = {"hfhooks_version": __version__, "source": str(src.path), **dict(record or {})}
+    if dry_run:
+        return out_path
 
     with paths.exclusive_lock(out_path, "edited" if in_place else "written"):
         if in_place and (why := src._unchanged_on_disk()):

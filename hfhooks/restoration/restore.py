@@ -107,6 +107,7 @@ def restore_layers(
     allow_pickle: bool = False,
     progress: bool = True,
     allow_inside_source: bool = False,
+    dry_run: bool = False,
 ) -> RestoreReport:
     """Set decoder ``layers`` of ``target`` to ``reference``'s weights.
 
@@ -125,12 +126,16 @@ def restore_layers(
             existing one is replaced only with ``overwrite`` and only if an earlier hfhooks edit wrote it.
         allow_inside_source: let ``out`` be a subdirectory of the target checkpoint (see
             :func:`~hfhooks.io.checkpoints.edit_checkpoint`).
+        dry_run: for a checkpoint target, check everything (layers, tied weights, reference names and shapes,
+            the output path) and return the report of what would be restored, writing nothing.
     """
     if adapters not in ("zero", "drop"):
         raise ValueError(f"adapters={adapters!r}: use 'zero' or 'drop'.")
     flags = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
     include = [include] if isinstance(include, str) else list(include)
     if isinstance(target, nn.Module):
+        if dry_run:
+            raise ValueError("dry_run=True applies to checkpoint directories; a model is edited in memory.")
         return _restore_model(target, reference, layers, flags, include, adapters, allow_pickle)
     if out is None:
         raise ValueError(
@@ -150,6 +155,7 @@ def restore_layers(
             fsync=fsync,
             progress=progress,
             allow_inside_source=allow_inside_source,
+            dry_run=dry_run,
         ),
         allow_pickle,
     )

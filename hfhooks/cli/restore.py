@@ -1,0 +1,282 @@
+"""``hfhooks restore`` and ``search-restore``: selective layer restoration of saved checkpoints.
+
+torch, transformers and the restoration code are imported inside the ``run_*`` functions, not here: they take
+seconds to import, and ``hfhooks --help`` must start in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from hfhooks.cli.common import add_common_flags, emit, note, progress_enabled, require
+from hfhooks.cli.diffs import (
+    FLOAT_DTYPES,
+    add_write_options,
+    check_dir_output,
+    checkpoint_files,
+    dry_run_report,
+)
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from hfhooks.restoration.restore import restore_layers  # imports torch: only when the command runs
+
+    if not args.in_place:
+        check_dir_output(args.output, [args.target, args.reference], args.overwrite)
+    report = restore_layers(
+        args.target,
+        args.reference,
+        args.layers,
+        embeddings=args.embeddings,
+        final_norm=args.final_norm,
+        lm_head=args.lm_head,
+        include=args.include or (),
+        adapters=args.adapters,
+        out=args.target if args.in_place else args.output,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        fsync=args.fsync,
+        allow_pickle=args.allow_pickle,
+        progress=progress_enabled(args),
+        dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        target = checkpoint_files(args.target, args.allow_pickle)
+        reads = target + checkpoint_files(args.reference, args.allow_pickle)
+        changed = list(report.restored) + [f"{m} (adapter {how})" for m, how in report.adapters.items()]
+        plan = (
+            f"layers {ranges(report.layers)} of TARGET set to REFERENCE's weights, the other tensors copied bytewise"
+            + ("; TARGET replaced atomically" if args.in_place else "")
+        )
+        writes = [{"path": str(report.path), "bytes": sum(r["bytes"] for r in target)}]
+        return dry_run_report(args, reads, writes, changed, plan)
+    what = f"{len(report.restored)} tensors" + (
+        f", {len(report.adapters)} adapters" if report.adapters else ""
+    )
+    result = {
+        "layers": list(report.layers),
+        "restored": list(report.restored),
+        "adapters": dict(report.adapters),
+        "target": args.target,
+        "reference": args.reference,
+        "output": str(report.path),
+    }
+    emit(
+        args,
+        result,
+        f"restored layers {ranges(report.layers)} of {args.target} from {args.reference} ({what}) -> {report.path}",
+    )
+    return 0
+
+
+def ranges(layers: Sequence[int]) -> str:
+    if layers and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"[{layers[0]}, {layers[-1] + 1})"
+    return ",".join(map(str, layers))
+
+
+def _load_prompts(args: argparse.Namespace, tokenizer):
+    from hfhooks.restoration.restore import CRCPrompt, crc_prompts
+
+    if not args.prompts:
+        if tokenizer is None:
+            raise ValueError(
+                f"{args.post} has no tokenizer; pass --prompts FILE.jsonl with input_ids and valid ids."
+            )
+        return crc_prompts(
+            tokenizer,
+            n=args.n,
+            classes=args.classes.split(","),
+            answer_prefix=args.answer_prefix,
+            chat=args.chat,
+            seed=args.seed,
+        )
+    prompts = []
+    with open(args.prompts, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if "input_ids" in row:
+                    ids, valid = row["input_ids"], row["valid"]
+                else:
+                    if tokenizer is None:
+                        raise ValueError("text prompts need a tokenizer next to POST")
+                    ids = tokenizer(row["prompt"])["input_ids"]
+                    valid = [
+                        tok[0]
+                        for c in row["valid"]
+                        if len(
+                            tok := tokenizer(args.answer_prefix + c, add_special_tokens=False)["input_ids"]
+                        )
+                        == 1
+                    ]
+                prompts.append(
+                    CRCPrompt(tuple(map(int, ids)), tuple(map(int, valid)), str(row.get("label", "")))
+                )
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f'{args.prompts}:{i}: expected {{"input_ids": [...], "valid": [...]}} or '
+                    f'{{"prompt": "...", "valid": ["a", ...]}}: {e}'
+                ) from None
+    return prompts
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hfhooks.io.paths import check_output
+
+    if args.plot:  # checked before the models load and the search runs (minutes), not after
+        require("matplotlib", "matplotlib", "--plot")
+    inputs = [args.post, args.base, args.prompts]
+    if args.restore_to:
+        check_dir_output(args.restore_to, inputs, args.overwrite)
+    for side in (args.csv, args.plot):  # side outputs: never an input or inside one, never silently replaced
+        if side:
+            check_output(side, inputs, overwrite=args.overwrite, same_kind=Path.is_file, kind="file")
+
+    # torch + transformers take seconds to import: only now that the arguments and outputs are checked
+    import torch
+    import transformers
+
+    from hfhooks.restoration.restore import restore_layers, search_restoration
+
+    transformers.utils.logging.set_verbosity_error()
+    # from_pretrained takes `dtype` from transformers 4.56 on; older releases only know `torch_dtype`
+    modern = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit()) >= (4, 56)
+    load = {"local_files_only": True, "dtype" if modern else "torch_dtype": getattr(torch, args.dtype)}
+    post = transformers.AutoModelForCausalLM.from_pretrained(args.post, **load)
+    base = transformers.AutoModelForCausalLM.from_pretrained(args.base, **load)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.post, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    prompts = _load_prompts(args, tokenizer)
+    progress = progress_enabled(args)
+    result = search_restoration(
+        post,
+        base,
+        prompts,
+        threshold=args.threshold,
+        soup=args.soup,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
+    best = result.best
+    lines = [result.table(top=args.top)]
+    lines.append(
+        f"\n{len(result.ranges())} ranges, {len(result.soups())} soups, {len(prompts)} prompts in "
+        f"{result.seconds:.1f}s. Rule: validity ≥ {args.threshold:g} × post ({result.post['validity']:.3f}), "
+        "then the highest diversity."
+    )
+    if best["kind"] == "post":
+        lines.append("selected: no restoration (no range keeps validity while adding diversity)")
+    else:
+        lines.append(
+            f"selected: layers [{best['start']}, {best['end']}) — validity {best['validity']:.3f}, diversity "
+            f"{best['diversity']:.3f} nats (post-trained: {result.post['validity']:.3f}, "
+            f"{result.post['diversity']:.3f})"
+        )
+    if result.best_soup:
+        s = result.best_soup
+        lines.append(
+            f"best soup: α={s['alpha']:.2f} — validity {s['validity']:.3f}, diversity {s['diversity']:.3f}"
+        )
+    emit(
+        args,
+        {"best": best, "best_soup": result.best_soup, "rows": result.rows, "seconds": result.seconds},
+        lines,
+    )
+    if args.csv:
+        result.to_csv(args.csv)
+    if args.plot:
+        result.plot(args.plot)
+    if args.restore_to and best["kind"] == "range":
+        report = restore_layers(
+            args.post,
+            args.base,
+            range(best["start"], best["end"]),
+            out=args.restore_to,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+        note(args, f"wrote the restored model to {report.path}")
+    return 0
+
+
+def _add_restore_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", action="store_true", help="also restore the input embeddings")
+    p.add_argument("--final-norm", action="store_true", help="also restore the final norm")
+    p.add_argument(
+        "--lm-head", action="store_true", help="also restore the LM head (tied: with --embeddings)"
+    )
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    restore = sub.add_parser(
+        "restore",
+        help="restore decoder layers of a checkpoint to reference weights (streaming, atomic)",
+        description="Selective layer restoration: copy decoder layers [s, e) of REFERENCE (the pre-trained "
+        "model) into TARGET (the post-trained one) and write the result. Embeddings, final norm and LM head stay "
+        "post-trained unless asked; tied embeddings are never overwritten by accident. For a PEFT adapter "
+        "directory, the adapters of those layers are zeroed (or dropped). Memory stays bounded; the output "
+        "appears only when complete.",
+        epilog="Example: hfhooks restore post/ base/ --layers 4:8 -o restored/",
+    )
+    restore.add_argument("target", help="the post-trained checkpoint directory (or adapter directory)")
+    restore.add_argument("reference", help="the checkpoint to restore from (pre-trained)")
+    restore.add_argument(
+        "--layers", required=True, help="decoder layers, e.g. '4:8' (end excluded) or '2,3,7'"
+    )
+    where = restore.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--output", help="the output checkpoint directory")
+    where.add_argument("--in-place", action="store_true", help="replace TARGET atomically (other files kept)")
+    _add_restore_flags(restore)
+    restore.add_argument("--include", nargs="+", help="extra tensors to restore (names, globs, re:REGEX)")
+    restore.add_argument(
+        "--adapters", choices=["zero", "drop"], default="zero", help="LoRA adapters in range"
+    )
+    add_write_options(restore)
+    restore.set_defaults(func=run_restore)
+
+    search = sub.add_parser(
+        "search-restore",
+        help="find which layers to restore (CRC proxy over every contiguous range)",
+        description="Score every contiguous range [s, e) of restored layers with the Constrained-Random-"
+        "Character proxy (validity = probability mass on the allowed characters; diversity = entropy over "
+        "them, renormalised), one forward pass per prompt batch, no generation. Select the range with the "
+        "highest diversity among those keeping validity ≥ THRESHOLD × the post-trained model's, and compare "
+        "with interpolating the weights (soup). Both checkpoints are loaded in memory.",
+        epilog="Example: hfhooks search-restore post/ base/ --plot tradeoff.png --restore-to restored/",
+    )
+    search.add_argument("post", help="the post-trained checkpoint directory (with its tokenizer)")
+    search.add_argument("base", help="the pre-trained checkpoint directory")
+    search.add_argument("--prompts", help="JSONL prompts: {input_ids, valid} or {prompt, valid: [chars]}")
+    search.add_argument("--n", type=int, default=20, help="generated prompts per class (default 20)")
+    search.add_argument("--classes", default="letters,digits", help="prompt classes (or literal alphabets)")
+    search.add_argument("--answer-prefix", default=" ", help="text before the answer character (default ' ')")
+    search.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--threshold", type=float, default=0.9, help="validity floor, × post-trained (0.9)")
+    search.add_argument(
+        "--soup", type=int, default=21, help="interpolation points for the baseline (0 = none)"
+    )
+    search.add_argument("--batch-size", type=int, default=64)
+    search.add_argument(
+        "--dtype", choices=FLOAT_DTYPES, default="float32", help="dtype to load the models in"
+    )
+    search.add_argument("--top", type=int, default=12, help="table rows to print")
+    search.add_argument("--csv", help="write every row to this CSV file")
+    search.add_argument("--plot", help="write the validity/diversity plot to this PNG")
+    search.add_argument("--restore-to", help="write POST with the selected range restored to this directory")
+    search.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --restore-to directory (one hfhooks wrote), --csv or --plot file",
+    )
+    add_common_flags(search)
+    search.set_defaults(func=run_search)
