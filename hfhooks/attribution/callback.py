@@ -50,7 +50,7 @@ class AttributionAlignmentCallback(TrainerCallback):
     checkpoint when it is not the Trainer's ``output_dir/checkpoint-<step>``).
     """
 
-    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
+    reports_metrics = True  # moved ahead of the report_to integrations (see hfhooks/trainer/reporting.py)
 
     def __init__(
         self,

@@ -47,7 +47,7 @@ class GradientRoutingCallback(TrainerCallback):
                           callbacks=[GradientRoutingCallback(mlp_units=64, heads=1)])
     """
 
-    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
+    reports_metrics = True  # moved ahead of the report_to integrations (see hfhooks/trainer/reporting.py)
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ class UnlearningEvalCallback(TrainerCallback):
     ``at_trainer_eval=False`` to evaluate on the ``every`` schedule only.
     """
 
-    reports_metrics = True  # moved ahead of the report_to integrations (see callbacks/_logging.py)
+    reports_metrics = True  # moved ahead of the report_to integrations (see hfhooks/trainer/reporting.py)
 
     def __init__(
         self,
