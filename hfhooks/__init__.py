@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "GradientRoutingCallback": "hfhooks.routing.callback",
     "HookRecord": "hfhooks.core.hooks",
     "HubError": "hfhooks.io.hub",
-    "LayerList": "hfhooks.core.layers",
+    "LayerList": "hfhooks.core.blocks",
     "LayerRestorationCallback": "hfhooks.restoration.callback",
     "LossHook": "hfhooks.core.loss_hooks",
     "MaskFileError": "hfhooks.masks.mask",
@@ -59,7 +59,7 @@ _EXPORTS: dict[str, str] = {
     "attribute": "hfhooks.attribution",
     "average_gap": "hfhooks.unlearning.evaluation",
     "calibrate_logits": "hfhooks.routing.router",
-    "canonical_name": "hfhooks.core.params",
+    "canonical_name": "hfhooks.core.names",
     "compute_saliency": "hfhooks.masks.saliency",
     "consensus_mask": "hfhooks.diffs",
     "consensus_merge": "hfhooks.diffs",
@@ -69,10 +69,10 @@ _EXPORTS: dict[str, str] = {
     "deletion_insertion": "hfhooks.attribution",
     "edit_checkpoint": "hfhooks.io.checkpoints",
     "faithfulness": "hfhooks.attribution",
-    "find_layers": "hfhooks.core.layers",
+    "find_layers": "hfhooks.core.blocks",
     "forget_retain_dataset": "hfhooks.unlearning.objectives",
     "installed_hooks": "hfhooks.core.hooks",
-    "layer_of": "hfhooks.core.layers",
+    "layer_of": "hfhooks.core.blocks",
     "load_logit_bias": "hfhooks.routing.router",
     "mia_efficacy": "hfhooks.unlearning.evaluation",
     "mlp_projections": "hfhooks.core.layers",
@@ -89,7 +89,7 @@ _EXPORTS: dict[str, str] = {
     "tensor_fingerprint": "hfhooks.diffs",
     "topk_masks": "hfhooks.masks.topk",
     "unlearning_metrics": "hfhooks.unlearning.evaluation",
-    "unwrap_model": "hfhooks.core.params",
+    "unwrap_model": "hfhooks.core.names",
 }
 
 __all__ = [
@@ -187,19 +187,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.attribution import AttributionAlignment, attribute, deletion_insertion, faithfulness
     from hfhooks.attribution.callback import AttributionAlignmentCallback
+    from hfhooks.core.blocks import LayerList, find_layers, layer_of
     from hfhooks.core.config import Config
     from hfhooks.core.data import Tagged, TaggedCollator, TaggedDataset
     from hfhooks.core.hooks import HookRecord, installed_hooks, remove_hooks
-    from hfhooks.core.layers import (
-        LayerList,
-        attention_head_slices,
-        find_layers,
-        layer_of,
-        mlp_projections,
-        mlp_unit_slices,
-    )
+    from hfhooks.core.layers import attention_head_slices, mlp_projections, mlp_unit_slices
     from hfhooks.core.loss_hooks import LossHook
-    from hfhooks.core.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
+    from hfhooks.core.names import canonical_name, unwrap_model
+    from hfhooks.core.params import ParamIndex, UnknownParameterError
     from hfhooks.diffs import (
         BaseMismatchError,
         DiffFileError,

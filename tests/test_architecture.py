@@ -124,7 +124,11 @@ def _functions(tree: ast.AST, prefix: str = ""):
 def _length(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     n = fn.end_lineno - fn.lineno + 1
     first = fn.body[0]
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
         n -= first.end_lineno - first.lineno + 1
     return n
 
@@ -187,13 +191,19 @@ def test_functions_are_short():
             n = _length(fn)
             if n > MAX_FUNCTION_LINES and f"{mod}:{qualname}" not in LONG_FUNCTIONS:
                 long.append(f"{mod}:{qualname} ({n} lines)")
-    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+    assert not long, (
+        f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+    )
     stale = [k for k in LONG_FUNCTIONS if k.split(":")[0] not in _files()]
     assert not stale, f"LONG_FUNCTIONS names modules that no longer exist: {stale}"
 
 
 def test_every_module_and_folder_has_a_docstring():
-    missing = [str(p.relative_to(ROOT.parent)) for p in _files().values() if not ast.get_docstring(ast.parse(p.read_text()))]
+    missing = [
+        str(p.relative_to(ROOT.parent))
+        for p in _files().values()
+        if not ast.get_docstring(ast.parse(p.read_text()))
+    ]
     assert not missing, "modules without a docstring:\n" + "\n".join(missing)
     folders = [d for d in ROOT.rglob("*") if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))]
     no_init = [str(d.relative_to(ROOT.parent)) for d in folders if not (d / "__init__.py").exists()]
@@ -209,13 +219,15 @@ def test_architecture_page_names_every_module():
             rel = rel[: -len("__init__.py")]  # a folder is named as `core/`
         if not re.search(rf"(?<![\w/.]){re.escape(rel)}(?![\w])", text) and f"`{mod}`" not in text:
             missing.append(rel)
-    assert not missing, f"{DOCS.name} does not mention these modules (describe them or remove them):\n" + "\n".join(
-        missing
+    assert not missing, (
+        f"{DOCS.name} does not mention these modules (describe them or remove them):\n" + "\n".join(missing)
     )
 
 
-HOOK_CALL = re.compile(r"\.register_(forward_pre_hook|forward_hook|full_backward_hook|backward_hook|hook|"
-                       r"post_accumulate_grad_hook|step_pre_hook|step_post_hook|load_state_dict_post_hook)\(")
+HOOK_CALL = re.compile(
+    r"\.register_(forward_pre_hook|forward_hook|full_backward_hook|backward_hook|hook|"
+    r"post_accumulate_grad_hook|step_pre_hook|step_post_hook|load_state_dict_post_hook)\("
+)
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")), ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -228,4 +240,6 @@ def test_hooks_go_through_hookset(path):
         for i, line in enumerate(path.read_text().splitlines(), 1)
         if HOOK_CALL.search(line) and not line.lstrip().startswith("#")
     ]
-    assert not lines, "hooks registered outside HookSet (use hfhooks.core.hooks.HookSet):\n" + "\n".join(lines)
+    assert not lines, "hooks registered outside HookSet (use hfhooks.core.hooks.HookSet):\n" + "\n".join(
+        lines
+    )

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, DiffFileError, WeightDiff
-from hfhooks.io.artifacts import _digest, _meta_digest
+from hfhooks.io.artifacts import artifact_digest, metadata_digest
 from hfhooks.io.checkpoints import read_safetensors_header
 from hfhooks.masks.mask import ParamMask
 
@@ -53,8 +53,8 @@ def rewrite(path, out, edit) -> None:
     with safe_open(str(path), "pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     edit(meta, tensors)
-    meta["hfhooks.meta_digest"] = json.dumps(_meta_digest(meta))
-    meta["hfhooks.digest"] = _digest(meta, tensors)
+    meta["hfhooks.meta_digest"] = json.dumps(metadata_digest(meta))
+    meta["hfhooks.digest"] = artifact_digest(meta, tensors)
     save_file(tensors, str(out), metadata=meta)
 
 

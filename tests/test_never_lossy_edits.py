@@ -24,10 +24,10 @@ import pytest
 import torch
 from conftest import make_model
 
-from hfhooks.io import paths
 from hfhooks.cli import main
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, WeightDiff
+from hfhooks.io import paths
 from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
 from hfhooks.masks.mask import ParamMask
 
@@ -343,7 +343,7 @@ _STALL_CHILD = textwrap.dedent(
     from hfhooks.diffs import WeightDiff
 
     base, tuned, out, marker = sys.argv[1:5]
-    real, calls = core._between_entry, []
+    real, calls = core.between_entry, []
 
     def slow(*a, **k):
         calls.append(1)
@@ -352,7 +352,7 @@ _STALL_CHILD = textwrap.dedent(
             time.sleep(120)
         return real(*a, **k)
 
-    core._between_entry = slow
+    core.between_entry = slow
     WeightDiff.between(base, tuned, out=out, progress=False)
     """
 )

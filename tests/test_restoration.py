@@ -15,7 +15,7 @@ import transformers as T
 from conftest import PEFT_VERSION, lora, make_model
 from torch import nn
 
-from hfhooks.core.layers import find_layers, layer_of
+from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs import WeightDiff
 from hfhooks.io.checkpoints import Checkpoint

@@ -76,7 +76,8 @@ def _metadata_bytes(metadata: Mapping[str, str], skip: set[str]) -> bytes:
     return json.dumps({k: v for k, v in sorted(metadata.items()) if k not in skip}).encode()
 
 
-def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+def artifact_digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over an artifact's metadata (its digest left out) and tensors, in name order."""
     h = hashlib.sha256()
     h.update(_metadata_bytes(metadata, {_DIGEST}))
     for name in sorted(tensors):
@@ -86,18 +87,18 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) ->
     return h.hexdigest()
 
 
-def _meta_digest(metadata: Mapping[str, str]) -> str:
+def metadata_digest(metadata: Mapping[str, str]) -> str:
     """SHA-256 over the metadata alone (both digests left out): lets a lazy reader trust the header."""
     return hashlib.sha256(_metadata_bytes(metadata, {_DIGEST, _META_DIGEST})).hexdigest()
 
 
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """A 0/1 tensor as ``U8`` bytes, 8 elements a byte, big bit order (``numpy.packbits``), zero-padded."""
     return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(bool), bitorder="big"))
 
 
-def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` bits of :func:`_pack_bits` output as a flat bool tensor; ``ValueError`` if there
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of :func:`pack_bits` output as a flat bool tensor; ``ValueError`` if there
     are too few bytes or a padding bit is set."""
     bits = np.unpackbits(packed.numpy(), bitorder="big")
     if bits.size < count or bits[count:].any():
@@ -106,7 +107,7 @@ def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _reraise_as(error: type[ArtifactError]) -> Iterator[None]:
+def reraise_as(error: type[ArtifactError]) -> Iterator[None]:
     """Re-raise an :class:`ArtifactError` (e.g. from :func:`read_artifact`) as ``error``, same message."""
     try:
         yield
@@ -133,7 +134,7 @@ def write_artifact(
     for key, value in meta.items():
         metadata[f"hfhooks.{key}"] = json.dumps(value)  # insertion order kept (e.g. a mask's tensor order)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata[_DIGEST] = _digest(metadata, tensors)
+    metadata[_DIGEST] = artifact_digest(metadata, tensors)
     # saving over an earlier artifact of the same kind is what save() means; anything else (a model shard, a
     # symlink, a directory) is refused rather than destroyed
     existed = check_output(
@@ -226,14 +227,14 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
             f"{path} has format_version {version!r}; this hfhooks ({__version__}) reads {FORMAT_VERSION!r}. "
             "Upgrade hfhooks to read files written by newer versions."
         )
-    if metadata.get(_DIGEST) != _digest(metadata, tensors):
+    if metadata.get(_DIGEST) != artifact_digest(metadata, tensors):
         raise ArtifactError(
             f"{path} failed its integrity check (digest mismatch): the file was modified or corrupted."
         )
-    return tensors, _decode_metadata(path, metadata)
+    return tensors, decode_metadata(path, metadata)
 
 
-def _decode_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+def decode_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
     """``hfhooks.*`` metadata without the prefix, JSON-decoded (the stamp keys are kept as strings)."""
     decoded: dict[str, Any] = {}
     for key, value in metadata.items():

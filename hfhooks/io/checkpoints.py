@@ -60,9 +60,9 @@ from typing import Any
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
-from hfhooks.io import paths
 from hfhooks._version import __version__
 from hfhooks.core.params import UnknownParameterError, canonical_name
+from hfhooks.io import paths
 from hfhooks.io.artifacts import ArtifactError
 
 __all__ = [
@@ -110,7 +110,7 @@ for _code, _attr in (
 ):
     if hasattr(torch, _attr):
         _DTYPES[_code] = getattr(torch, _attr)
-_CODES = {v: k for k, v in _DTYPES.items()}
+DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
 
 # Files never copied into a new output directory: weights (rewritten) and training state (stale after an edit).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -633,7 +633,7 @@ def layer_map(names: Iterable[str]) -> tuple[str | None, dict[str, int | None]]:
     >>> layer_map(["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"])[1]
     {'model.embed_tokens.weight': None, 'model.layers.1.mlp.up_proj.weight': 1}
     """
-    from hfhooks.core.layers import _LAYER_PATHS
+    from hfhooks.core.blocks import LAYER_PATHS
 
     names = list(names)
     canon = {n: canonical_name(n) for n in names}
@@ -642,7 +642,7 @@ def layer_map(names: Iterable[str]) -> tuple[str | None, dict[str, int | None]]:
         for m in re.finditer(r"\.(\d+)\.", "." + c):
             if m.start():  # the path before ".<int>."
                 counts.setdefault(c[: m.start() - 1], set()).add(int(m.group(1)))
-    path = next((p for p in _LAYER_PATHS if p in counts), None)
+    path = next((p for p in LAYER_PATHS if p in counts), None)
     if path is None:
         multi = [(len(v), p) for p, v in counts.items() if len(v) > 1]
         path = max(multi)[1] if multi else None
@@ -699,7 +699,8 @@ def parse_layers(spec: str | int | slice | Iterable[int], num_layers: int) -> li
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in safetensors order (little-endian, C-contiguous) as a memoryview, no copy if CPU."""
     flat = t.detach().cpu().contiguous().reshape(-1)
     if sys.byteorder != "little" and flat.element_size() > 1:  # pragma: no cover - big-endian hosts
         flat = flat.clone().view(torch.uint8).reshape(-1, flat.element_size()).flip(1).reshape(-1)
@@ -715,13 +716,17 @@ class _ShardWriter:
         offset = 0
         for e in entries:
             end = offset + e.nbytes
-            header[e.name] = {"dtype": _CODES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, end]}
+            header[e.name] = {
+                "dtype": DTYPE_CODES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, end],
+            }
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # align the data section, as safetensors does
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
         self.position = 0
-        _write_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw))
+        write_all(self.fd, memoryview(struct.pack("<Q", len(raw)) + raw))
 
     def _next(self, nbytes: int) -> None:
         expected = self.entries[self.position]
@@ -730,9 +735,9 @@ class _ShardWriter:
         self.position += 1
 
     def write(self, t: torch.Tensor) -> None:
-        data = _tensor_bytes(t)
+        data = tensor_bytes(t)
         self._next(data.nbytes)
-        _write_all(self.fd, data)
+        write_all(self.fd, data)
 
     def write_blocks(self, name: str, blocks: TensorBlocks) -> None:
         expected = self.entries[self.position]
@@ -742,8 +747,8 @@ class _ShardWriter:
                 raise ValueError(
                     f"The edit of {name!r} produced a {block.dtype} block; expected {expected.dtype}."
                 )
-            data = _tensor_bytes(block)
-            _write_all(self.fd, data)
+            data = tensor_bytes(block)
+            write_all(self.fd, data)
             total += data.nbytes
         if total != expected.nbytes:
             raise ValueError(f"The edit of {name!r} produced {total} bytes; expected {expected.nbytes}.")
@@ -754,11 +759,11 @@ class _ShardWriter:
         self._next(info.end - info.start)
         src = info.fileno()
         if src >= 0:  # the descriptor the source checkpoint parsed the offsets from
-            _copy_range(src, self.fd, info.start, info.end - info.start)
+            copy_range(src, self.fd, info.start, info.end - info.start)
             return
         src = paths.open_regular(info.file)
         try:
-            _copy_range(src, self.fd, info.start, info.end - info.start)
+            copy_range(src, self.fd, info.start, info.end - info.start)
         finally:
             os.close(src)
 
@@ -770,14 +775,17 @@ class _ShardWriter:
             os.close(self.fd)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
     data = data.cast("B") if data.format != "B" else data
     while data.nbytes:  # os.write may write less (e.g. at most 2 GiB per call on Linux)
         n = os.write(fd, data[:_COPY_CHUNK])
         data = data[n:]
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src_fd`` to the current position of ``dst_fd``
+    (``copy_file_range`` in the kernel where it can, else chunked ``pread`` / ``write``)."""
     copied = 0
     if hasattr(os, "copy_file_range"):
         try:
@@ -793,7 +801,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         chunk = os.pread(src_fd, min(_COPY_CHUNK, count - copied), offset + copied)
         if not chunk:
             raise CheckpointError(f"source file ended early while copying {count} bytes (truncated?)")
-        _write_all(dst_fd, memoryview(chunk))
+        write_all(dst_fd, memoryview(chunk))
         copied += len(chunk)
 
 

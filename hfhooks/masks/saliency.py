@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfhooks.core.blocks import find_layers
 from hfhooks.core.data import to_device
-from hfhooks.core.layers import find_layers, mlp_projections
+from hfhooks.core.layers import mlp_projections
 from hfhooks.core.params import ParamIndex
 
 __all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved"]

@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.core.layers import find_layers
-from hfhooks.core.params import ParamIndex, UnknownParameterError, _match, canonical_name, unwrap_model
-from hfhooks.diffs.source import _Source
+from hfhooks.core.blocks import find_layers
+from hfhooks.core.names import canonical_name, match_name, unwrap_model
+from hfhooks.core.params import ParamIndex, UnknownParameterError
+from hfhooks.diffs.source import WeightSource
 from hfhooks.io.checkpoints import Checkpoint, edit_checkpoint, layer_map, parse_layers
 
 __all__ = [
@@ -169,11 +170,11 @@ def _wanted(
         if (
             (cat == "layer" and of[n] in chosen)
             or flags.get(cat, False)
-            or any(_match(p, canon) for p in include)
+            or any(match_name(p, canon) for p in include)
         ):
             out.append(n)
     for pat in include:
-        if not any(_match(pat, canonical_name(n)) for n in names):
+        if not any(match_name(pat, canonical_name(n)) for n in names):
             raise UnknownParameterError(f"include pattern {pat!r} matches no parameter.")
     return out
 
@@ -219,7 +220,7 @@ def _restore_model(
     )
     names = [n for n in index.names() if not lora_parts.search(n)]
     wanted = _wanted(names, of, set(chosen), flags, include)
-    ref = _Source(reference, allow_pickle)
+    ref = WeightSource(reference, allow_pickle)
     missing = [n for n in wanted if n not in ref]
     if missing:
         raise UnknownParameterError(
@@ -344,7 +345,7 @@ def _restore_checkpoint(
     tied = bool(cfg.get("tie_word_embeddings", True)) and lm_arch
     _check_tied(flags, tied)
     wanted = _wanted(ckpt.keys(), of, set(chosen), flags, include)
-    ref = _Source(reference, allow_pickle)
+    ref = WeightSource(reference, allow_pickle)
     missing = [n for n in wanted if n not in ref]
     if missing:
         raise UnknownParameterError(

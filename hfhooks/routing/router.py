@@ -42,9 +42,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfhooks.core.blocks import find_layers, select_layers
 from hfhooks.core.data import pop_kwargs_hook, to_device
 from hfhooks.core.hooks import HookSet
-from hfhooks.core.layers import attention_head_slices, find_layers, mlp_unit_slices, select_layers
+from hfhooks.core.layers import attention_head_slices, mlp_unit_slices
 from hfhooks.core.params import ParamIndex, is_dtensor, unwrap_model
 from hfhooks.freeze.gradient_mask import innermost_optimizer
 from hfhooks.io.checkpoints import Checkpoint
