@@ -67,7 +67,7 @@ _EXPORTS: dict[str, str] = {
     "crc_scores": "hfhooks.restoration.restore",
     "dedicated_mask": "hfhooks.routing.router",
     "deletion_insertion": "hfhooks.attribution",
-    "edit_checkpoint": "hfhooks.io.checkpoints",
+    "edit_checkpoint": "hfhooks.io.edit",
     "faithfulness": "hfhooks.attribution",
     "find_layers": "hfhooks.core.blocks",
     "forget_retain_dataset": "hfhooks.unlearning.objectives",
@@ -207,7 +207,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.freeze.callback import GradientMaskCallback
     from hfhooks.freeze.gradient_mask import GradientMask
     from hfhooks.io.artifacts import ArtifactError, model_fingerprint
-    from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
+    from hfhooks.io.checkpoints import Checkpoint, CheckpointError
+    from hfhooks.io.edit import edit_checkpoint
     from hfhooks.io.hub import HubError
     from hfhooks.masks.mask import MaskFileError, ParamMask
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency

@@ -162,7 +162,8 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _is_diff_file(path) -> bool:
     """Whether ``path`` is an hfhooks diff file (the only thing ``diff --overwrite`` may replace)."""
-    from hfhooks.io.checkpoints import CheckpointError, read_safetensors_header
+    from hfhooks.io.checkpoints import CheckpointError
+    from hfhooks.io.safetensors import read_safetensors_header
 
     try:
         return read_safetensors_header(path)[1].get("hfhooks.kind") == "diff"
@@ -333,7 +334,7 @@ def _add_diff(sub: argparse._SubParsersAction) -> None:
 def _check_dir_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
     """``-o`` of a checkpoint edit: never an input (use --in-place), inside one or holding one; an existing one
     only with --overwrite and only if an earlier hfhooks edit wrote it."""
-    from hfhooks.io.checkpoints import is_edited_checkpoint
+    from hfhooks.io.edit import is_edited_checkpoint
     from hfhooks.io.paths import check_output
 
     check_output(

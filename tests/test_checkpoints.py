@@ -24,15 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hfhooks.core.params import UnknownParameterError
-from hfhooks.io.checkpoints import (
-    INDEX_NAME,
-    Checkpoint,
-    CheckpointError,
-    ReadBuffer,
-    edit_checkpoint,
-    layer_map,
-    read_safetensors_header,
-)
+from hfhooks.io.checkpoints import INDEX_NAME, Checkpoint, CheckpointError, layer_map
+from hfhooks.io.edit import edit_checkpoint
+from hfhooks.io.safetensors import ReadBuffer, read_safetensors_header
 
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 

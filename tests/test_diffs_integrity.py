@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, DiffFileError, WeightDiff
 from hfhooks.io.artifacts import artifact_digest, metadata_digest
-from hfhooks.io.checkpoints import read_safetensors_header
+from hfhooks.io.safetensors import read_safetensors_header
 from hfhooks.masks.mask import ParamMask
 
 PICKLE_LIKE = {640, 896, 1152, 1408}  # header lengths (mod 2**16) whose first bytes are \x80\x02 … \x80\x05

@@ -30,7 +30,7 @@ from hfhooks.diffs.entries import (
     tensor_fingerprint,
 )
 from hfhooks.diffs.fileformat import DEFERRED, worker_pool
-from hfhooks.io.checkpoints import ReadBuffer, TensorBlocks
+from hfhooks.io.safetensors import ReadBuffer, TensorBlocks
 
 
 def mapped_loader(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[], Payload]:

@@ -52,8 +52,10 @@ from hfhooks.diffs.entries import (
 from hfhooks.diffs.fileformat import RESERVED_META, read_diff, verify_payloads, write_diff
 from hfhooks.diffs.lora import lora_from_dir, lora_from_model
 from hfhooks.diffs.source import WeightSource, select_names
-from hfhooks.io.checkpoints import Checkpoint, ReadBuffer, edit_checkpoint, layer_map, parse_layers
+from hfhooks.io.checkpoints import Checkpoint, layer_map, parse_layers
+from hfhooks.io.edit import edit_checkpoint
 from hfhooks.io.hub import HubMixin
+from hfhooks.io.safetensors import ReadBuffer
 from hfhooks.masks.mask import ParamMask
 
 

@@ -20,7 +20,7 @@ import torch
 
 from hfhooks.core.params import bit_view
 from hfhooks.io.artifacts import ArtifactError
-from hfhooks.io.checkpoints import tensor_bytes
+from hfhooks.io.safetensors import tensor_bytes
 
 STORAGES = ("dense", "sparse", "quantized")
 

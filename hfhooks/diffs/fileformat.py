@@ -42,7 +42,9 @@ from hfhooks.io.artifacts import (
     read_artifact,
     reraise_as,
 )
-from hfhooks.io.checkpoints import (
+from hfhooks.io.paths import check_output, publish, temp_file, write_error
+from hfhooks.io.safetensors import (
+    DTYPE_CODES,
     ReadBuffer,
     TensorInfo,
     copy_range,
@@ -50,7 +52,6 @@ from hfhooks.io.checkpoints import (
     tensor_bytes,
     write_all,
 )
-from hfhooks.io.paths import check_output, publish, temp_file, write_error
 
 RESERVED_META = ("tensors", "kind", "version", "format_version", "digest", "meta_digest", "path")
 
@@ -92,8 +93,6 @@ class _DataFile(Mapping[str, torch.Tensor]):
 
 
 def _header_bytes(metadata: Mapping[str, str], data: _DataFile) -> bytes:
-    from hfhooks.io.checkpoints import DTYPE_CODES
-
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     for name, (dtype, shape, start, end) in data.infos.items():
         header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}

@@ -17,7 +17,8 @@ from torch import nn
 
 from hfhooks.core.names import match_name
 from hfhooks.core.params import ParamIndex, UnknownParameterError
-from hfhooks.io.checkpoints import Checkpoint, ReadBuffer
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.io.safetensors import ReadBuffer
 
 
 class WeightSource:

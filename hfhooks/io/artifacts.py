@@ -29,7 +29,11 @@ from safetensors.torch import save
 from torch import nn
 
 from hfhooks._version import __version__
+from hfhooks.core.names import unwrap_model
+from hfhooks.core.params import ParamIndex
+from hfhooks.io.errors import ArtifactError, CheckpointError
 from hfhooks.io.paths import check_output, publish, temp_file, write_error
+from hfhooks.io.safetensors import read_safetensors_header
 
 __all__ = [
     "FORMAT_VERSION",
@@ -46,17 +50,11 @@ _META_DIGEST = "hfhooks.meta_digest"  # diff files: a digest of the metadata alo
 _STAMP_KEYS = {"hfhooks.kind", "hfhooks.version", "hfhooks.format_version", _DIGEST}
 
 
-class ArtifactError(ValueError):
-    """A file that is not a valid hfhooks artifact of the expected kind (corrupt, truncated, foreign)."""
-
-
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     """A fingerprint of a model's architecture: canonical names and shapes (not values, not dtypes).
 
     Two models with the same fingerprint accept the same masks. Stored in artifacts as provenance.
     """
-    from hfhooks.core.params import ParamIndex, unwrap_model
-
     index = model if hasattr(model, "shapes") else ParamIndex(model)
     h = hashlib.sha256()
     n = 0
@@ -153,11 +151,6 @@ def write_artifact(
 
 def _is_artifact(path: Path, kind: str) -> bool:
     """Whether ``path`` is an hfhooks artifact of ``kind`` (header only; what a save may replace)."""
-    from hfhooks.io.checkpoints import (  # checkpoints imports this module
-        CheckpointError,
-        read_safetensors_header,
-    )
-
     try:
         return read_safetensors_header(path)[1].get("hfhooks.kind") == kind
     except (CheckpointError, OSError):

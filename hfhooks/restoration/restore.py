@@ -43,7 +43,8 @@ from hfhooks.core.blocks import find_layers
 from hfhooks.core.names import canonical_name, match_name, unwrap_model
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs.source import WeightSource
-from hfhooks.io.checkpoints import Checkpoint, edit_checkpoint, layer_map, parse_layers
+from hfhooks.io.checkpoints import Checkpoint, layer_map, parse_layers
+from hfhooks.io.edit import edit_checkpoint
 
 __all__ = [
     "CRCPrompt",
