@@ -54,18 +54,18 @@ _EXPORTS: dict[str, str] = {
     "UnlearningEvalCallback": "hfhooks.unlearning.eval_callback",
     "UnlearningObjective": "hfhooks.unlearning.objectives",
     "WeightDiff": "hfhooks.diffs",
-    "ablate": "hfhooks.routing.router",
+    "ablate": "hfhooks.routing.ablation",
     "attention_head_slices": "hfhooks.core.layers",
     "attribute": "hfhooks.attribution",
     "average_gap": "hfhooks.unlearning.evaluation",
-    "calibrate_logits": "hfhooks.routing.router",
+    "calibrate_logits": "hfhooks.routing.ablation",
     "canonical_name": "hfhooks.core.names",
     "compute_saliency": "hfhooks.masks.saliency",
     "consensus_mask": "hfhooks.diffs",
     "consensus_merge": "hfhooks.diffs",
     "crc_prompts": "hfhooks.restoration.restore",
     "crc_scores": "hfhooks.restoration.restore",
-    "dedicated_mask": "hfhooks.routing.router",
+    "dedicated_mask": "hfhooks.routing.ablation",
     "deletion_insertion": "hfhooks.attribution",
     "edit_checkpoint": "hfhooks.io.edit",
     "faithfulness": "hfhooks.attribution",
@@ -73,7 +73,7 @@ _EXPORTS: dict[str, str] = {
     "forget_retain_dataset": "hfhooks.unlearning.objectives",
     "installed_hooks": "hfhooks.core.hooks",
     "layer_of": "hfhooks.core.blocks",
-    "load_logit_bias": "hfhooks.routing.router",
+    "load_logit_bias": "hfhooks.routing.ablation",
     "mia_efficacy": "hfhooks.unlearning.evaluation",
     "mlp_projections": "hfhooks.core.layers",
     "mlp_unit_slices": "hfhooks.core.layers",
@@ -224,17 +224,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         search_restoration,
     )
     from hfhooks.routing.callback import GradientRoutingCallback
-    from hfhooks.routing.router import (
-        FORGET,
-        RETAIN,
-        UNLABELLED,
-        Router,
-        ablate,
-        calibrate_logits,
-        dedicated_mask,
-        load_logit_bias,
-        routing_labels,
-    )
+    from hfhooks.routing.ablation import ablate, calibrate_logits, dedicated_mask, load_logit_bias
+    from hfhooks.routing.router import FORGET, RETAIN, Router, UNLABELLED, routing_labels
     from hfhooks.trainer.state import CallbackStateError
     from hfhooks.unlearning.callback import SaliencyUnlearningCallback
     from hfhooks.unlearning.eval_callback import UnlearningEvalCallback

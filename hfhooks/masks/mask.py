@@ -54,7 +54,7 @@ GRANULARITIES = ("element", "row", "column")
 _AXIS = {"row": 0, "column": 1}
 _SEMANTICS = "1=trainable"
 # What a 1 means. "1=dedicated" is a routing mask (hfhooks.dedicated_mask): a 1 is a coordinate that holds the
-# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing.router).
+# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing.ablation.check_dedicated).
 _KNOWN_SEMANTICS = (_SEMANTICS, "1=dedicated")
 _RESERVED_META = ("tensors", "semantics", "kind", "version", "format_version", "digest")
 
