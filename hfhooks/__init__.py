@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "AttributionAlignment": "hfhooks.attribution",
     "AttributionAlignmentCallback": "hfhooks.attribution.callback",
     "BaseMismatchError": "hfhooks.diffs",
-    "CRCPrompt": "hfhooks.restoration.restore",
+    "CRCPrompt": "hfhooks.restoration.search",
     "CallbackStateError": "hfhooks.trainer.state",
     "Checkpoint": "hfhooks.io.checkpoints",
     "CheckpointError": "hfhooks.io.checkpoints",
@@ -42,7 +42,7 @@ _EXPORTS: dict[str, str] = {
     "MaskFileError": "hfhooks.masks.mask",
     "ParamIndex": "hfhooks.core.params",
     "ParamMask": "hfhooks.masks.mask",
-    "RestorationSearch": "hfhooks.restoration.restore",
+    "RestorationSearch": "hfhooks.restoration.search",
     "RestoreReport": "hfhooks.restoration.restore",
     "Router": "hfhooks.routing.router",
     "SaliencyUnlearningCallback": "hfhooks.unlearning.callback",
@@ -63,8 +63,8 @@ _EXPORTS: dict[str, str] = {
     "compute_saliency": "hfhooks.masks.saliency",
     "consensus_mask": "hfhooks.diffs",
     "consensus_merge": "hfhooks.diffs",
-    "crc_prompts": "hfhooks.restoration.restore",
-    "crc_scores": "hfhooks.restoration.restore",
+    "crc_prompts": "hfhooks.restoration.search",
+    "crc_scores": "hfhooks.restoration.search",
     "dedicated_mask": "hfhooks.routing.ablation",
     "deletion_insertion": "hfhooks.attribution",
     "edit_checkpoint": "hfhooks.io.edit",
@@ -84,7 +84,7 @@ _EXPORTS: dict[str, str] = {
     "restore_layers": "hfhooks.restoration.restore",
     "routing_labels": "hfhooks.routing.router",
     "salun": "hfhooks.unlearning.objectives",
-    "search_restoration": "hfhooks.restoration.restore",
+    "search_restoration": "hfhooks.restoration.search",
     "tall_masks": "hfhooks.diffs",
     "tensor_fingerprint": "hfhooks.diffs",
     "topk_masks": "hfhooks.masks.topk",
@@ -214,18 +214,17 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency
     from hfhooks.masks.topk import topk_masks
     from hfhooks.restoration.callback import LayerRestorationCallback
-    from hfhooks.restoration.restore import (
+    from hfhooks.restoration.restore import RestoreReport, restore_layers
+    from hfhooks.restoration.search import (
         CRCPrompt,
         RestorationSearch,
-        RestoreReport,
         crc_prompts,
         crc_scores,
-        restore_layers,
         search_restoration,
     )
-    from hfhooks.routing.callback import GradientRoutingCallback
     from hfhooks.routing.ablation import ablate, calibrate_logits, dedicated_mask, load_logit_bias
-    from hfhooks.routing.router import FORGET, RETAIN, Router, UNLABELLED, routing_labels
+    from hfhooks.routing.callback import GradientRoutingCallback
+    from hfhooks.routing.router import FORGET, RETAIN, UNLABELLED, Router, routing_labels
     from hfhooks.trainer.state import CallbackStateError
     from hfhooks.unlearning.callback import SaliencyUnlearningCallback
     from hfhooks.unlearning.eval_callback import UnlearningEvalCallback

@@ -433,7 +433,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_prompts(args: argparse.Namespace, tokenizer):
-    from hfhooks.restoration.restore import CRCPrompt, crc_prompts
+    from hfhooks.restoration.search import CRCPrompt, crc_prompts
 
     if not args.prompts:
         if tokenizer is None:
@@ -487,7 +487,8 @@ def _search_restore(args: argparse.Namespace) -> int:
     import transformers
 
     from hfhooks.io.paths import check_output
-    from hfhooks.restoration.restore import restore_layers, search_restoration
+    from hfhooks.restoration.restore import restore_layers
+    from hfhooks.restoration.search import search_restoration
 
     inputs = [args.post, args.base, args.prompts]
     if args.restore_to:

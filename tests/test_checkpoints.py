@@ -273,7 +273,8 @@ _KILL_CHILD = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
-    from hfhooks.io.checkpoints import Checkpoint, edit_checkpoint
+    from hfhooks.io.checkpoints import Checkpoint
+    from hfhooks.io.edit import edit_checkpoint
 
     src, out, marker, name = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 

@@ -5,7 +5,7 @@ maps here (negate, scale, mask, sparsify, quantise), so nothing is computed unti
 :func:`between_entry` computes one tensor's Δ with its exactness flags; :func:`_plus_blocks` / :func:`_plus`
 add ``scale·Δ`` in the wider dtype, block by block, leaving θ bit-identical where Δ is zero; :func:`apply_fn`
 is the streaming per-tensor edit that applying a diff to a checkpoint hands to
-:func:`~hfhooks.io.checkpoints.edit_checkpoint`.
+:func:`~hfhooks.io.edit.edit_checkpoint`.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class Checkpoint:
     with ``torch.load(weights_only=True, mmap=True)``.
 
     Names are the names stored in the file (for full models, the canonical names of :mod:`hfhooks.core.params`;
-    for adapters, :func:`~hfhooks.core.params.canonical_name` of them is what layer lookups use).
+    for adapters, :func:`~hfhooks.core.names.canonical_name` of them is what layer lookups use).
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
