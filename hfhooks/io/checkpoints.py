@@ -332,7 +332,7 @@ class Checkpoint:
         if self._pickled is not None:
             self._pickled.clear()
 
-    def _unchanged_on_disk(self) -> str | None:
+    def unchanged_on_disk(self) -> str | None:
         """Why the files at this checkpoint's paths are no longer the ones it opened (``None`` if they are)."""
         for handle in self._handles:
             if handle.fd < 0:

@@ -226,6 +226,49 @@ def edit_checkpoint(
 
     src = source if isinstance(source, Checkpoint) else Checkpoint(source, allow_pickle=allow_pickle)
     others = [p for p in inputs if p is not None]
+    out_path, in_place, existed = _resolve_output(src, out, others, overwrite, allow_inside_source)
+    drop = set(drop)
+    for name in [*edits, *drop]:
+        src.info(name)  # unknown names fail before anything is written
+    names = [n for n in src if n not in drop]
+    if not names:
+        raise ValueError("The edit would drop every tensor of the checkpoint.")
+    plan = _plan_shards(src, names, max_shard_size)
+    edit_record = {"hfhooks_version": __version__, "source": str(src.path), **dict(record or {})}
+
+    with paths.exclusive_lock(out_path, "edited" if in_place else "written"):
+        if in_place and (why := src.unchanged_on_disk()):
+            raise CheckpointError(
+                f"{src.dir} changed since it was opened ({why}: another edit finished meanwhile); open it again "
+                "so this edit does not undo that one."
+            )
+        if not in_place and os.path.lexists(out_path) != existed:
+            raise FileExistsError(f"{out_path} was created or removed by someone else meanwhile; run again.")
+        with paths.temp_dir(out_path) as tmp:
+            try:
+                _write_edit(src, tmp, plan, names, edits, edit_record, fsync, progress, desc)
+            except OSError as e:
+                raise paths.write_error(e, out_path) from None
+            _carry_files(src, tmp, in_place, copy_files)
+            if fsync:
+                _fsync_dir(tmp)
+            src.close()
+            old = paths.publish(tmp, out_path, replace=in_place or existed)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            if fsync:
+                _fsync_dir(out_path.parent)
+    return out_path
+
+
+def _resolve_output(
+    src: Checkpoint,
+    out: str | os.PathLike | None,
+    others: list[str | os.PathLike],
+    overwrite: bool,
+    allow_inside_source: bool,
+) -> tuple[Path, bool, bool]:
+    """Where the edit goes: ``(output directory, in place?, did it exist?)``, every path rule checked."""
     in_place = out is None or (
         src.path.is_dir() and not Path(out).is_symlink() and paths.real(out) == paths.real(src.dir)
     )
@@ -251,51 +294,26 @@ def edit_checkpoint(
             same_kind=is_edited_checkpoint,
             kind="checkpoint directory",
         )
-    drop = set(drop)
-    for name in [*edits, *drop]:
-        src.info(name)  # unknown names fail before anything is written
-    names = [n for n in src if n not in drop]
-    if not names:
-        raise ValueError("The edit would drop every tensor of the checkpoint.")
-    plan = _plan_shards(src, names, max_shard_size)
-    edit_record = {"hfhooks_version": __version__, "source": str(src.path), **dict(record or {})}
+    return out_path, in_place, existed
 
-    with paths.exclusive_lock(out_path, "edited" if in_place else "written"):
-        if in_place and (why := src._unchanged_on_disk()):
-            raise CheckpointError(
-                f"{src.dir} changed since it was opened ({why}: another edit finished meanwhile); open it again "
-                "so this edit does not undo that one."
-            )
-        if not in_place and os.path.lexists(out_path) != existed:
-            raise FileExistsError(f"{out_path} was created or removed by someone else meanwhile; run again.")
-        with paths.temp_dir(out_path) as tmp:
-            try:
-                _write_edit(src, tmp, plan, names, edits, edit_record, fsync, progress, desc)
-            except OSError as e:
-                raise paths.write_error(e, out_path) from None
-            weight_files = set(src.files) | {src.dir / INDEX_NAME, src.dir / PICKLE_INDEX}
-            if in_place:
-                for entry in src.dir.iterdir():
-                    if entry not in weight_files and not os.path.lexists(tmp / entry.name):
-                        _link_or_copy(entry, tmp / entry.name)
-            elif copy_files and src.path.is_dir():
-                wanted = None if copy_files is True else set(copy_files)
-                for entry in sorted(src.dir.iterdir()):
-                    if wanted is not None and entry.name not in wanted:
-                        continue
-                    if entry in weight_files or (wanted is None and not _is_copied_file(entry, set())):
-                        continue
-                    if (entry.is_file() or entry.is_symlink()) and not os.path.lexists(tmp / entry.name):
-                        _copy_file(entry, tmp / entry.name, src.dir)
-            if fsync:
-                _fsync_dir(tmp)
-            src.close()
-            old = paths.publish(tmp, out_path, replace=in_place or existed)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            if fsync:
-                _fsync_dir(out_path.parent)
-    return out_path
+
+def _carry_files(src: Checkpoint, tmp: Path, in_place: bool, copy_files: bool | Iterable[str]) -> None:
+    """Bring the source directory's other files into the new one: all of them in place (optimizer and trainer
+    state stay with the checkpoint), else config / tokenizer files (or the ``copy_files`` named)."""
+    weight_files = set(src.files) | {src.dir / INDEX_NAME, src.dir / PICKLE_INDEX}
+    if in_place:
+        for entry in src.dir.iterdir():
+            if entry not in weight_files and not os.path.lexists(tmp / entry.name):
+                _link_or_copy(entry, tmp / entry.name)
+    elif copy_files and src.path.is_dir():
+        wanted = None if copy_files is True else set(copy_files)
+        for entry in sorted(src.dir.iterdir()):
+            if wanted is not None and entry.name not in wanted:
+                continue
+            if entry in weight_files or (wanted is None and not _is_copied_file(entry, set())):
+                continue
+            if (entry.is_file() or entry.is_symlink()) and not os.path.lexists(tmp / entry.name):
+                _copy_file(entry, tmp / entry.name, src.dir)
 
 
 def _write_edit(

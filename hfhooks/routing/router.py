@@ -199,9 +199,7 @@ class Router:
             )
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
-        hooks.add(
-            pop_kwargs_hook(self.model, [self.label_name], self._receive), "forward_pre", "routing labels"
-        )
+        pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
         for target in self._targets:
             hooks.tensor_hook(target.param, self._grad_hook(target))
         for site in self._sites:
