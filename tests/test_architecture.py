@@ -243,3 +243,66 @@ def test_hooks_go_through_hookset(path):
     assert not lines, "hooks registered outside HookSet (use hfhooks.core.hooks.HookSet):\n" + "\n".join(
         lines
     )
+
+
+# Which folder may import which (docs/architecture.md, "Which folder may import which"). Top-level modules
+# (`_version`, `__init__`, `__main__`) are not folders; `cli` may be a module or a package.
+METHODS = {"freeze", "routing", "unlearning", "attribution", "restoration", "diffs"}
+MAY_IMPORT: dict[str, set[str]] = {
+    "core": set(),
+    "io": {"core"},
+    "masks": {"core", "io"},
+    "diffs": {"core", "io", "masks"},
+    "trainer": {"core", "io", "masks"},
+    "freeze": {"core", "masks", "trainer"},
+    "attribution": {"core", "trainer"},
+    "unlearning": {"core", "masks", "freeze", "trainer"},
+    "routing": {"core", "io", "masks", "freeze", "trainer"},
+    "restoration": {"core", "io", "masks", "diffs", "trainer"},
+    "cli": {"core", "io", "masks", *METHODS},
+}
+
+
+def _folder(mod: str) -> str | None:
+    parts = mod.split(".")
+    if len(parts) < 2 or parts[1] in ("_version", "__main__"):
+        return None
+    return parts[1]
+
+
+def _is_callback(mod: str) -> bool:
+    return mod.rsplit(".", 1)[-1].endswith("callback")
+
+
+def test_folder_layers():
+    bad = []
+    for mod, targets in _graph()[0].items():
+        src = _folder(mod)
+        if src is None:
+            continue
+        assert src in MAY_IMPORT, f"folder {src!r} is not in MAY_IMPORT (and docs/architecture.md): add it"
+        for target in targets:
+            dst = _folder(target)
+            if dst is None or dst == src:
+                continue
+            if dst not in MAY_IMPORT[src]:
+                bad.append(f"{mod} imports {target} ({src}/ may import {sorted(MAY_IMPORT[src])})")
+            elif dst == "trainer" and not (_is_callback(mod) or src == "trainer"):
+                bad.append(
+                    f"{mod} imports {target}: only callbacks use trainer/ (the mechanisms run without a Trainer)"
+                )
+    assert not bad, "\n".join(bad)
+
+
+def test_adapters_stay_at_the_edge():
+    bad = []
+    for mod, targets in _graph()[0].items():
+        for target in targets:
+            if _is_callback(target) and mod != "hfhooks":
+                bad.append(f"{mod} imports the callback module {target}")
+            if _folder(target) == "cli" and _folder(mod) != "cli" and mod != "hfhooks.__main__":
+                bad.append(f"{mod} imports the CLI ({target})")
+    for mod, path in _files().items():
+        if re.search(r"import[^\n]*\bTrainerCallback\b", path.read_text()) and not _is_callback(mod):
+            bad.append(f"{mod} imports transformers.TrainerCallback: only */callback.py modules may")
+    assert not bad, "\n".join(bad)

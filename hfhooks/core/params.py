@@ -1,4 +1,4 @@
-"""Canonical parameter names across wrappers, and selectors over them.
+"""``ParamIndex``: canonical parameter names resolved to the live parameters, and selectors over them.
 
 Every mask, score and diff in hfhooks is keyed by the *canonical* name of a parameter: its name in the
 unwrapped base model (``model.layers.3.mlp.up_proj.weight``). Training wraps models in layers of containers
