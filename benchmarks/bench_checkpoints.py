@@ -208,7 +208,7 @@ def search_timing() -> dict:
     import torch
     import transformers
 
-    from hfhooks.restoration.restore import CRCPrompt, search_restoration
+    from hfhooks.restoration.search import CRCPrompt, search_restoration
 
     torch.set_num_threads(1)
     cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,

@@ -36,7 +36,7 @@ import transformers as T
 from transformers.utils import logging as hf_logging
 
 from hfhooks.io.checkpoints import Checkpoint
-from hfhooks.restoration.restore import crc_prompts, search_restoration
+from hfhooks.restoration.search import crc_prompts, search_restoration
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"

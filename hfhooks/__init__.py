@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "AttributionAlignment": "hfhooks.attribution",
     "AttributionAlignmentCallback": "hfhooks.attribution.callback",
     "BaseMismatchError": "hfhooks.diffs",
-    "CRCPrompt": "hfhooks.restoration.restore",
+    "CRCPrompt": "hfhooks.restoration.search",
     "CallbackStateError": "hfhooks.trainer.state",
     "Checkpoint": "hfhooks.io.checkpoints",
     "CheckpointError": "hfhooks.io.checkpoints",
@@ -36,13 +36,13 @@ _EXPORTS: dict[str, str] = {
     "GradientRoutingCallback": "hfhooks.routing.callback",
     "HookRecord": "hfhooks.core.hooks",
     "HubError": "hfhooks.io.hub",
-    "LayerList": "hfhooks.core.layers",
+    "LayerList": "hfhooks.core.blocks",
     "LayerRestorationCallback": "hfhooks.restoration.callback",
     "LossHook": "hfhooks.core.loss_hooks",
     "MaskFileError": "hfhooks.masks.mask",
     "ParamIndex": "hfhooks.core.params",
     "ParamMask": "hfhooks.masks.mask",
-    "RestorationSearch": "hfhooks.restoration.restore",
+    "RestorationSearch": "hfhooks.restoration.search",
     "RestoreReport": "hfhooks.restoration.restore",
     "Router": "hfhooks.routing.router",
     "SaliencyUnlearningCallback": "hfhooks.unlearning.callback",
@@ -54,26 +54,26 @@ _EXPORTS: dict[str, str] = {
     "UnlearningEvalCallback": "hfhooks.unlearning.eval_callback",
     "UnlearningObjective": "hfhooks.unlearning.objectives",
     "WeightDiff": "hfhooks.diffs",
-    "ablate": "hfhooks.routing.router",
+    "ablate": "hfhooks.routing.ablation",
     "attention_head_slices": "hfhooks.core.layers",
     "attribute": "hfhooks.attribution",
     "average_gap": "hfhooks.unlearning.evaluation",
-    "calibrate_logits": "hfhooks.routing.router",
-    "canonical_name": "hfhooks.core.params",
+    "calibrate_logits": "hfhooks.routing.ablation",
+    "canonical_name": "hfhooks.core.names",
     "compute_saliency": "hfhooks.masks.saliency",
     "consensus_mask": "hfhooks.diffs",
     "consensus_merge": "hfhooks.diffs",
-    "crc_prompts": "hfhooks.restoration.restore",
-    "crc_scores": "hfhooks.restoration.restore",
-    "dedicated_mask": "hfhooks.routing.router",
+    "crc_prompts": "hfhooks.restoration.search",
+    "crc_scores": "hfhooks.restoration.search",
+    "dedicated_mask": "hfhooks.routing.ablation",
     "deletion_insertion": "hfhooks.attribution",
-    "edit_checkpoint": "hfhooks.io.checkpoints",
+    "edit_checkpoint": "hfhooks.io.edit",
     "faithfulness": "hfhooks.attribution",
-    "find_layers": "hfhooks.core.layers",
+    "find_layers": "hfhooks.core.blocks",
     "forget_retain_dataset": "hfhooks.unlearning.objectives",
     "installed_hooks": "hfhooks.core.hooks",
-    "layer_of": "hfhooks.core.layers",
-    "load_logit_bias": "hfhooks.routing.router",
+    "layer_of": "hfhooks.core.blocks",
+    "load_logit_bias": "hfhooks.routing.ablation",
     "mia_efficacy": "hfhooks.unlearning.evaluation",
     "mlp_projections": "hfhooks.core.layers",
     "mlp_unit_slices": "hfhooks.core.layers",
@@ -84,12 +84,12 @@ _EXPORTS: dict[str, str] = {
     "restore_layers": "hfhooks.restoration.restore",
     "routing_labels": "hfhooks.routing.router",
     "salun": "hfhooks.unlearning.objectives",
-    "search_restoration": "hfhooks.restoration.restore",
+    "search_restoration": "hfhooks.restoration.search",
     "tall_masks": "hfhooks.diffs",
     "tensor_fingerprint": "hfhooks.diffs",
     "topk_masks": "hfhooks.masks.topk",
     "unlearning_metrics": "hfhooks.unlearning.evaluation",
-    "unwrap_model": "hfhooks.core.params",
+    "unwrap_model": "hfhooks.core.names",
 }
 
 __all__ = [
@@ -187,19 +187,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.attribution import AttributionAlignment, attribute, deletion_insertion, faithfulness
     from hfhooks.attribution.callback import AttributionAlignmentCallback
+    from hfhooks.core.blocks import LayerList, find_layers, layer_of
     from hfhooks.core.config import Config
     from hfhooks.core.data import Tagged, TaggedCollator, TaggedDataset
     from hfhooks.core.hooks import HookRecord, installed_hooks, remove_hooks
-    from hfhooks.core.layers import (
-        LayerList,
-        attention_head_slices,
-        find_layers,
-        layer_of,
-        mlp_projections,
-        mlp_unit_slices,
-    )
+    from hfhooks.core.layers import attention_head_slices, mlp_projections, mlp_unit_slices
     from hfhooks.core.loss_hooks import LossHook
-    from hfhooks.core.params import ParamIndex, UnknownParameterError, canonical_name, unwrap_model
+    from hfhooks.core.names import canonical_name, unwrap_model
+    from hfhooks.core.params import ParamIndex, UnknownParameterError
     from hfhooks.diffs import (
         BaseMismatchError,
         DiffFileError,
@@ -212,33 +207,24 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.freeze.callback import GradientMaskCallback
     from hfhooks.freeze.gradient_mask import GradientMask
     from hfhooks.io.artifacts import ArtifactError, model_fingerprint
-    from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
+    from hfhooks.io.checkpoints import Checkpoint, CheckpointError
+    from hfhooks.io.edit import edit_checkpoint
     from hfhooks.io.hub import HubError
     from hfhooks.masks.mask import MaskFileError, ParamMask
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency
     from hfhooks.masks.topk import topk_masks
     from hfhooks.restoration.callback import LayerRestorationCallback
-    from hfhooks.restoration.restore import (
+    from hfhooks.restoration.restore import RestoreReport, restore_layers
+    from hfhooks.restoration.search import (
         CRCPrompt,
         RestorationSearch,
-        RestoreReport,
         crc_prompts,
         crc_scores,
-        restore_layers,
         search_restoration,
     )
+    from hfhooks.routing.ablation import ablate, calibrate_logits, dedicated_mask, load_logit_bias
     from hfhooks.routing.callback import GradientRoutingCallback
-    from hfhooks.routing.router import (
-        FORGET,
-        RETAIN,
-        UNLABELLED,
-        Router,
-        ablate,
-        calibrate_logits,
-        dedicated_mask,
-        load_logit_bias,
-        routing_labels,
-    )
+    from hfhooks.routing.router import FORGET, RETAIN, UNLABELLED, Router, routing_labels
     from hfhooks.trainer.state import CallbackStateError
     from hfhooks.unlearning.callback import SaliencyUnlearningCallback
     from hfhooks.unlearning.eval_callback import UnlearningEvalCallback

@@ -1,3 +1,5 @@
+"""``python -m hfhooks``: the command line (:mod:`hfhooks.cli`)."""
+
 from hfhooks.cli import main
 
 raise SystemExit(main())

@@ -24,15 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hfhooks.core.params import UnknownParameterError
-from hfhooks.io.checkpoints import (
-    INDEX_NAME,
-    Checkpoint,
-    CheckpointError,
-    ReadBuffer,
-    edit_checkpoint,
-    layer_map,
-    read_safetensors_header,
-)
+from hfhooks.io.checkpoints import INDEX_NAME, Checkpoint, CheckpointError, layer_map
+from hfhooks.io.edit import edit_checkpoint
+from hfhooks.io.safetensors import ReadBuffer, read_safetensors_header
 
 FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
@@ -279,7 +273,8 @@ _KILL_CHILD = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
-    from hfhooks.io.checkpoints import Checkpoint, edit_checkpoint
+    from hfhooks.io.checkpoints import Checkpoint
+    from hfhooks.io.edit import edit_checkpoint
 
     src, out, marker, name = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, DiffFileError, WeightDiff
-from hfhooks.io.artifacts import _digest, _meta_digest
-from hfhooks.io.checkpoints import read_safetensors_header
+from hfhooks.io.artifacts import artifact_digest, metadata_digest
+from hfhooks.io.safetensors import read_safetensors_header
 from hfhooks.masks.mask import ParamMask
 
 PICKLE_LIKE = {640, 896, 1152, 1408}  # header lengths (mod 2**16) whose first bytes are \x80\x02 … \x80\x05
@@ -53,8 +53,8 @@ def rewrite(path, out, edit) -> None:
     with safe_open(str(path), "pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     edit(meta, tensors)
-    meta["hfhooks.meta_digest"] = json.dumps(_meta_digest(meta))
-    meta["hfhooks.digest"] = _digest(meta, tensors)
+    meta["hfhooks.meta_digest"] = json.dumps(metadata_digest(meta))
+    meta["hfhooks.digest"] = artifact_digest(meta, tensors)
     save_file(tensors, str(out), metadata=meta)
 
 

@@ -29,7 +29,7 @@ from hfhooks import (
     mlp_projections,
     mlp_unit_slices,
 )
-from hfhooks.core.layers import layer_of, select_layers
+from hfhooks.core.blocks import layer_of, select_layers
 
 ATOL = 1e-6
 

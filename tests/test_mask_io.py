@@ -22,7 +22,7 @@ from torch import nn
 
 from hfhooks import ArtifactError, MaskFileError, ParamMask
 from hfhooks.core.params import UnknownParameterError
-from hfhooks.io.artifacts import _digest, write_artifact
+from hfhooks.io.artifacts import artifact_digest, write_artifact
 
 # --------------------------------------------------------------------------------------------------------------
 # Masks used throughout: every granularity, odd sizes (padding bits), 0-d and empty tensors.
@@ -510,7 +510,7 @@ def craft(path, mutate, original: str = "element", redigest: bool = True) -> Non
     if meta.get("hfhooks.tensors") is _INFO:
         meta["hfhooks.tensors"] = json.dumps(info)
     if redigest:
-        meta["hfhooks.digest"] = _digest(meta, tensors)
+        meta["hfhooks.digest"] = artifact_digest(meta, tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 

@@ -28,7 +28,8 @@ from hfhooks.cli import main
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs import BaseMismatchError, WeightDiff
 from hfhooks.io import paths
-from hfhooks.io.checkpoints import Checkpoint, CheckpointError, edit_checkpoint
+from hfhooks.io.checkpoints import Checkpoint, CheckpointError
+from hfhooks.io.edit import edit_checkpoint
 from hfhooks.masks.mask import ParamMask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,7 +318,7 @@ def test_a_locked_checkpoint_or_output_is_refused(ckpts, tmp_path):
 
 
 def test_output_created_meanwhile_is_left_alone(ckpts, tmp_path, monkeypatch):
-    import hfhooks.io.checkpoints as C
+    import hfhooks.io.edit as C
 
     out = tmp_path / "out"
     real_write = C._write_edit
@@ -343,7 +344,7 @@ _STALL_CHILD = textwrap.dedent(
     from hfhooks.diffs import WeightDiff
 
     base, tuned, out, marker = sys.argv[1:5]
-    real, calls = core._between_entry, []
+    real, calls = core.between_entry, []
 
     def slow(*a, **k):
         calls.append(1)
@@ -352,7 +353,7 @@ _STALL_CHILD = textwrap.dedent(
             time.sleep(120)
         return real(*a, **k)
 
-    core._between_entry = slow
+    core.between_entry = slow
     WeightDiff.between(base, tuned, out=out, progress=False)
     """
 )

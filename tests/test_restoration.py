@@ -15,18 +15,17 @@ import transformers as T
 from conftest import PEFT_VERSION, lora, make_model
 from torch import nn
 
-from hfhooks.core.layers import find_layers, layer_of
+from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs import WeightDiff
 from hfhooks.io.checkpoints import Checkpoint
 from hfhooks.restoration.callback import LayerRestorationCallback
-from hfhooks.restoration.restore import (
+from hfhooks.restoration.restore import parse_layers, restore_layers
+from hfhooks.restoration.search import (
     CRCPrompt,
     RestorationSearch,
     crc_prompts,
     crc_scores,
-    parse_layers,
-    restore_layers,
     search_restoration,
 )
 

@@ -351,8 +351,8 @@ class AttributionAlignment:
             self.reused += 1
             return grad + (c * k * self.weight * dterm).to(grad.dtype)
 
-        loss.register_hook(on_loss)  # both hooks die with this step's graph
-        site.register_hook(on_site)
+        self._hooks.tensor_hook(loss, on_loss, "loss")  # both hooks die with this step's graph
+        self._hooks.tensor_hook(site, on_site, "attribution site")
 
     def _rows(self, n: int, device: torch.device) -> torch.Tensor:
         if self.fraction >= 1:

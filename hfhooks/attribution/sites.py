@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from hfhooks.core.params import unwrap_model
+from hfhooks.core.hooks import HookSet
+from hfhooks.core.names import unwrap_model
 
 __all__ = ["AttributionSite", "Capture"]
 
@@ -40,7 +41,7 @@ class Capture:
     kwargs: dict[str, Any]
     tensor: torch.Tensor | None = None
     rerun: Callable[[torch.Tensor], torch.Tensor] | None = None
-    _handles: list = field(default_factory=list)
+    hooks: HookSet | None = None
 
 
 class AttributionSite:
@@ -83,6 +84,7 @@ class AttributionSite:
     ) -> Iterator[Capture]:
         """Prepare ``kwargs`` for a forward that records the site; use ``cap.kwargs`` for the call."""
         cap = Capture(dict(kwargs))
+        cap.hooks = HookSet(cap, self.model, name="AttributionSite.capture")
         if attention:
             cap.kwargs["output_attentions"] = True
         if self.token_level:
@@ -95,7 +97,7 @@ class AttributionSite:
                 cap.tensor = out
                 return out
 
-            cap._handles.append(self.embeddings.register_forward_hook(grab))
+            cap.hooks.forward_hook(self.embeddings, grab, "embeddings")
 
             def rerun(point: torch.Tensor) -> torch.Tensor:
                 args = {
@@ -132,8 +134,7 @@ class AttributionSite:
             with ctx:
                 yield cap
         finally:
-            for h in cap._handles:
-                h.remove()
+            cap.hooks.close()
 
     def reduce(self, attr: torch.Tensor, method: str) -> torch.Tensor:
         """Per-token values for token sites (sum over the embedding dimension; ``input_gradient``: squared norm);

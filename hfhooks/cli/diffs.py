@@ -50,7 +50,7 @@ def _is_diff_file(path) -> bool:
 def check_dir_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
     """``-o`` of a checkpoint edit: never an input (use --in-place), inside one or holding one; an existing one
     only with --overwrite and only if an earlier hfhooks edit wrote it."""
-    from hfhooks.io.checkpoints import is_edited_checkpoint
+    from hfhooks.io.edit import is_edited_checkpoint
     from hfhooks.io.paths import check_output
 
     check_output(
@@ -109,49 +109,9 @@ def run_diff(args: argparse.Namespace) -> int:
     if args.layers and not lora:
         names = names + [n for n in _layer_names(args.base, args.layers) if n not in names]
     if args.dry_run:
-        if lora:
-            reads = [
-                {"path": str(f), "bytes": file_size(f)}
-                for f in sorted(Path(args.tuned).iterdir())
-                if f.is_file()
-            ]
-            reads += checkpoint_files(args.base, args.allow_pickle)
-            return dry_run_report(
-                args, reads, [{"path": args.output}], [], "ΔW = s·B·A per LoRA module of TUNED"
-            )
-        plan = WeightDiff.between(
-            args.base,
-            args.tuned,
-            names=names or None,
-            dtype=dtype,
-            storage=args.storage,
-            allow_pickle=args.allow_pickle,
-            dry_run=True,
-        )
-        common = plan.metadata["planned"]
-        size = torch.tensor([], dtype=dtype or torch.float32).element_size()
-        estimate = sum(n * size for n in plan.metadata["planned_numel"])
-        reads = checkpoint_files(args.base, args.allow_pickle) + checkpoint_files(
-            args.tuned, args.allow_pickle
-        )
-        how = (
-            f"Δ = TUNED − BASE for {len(common)} tensors, {args.storage} storage"
-            + (f", quantised to {args.quantize} levels" if args.quantize else "")
-            + (", unchanged tensors left out" if args.changed_only else "")
-        )
-        return dry_run_report(args, reads, [{"path": args.output, "bytes": estimate}], common, how)
+        return _diff_dry_run(args, lora, names, dtype)
     if lora:
-        diff = WeightDiff.from_lora(args.tuned, base=args.base, dtype=dtype)
-        if args.changed_only:
-            diff = diff.changed_only()
-        if args.layers:
-            diff = diff.restrict(layers=args.layers)
-        if args.names:
-            diff = diff.restrict(names=args.names)
-        diff = diff.quantize(args.quantize) if args.quantize else diff
-        diff = diff.to_sparse() if args.storage == "sparse" else diff
-        diff.save(args.output)
-        return _diff_summary(args, WeightDiff.load(args.output, lazy=True), args.output)
+        return _diff_lora(args, dtype)
     kwargs = dict(
         names=names or None,
         dtype=dtype,
@@ -173,6 +133,56 @@ def run_diff(args: argparse.Namespace) -> int:
                 shutil.rmtree(tmp, ignore_errors=True)
         diff = WeightDiff.load(out, lazy=True)
     return _diff_summary(args, diff, args.output)
+
+
+def _diff_dry_run(args: argparse.Namespace, lora: bool, names: list[str], dtype) -> int:
+    """``diff --dry-run``: every check of a real run, then the plan (files read, the output, its size)."""
+    import torch
+
+    from hfhooks.diffs import WeightDiff
+
+    if lora:
+        reads = [
+            {"path": str(f), "bytes": file_size(f)} for f in sorted(Path(args.tuned).iterdir()) if f.is_file()
+        ]
+        reads += checkpoint_files(args.base, args.allow_pickle)
+        return dry_run_report(args, reads, [{"path": args.output}], [], "ΔW = s·B·A per LoRA module of TUNED")
+    plan = WeightDiff.between(
+        args.base,
+        args.tuned,
+        names=names or None,
+        dtype=dtype,
+        storage=args.storage,
+        allow_pickle=args.allow_pickle,
+        dry_run=True,
+    )
+    common = plan.metadata["planned"]
+    size = torch.tensor([], dtype=dtype or torch.float32).element_size()
+    estimate = sum(n * size for n in plan.metadata["planned_numel"])
+    reads = checkpoint_files(args.base, args.allow_pickle) + checkpoint_files(args.tuned, args.allow_pickle)
+    how = (
+        f"Δ = TUNED − BASE for {len(common)} tensors, {args.storage} storage"
+        + (f", quantised to {args.quantize} levels" if args.quantize else "")
+        + (", unchanged tensors left out" if args.changed_only else "")
+    )
+    return dry_run_report(args, reads, [{"path": args.output, "bytes": estimate}], common, how)
+
+
+def _diff_lora(args: argparse.Namespace, dtype) -> int:
+    """``diff`` of a LoRA adapter directory: ΔW = s·B·A per module, narrowed and stored as asked."""
+    from hfhooks.diffs import WeightDiff
+
+    diff = WeightDiff.from_lora(args.tuned, base=args.base, dtype=dtype)
+    if args.changed_only:
+        diff = diff.changed_only()
+    if args.layers:
+        diff = diff.restrict(layers=args.layers)
+    if args.names:
+        diff = diff.restrict(names=args.names)
+    diff = diff.quantize(args.quantize) if args.quantize else diff
+    diff = diff.to_sparse() if args.storage == "sparse" else diff
+    diff.save(args.output)
+    return _diff_summary(args, WeightDiff.load(args.output, lazy=True), args.output)
 
 
 def _diff_summary(args: argparse.Namespace, diff, path) -> int:

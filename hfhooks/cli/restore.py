@@ -78,7 +78,7 @@ def ranges(layers: Sequence[int]) -> str:
 
 
 def _load_prompts(args: argparse.Namespace, tokenizer):
-    from hfhooks.restoration.restore import CRCPrompt, crc_prompts
+    from hfhooks.restoration.search import CRCPrompt, crc_prompts
 
     if not args.prompts:
         if tokenizer is None:
@@ -143,7 +143,8 @@ def run_search(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from hfhooks.restoration.restore import restore_layers, search_restoration
+    from hfhooks.restoration.restore import restore_layers
+    from hfhooks.restoration.search import search_restoration
 
     transformers.utils.logging.set_verbosity_error()
     # from_pretrained takes `dtype` from transformers 4.56 on; older releases only know `torch_dtype`
@@ -167,25 +168,7 @@ def run_search(args: argparse.Namespace) -> int:
         progress=progress,
     )
     best = result.best
-    lines = [result.table(top=args.top)]
-    lines.append(
-        f"\n{len(result.ranges())} ranges, {len(result.soups())} soups, {len(prompts)} prompts in "
-        f"{result.seconds:.1f}s. Rule: validity ≥ {args.threshold:g} × post ({result.post['validity']:.3f}), "
-        "then the highest diversity."
-    )
-    if best["kind"] == "post":
-        lines.append("selected: no restoration (no range keeps validity while adding diversity)")
-    else:
-        lines.append(
-            f"selected: layers [{best['start']}, {best['end']}) — validity {best['validity']:.3f}, diversity "
-            f"{best['diversity']:.3f} nats (post-trained: {result.post['validity']:.3f}, "
-            f"{result.post['diversity']:.3f})"
-        )
-    if result.best_soup:
-        s = result.best_soup
-        lines.append(
-            f"best soup: α={s['alpha']:.2f} — validity {s['validity']:.3f}, diversity {s['diversity']:.3f}"
-        )
+    lines = _search_summary(result, len(prompts), args)
     emit(
         args,
         {"best": best, "best_soup": result.best_soup, "rows": result.rows, "seconds": result.seconds},
@@ -206,6 +189,31 @@ def run_search(args: argparse.Namespace) -> int:
         )
         note(args, f"wrote the restored model to {report.path}")
     return 0
+
+
+def _search_summary(result, n_prompts: int, args: argparse.Namespace) -> list[str]:
+    """The human-readable result of ``search-restore``: the table, the rule, the selection."""
+    best = result.best
+    lines = [result.table(top=args.top)]
+    lines.append(
+        f"\n{len(result.ranges())} ranges, {len(result.soups())} soups, {n_prompts} prompts in "
+        f"{result.seconds:.1f}s. Rule: validity ≥ {args.threshold:g} × post ({result.post['validity']:.3f}), "
+        "then the highest diversity."
+    )
+    if best["kind"] == "post":
+        lines.append("selected: no restoration (no range keeps validity while adding diversity)")
+    else:
+        lines.append(
+            f"selected: layers [{best['start']}, {best['end']}) — validity {best['validity']:.3f}, diversity "
+            f"{best['diversity']:.3f} nats (post-trained: {result.post['validity']:.3f}, "
+            f"{result.post['diversity']:.3f})"
+        )
+    if result.best_soup:
+        s = result.best_soup
+        lines.append(
+            f"best soup: α={s['alpha']:.2f} — validity {s['validity']:.3f}, diversity {s['diversity']:.3f}"
+        )
+    return lines
 
 
 def _add_restore_flags(p: argparse.ArgumentParser) -> None:

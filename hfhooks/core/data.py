@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfhooks.core.hooks import HookSet
+
 __all__ = ["MODEL_INPUTS", "Tagged", "TaggedCollator", "TaggedDataset", "pop_kwargs_hook", "to_device"]
 
 MODEL_INPUTS = (
@@ -222,8 +224,15 @@ class TaggedCollator:
         )
 
 
-def pop_kwargs_hook(module: nn.Module, names: Sequence[str], sink: Callable[[dict[str, Any]], None]):
-    """Register a forward pre-hook on ``module`` that pops ``names`` from its kwargs and hands them to ``sink``.
+def pop_kwargs_hook(
+    hooks: HookSet,
+    module: nn.Module,
+    names: Sequence[str],
+    sink: Callable[[dict[str, Any]], None],
+    target: str = "tags",
+) -> Any:
+    """Register (through ``hooks``) a forward pre-hook on ``module`` that pops ``names`` from its kwargs and hands
+    them to ``sink``.
 
     ``sink`` receives ``{name: value}`` for the names present (an empty dict when none are). Returns the hook
     handle. Tags must be passed as keyword arguments, as the Trainer does (``model(**inputs)``).
@@ -234,7 +243,7 @@ def pop_kwargs_hook(module: nn.Module, names: Sequence[str], sink: Callable[[dic
         sink(found)
         return args, kwargs
 
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return hooks.forward_pre_hook(module, hook, target, with_kwargs=True)
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfhooks.core.names import unwrap_model
+
 __all__ = ["FiniteMonitor", "HookRecord", "HookSet", "installed_hooks", "remove_hooks"]
 
 
@@ -111,8 +113,6 @@ _REGISTRY: weakref.WeakKeyDictionary[nn.Module, _ModelHooks] = weakref.WeakKeyDi
 
 
 def _key(model: nn.Module) -> nn.Module:
-    from hfhooks.core.params import unwrap_model  # params imports nothing from here; keep the module light
-
     return unwrap_model(model)
 
 
@@ -127,14 +127,18 @@ class HookSet:
     Create it in ``attach()`` (it checks the model for hooks left by an interrupted run, and binds itself to the
     Trainer run it is created in, if any), register through it, and call :meth:`close` in ``detach()``.
 
+    Short-lived hooks (one scoring pass, one captured forward) use it as a context manager: ``with HookSet(owner,
+    model) as hooks: ...`` closes the set on exit, so :func:`installed_hooks` sees them while they are installed.
+
     Args:
         owner: the mechanism; its ``detach()`` is called when the hook set is removed from outside
             (an ended run, :func:`remove_hooks`), so that it can undo more than hooks (optimizer groups).
         model: the model the hooks serve.
+        name: what :func:`installed_hooks` reports as the owner (default: the owner's class name).
     """
 
-    def __init__(self, owner: Any, model: nn.Module):
-        self.name = type(owner).__name__
+    def __init__(self, owner: Any, model: nn.Module, name: str | None = None):
+        self.name = name or type(owner).__name__
         self._owner = weakref.ref(owner)
         self._model = model
         self._records: list[tuple[Any, str, str]] = []
@@ -152,6 +156,8 @@ class HookSet:
     # -- registration ----------------------------------------------------------------------------------------
     def add(self, handle: Any, kind: str, target: str) -> Any:
         """Record a handle (anything with ``remove()``) installed by the owner; returns it."""
+        if kind == "tensor":  # hooks on a step's graph die with it: forget them, or the list grows every step
+            self._records = [r for r in self._records if r[1] != "tensor" or _live(r[0])]
         self._records.append((handle, kind, target))
         return handle
 
@@ -187,6 +193,12 @@ class HookSet:
             return fn(*args, **kwargs) if hooks is not None and hooks.live else None
 
         return guarded
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- state -----------------------------------------------------------------------------------------------
     def records(self) -> list[HookRecord]:

@@ -1,4 +1,4 @@
-"""Canonical parameter names across wrappers, and selectors over them.
+"""``ParamIndex``: canonical parameter names resolved to the live parameters, and selectors over them.
 
 Every mask, score and diff in hfhooks is keyed by the *canonical* name of a parameter: its name in the
 unwrapped base model (``model.layers.3.mlp.up_proj.weight``). Training wraps models in layers of containers
@@ -20,22 +20,23 @@ Example:
 from __future__ import annotations
 
 import difflib
-import fnmatch
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from hfhooks.core.blocks import find_layers, layer_of, select_layers
+from hfhooks.core.names import canonical_name, match_name, unwrap_model
+
 __all__ = [
     "ParamIndex",
     "ParamInfo",
     "UnknownParameterError",
     "bit_view",
-    "canonical_name",
+    "canonical_name",  # re-exported from hfhooks.core.names
     "is_dtensor",
-    "unwrap_model",
+    "unwrap_model",  # re-exported from hfhooks.core.names
 ]
 
 _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -52,80 +53,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-# Leading segments added by outer wrappers. Order does not matter: they are stripped repeatedly.
-_PREFIXES = (
-    "module.",
-    "_orig_mod.",
-    "base_model.model.",
-    "_fsdp_wrapped_module.",
-    "_checkpoint_wrapped_module.",
-)
-# Segments that inner wrappers insert anywhere in a name.
-_INNER_SEGMENTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "base_layer"}
-
-
 class UnknownParameterError(KeyError):
     """A canonical name (or pattern) that matches nothing in the model; the message lists the nearest names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable.
         return str(self.args[0]) if self.args else ""
-
-
-def canonical_name(name: str) -> str:
-    """Return the canonical form of a parameter name as printed by a (possibly wrapped) model.
-
-    Strips DDP / torch.compile / PEFT / FSDP1 / activation-checkpoint wrapper segments and PEFT's
-    ``modules_to_save.<adapter>`` / ``original_module`` containers. LoRA adapter weights keep their own
-    segment (``...q_proj.lora_A.default.weight``) since they do not exist in the base model.
-
-    >>> canonical_name("module._orig_mod.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
-    'model.layers.0.self_attn.q_proj.weight'
-    >>> canonical_name("base_model.model.score.modules_to_save.default.weight")
-    'score.weight'
-    """
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                stripped = True
-    parts = name.split(".")
-    out: list[str] = []
-    i = 0
-    while i < len(parts):
-        part = parts[i]
-        if part in _INNER_SEGMENTS or part == "original_module":
-            i += 1
-        elif part == "modules_to_save" and i + 1 < len(parts):
-            i += 2  # drop "modules_to_save.<adapter_name>"
-        else:
-            out.append(part)
-            i += 1
-    return ".".join(out)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Peel DDP, FSDP1, torch.compile and PEFT containers off ``model`` and return the base model.
-
-    The returned module is the one whose ``named_parameters()`` (after :func:`canonical_name`) define the
-    canonical names. For a PeftModel this is the base transformers model with LoRA layers injected.
-    """
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        cls = type(model).__name__
-        if cls in {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"} or (
-            cls == "OptimizedModule" and hasattr(model, "_orig_mod")
-        ):
-            model = model.module if hasattr(model, "module") else model._orig_mod
-        elif (
-            hasattr(model, "peft_config")
-            and hasattr(model, "base_model")
-            and hasattr(model.base_model, "model")
-        ):
-            model = model.base_model.model  # PeftModel -> LoraModel -> transformers model
-    return model
 
 
 @dataclass(frozen=True)
@@ -204,7 +136,7 @@ class ParamIndex:
         canon = canonical_name(name)
         if canon != name and canon in self:
             return self.info(canon)
-        raise UnknownParameterError(self._unknown_message(name))
+        raise UnknownParameterError(self.unknown_message(name))
 
     def param(self, name: str) -> nn.Parameter:
         """The live ``Parameter`` for a canonical name."""
@@ -231,7 +163,8 @@ class ParamIndex:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(i.param.shape) for n, i in self._infos.items()}
 
-    def _unknown_message(self, name: str) -> str:
+    def unknown_message(self, name: str) -> str:
+        """The error message for an unknown parameter name, with the closest known names as hints."""
         close = difflib.get_close_matches(name, list(self._infos), n=3, cutoff=0.5)
         hint = (
             f" Nearest matches: {', '.join(close)}."
@@ -263,20 +196,14 @@ class ParamIndex:
             for pat in _as_list(include):
                 # a tied weight's alias (lm_head.weight sharing the embedding) selects its canonical name
                 alias = self._alias.get(pat)
-                hit = [n for n in names if _match(pat, n) or n == alias]
+                hit = [n for n in names if match_name(pat, n) or n == alias]
                 if not hit:
-                    raise UnknownParameterError(self._unknown_message(pat))
+                    raise UnknownParameterError(self.unknown_message(pat))
                 keep.extend(h for h in hit if h not in keep)
             names = [n for n in names if n in set(keep)]
         for pat in _as_list(exclude or []):
-            names = [n for n in names if not _match(pat, n)]
+            names = [n for n in names if not match_name(pat, n)]
         if layers is not None:
-            from hfhooks.core.layers import (  # layers.py builds on this module
-                find_layers,
-                layer_of,
-                select_layers,
-            )
-
             blocks = find_layers(self.model)
             wanted = set(select_layers(blocks, layers))
             names = [n for n in names if layer_of(n, blocks) in wanted]
@@ -290,11 +217,3 @@ class ParamIndex:
 
 def _as_list(x: str | Iterable[str]) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
-
-
-def _match(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern == name

@@ -18,7 +18,7 @@ Guarantees:
 * **Bounded memory.** Diffs between checkpoint directories stream tensor by tensor into the diff file
   (``out=``); a large diff file is read lazily (``WeightDiff.load(path, lazy=True)``), with each tensor's
   CRC-32 verified as it is read; applying to a checkpoint streams through
-  :func:`hfhooks.io.checkpoints.edit_checkpoint`.
+  :func:`hfhooks.io.edit.edit_checkpoint`.
 
 File format (an hfhooks artifact of kind ``diff``, readable with plain ``safetensors``):
 

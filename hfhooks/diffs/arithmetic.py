@@ -2,10 +2,10 @@
 
 :class:`~hfhooks.diffs.WeightDiff` operations are lazy: each wraps an entry's ``load`` with one of the payload
 maps here (negate, scale, mask, sparsify, quantise), so nothing is computed until a payload is read.
-:func:`_between_entry` computes one tensor's Δ with its exactness flags; :func:`_plus_blocks` / :func:`_plus`
-add ``scale·Δ`` in the wider dtype, block by block, leaving θ bit-identical where Δ is zero; :func:`_apply_fn`
+:func:`between_entry` computes one tensor's Δ with its exactness flags; :func:`_plus_blocks` / :func:`_plus`
+add ``scale·Δ`` in the wider dtype, block by block, leaving θ bit-identical where Δ is zero; :func:`apply_fn`
 is the streaming per-tensor edit that applying a diff to a checkpoint hands to
-:func:`~hfhooks.io.checkpoints.edit_checkpoint`.
+:func:`~hfhooks.io.edit.edit_checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,24 +20,26 @@ from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
     Payload,
-    _bases,
-    _bitwise_equal,
-    _const,
-    _decode,
-    _dense_entry,
-    _mismatch_message,
-    _sparse_payload,
+    bitwise_equal,
+    const_loader,
+    decode_payload,
+    dense_entry,
+    entry_bases,
+    mismatch_message,
+    sparse_payload,
     tensor_fingerprint,
 )
-from hfhooks.diffs.fileformat import _DEFERRED, _pool
-from hfhooks.io.checkpoints import ReadBuffer, TensorBlocks
+from hfhooks.diffs.fileformat import DEFERRED, worker_pool
+from hfhooks.io.safetensors import ReadBuffer, TensorBlocks
 
 
-def _mapped(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[], Payload]:
+def mapped_loader(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[], Payload]:
+    """A loader applying ``fn`` to ``e``'s payload when it is read (edits stay lazy)."""
     return lambda: fn(e.load())
 
 
-def _negate_payload(p: Payload) -> Payload:
+def negate_payload(p: Payload) -> Payload:
+    """The payload of ``-Δ`` (exact for every storage)."""
     out = dict(p)
     if "range" in p:
         out["range"] = -p["range"]  # codes unchanged: r0 + c·(r1 − r0)/(n−1) negates exactly
@@ -46,7 +48,7 @@ def _negate_payload(p: Payload) -> Payload:
     return out
 
 
-def _scale_payload(e: DiffEntry, p: Payload, c: float, divide: bool = False) -> Payload:
+def scale_payload(e: DiffEntry, p: Payload, c: float, divide: bool = False) -> Payload:
     """``c·Δ`` (or ``Δ / c``: dividing is not multiplying by ``1/c`` in floating point, and ``d / c`` must
     equal the same division done on the tensors)."""
     out = dict(p)
@@ -56,7 +58,8 @@ def _scale_payload(e: DiffEntry, p: Payload, c: float, divide: bool = False) -> 
     return out
 
 
-def _mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
+def mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
+    """The payload of ``Δ`` with the coordinates outside ``bits`` dropped (becomes sparse)."""
     bits = bits.to(torch.bool).expand(e.shape)
     if e.storage == "quantized":
         old = p.get("mask")
@@ -65,18 +68,20 @@ def _mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
         codes_full[present] = p["codes"].to(torch.int32)
         new_mask = present & bits
         return {"mask": new_mask, "codes": codes_full[new_mask], "range": p["range"]}
-    return _sparse_payload(_decode(e, p), bits)
+    return sparse_payload(decode_payload(e, p), bits)
 
 
-def _sparsify(e: DiffEntry, p: Payload) -> Payload:
-    delta = _decode(e, p)
-    return _sparse_payload(delta, delta != 0)
+def sparsify_payload(e: DiffEntry, p: Payload) -> Payload:
+    """The sparse payload holding ``Δ``'s non-zero coordinates only."""
+    delta = decode_payload(e, p)
+    return sparse_payload(delta, delta != 0)
 
 
-def _quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
+def quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
+    """The payload of ``Δ`` quantised to ``levels`` evenly spaced values between its min and max."""
     if e.storage == "quantized":
         mask = p.get("mask")
-        values = _decode(e, p)
+        values = decode_payload(e, p)
         values = values[mask] if mask is not None else values.reshape(-1)
     elif e.storage == "sparse":
         mask, values = p["mask"], p["values"]
@@ -97,16 +102,18 @@ def _quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
     return out
 
 
-def _between_entry(
+def between_entry(
     base: torch.Tensor, tuned: torch.Tensor, dtype: torch.dtype | None, storage: str
 ) -> DiffEntry:
+    """The entry ``tuned - base`` in ``dtype`` (default: at least float32), with its exactness flags
+    (whether adding it back reproduces ``tuned`` bit for bit, and subtracting it ``base``)."""
     if not base.is_floating_point() or not tuned.is_floating_point():
         raise ValueError(f"Diffs are defined on floating-point weights, got {base.dtype} / {tuned.dtype}.")
     dt = dtype or torch.promote_types(torch.promote_types(base.dtype, tuned.dtype), torch.float32)
     delta = tuned.to(dt, copy=True).sub_(base)  # one temporary of Δ's size
-    changed = not _bitwise_equal(base, tuned)
-    exact = tuned.dtype == base.dtype and _bitwise_equal(_plus(base, delta, 1.0), tuned)
-    exact_inv = tuned.dtype == base.dtype and _bitwise_equal(_plus(tuned, delta, -1.0), base)
+    changed = not bitwise_equal(base, tuned)
+    exact = tuned.dtype == base.dtype and bitwise_equal(_plus(base, delta, 1.0), tuned)
+    exact_inv = tuned.dtype == base.dtype and bitwise_equal(_plus(tuned, delta, -1.0), base)
     fields = {
         "base": tensor_fingerprint(base),
         "target": tensor_fingerprint(tuned),
@@ -115,12 +122,14 @@ def _between_entry(
         "changed": changed,
     }
     if storage == "dense":
-        return _dense_entry(delta, **fields)
+        return dense_entry(delta, **fields)
     nz = delta != 0
     sparse_bytes = math.ceil(delta.numel() / 8) + int(nz.sum()) * delta.element_size()
     if storage == "auto" and sparse_bytes >= delta.numel() * delta.element_size():
-        return _dense_entry(delta, **fields)
-    return DiffEntry(tuple(delta.shape), delta.dtype, "sparse", _const(_sparse_payload(delta, nz)), **fields)
+        return dense_entry(delta, **fields)
+    return DiffEntry(
+        tuple(delta.shape), delta.dtype, "sparse", const_loader(sparse_payload(delta, nz)), **fields
+    )
 
 
 _CHUNK = 1 << 18  # elements per step of the blocked update: cache-sized, no large temporaries
@@ -165,7 +174,8 @@ def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tenso
     return out
 
 
-def _add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float) -> torch.Tensor:
+def add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float) -> torch.Tensor:
+    """``theta + scale·Δ`` for one entry (sparse entries touch only their masked coordinates)."""
     return _add_payload(theta, entry, entry.load(), scale)
 
 
@@ -175,10 +185,10 @@ def _add_payload(theta: torch.Tensor, entry: DiffEntry, payload: Payload, scale:
         out = theta.clone()
         out[mask] = _plus(theta[mask], payload["values"], scale)
         return out
-    return _plus(theta, _decode(entry, payload), scale)
+    return _plus(theta, decode_payload(entry, payload), scale)
 
 
-def _apply_fn(
+def apply_fn(
     name: str, entry: DiffEntry, scale: float, check_base: bool, buffer: ReadBuffer | None = None
 ) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor | TensorBlocks]:
     """The streaming edit for one tensor: read θ and Δ, check θ's fingerprint and Δ's CRC on a helper thread
@@ -187,20 +197,20 @@ def _apply_fn(
     def fn(load: Callable[[], torch.Tensor]) -> torch.Tensor | TensorBlocks:
         theta = load()
         checks = []
-        bases = _bases(entry) if check_base else []
+        bases = entry_bases(entry) if check_base else []
         if bases:
-            checks.append(_pool().submit(tensor_fingerprint, theta))
-        deferred = _DEFERRED.get(entry.load)
+            checks.append(worker_pool().submit(tensor_fingerprint, theta))
+        deferred = DEFERRED.get(entry.load)
         if deferred is not None:
             payload, verify = deferred(buffer)
-            checks.append(_pool().submit(verify))
+            checks.append(worker_pool().submit(verify))
         else:
             payload = entry.load()
 
         def finish() -> None:
             results = [c.result() for c in checks]  # re-raises a DiffFileError from verify()
             if bases and results[0] not in bases:
-                raise BaseMismatchError(_mismatch_message([(name, bases[0], results[0])], None))
+                raise BaseMismatchError(mismatch_message([(name, bases[0], results[0])], None))
 
         if entry.storage != "dense":
             out = _add_payload(theta, entry, payload, scale)

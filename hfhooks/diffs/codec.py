@@ -3,7 +3,7 @@
 
 Kept apart from :mod:`hfhooks.diffs.fileformat` (which writes and reads whole files) because it is pure: no
 file access, just payload ⇄ stored tensors and metadata ⇄ :class:`~hfhooks.diffs.entries.DiffEntry`. Masks
-are bit-packed like mask files (:func:`hfhooks.io.artifacts._pack_bits`); quantised codes of 1, 2, 4 or 8 bits
+are bit-packed like mask files (:func:`hfhooks.io.artifacts.pack_bits`); quantised codes of 1, 2, 4 or 8 bits
 are packed big-endian within each byte.
 """
 
@@ -21,13 +21,13 @@ from hfhooks.diffs.entries import (
     DiffEntry,
     DiffFileError,
     Payload,
-    _const,
-    _dtype_name,
-    _parse_dtype,
+    const_loader,
+    dtype_name,
+    parse_dtype,
 )
-from hfhooks.io.artifacts import _pack_bits, _unpack_bits
+from hfhooks.io.artifacts import pack_bits, unpack_bits
 
-_SEP = "::"
+PART_SEP = "::"
 
 
 def _code_bits(levels: int) -> int:
@@ -54,25 +54,26 @@ def _unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return codes.reshape(-1)[:count]
 
 
-def _stored(name: str, entry: DiffEntry, payload: Payload) -> dict[str, torch.Tensor]:
+def stored_tensors(name: str, entry: DiffEntry, payload: Payload) -> dict[str, torch.Tensor]:
     """The tensors a file holds for one entry."""
     if entry.storage == "dense":
         return {name: payload["values"].contiguous()}
     out: dict[str, torch.Tensor] = {}
     if payload.get("mask") is not None:
-        out[name + _SEP + "mask"] = _pack_bits(payload["mask"])
+        out[name + PART_SEP + "mask"] = pack_bits(payload["mask"])
     if entry.storage == "sparse":
-        out[name + _SEP + "values"] = payload["values"].contiguous()
+        out[name + PART_SEP + "values"] = payload["values"].contiguous()
     else:
-        out[name + _SEP + "codes"] = _pack_codes(payload["codes"], _code_bits(entry.levels))
-        out[name + _SEP + "range"] = payload["range"].to(entry.dtype)
+        out[name + PART_SEP + "codes"] = _pack_codes(payload["codes"], _code_bits(entry.levels))
+        out[name + PART_SEP + "range"] = payload["range"].to(entry.dtype)
     return out
 
 
-def _entry_meta(e: DiffEntry, crcs: dict[str, str], nnz: int | None) -> dict[str, Any]:
+def entry_meta(e: DiffEntry, crcs: dict[str, str], nnz: int | None) -> dict[str, Any]:
+    """The JSON metadata one entry is stored under (shape, dtype, storage, part CRCs, ``nnz``)."""
     info: dict[str, Any] = {
         "shape": list(e.shape),
-        "dtype": _dtype_name(e.dtype),
+        "dtype": dtype_name(e.dtype),
         "storage": e.storage,
         "base": e.base,
         "target": e.target,
@@ -90,9 +91,11 @@ def _entry_meta(e: DiffEntry, crcs: dict[str, str], nnz: int | None) -> dict[str
     return info
 
 
-def _decode_entry_meta(
+def decode_entry_meta(
     name: str, info: Any, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
 ) -> tuple[DiffEntry, list[str]]:
+    """The :class:`DiffEntry` (without payload) and its stored part names, from an entry's metadata;
+    ``ValueError`` naming the problem when the metadata does not match the file's tensors."""
     if not isinstance(info, dict):
         raise ValueError("metadata entry is not an object")
     shape, storage = info.get("shape"), info.get("storage")
@@ -102,7 +105,7 @@ def _decode_entry_meta(
         raise ValueError(f"shape {shape} is implausibly large")
     if storage not in STORAGES:
         raise ValueError(f"storage {storage!r} is not one of {STORAGES}")
-    dtype = _parse_dtype(info.get("dtype"))
+    dtype = parse_dtype(info.get("dtype"))
     numel = math.prod(shape)
     for flag in ("exact", "exact_inverse", "changed"):
         if info.get(flag) not in (True, False, None):
@@ -115,32 +118,32 @@ def _decode_entry_meta(
         parts = {name: (dtype, tuple(shape))}
     else:
         nnz = info.get("nnz")
-        masked = name + _SEP + "mask" in shapes
+        masked = name + PART_SEP + "mask" in shapes
         if masked and (type(nnz) is not int or not 0 <= nnz <= numel):
             raise ValueError(f"nnz {nnz!r} is not a count between 0 and {numel}")
         count = nnz if masked else numel
         parts = {}
         if masked:
-            parts[name + _SEP + "mask"] = (torch.uint8, (-(-numel // 8),))
+            parts[name + PART_SEP + "mask"] = (torch.uint8, (-(-numel // 8),))
         if storage == "sparse":
             if not masked:
                 raise ValueError("sparse storage needs a ::mask tensor")
-            parts[name + _SEP + "values"] = (dtype, (count,))
+            parts[name + PART_SEP + "values"] = (dtype, (count,))
         else:
             levels = info.get("levels")
             if type(levels) is not int or not 2 <= levels <= 256:
                 raise ValueError(f"levels {levels!r} must be an integer from 2 to 256")
             if info.get("bits") != _code_bits(levels):
                 raise ValueError(f"bits {info.get('bits')!r} does not match {levels} levels")
-            parts[name + _SEP + "codes"] = (torch.uint8, (-(-count // (8 // _code_bits(levels))),))
-            parts[name + _SEP + "range"] = (dtype, (2,))
+            parts[name + PART_SEP + "codes"] = (torch.uint8, (-(-count // (8 // _code_bits(levels))),))
+            parts[name + PART_SEP + "range"] = (dtype, (2,))
     for part, (want_dtype, want_shape) in parts.items():
         if part not in shapes:
             raise ValueError(f"the file lacks tensor {part!r}")
         got_dtype, got_shape = shapes[part]
         if got_dtype != want_dtype or tuple(got_shape) != want_shape:
             raise ValueError(
-                f"{part!r} is {_dtype_name(got_dtype)} {tuple(got_shape)}, expected {_dtype_name(want_dtype)} {want_shape}"
+                f"{part!r} is {dtype_name(got_dtype)} {tuple(got_shape)}, expected {dtype_name(want_dtype)} {want_shape}"
             )
     crcs = info.get("crc32")
     if (
@@ -153,7 +156,7 @@ def _decode_entry_meta(
         tuple(shape),
         dtype,
         storage,
-        _const({}),
+        const_loader({}),
         base=info.get("base"),
         target=info.get("target"),
         exact=info.get("exact"),
@@ -165,30 +168,33 @@ def _decode_entry_meta(
     return entry, list(parts)
 
 
-def _payload_from(entry: DiffEntry, name: str, parts: Mapping[str, torch.Tensor], path: Path) -> Payload:
+def payload_from(entry: DiffEntry, name: str, parts: Mapping[str, torch.Tensor], path: Path) -> Payload:
+    """An entry's payload from the tensors stored for it (unpacking bit-packed masks and codes)."""
     try:
         if entry.storage == "dense":
             return {"values": parts[name]}
         numel = entry.numel()
         payload: Payload = {}
-        if name + _SEP + "mask" in parts:
-            payload["mask"] = _unpack_bits(parts[name + _SEP + "mask"], numel).reshape(entry.shape)
+        if name + PART_SEP + "mask" in parts:
+            payload["mask"] = unpack_bits(parts[name + PART_SEP + "mask"], numel).reshape(entry.shape)
             count = int(payload["mask"].sum())
-            if (name + _SEP + "values" in parts and parts[name + _SEP + "values"].numel() != count) or (
+            if (
+                name + PART_SEP + "values" in parts and parts[name + PART_SEP + "values"].numel() != count
+            ) or (
                 entry.storage == "quantized"
-                and parts[name + _SEP + "codes"].numel() != -(-count // (8 // _code_bits(entry.levels)))
+                and parts[name + PART_SEP + "codes"].numel() != -(-count // (8 // _code_bits(entry.levels)))
             ):
                 raise ValueError(f"the mask sets {count} bits but the stored values do not match")
         else:
             count = numel
         if entry.storage == "sparse":
-            payload["values"] = parts[name + _SEP + "values"]
+            payload["values"] = parts[name + PART_SEP + "values"]
         else:
-            codes = _unpack_codes(parts[name + _SEP + "codes"], _code_bits(entry.levels), count)
+            codes = _unpack_codes(parts[name + PART_SEP + "codes"], _code_bits(entry.levels), count)
             if count and int(codes.max()) >= entry.levels:
                 raise ValueError(f"a code exceeds levels - 1 = {entry.levels - 1}")
             payload["codes"] = codes
-            payload["range"] = parts[name + _SEP + "range"]
+            payload["range"] = parts[name + PART_SEP + "range"]
         return payload
     except ValueError as e:
         raise DiffFileError(f"{path}: tensor {name!r}: {e}") from None

@@ -22,39 +22,41 @@ from torch import nn
 
 from hfhooks.core.params import ParamIndex, UnknownParameterError, canonical_name
 from hfhooks.diffs.arithmetic import (
-    _add_delta,
-    _apply_fn,
-    _between_entry,
-    _mapped,
-    _mask_payload,
-    _negate_payload,
-    _quantize_payload,
-    _scale_payload,
-    _sparsify,
+    add_delta,
+    apply_fn,
+    between_entry,
+    mapped_loader,
+    mask_payload,
+    negate_payload,
+    quantize_payload,
+    scale_payload,
+    sparsify_payload,
 )
-from hfhooks.diffs.codec import _stored
+from hfhooks.diffs.codec import stored_tensors
 from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
     DiffFileError,
-    _all_flags,
-    _bases,
-    _const,
-    _decode,
-    _dense_entry,
-    _dtype_name,
-    _is_changed,
-    _linear_base,
-    _mismatch_message,
-    _model_fingerprint,
-    _progress,
+    all_flags,
+    const_loader,
+    decode_payload,
+    dense_entry,
+    diff_fingerprint,
+    dtype_name,
+    entry_bases,
+    is_changed,
+    linear_base,
+    mismatch_message,
+    progress_bar,
     tensor_fingerprint,
 )
-from hfhooks.diffs.fileformat import _RESERVED_META, _read_diff, _verify_payloads, _write_diff
-from hfhooks.diffs.lora import _lora_from_dir, _lora_from_model
-from hfhooks.diffs.source import _select, _Source
-from hfhooks.io.checkpoints import Checkpoint, ReadBuffer, edit_checkpoint, layer_map, parse_layers
+from hfhooks.diffs.fileformat import RESERVED_META, read_diff, verify_payloads, write_diff
+from hfhooks.diffs.lora import lora_from_dir, lora_from_model
+from hfhooks.diffs.source import WeightSource, select_names
+from hfhooks.io.checkpoints import Checkpoint, layer_map, parse_layers
+from hfhooks.io.edit import edit_checkpoint
 from hfhooks.io.hub import HubMixin
+from hfhooks.io.safetensors import ReadBuffer
 from hfhooks.masks.mask import ParamMask
 
 
@@ -79,7 +81,7 @@ class WeightDiff(HubMixin):
             delta = torch.as_tensor(delta).detach().cpu()
             if not delta.is_floating_point():
                 raise ValueError(f"Δ for {name!r} must be a floating-point tensor, got {delta.dtype}.")
-            self.entries[name] = _dense_entry(delta)
+            self.entries[name] = dense_entry(delta)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.metadata.setdefault("ops", [])
 
@@ -91,10 +93,8 @@ class WeightDiff(HubMixin):
         return diff
 
     def _refresh_fingerprints(self) -> None:
-        self.metadata["base"] = _model_fingerprint({n: (e.shape, e.base) for n, e in self.entries.items()})
-        self.metadata["target"] = _model_fingerprint(
-            {n: (e.shape, e.target) for n, e in self.entries.items()}
-        )
+        self.metadata["base"] = diff_fingerprint({n: (e.shape, e.base) for n, e in self.entries.items()})
+        self.metadata["target"] = diff_fingerprint({n: (e.shape, e.target) for n, e in self.entries.items()})
 
     # -- access --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -124,7 +124,7 @@ class WeightDiff(HubMixin):
 
     def materialize(self) -> WeightDiff:
         """A copy with every payload loaded into memory (a file-backed diff stops reading its file)."""
-        entries = {n: replace(e, load=_const(e.load())) for n, e in self.entries.items()}
+        entries = {n: replace(e, load=const_loader(e.load())) for n, e in self.entries.items()}
         diff = WeightDiff._of(entries, self.metadata, "materialize")
         diff.metadata["ops"] = list(self.metadata.get("ops", []))
         return diff
@@ -132,27 +132,27 @@ class WeightDiff(HubMixin):
     @property
     def exact(self) -> bool | None:
         """Does ``base + Δ`` reproduce the target bit for bit on every tensor (``None``: not known)?"""
-        return _all_flags(e.exact for e in self.entries.values())
+        return all_flags(e.exact for e in self.entries.values())
 
     @property
     def exact_inverse(self) -> bool | None:
         """Does ``target − Δ`` reproduce the base bit for bit on every tensor?"""
-        return _all_flags(e.exact_inverse for e in self.entries.values())
+        return all_flags(e.exact_inverse for e in self.entries.values())
 
     @property
     def changed(self) -> list[str]:
         """Names whose target differs from the base (computed from Δ where the diff does not know)."""
-        return [n for n, e in self.entries.items() if _is_changed(e)]
+        return [n for n, e in self.entries.items() if is_changed(e)]
 
     @property
     def unchanged(self) -> list[str]:
-        return [n for n, e in self.entries.items() if not _is_changed(e)]
+        return [n for n, e in self.entries.items() if not is_changed(e)]
 
     def nbytes(self) -> int:
         """Bytes the stored tensors take (what :meth:`save` writes, without the header)."""
         total = 0
         for n, e in self.entries.items():
-            total += sum(t.numel() * t.element_size() for t in _stored(n, e, e.load()).values())
+            total += sum(t.numel() * t.element_size() for t in stored_tensors(n, e, e.load()).values())
         return total
 
     def summary(self) -> list[dict[str, Any]]:
@@ -160,17 +160,17 @@ class WeightDiff(HubMixin):
         rows = []
         for n, e in self.entries.items():
             payload = e.load()
-            stored = _stored(n, e, payload)
-            delta = _decode(e, payload)
+            stored = stored_tensors(n, e, payload)
+            delta = decode_payload(e, payload)
             rows.append(
                 {
                     "name": n,
                     "shape": list(e.shape),
                     "storage": e.storage,
-                    "dtype": _dtype_name(e.dtype),
+                    "dtype": dtype_name(e.dtype),
                     "levels": e.levels,
                     "exact": e.exact,
-                    "changed": _is_changed(e),
+                    "changed": is_changed(e),
                     "bytes": sum(t.numel() * t.element_size() for t in stored.values()),
                     "max_abs": float(delta.abs().max()) if delta.numel() else 0.0,
                 }
@@ -218,10 +218,10 @@ class WeightDiff(HubMixin):
         """
         if storage not in ("dense", "sparse", "auto"):
             raise ValueError(f"storage={storage!r}: use 'dense', 'sparse' or 'auto'.")
-        a, b = _Source(base, allow_pickle), _Source(tuned, allow_pickle)
-        selected = _select(a.names, names)
+        a, b = WeightSource(base, allow_pickle), WeightSource(tuned, allow_pickle)
+        selected = select_names(a.names, names)
         only_a = [n for n in selected if n not in b]
-        only_b = [n for n in _select(b.names, names, quiet=True) if n not in a]
+        only_b = [n for n in select_names(b.names, names, quiet=True) if n not in a]
         if (only_a or only_b) and strict:
             n = (only_a or only_b)[0]
             side = "tuned" if only_a else "base"
@@ -245,14 +245,15 @@ class WeightDiff(HubMixin):
 
         def entries() -> Iterator[tuple[str, DiffEntry | None]]:
             for n in common:
-                entry = _between_entry(a.get(n), b.get(n), dtype, storage)
+                entry = between_entry(a.get(n), b.get(n), dtype, storage)
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
-            return _write_diff(out, entries(), meta, common, progress, desc="diff", inputs=[base, tuned])
+            written = write_diff(out, entries(), meta, common, progress, desc="diff", inputs=[base, tuned])
+            return cls.load(written, lazy=True)
         diff = cls(metadata=meta)
         unchanged = []
-        for n, entry in _progress(entries(), len(common), progress, "diff"):
+        for n, entry in progress_bar(entries(), len(common), progress, "diff"):
             if entry is None:
                 unchanged.append(n)
             else:
@@ -282,8 +283,10 @@ class WeightDiff(HubMixin):
         for ``float32`` weights). DoRA and adapter tensors of any other kind are refused.
         """
         if isinstance(model_or_dir, nn.Module):
-            return _lora_from_model(model_or_dir, adapter, dtype)
-        return _lora_from_dir(Path(model_or_dir), base, dtype)
+            entries, op = lora_from_model(model_or_dir, adapter, dtype)
+        else:
+            entries, op = lora_from_dir(Path(model_or_dir), base, dtype)
+        return cls._of(entries, {"scale": 1.0}, op)
 
     # -- algebra -------------------------------------------------------------------------------------------
     # Diffs of one base form a vector space: ``+``, ``-``, unary ``-``, ``c * d``, ``d * c`` and ``d / c`` give
@@ -297,12 +300,12 @@ class WeightDiff(HubMixin):
         for n, e in self.entries.items():
             entries[n] = replace(
                 e,
-                load=_mapped(e, _negate_payload),
+                load=mapped_loader(e, negate_payload),
                 base=e.target,
                 target=e.base,
                 exact=e.exact_inverse,
                 exact_inverse=e.exact,
-                negated_base=_linear_base(e),
+                negated_base=linear_base(e),
             )
         diff = WeightDiff._of(entries, self.metadata, "negate")
         diff.metadata["scale"] = _times(self.metadata, -1.0)
@@ -323,7 +326,7 @@ class WeightDiff(HubMixin):
         entries = {
             n: replace(
                 e,
-                load=_mapped(e, lambda p, e=e: _scale_payload(e, p, c, divide)),
+                load=mapped_loader(e, lambda p, e=e: scale_payload(e, p, c, divide)),
                 target=None,
                 exact=None,
                 exact_inverse=None,
@@ -392,7 +395,7 @@ class WeightDiff(HubMixin):
         keep = list(self.entries)
         ops: dict[str, Any] = {"op": "restrict"}
         if names is not None:
-            keep = _select(keep, names)
+            keep = select_names(keep, names)
             ops["names"] = names if isinstance(names, str) else list(names)
         if layers is not None:
             path, of = layer_map(keep)
@@ -425,7 +428,7 @@ class WeightDiff(HubMixin):
                     if full
                     else replace(
                         e,
-                        load=_mapped(e, lambda p, e=e, bits=bits: _mask_payload(e, p, bits)),
+                        load=mapped_loader(e, lambda p, e=e, bits=bits: mask_payload(e, p, bits)),
                         storage="sparse" if e.storage == "dense" else e.storage,
                         target=None,
                         exact=None,
@@ -458,7 +461,7 @@ class WeightDiff(HubMixin):
         """
         if not isinstance(levels, int) or not 2 <= levels <= 256:
             raise ValueError(f"levels={levels!r}: use an integer from 2 to 256.")
-        chosen = set(_select(list(self.entries), names)) if names is not None else set(self.entries)
+        chosen = set(select_names(list(self.entries), names)) if names is not None else set(self.entries)
         entries = {}
         for n, e in self.entries.items():
             if n not in chosen:
@@ -466,7 +469,7 @@ class WeightDiff(HubMixin):
                 continue
             entries[n] = replace(
                 e,
-                load=_mapped(e, lambda p, e=e: _quantize_payload(e, p, levels)),
+                load=mapped_loader(e, lambda p, e=e: quantize_payload(e, p, levels)),
                 storage="quantized",
                 levels=levels,
                 target=None,
@@ -478,7 +481,9 @@ class WeightDiff(HubMixin):
     def to_sparse(self) -> WeightDiff:
         """Masked-sparse storage with mask = (Δ ≠ 0); lossless (quantised entries are decoded first)."""
         entries = {
-            n: replace(e, load=_mapped(e, lambda p, e=e: _sparsify(e, p)), storage="sparse", levels=None)
+            n: replace(
+                e, load=mapped_loader(e, lambda p, e=e: sparsify_payload(e, p)), storage="sparse", levels=None
+            )
             for n, e in self.entries.items()
         }
         return WeightDiff._of(entries, self.metadata, "to_sparse")
@@ -487,7 +492,10 @@ class WeightDiff(HubMixin):
         """Dense storage (lossless)."""
         entries = {
             n: replace(
-                e, load=_mapped(e, lambda p, e=e: {"values": _decode(e, p)}), storage="dense", levels=None
+                e,
+                load=mapped_loader(e, lambda p, e=e: {"values": decode_payload(e, p)}),
+                storage="dense",
+                levels=None,
             )
             for n, e in self.entries.items()
         }
@@ -532,7 +540,7 @@ class WeightDiff(HubMixin):
                 raise ValueError(
                     f"Shape mismatch for {name!r}: diff {entry.shape}, checkpoint {ckpt.info(key).shape}."
                 )
-            edits[key] = _apply_fn(name, entry, float(scale), check_base, buffer)
+            edits[key] = apply_fn(name, entry, float(scale), check_base, buffer)
         record = {"op": "apply_diff", "scale": float(scale), "tensors": len(edits), "diff": self._describe()}
         return edit_checkpoint(
             ckpt,
@@ -566,24 +574,24 @@ class WeightDiff(HubMixin):
             params[info.name] = (info.param, entry)
         if check_base:
             bad = [
-                (n, _bases(e)[0], fp)
+                (n, entry_bases(e)[0], fp)
                 for n, (p, e) in params.items()
-                if _bases(e) and (fp := tensor_fingerprint(p)) not in _bases(e)
+                if entry_bases(e) and (fp := tensor_fingerprint(p)) not in entry_bases(e)
             ]
             if bad:
-                raise BaseMismatchError(_mismatch_message(bad, len(params)))
+                raise BaseMismatchError(mismatch_message(bad, len(params)))
         # All or nothing: every Δ is read — and so verified — before the first parameter changes. A lazily
         # loaded diff checks each stored tensor's CRC-32 as it is read, so a corrupt entry would otherwise raise
         # after the earlier parameters were updated. Verifying first costs a second read of the diff but only
         # one tensor's memory at a time; a snapshot to undo from would cost a copy of every parameter the diff
         # touches (the whole model for a full diff), and holding every decoded Δ would cost the whole diff —
         # what lazy=True exists to avoid.
-        _verify_payloads(e for _, e in params.values())
+        verify_payloads(e for _, e in params.values())
         done = 0
         with torch.no_grad():
             for name, (param, entry) in params.items():
                 try:
-                    new = _add_delta(param.detach().cpu(), entry, scale)
+                    new = add_delta(param.detach().cpu(), entry, scale)
                 except DiffFileError as e:  # it verified a moment ago: the file was rewritten meanwhile
                     raise DiffFileError(
                         f"{e} The diff file changed while it was being applied: {done} of {len(params)} "
@@ -603,16 +611,18 @@ class WeightDiff(HubMixin):
     # -- I/O -----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, progress: bool = False, **extra: Any) -> Path:
         """Write the diff as a safetensors artifact (streamed tensor by tensor; atomic). Returns the path."""
-        meta = {**{k: v for k, v in self.metadata.items() if k not in _RESERVED_META}, **extra}
+        meta = {**{k: v for k, v in self.metadata.items() if k not in RESERVED_META}, **extra}
         items = ((n, e) for n, e in self.entries.items())
-        written = _write_diff(path, items, meta, list(self.entries), progress, desc="save diff")
-        return Path(written.metadata["path"])
+        return write_diff(path, items, meta, list(self.entries), progress, desc="save diff")
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, lazy: bool = False) -> WeightDiff:
         """Load a diff file, verifying it. ``lazy=True`` reads tensors on demand (each CRC-checked as read)
         — for diffs too big for memory; otherwise the whole file's digest is verified up front."""
-        return _read_diff(Path(path), lazy)
+        entries, metadata = read_diff(Path(path), lazy)
+        diff = cls(metadata=metadata)
+        diff.entries = entries
+        return diff
 
 
 def _is_scalar(c: object) -> bool:
@@ -628,7 +638,7 @@ def _times(metadata: Mapping[str, Any], c: float) -> float | None:
 def _linear(a: WeightDiff, b: WeightDiff, op: str) -> WeightDiff:
     """``a + b`` or ``a − b`` for diffs of one base (negated diffs count as diffs of their original base)."""
     for n in a.entries.keys() & b.entries.keys():
-        fa, fb = _linear_base(a.entries[n]), _linear_base(b.entries[n])
+        fa, fb = linear_base(a.entries[n]), linear_base(b.entries[n])
         if fa and fb and fa != fb:
             raise BaseMismatchError(
                 f"Cannot {op} diffs from different bases: {n!r} has base {fa} in one and {fb} in the other. "
@@ -640,8 +650,8 @@ def _linear(a: WeightDiff, b: WeightDiff, op: str) -> WeightDiff:
         b,
         op,
         (lambda x, y: x - y) if sign < 0 else (lambda x, y: x + y),
-        lambda ea, eb: (_linear_base(ea) or _linear_base(eb), None),
-        lambda eb: _mapped(eb, _negate_payload) if sign < 0 else eb.load,
+        lambda ea, eb: (linear_base(ea) or linear_base(eb), None),
+        lambda eb: mapped_loader(eb, negate_payload) if sign < 0 else eb.load,
     )
 
 
@@ -665,7 +675,7 @@ def _combine(
                 e = replace(e, load=only_b(e))
             if linear:  # a vector of its (linear) base now; where it lands is unknown
                 e = replace(
-                    e, base=_linear_base(e), negated_base=None, target=None, exact=None, exact_inverse=None
+                    e, base=linear_base(e), negated_base=None, target=None, exact=None, exact_inverse=None
                 )
             entries[n] = e
             continue

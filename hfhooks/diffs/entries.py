@@ -20,7 +20,7 @@ import torch
 
 from hfhooks.core.params import bit_view
 from hfhooks.io.artifacts import ArtifactError
-from hfhooks.io.checkpoints import _tensor_bytes
+from hfhooks.io.safetensors import tensor_bytes
 
 STORAGES = ("dense", "sparse", "quantized")
 
@@ -33,7 +33,7 @@ class BaseMismatchError(ValueError):
     """A diff applied to (or combined with) weights other than the ones it was computed from."""
 
 
-def _mismatch_message(bad: list[tuple[str, str, str]], total: int | None) -> str:
+def mismatch_message(bad: list[tuple[str, str, str]], total: int | None) -> str:
     """``total=None``: a streamed apply that stops at the first mismatching tensor (the others are unchecked)."""
     name, want, got = bad[0]
     found = (
@@ -49,18 +49,21 @@ def _mismatch_message(bad: list[tuple[str, str, str]], total: int | None) -> str
     )
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` → ``"float32"`` (the spelling diff metadata uses)."""
     return str(dtype).removeprefix("torch.")
 
 
-def _parse_dtype(name: Any) -> torch.dtype:
+def parse_dtype(name: Any) -> torch.dtype:
+    """The floating-point torch dtype named ``name``; ``ValueError`` for anything else."""
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{name!r} is not a floating-point torch dtype")
     return dtype
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors have the same dtype, shape and bits (``-0.0 != 0.0``, ``NaN == NaN``)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(bit_view(a.contiguous()), bit_view(b.contiguous()))
@@ -69,15 +72,16 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def tensor_fingerprint(t: torch.Tensor) -> str:
     """CRC-32 of a tensor's dtype, shape and bytes (``"crc32:1a2b3c4d"``): cheap, and any changed bit shows."""
     t = t.detach().cpu().contiguous()
-    seed = zlib.crc32(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode())
-    return f"crc32:{zlib.crc32(_tensor_bytes(t), seed):08x}"
+    seed = zlib.crc32(f"{dtype_name(t.dtype)}{list(t.shape)}".encode())
+    return f"crc32:{zlib.crc32(tensor_bytes(t), seed):08x}"
 
 
-def _crc(t: torch.Tensor) -> str:
-    return f"{zlib.crc32(_tensor_bytes(t)):08x}"
+def tensor_crc(t: torch.Tensor) -> str:
+    """CRC-32 of a tensor's bytes alone, as 8 hex digits (the per-part check of diff files)."""
+    return f"{zlib.crc32(tensor_bytes(t)):08x}"
 
 
-def _model_fingerprint(per_tensor: Mapping[str, tuple[tuple[int, ...], str | None]]) -> dict[str, Any] | None:
+def diff_fingerprint(per_tensor: Mapping[str, tuple[tuple[int, ...], str | None]]) -> dict[str, Any] | None:
     """Fingerprint of a whole set of tensors: architecture (names and shapes) and values (tensor CRCs)."""
     if not per_tensor:
         return None
@@ -123,13 +127,14 @@ class DiffEntry:
 
     def dense(self) -> torch.Tensor:
         """Δ as a dense tensor of ``shape`` and ``dtype``."""
-        return _decode(self, self.load())
+        return decode_payload(self, self.load())
 
     def numel(self) -> int:
         return math.prod(self.shape)
 
 
-def _decode(entry: DiffEntry, payload: Payload) -> torch.Tensor:
+def decode_payload(entry: DiffEntry, payload: Payload) -> torch.Tensor:
+    """The dense ``Δ`` an entry's payload stands for (dense, sparse or quantised storage)."""
     if entry.storage == "dense":
         return payload["values"]
     if entry.storage == "quantized":
@@ -146,30 +151,34 @@ def _decode(entry: DiffEntry, payload: Payload) -> torch.Tensor:
     return out
 
 
-def _linear_base(e: DiffEntry) -> str | None:
+def linear_base(e: DiffEntry) -> str | None:
     """The base ``e`` is a task vector of, for linear combinations (a negated entry's original base)."""
     return e.negated_base or e.base
 
 
-def _bases(e: DiffEntry) -> list[str]:
+def entry_bases(e: DiffEntry) -> list[str]:
     """Fingerprints of the weights ``e`` may be applied to (empty: unknown, not checked)."""
     return [f for f in dict.fromkeys((e.base, e.negated_base)) if f is not None]
 
 
-def _const(payload: Payload) -> Callable[[], Payload]:
+def const_loader(payload: Payload) -> Callable[[], Payload]:
+    """A payload loader that returns ``payload`` (an entry whose payload is already in memory)."""
     return lambda: payload
 
 
-def _dense_entry(delta: torch.Tensor, **fields: Any) -> DiffEntry:
-    return DiffEntry(tuple(delta.shape), delta.dtype, "dense", _const({"values": delta}), **fields)
+def dense_entry(delta: torch.Tensor, **fields: Any) -> DiffEntry:
+    """A dense, in-memory :class:`DiffEntry` holding ``delta``; ``fields`` set its other attributes."""
+    return DiffEntry(tuple(delta.shape), delta.dtype, "dense", const_loader({"values": delta}), **fields)
 
 
-def _sparse_payload(delta: torch.Tensor, mask: torch.Tensor) -> Payload:
+def sparse_payload(delta: torch.Tensor, mask: torch.Tensor) -> Payload:
+    """The sparse payload of ``delta`` restricted to ``mask`` (broadcast to ``delta``'s shape)."""
     mask = mask.to(torch.bool).expand(delta.shape).contiguous()
     return {"mask": mask, "values": delta[mask]}
 
 
-def _all_flags(flags: Iterable[bool | None]) -> bool | None:
+def all_flags(flags: Iterable[bool | None]) -> bool | None:
+    """``False`` if any flag is ``False``, else ``None`` if any is unknown (or there are none), else ``True``."""
     flags = list(flags)
     if any(f is False for f in flags):
         return False
@@ -178,13 +187,15 @@ def _all_flags(flags: Iterable[bool | None]) -> bool | None:
     return True
 
 
-def _is_changed(e: DiffEntry) -> bool:
+def is_changed(e: DiffEntry) -> bool:
+    """Whether an entry changes any weight (its recorded flag, else a look at its values)."""
     if e.changed is not None:
         return e.changed
     return bool(e.dense().ne(0).any())
 
 
-def _progress(it: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
+def progress_bar(it: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
+    """``it`` wrapped in a tqdm bar when ``enabled`` (tqdm is imported only then)."""
     if not enabled:
         return it
     from tqdm.auto import tqdm

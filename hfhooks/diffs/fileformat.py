@@ -1,9 +1,9 @@
 """Diff files: streaming, atomic writes; eager (digest-verified) or lazy (CRC-per-tensor) reads.
 
-:func:`_write_diff` streams entries into a safetensors artifact of kind ``diff`` one tensor at a time behind a
-reserved header; :func:`_read_diff` validates a file and builds the :class:`~hfhooks.diffs.WeightDiff`, either
+:func:`write_diff` streams entries into a safetensors artifact of kind ``diff`` one tensor at a time behind a
+reserved header; :func:`read_diff` validates a file and returns the entries :class:`~hfhooks.diffs.WeightDiff` is built from, either
 loading everything (whole-file digest) or backing each entry by a :class:`_LazyReader` that checks each stored
-tensor's CRC-32 as it is read. The one-thread CRC pool lets :func:`hfhooks.diffs.arithmetic._apply_fn` verify
+tensor's CRC-32 as it is read. The one-thread CRC pool lets :func:`hfhooks.diffs.arithmetic.apply_fn` verify
 a lazily read Δ while the update is computed. Per-entry encoding is :mod:`hfhooks.diffs.codec`.
 """
 
@@ -17,45 +17,43 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from hfhooks._version import __version__
-from hfhooks.diffs.codec import _SEP, _decode_entry_meta, _entry_meta, _payload_from, _stored
+from hfhooks.diffs.codec import PART_SEP, decode_entry_meta, entry_meta, payload_from, stored_tensors
 from hfhooks.diffs.entries import (
     DiffEntry,
     DiffFileError,
     Payload,
-    _all_flags,
-    _const,
-    _crc,
-    _model_fingerprint,
-    _progress,
+    all_flags,
+    const_loader,
+    diff_fingerprint,
+    progress_bar,
+    tensor_crc,
 )
 from hfhooks.io.artifacts import (
     FORMAT_VERSION,
     ArtifactError,
-    _decode_metadata,
-    _digest,
-    _meta_digest,
-    _reraise_as,
-)
-from hfhooks.io.checkpoints import (
-    ReadBuffer,
-    TensorInfo,
-    _copy_range,
-    _tensor_bytes,
-    _write_all,
-    read_safetensors_header,
+    artifact_digest,
+    decode_metadata,
+    metadata_digest,
+    read_artifact,
+    reraise_as,
 )
 from hfhooks.io.paths import check_output, publish, temp_file, write_error
+from hfhooks.io.safetensors import (
+    DTYPE_CODES,
+    ReadBuffer,
+    TensorInfo,
+    copy_range,
+    read_safetensors_header,
+    tensor_bytes,
+    write_all,
+)
 
-if TYPE_CHECKING:
-    from hfhooks.diffs.core import WeightDiff
-
-
-_RESERVED_META = ("tensors", "kind", "version", "format_version", "digest", "meta_digest", "path")
+RESERVED_META = ("tensors", "kind", "version", "format_version", "digest", "meta_digest", "path")
 
 
 class _DataFile(Mapping[str, torch.Tensor]):
@@ -69,8 +67,8 @@ class _DataFile(Mapping[str, torch.Tensor]):
         os.lseek(fd, base, os.SEEK_SET)
 
     def add(self, name: str, t: torch.Tensor) -> str:
-        data = _tensor_bytes(t)
-        _write_all(self.fd, data)
+        data = tensor_bytes(t)
+        write_all(self.fd, data)
         self.infos[name] = (t.dtype, tuple(t.shape), self.size, self.size + data.nbytes)
         self.size += data.nbytes
         return f"{zlib.crc32(data):08x}"
@@ -95,15 +93,13 @@ class _DataFile(Mapping[str, torch.Tensor]):
 
 
 def _header_bytes(metadata: Mapping[str, str], data: _DataFile) -> bytes:
-    from hfhooks.io.checkpoints import _CODES
-
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     for name, (dtype, shape, start, end) in data.infos.items():
-        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}
     return json.dumps(header, separators=(",", ":")).encode()
 
 
-def _write_diff(
+def write_diff(
     path: str | os.PathLike,
     items: Iterable[tuple[str, DiffEntry | None]],
     meta: Mapping[str, Any],
@@ -111,7 +107,7 @@ def _write_diff(
     progress: bool,
     desc: str,
     inputs: Iterable[Any] = (),
-) -> WeightDiff:
+) -> Path:
     """Stream entries into a diff file, atomically.
 
     The file is written under a locked ``.<name>.hfhooks-tmp-<hex>`` temporary (a killed writer's is removed by
@@ -137,9 +133,8 @@ def _write_diff(
         except OSError as e:  # ENOSPC / EFBIG from a bare os.write: name the file
             raise write_error(e, path) from None
         publish(tmp, path, replace=existed)
-    diff = _read_diff(path, lazy=True)
-    diff.metadata["path"] = str(path)
-    return diff
+    read_diff(path, lazy=True)  # what was written reads back: header, digests, every entry's metadata
+    return path
 
 
 def _is_diff_file(path: Path) -> bool:
@@ -159,7 +154,7 @@ def _stream_diff(
     progress: bool,
     desc: str,
 ) -> None:
-    """The body of :func:`_write_diff`: entries into the open temporary ``tmp`` (``fd``), header last."""
+    """The body of :func:`write_diff`: entries into the open temporary ``tmp`` (``fd``), header last."""
     reserve = 65536 + sum(2048 + 24 * len(n) for n in names) + 4 * len(json.dumps(meta, default=str))
     reserve += -reserve % 8
     data = _DataFile(fd, 8 + reserve)
@@ -167,27 +162,27 @@ def _stream_diff(
     per_base: dict[str, tuple[tuple[int, ...], str | None]] = {}
     per_target: dict[str, tuple[tuple[int, ...], str | None]] = {}
     unchanged: list[str] = list(meta.get("unchanged", []))
-    for name, entry in _progress(items, len(names), progress, desc):
+    for name, entry in progress_bar(items, len(names), progress, desc):
         if entry is None:
             unchanged.append(name)
             continue
-        if _SEP in name:
-            raise ValueError(f"Tensor name {name!r} contains {_SEP!r}, which diff files reserve.")
+        if PART_SEP in name:
+            raise ValueError(f"Tensor name {name!r} contains {PART_SEP!r}, which diff files reserve.")
         payload = entry.load()
-        stored = _stored(name, entry, payload)
+        stored = stored_tensors(name, entry, payload)
         crcs = {k: data.add(k, v) for k, v in sorted(stored.items())}
         nnz = int(payload["mask"].sum()) if payload.get("mask") is not None else None
-        infos[name] = _entry_meta(entry, crcs, nnz)
+        infos[name] = entry_meta(entry, crcs, nnz)
         per_base[name] = (entry.shape, entry.base)
         per_target[name] = (entry.shape, entry.target)
         del payload, stored
-    full_meta = {k: v for k, v in meta.items() if k not in _RESERVED_META}
+    full_meta = {k: v for k, v in meta.items() if k not in RESERVED_META}
     full_meta.update(
         {
-            "base": _model_fingerprint(per_base),
-            "target": _model_fingerprint(per_target),
-            "exact": _all_flags(i["exact"] for i in infos.values()),
-            "exact_inverse": _all_flags(i["exact_inverse"] for i in infos.values()),
+            "base": diff_fingerprint(per_base),
+            "target": diff_fingerprint(per_target),
+            "exact": all_flags(i["exact"] for i in infos.values()),
+            "exact_inverse": all_flags(i["exact_inverse"] for i in infos.values()),
             "unchanged": unchanged,
             "tensors": infos,
         }
@@ -200,28 +195,28 @@ def _stream_diff(
     }
     for key, value in full_meta.items():
         metadata[f"hfhooks.{key}"] = json.dumps(value)
-    metadata["hfhooks.meta_digest"] = json.dumps(_meta_digest(metadata))
-    metadata["hfhooks.digest"] = _digest(metadata, data)
+    metadata["hfhooks.meta_digest"] = json.dumps(metadata_digest(metadata))
+    metadata["hfhooks.digest"] = artifact_digest(metadata, data)
     raw = _header_bytes(metadata, data)
     if len(raw) <= reserve:
         os.pwrite(fd, reserve.to_bytes(8, "little") + raw + b" " * (reserve - len(raw)), 0)
     else:  # pragma: no cover - only with enormous metadata
         raw += b" " * (-len(raw) % 8)
         with temp_file(path) as (tmp2, fd2):
-            _write_all(fd2, memoryview(len(raw).to_bytes(8, "little") + raw))
-            _copy_range(fd, fd2, 8 + reserve, data.size)
+            write_all(fd2, memoryview(len(raw).to_bytes(8, "little") + raw))
+            copy_range(fd, fd2, 8 + reserve, data.size)
             os.replace(tmp2, tmp)
 
 
-def _read_diff(path: Path, lazy: bool) -> WeightDiff:
-    from hfhooks.diffs.core import WeightDiff  # core imports this module (save / load)
-    from hfhooks.io.artifacts import read_artifact
+def read_diff(path: Path, lazy: bool) -> tuple[dict[str, DiffEntry], dict[str, Any]]:
+    """A diff file's entries and metadata (``lazy``: payloads are read when used), checking its kind, format
+    version, metadata digest and entries; :class:`DiffFileError` naming the problem otherwise."""
 
     def bad(why: str) -> DiffFileError:
         return DiffFileError(f"{path}: {why}")
 
     if lazy:
-        with _reraise_as(DiffFileError):
+        with reraise_as(DiffFileError):
             header, raw_meta = read_safetensors_header(path)
         if raw_meta.get("hfhooks.kind") != "diff":
             found = raw_meta.get("hfhooks.kind")
@@ -230,16 +225,16 @@ def _read_diff(path: Path, lazy: bool) -> WeightDiff:
             raise bad(
                 f"format_version {raw_meta.get('hfhooks.format_version')!r}; this hfhooks reads {FORMAT_VERSION!r}."
             )
-        if raw_meta.get("hfhooks.meta_digest") != json.dumps(_meta_digest(raw_meta)):
+        if raw_meta.get("hfhooks.meta_digest") != json.dumps(metadata_digest(raw_meta)):
             raise bad("failed its metadata integrity check (the header was modified or corrupted).")
-        with _reraise_as(DiffFileError):  # the stamp and digests land in meta too: _RESERVED_META drops them
-            meta = _decode_metadata(path, raw_meta)
+        with reraise_as(DiffFileError):  # the stamp and digests land in meta too: RESERVED_META drops them
+            meta = decode_metadata(path, raw_meta)
         shapes = {n: (i.dtype, i.shape) for n, i in header.items()}
         reader = _LazyReader(path)
     else:
-        with _reraise_as(DiffFileError):
+        with reraise_as(DiffFileError):
             tensors, meta = read_artifact(path, "diff")
-        if meta.get("meta_digest") != _meta_digest(_raw_metadata(path)):
+        if meta.get("meta_digest") != metadata_digest(_raw_metadata(path)):
             raise bad("failed its metadata integrity check.")
         shapes = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
         reader = None
@@ -247,17 +242,20 @@ def _read_diff(path: Path, lazy: bool) -> WeightDiff:
     if not isinstance(info, dict):
         raise bad("'hfhooks.tensors' metadata is missing or not an object.")
     claimed: set[str] = set()
-    diff = WeightDiff(metadata={k: v for k, v in meta.items() if k not in _RESERVED_META})
-    if not isinstance(diff.metadata.get("ops"), list):
-        diff.metadata["ops"] = []
+    metadata = {k: v for k, v in meta.items() if k not in RESERVED_META}
+    if not isinstance(metadata.get("ops"), list):
+        metadata["ops"] = []
+    entries: dict[str, DiffEntry] = {}
     for name, entry_info in info.items():
-        if _SEP in name:  # "<name>::mask" etc. are the stored parts of entry <name>: never an entry itself
+        if (
+            PART_SEP in name
+        ):  # "<name>::mask" etc. are the stored parts of entry <name>: never an entry itself
             raise bad(
-                f"tensor name {name!r} contains {_SEP!r}, which diff files reserve for the parts of an entry "
+                f"tensor name {name!r} contains {PART_SEP!r}, which diff files reserve for the parts of an entry "
                 "(hfhooks never writes such a name; the file was edited or made by another tool)."
             )
         try:
-            entry, parts = _decode_entry_meta(name, entry_info, shapes)
+            entry, parts = decode_entry_meta(name, entry_info, shapes)
         except (ValueError, TypeError, KeyError) as e:
             raise bad(f"tensor {name!r}: {e}") from None
         claimed.update(parts)
@@ -266,17 +264,17 @@ def _read_diff(path: Path, lazy: bool) -> WeightDiff:
             # does, so both readers accept exactly the same files (a file whose digest was recomputed after an
             # edit still fails here).
             for part in parts:
-                if _crc(tensors[part]) != entry_info["crc32"][part]:
+                if tensor_crc(tensors[part]) != entry_info["crc32"][part]:
                     raise bad(f"tensor {part!r} failed its CRC-32 check (corrupted or edited file).")
-            payload = _payload_from(entry, name, {p: tensors[p] for p in parts}, path)
-            diff.entries[name] = replace(entry, load=_const(payload))
+            payload = payload_from(entry, name, {p: tensors[p] for p in parts}, path)
+            entries[name] = replace(entry, load=const_loader(payload))
         else:
-            diff.entries[name] = replace(entry, load=reader.loader(entry, name, parts, entry_info["crc32"]))
+            entries[name] = replace(entry, load=reader.loader(entry, name, parts, entry_info["crc32"]))
     extra = sorted(set(shapes) - claimed)
     if extra:
         raise bad(f"holds tensors its metadata does not describe (e.g. {extra[0]!r}).")
-    diff.metadata["path"] = str(path)
-    return diff
+    metadata["path"] = str(path)
+    return entries, metadata
 
 
 def _raw_metadata(path: Path) -> dict[str, str]:
@@ -286,7 +284,7 @@ def _raw_metadata(path: Path) -> dict[str, str]:
 class _LazyReader:
     """Reads a diff file's entries on demand with ``safe_open``, checking each tensor's CRC-32.
 
-    ``load()`` verifies before returning. :data:`_DEFERRED` maps it to the same read with the checks
+    ``load()`` verifies before returning. :data:`DEFERRED` maps it to the same read with the checks
     returned as a callable, so :meth:`WeightDiff.apply` can run them on a helper thread (``zlib.crc32``
     releases the GIL) while the update is computed.
     """
@@ -320,45 +318,46 @@ class _LazyReader:
 
             def verify() -> None:
                 for part, t in tensors.items():
-                    if _crc(t) != crcs[part]:
+                    if tensor_crc(t) != crcs[part]:
                         raise DiffFileError(
                             f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
                         )
 
             if entry.storage != "dense":
                 verify()  # decoding reads masks and codes: check them first
-                return _payload_from(entry, name, tensors, self.path), lambda: None
-            return _payload_from(entry, name, tensors, self.path), verify
+                return payload_from(entry, name, tensors, self.path), lambda: None
+            return payload_from(entry, name, tensors, self.path), verify
 
         def load() -> Payload:
             payload, verify = read()
             verify()
             return payload
 
-        _DEFERRED[load] = read
+        DEFERRED[load] = read
         return load
 
 
-_DEFERRED: weakref.WeakKeyDictionary[
+DEFERRED: weakref.WeakKeyDictionary[
     Callable[[], Payload], Callable[[], tuple[Payload, Callable[[], None]]]
 ] = weakref.WeakKeyDictionary()
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
+def worker_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The shared one-thread pool that computes CRCs while the next tensor is read."""
     global _POOL
     if _POOL is None:
         _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfhooks-crc")
     return _POOL
 
 
-def _verify_payloads(entries: Iterable[DiffEntry]) -> None:
+def verify_payloads(entries: Iterable[DiffEntry]) -> None:
     """Read every entry's payload once and drop it, so every check a read makes (CRC-32s, mask and code
     decoding) has passed before anything is changed. One tensor in memory at a time; a file-backed entry is
     read into one reused buffer."""
     buffer = ReadBuffer()
     for entry in entries:
-        deferred = _DEFERRED.get(entry.load)
+        deferred = DEFERRED.get(entry.load)
         if deferred is not None:
             _, verify = deferred(buffer)
             verify()

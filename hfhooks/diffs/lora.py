@@ -8,30 +8,34 @@ base fingerprints, for :meth:`WeightDiff.from_lora <hfhooks.diffs.WeightDiff.fro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from hfhooks.core.params import ParamIndex, UnknownParameterError
-from hfhooks.diffs.arithmetic import _between_entry
-from hfhooks.diffs.entries import _dense_entry, tensor_fingerprint
-from hfhooks.diffs.source import _Source
-
-if TYPE_CHECKING:
-    from hfhooks.diffs.core import WeightDiff
+from hfhooks.diffs.arithmetic import between_entry
+from hfhooks.diffs.entries import DiffEntry, dense_entry, tensor_fingerprint
+from hfhooks.diffs.source import WeightSource
+from hfhooks.masks.lora import (
+    adapter_delta_weights,
+    adapter_module_copies,
+    lora_delta_weights,
+    modules_to_save_copies,
+)
 
 
 def _copy_entry(orig: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype | None):
     """A ``modules_to_save`` copy as copy − original: exact by default (``float64`` for ``float32`` weights)."""
     if dtype is None:
         dtype = torch.float64 if orig.dtype == torch.float32 else None
-    return _between_entry(orig, copy, dtype, "dense")
+    return between_entry(orig, copy, dtype, "dense")
 
 
-def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype | None) -> WeightDiff:
-    from hfhooks.diffs.core import WeightDiff  # core imports this module (WeightDiff.from_lora)
-    from hfhooks.masks.lora import lora_delta_weights, modules_to_save_copies
+def lora_from_model(
+    model: nn.Module, adapter: str | None, dtype: torch.dtype | None
+) -> tuple[dict[str, DiffEntry], dict[str, Any]]:
+    """The entries (and the op record) of a diff of a PEFT model's LoRA layers (``B·A·scaling``) and ``modules_to_save`` copies."""
 
     index = ParamIndex(model)
     deltas = lora_delta_weights(model, adapter, dtype or torch.float32)
@@ -40,24 +44,22 @@ def _lora_from_model(model: nn.Module, adapter: str | None, dtype: torch.dtype |
         raise ValueError(
             f"{type(model).__name__} has no LoRA layers; pass a PeftModel or an adapter directory."
         )
-    diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": adapter or "active"}], "scale": 1.0})
+    entries: dict[str, DiffEntry] = {}
     for key, (orig, copy) in copies.items():  # a full copy: keep it exact
-        diff.entries[key] = _copy_entry(orig, copy, dtype)
+        entries[key] = _copy_entry(orig, copy, dtype)
     for key, (delta, base) in deltas.items():
         if key not in index:
-            raise UnknownParameterError(index._unknown_message(key))
-        diff.entries[key] = _dense_entry(
-            delta, base=tensor_fingerprint(base), changed=bool(delta.ne(0).any())
-        )
-    diff._refresh_fingerprints()
-    return diff
+            raise UnknownParameterError(index.unknown_message(key))
+        entries[key] = dense_entry(delta, base=tensor_fingerprint(base), changed=bool(delta.ne(0).any()))
+    return entries, {"op": "from_lora", "adapter": adapter or "active"}
 
 
-def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype | None) -> WeightDiff:
-    from hfhooks.diffs.core import WeightDiff  # core imports this module (WeightDiff.from_lora)
-    from hfhooks.masks.lora import adapter_delta_weights, adapter_module_copies
+def lora_from_dir(
+    path: Path, base: Any, dtype: torch.dtype | None
+) -> tuple[dict[str, DiffEntry], dict[str, Any]]:
+    """The entries (and the op record) of a diff of a saved adapter directory; whole-tensor copies need ``base`` to diff against."""
 
-    src = _Source(base) if base is not None else None
+    src = WeightSource(base) if base is not None else None
     deltas = adapter_delta_weights(path, dtype or torch.float32)
     copies = adapter_module_copies(path)
     if copies and src is None:
@@ -67,26 +69,25 @@ def _lora_from_dir(path: Path, base: Any, dtype: torch.dtype | None) -> WeightDi
             "they replace. Pass base= (the base model or checkpoint; CLI: the BASE argument) so they can be "
             "diffed instead of dropped."
         )
-    diff = WeightDiff(metadata={"ops": [{"op": "from_lora", "adapter": str(path)}], "scale": 1.0})
+    entries: dict[str, DiffEntry] = {}
     for key, copy in copies.items():
         _check_target(src, key, tuple(copy.shape), "copy")
-        diff.entries[key] = _copy_entry(src.get(key), copy, dtype)
+        entries[key] = _copy_entry(src.get(key), copy, dtype)
     for key, delta in deltas.items():
         fields: dict[str, Any] = {"changed": bool(delta.ne(0).any())}
         if src is not None:
             _check_target(src, key, tuple(delta.shape), "Δ")
             fields["base"] = tensor_fingerprint(src.get(key))
-        copied = diff.entries.get(key)
+        copied = entries.get(key)
         if copied is not None and copied.changed:  # a saved base layer that differs, then LoRA on top of it
             dt = torch.promote_types(copied.dtype, delta.dtype)
             delta = copied.dense().to(dt) + delta.to(dt)
             fields["changed"] = bool(delta.ne(0).any())
-        diff.entries[key] = _dense_entry(delta, **fields)
-    diff._refresh_fingerprints()
-    return diff
+        entries[key] = dense_entry(delta, **fields)
+    return entries, {"op": "from_lora", "adapter": str(path)}
 
 
-def _check_target(src: _Source, key: str, shape: tuple[int, ...], what: str) -> None:
+def _check_target(src: WeightSource, key: str, shape: tuple[int, ...], what: str) -> None:
     if key not in src:
         raise UnknownParameterError(f"The adapter targets {key!r}, which the base lacks: {src.unknown(key)}")
     if src.shape(key) != shape:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from hfhooks.diffs.core import WeightDiff
 from hfhooks.masks.mask import ParamMask
-
-if TYPE_CHECKING:
-    from hfhooks.diffs.core import WeightDiff
 
 
 def tall_masks(

@@ -1,8 +1,8 @@
 """Where a diff's tensors come from: one read interface over models, checkpoint directories and state dicts.
 
-:class:`_Source` lets :meth:`WeightDiff.between <hfhooks.diffs.WeightDiff.between>`, LoRA diffs and
+:class:`WeightSource` lets :meth:`WeightDiff.between <hfhooks.diffs.WeightDiff.between>`, LoRA diffs and
 :mod:`hfhooks.restoration.restore` read any mix of an ``nn.Module`` (or ``ParamIndex``), a (sharded) checkpoint
-directory read tensor by tensor, or a ``{name: tensor}`` mapping without caring which. :func:`_select` picks
+directory read tensor by tensor, or a ``{name: tensor}`` mapping without caring which. :func:`select_names` picks
 tensors by name, glob or ``re:`` regex (the rules of :mod:`hfhooks.core.params`) and names the nearest on a miss.
 """
 
@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hfhooks.core.params import ParamIndex, UnknownParameterError, _match
-from hfhooks.io.checkpoints import Checkpoint, ReadBuffer
+from hfhooks.core.names import match_name
+from hfhooks.core.params import ParamIndex, UnknownParameterError
+from hfhooks.io.checkpoints import Checkpoint
+from hfhooks.io.safetensors import ReadBuffer
 
 
-class _Source:
+class WeightSource:
     """Uniform read access to a model, a checkpoint directory or a ``{name: tensor}`` mapping."""
 
     def __init__(self, obj: Any, allow_pickle: bool = False):
@@ -74,19 +76,23 @@ class _Source:
 
     def unknown(self, name: str) -> str:
         if self.index is not None:
-            return self.index._unknown_message(name)
+            return self.index.unknown_message(name)
         if self.ckpt is not None:
             return self.ckpt.unknown_message(name)
         return f"{name!r} is not in the state dict ({len(self.names)} tensors)."
 
 
-def _select(names: Sequence[str], patterns: str | Iterable[str] | None, quiet: bool = False) -> list[str]:
+def select_names(
+    names: Sequence[str], patterns: str | Iterable[str] | None, quiet: bool = False
+) -> list[str]:
+    """The names matching any of ``patterns`` (exact names, globs or ``re:`` regexes), in order;
+    every pattern must match something unless ``quiet``."""
     if patterns is None:
         return list(names)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     keep = []
     for pat in patterns:
-        hit = [n for n in names if _match(pat, n)]
+        hit = [n for n in names if match_name(pat, n)]
         if not hit and not quiet:
             import difflib
 

@@ -2,6 +2,9 @@
 
 * ``paths`` — outputs never equal, contain or lie inside inputs; locks; locked temporaries; regular files only;
 * ``artifacts`` — digest-verified, atomically written safetensors with an hfhooks stamp;
-* ``checkpoints`` — lazy, streamed, bounded-memory reading and atomic editing of (sharded) checkpoints;
+* ``errors`` — ``ArtifactError`` and ``CheckpointError``;
+* ``safetensors`` — the format streamed: header parsing, ``pread`` tensor reads, the shard writer, kernel copies;
+* ``checkpoints`` — ``Checkpoint``: lazy, bounded-memory reading of (sharded) checkpoints; layers from names;
+* ``edit`` — ``edit_checkpoint``: atomic, streaming edits of a checkpoint (plan, write, carry files, publish);
 * ``hub`` — ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` for masks and diffs.
 """

@@ -29,11 +29,12 @@ from safetensors.torch import save
 from torch import nn
 
 from hfhooks._version import __version__
-from hfhooks.io.header import (  # torch-free: the CLI reads artifacts without torch
-    FORMAT_VERSION,
-    ArtifactError,
-)
+from hfhooks.core.names import unwrap_model
+from hfhooks.core.params import ParamIndex
+from hfhooks.io.errors import ArtifactError, CheckpointError
+from hfhooks.io.header import FORMAT_VERSION  # torch-free: the CLI reads artifacts without torch
 from hfhooks.io.paths import check_output, publish, temp_file, write_error
+from hfhooks.io.safetensors import read_safetensors_header
 
 __all__ = [
     "FORMAT_VERSION",
@@ -54,8 +55,6 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
 
     Two models with the same fingerprint accept the same masks. Stored in artifacts as provenance.
     """
-    from hfhooks.core.params import ParamIndex, unwrap_model
-
     index = model if hasattr(model, "shapes") else ParamIndex(model)
     h = hashlib.sha256()
     n = 0
@@ -75,7 +74,8 @@ def _metadata_bytes(metadata: Mapping[str, str], skip: set[str]) -> bytes:
     return json.dumps({k: v for k, v in sorted(metadata.items()) if k not in skip}).encode()
 
 
-def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+def artifact_digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over an artifact's metadata (its digest left out) and tensors, in name order."""
     h = hashlib.sha256()
     h.update(_metadata_bytes(metadata, {_DIGEST}))
     for name in sorted(tensors):
@@ -85,18 +85,18 @@ def _digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) ->
     return h.hexdigest()
 
 
-def _meta_digest(metadata: Mapping[str, str]) -> str:
+def metadata_digest(metadata: Mapping[str, str]) -> str:
     """SHA-256 over the metadata alone (both digests left out): lets a lazy reader trust the header."""
     return hashlib.sha256(_metadata_bytes(metadata, {_DIGEST, _META_DIGEST})).hexdigest()
 
 
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """A 0/1 tensor as ``U8`` bytes, 8 elements a byte, big bit order (``numpy.packbits``), zero-padded."""
     return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(bool), bitorder="big"))
 
 
-def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` bits of :func:`_pack_bits` output as a flat bool tensor; ``ValueError`` if there
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of :func:`pack_bits` output as a flat bool tensor; ``ValueError`` if there
     are too few bytes or a padding bit is set."""
     bits = np.unpackbits(packed.numpy(), bitorder="big")
     if bits.size < count or bits[count:].any():
@@ -105,7 +105,7 @@ def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _reraise_as(error: type[ArtifactError]) -> Iterator[None]:
+def reraise_as(error: type[ArtifactError]) -> Iterator[None]:
     """Re-raise an :class:`ArtifactError` (e.g. from :func:`read_artifact`) as ``error``, same message."""
     try:
         yield
@@ -132,7 +132,7 @@ def write_artifact(
     for key, value in meta.items():
         metadata[f"hfhooks.{key}"] = json.dumps(value)  # insertion order kept (e.g. a mask's tensor order)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata[_DIGEST] = _digest(metadata, tensors)
+    metadata[_DIGEST] = artifact_digest(metadata, tensors)
     # saving over an earlier artifact of the same kind is what save() means; anything else (a model shard, a
     # symlink, a directory) is refused rather than destroyed
     existed = check_output(
@@ -151,11 +151,6 @@ def write_artifact(
 
 def _is_artifact(path: Path, kind: str) -> bool:
     """Whether ``path`` is an hfhooks artifact of ``kind`` (header only; what a save may replace)."""
-    from hfhooks.io.checkpoints import (  # checkpoints imports this module
-        CheckpointError,
-        read_safetensors_header,
-    )
-
     try:
         return read_safetensors_header(path)[1].get("hfhooks.kind") == kind
     except (CheckpointError, OSError):
@@ -225,14 +220,14 @@ def read_artifact(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.T
             f"{path} has format_version {version!r}; this hfhooks ({__version__}) reads {FORMAT_VERSION!r}. "
             "Upgrade hfhooks to read files written by newer versions."
         )
-    if metadata.get(_DIGEST) != _digest(metadata, tensors):
+    if metadata.get(_DIGEST) != artifact_digest(metadata, tensors):
         raise ArtifactError(
             f"{path} failed its integrity check (digest mismatch): the file was modified or corrupted."
         )
-    return tensors, _decode_metadata(path, metadata)
+    return tensors, decode_metadata(path, metadata)
 
 
-def _decode_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+def decode_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
     """``hfhooks.*`` metadata without the prefix, JSON-decoded (the stamp keys are kept as strings)."""
     decoded: dict[str, Any] = {}
     for key, value in metadata.items():

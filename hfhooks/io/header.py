@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hfhooks.io.errors import ArtifactError
+
 __all__ = ["ArtifactError", "HeaderEntry", "read_header", "read_verified"]
 
 # safetensors dtype code -> (the torch dtype's repr, which the digest hashes; bytes per element)
@@ -42,10 +44,6 @@ DTYPES: dict[str, tuple[str, int]] = {
 FORMAT_VERSION = "1"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _STAMP_KEYS = {"hfhooks.kind", "hfhooks.version", "hfhooks.format_version", "hfhooks.digest"}
-
-
-class ArtifactError(ValueError):
-    """A file that is not a valid hfhooks artifact of the expected kind (corrupt, truncated, foreign)."""
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ from hfhooks.core.layers import Slices
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.io.artifacts import (
     ArtifactError,
-    _pack_bits,
-    _reraise_as,
-    _unpack_bits,
     model_fingerprint,
+    pack_bits,
     read_artifact,
+    reraise_as,
+    unpack_bits,
     write_artifact,
 )
 from hfhooks.io.hub import HubMixin
@@ -54,7 +54,7 @@ GRANULARITIES = ("element", "row", "column")
 _AXIS = {"row": 0, "column": 1}
 _SEMANTICS = "1=trainable"
 # What a 1 means. "1=dedicated" is a routing mask (hfhooks.dedicated_mask): a 1 is a coordinate that holds the
-# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing.router).
+# forget domain and is ablated later, not one that may train; ablate / Router check it (hfhooks.routing.ablation.check_dedicated).
 _KNOWN_SEMANTICS = (_SEMANTICS, "1=dedicated")
 _RESERVED_META = ("tensors", "semantics", "kind", "version", "format_version", "digest")
 
@@ -310,7 +310,7 @@ class ParamMask(HubMixin):
         resolved: dict[str, nn.Parameter] = {}
         unknown = [n for n in self._entries if n not in index]
         if unknown:
-            detail = index._unknown_message(unknown[0])
+            detail = index.unknown_message(unknown[0])
             more = f" ({len(unknown)} unknown names in total)" if len(unknown) > 1 else ""
             fp = self.metadata.get("model")
             origin = (
@@ -362,7 +362,7 @@ class ParamMask(HubMixin):
         tensors: dict[str, torch.Tensor] = {}
         info: dict[str, dict[str, Any]] = {}
         for name, entry in self._entries.items():
-            tensors[name] = _pack_bits(entry.bits)
+            tensors[name] = pack_bits(entry.bits)
             info[name] = {
                 "shape": list(entry.shape),
                 "granularity": entry.granularity,
@@ -385,7 +385,7 @@ class ParamMask(HubMixin):
     @classmethod
     def load(cls, path: str | os.PathLike) -> ParamMask:
         """Load a mask file written by :meth:`save`, verifying its integrity and internal consistency."""
-        with _reraise_as(MaskFileError):
+        with reraise_as(MaskFileError):
             tensors, meta = read_artifact(path, "mask")
         if meta.get("semantics") not in _KNOWN_SEMANTICS:
             raise MaskFileError(
@@ -428,7 +428,7 @@ def _decode_entry(path: Any, name: str, packed: torch.Tensor, info: Any) -> _Ent
             f"expected a U8 vector of {(expected + 7) // 8} bytes, got {packed.dtype} {tuple(packed.shape)}"
         )
     try:
-        bits = _unpack_bits(packed, expected)  # the byte count is checked above: only padding can be wrong
+        bits = unpack_bits(packed, expected)  # the byte count is checked above: only padding can be wrong
     except ValueError:
         raise bad("non-zero padding bits") from None
     ones = info.get("ones")

@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfhooks.core.blocks import find_layers
 from hfhooks.core.data import to_device
-from hfhooks.core.layers import find_layers, mlp_projections
+from hfhooks.core.hooks import HookSet
+from hfhooks.core.layers import mlp_projections
 from hfhooks.core.params import ParamIndex
 
 __all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved"]
@@ -172,6 +174,10 @@ def _batches(dataloader: Iterable[Any], max_batches: int | None, progress: bool,
         yield batch
 
 
+class _ScoringPass:
+    """The owner of one scoring pass's hooks (:class:`HookSet` keeps a weak reference to its owner)."""
+
+
 def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress):
     buffers = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in targets.items()}
 
@@ -188,9 +194,10 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
 
         return fold
 
-    handles = [p.register_post_accumulate_grad_hook(make_hook(buffers[n])) for n, p in targets.items()]
     n_batches = n_examples = 0
-    try:
+    with HookSet(_ScoringPass(), model, name="compute_saliency") as hooks:
+        for n, p in targets.items():
+            hooks.post_accumulate_grad_hook(p, make_hook(buffers[n]), n)
         for batch in _batches(dataloader, max_batches, progress, f"saliency ({score})"):
             batch = to_device(batch, device)
             loss = loss_fn(model, batch)
@@ -199,9 +206,6 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
             loss.backward()
             n_batches += 1
             n_examples += _batch_size(batch)
-    finally:
-        for h in handles:
-            h.remove()
     for n, buf in buffers.items():
         if score == "grad_abs_sum":
             buf.abs_()
@@ -221,7 +225,7 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
         info = index.info(f"{name}.weight")
         by_name[name] = info.module
     sums: dict[str, torch.Tensor] = {}
-    handles = []
+    hooks = HookSet(_ScoringPass(), model, name="compute_saliency")
 
     def make_pre_hook(name: str):
         def capture(module: nn.Module, args: tuple) -> tuple:
@@ -238,15 +242,15 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
                 total = per_example.sum(0)
                 sums[name] = sums[name] + total if name in sums else total
 
-            act.register_hook(on_grad)
+            hooks.tensor_hook(act, on_grad, name)
             return (act, *args[1:])
 
         return capture
 
-    for name, module in by_name.items():
-        handles.append(module.register_forward_pre_hook(make_pre_hook(name)))
     n_batches = n_examples = 0
-    try:
+    with hooks:
+        for name, module in by_name.items():
+            hooks.forward_pre_hook(module, make_pre_hook(name), name)
         for batch in _batches(dataloader, max_batches, progress, "saliency (act_x_grad)"):
             batch = to_device(batch, device)
             loss = loss_fn(model, batch)
@@ -255,9 +259,6 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
             loss.backward()
             n_batches += 1
             n_examples += _batch_size(batch)
-    finally:
-        for h in handles:
-            h.remove()
     missing = [n for n in module_names if n not in sums]
     if missing and n_batches:
         raise ValueError(f"Modules {missing[:3]} never ran in the forward pass; they cannot be scored.")

@@ -1,2 +1,3 @@
-"""Layer restoration: ``restore_layers`` and the range search (``restore``) and ``LayerRestorationCallback``
-(``callback``)."""
+"""Layer restoration: ``restore_layers`` (``restore``: put decoder layers back to reference weights, in memory or
+as a streamed checkpoint edit), the CRC proxy and range search (``search``: ``search_restoration``), and
+``LayerRestorationCallback`` (``callback``)."""

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hfhooks.core.layers import find_layers, layer_of
+from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex
 from hfhooks.io.artifacts import model_fingerprint
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 from transformers import TrainerCallback
 
 from hfhooks.masks.mask import ParamMask
-from hfhooks.routing.router import DEDICATED_SEMANTICS, Router, check_dedicated, dedicated_mask
+from hfhooks.routing.ablation import DEDICATED_SEMANTICS, check_dedicated, dedicated_mask
+from hfhooks.routing.router import Router
 from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
 from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
