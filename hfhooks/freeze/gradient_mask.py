@@ -42,6 +42,7 @@ from torch import nn
 
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.freeze.config import GradientMaskConfig
 from hfhooks.masks.mask import ParamMask
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
@@ -250,18 +251,28 @@ class GradientMask:
         optimizer: the optimizer that steps the model; ``with GradientMask(model, mask, optimizer=opt):`` attaches
             with it. ``hard`` / ``groups`` need it (or :meth:`after_step` called after every step).
         check_finite: warn once when a trainable parameter turns NaN / inf after an optimizer step.
+        config: a :class:`~hfhooks.GradientMaskConfig` holding ``freeze``, ``others`` and ``check_finite``;
+            keywords given as well replace its fields.
     """
+
+    _FIELDS = ("freeze", "others", "check_finite")
 
     def __init__(
         self,
         model: nn.Module,
         mask: ParamMask | str,
-        freeze: str = "hard",
-        others: str = "freeze",
+        *,
+        freeze: str | None = None,
+        others: str | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        check_finite: bool = True,
+        check_finite: bool | None = None,
+        config: GradientMaskConfig | None = None,
     ):
-        check_freeze_args(freeze, others)
+        given = {"freeze": freeze, "others": others, "check_finite": check_finite}
+        self.config = GradientMaskConfig.resolve(
+            config, {k: v for k, v in given.items() if v is not None}, "GradientMask", only=self._FIELDS
+        )
+        freeze, others, check_finite = self.config.freeze, self.config.others, self.config.check_finite
         self.model, self.freeze, self.others = model, freeze, others
         self.mask = (
             ParamMask.load(mask) if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__") else mask
