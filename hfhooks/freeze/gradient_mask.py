@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -245,14 +246,14 @@ class GradientMask:
         model: the model (plain, PEFT, DDP or compiled; names are canonical, tied-weight aliases resolve to the
             shared tensor).
         mask: the mask (``1`` = may train) or a path to a saved mask file.
-        freeze: ``"hard"`` (default: bit-identical guarantee), ``"groups"`` (hard, and drop fully frozen
+        freeze (option): ``"hard"`` (default: bit-identical guarantee), ``"groups"`` (hard, and drop fully frozen
             tensors from the optimizer), or ``"grad"`` (gradient masking only).
-        others: what happens to trainable parameters the mask does not name: ``"freeze"`` (default) or ``"train"``.
+        others (option): what happens to trainable parameters the mask does not name: ``"freeze"`` (default) or ``"train"``.
         optimizer: the optimizer that steps the model; ``with GradientMask(model, mask, optimizer=opt):`` attaches
             with it. ``hard`` / ``groups`` need it (or :meth:`after_step` called after every step).
-        check_finite: warn once when a trainable parameter turns NaN / inf after an optimizer step.
-        config: a :class:`~hfhooks.GradientMaskConfig` holding ``freeze``, ``others`` and ``check_finite``;
-            keywords given as well replace its fields.
+        check_finite (option): warn once when a trainable parameter turns NaN / inf after an optimizer step.
+        config: a :class:`~hfhooks.GradientMaskConfig` holding the options (``freeze``, ``others``,
+            ``check_finite``); they may also be given as keywords, which replace the config's fields.
     """
 
     _FIELDS = ("freeze", "others", "check_finite")
@@ -262,16 +263,11 @@ class GradientMask:
         model: nn.Module,
         mask: ParamMask | str,
         *,
-        freeze: str | None = None,
-        others: str | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        check_finite: bool | None = None,
         config: GradientMaskConfig | None = None,
+        **options: Any,
     ):
-        given = {"freeze": freeze, "others": others, "check_finite": check_finite}
-        self.config = GradientMaskConfig.resolve(
-            config, {k: v for k, v in given.items() if v is not None}, "GradientMask", only=self._FIELDS
-        )
+        self.config = GradientMaskConfig.resolve(config, options, "GradientMask", only=self._FIELDS)
         freeze, others, check_finite = self.config.freeze, self.config.others, self.config.check_finite
         self.model, self.freeze, self.others = model, freeze, others
         self.mask = (
