@@ -44,7 +44,14 @@ from hfhooks.io.artifacts import read_artifact
 from hfhooks.trainer.state import STATE_DIR, load_mask, load_state
 from hfhooks.unlearning.objectives import OBJECTIVES
 
-CONFIGS = [GradientMaskConfig, RoutingConfig, SalUnConfig, UnlearningEvalConfig, AlignmentConfig, RestorationConfig]
+CONFIGS = [
+    GradientMaskConfig,
+    RoutingConfig,
+    SalUnConfig,
+    UnlearningEvalConfig,
+    AlignmentConfig,
+    RestorationConfig,
+]
 
 # (config, field, bad value): each must raise ValueError naming the field and the value
 BAD = [
@@ -216,13 +223,19 @@ def test_the_callbacks_run_with_their_config():
     model = make_model("llama")
     cb = GradientMaskCallback(_mask(model), config=GradientMaskConfig(freeze="grad", others="train"))
     assert (cb.freeze, cb.others) == ("grad", "train")
-    router = Router(model, dedicated_mask(model, mlp_units=4), config=RoutingConfig(level="activation", strict=False))
+    router = Router(
+        model, dedicated_mask(model, mlp_units=4), config=RoutingConfig(level="activation", strict=False)
+    )
     assert (router.level, router.strict) == ("activation", False)
-    assert RoutingConfig().strict is True and GradientRoutingCallback().strict is True  # strict stays the default
+    assert (
+        RoutingConfig().strict is True and GradientRoutingCallback().strict is True
+    )  # strict stays the default
     salun = SaliencyUnlearningCallback([], objective=UnlearningObjective("graddiff", retain_weight=0.5))
     assert (salun.config.objective, salun.config.retain_weight) == ("graddiff", 0.5)
     with pytest.raises(ValueError, match="contradicts"):
-        SaliencyUnlearningCallback([], objective=UnlearningObjective("ga", retain_weight=0.0), retain_weight=1.0)
+        SaliencyUnlearningCallback(
+            [], objective=UnlearningObjective("ga", retain_weight=0.0), retain_weight=1.0
+        )
 
 
 def test_an_unknown_keyword_is_a_type_error_naming_the_allowed_ones():
@@ -294,16 +307,22 @@ def test_routing_state_and_masks_record_the_config(tmp_path):
     assert RoutingConfig.from_dict(cb.dedicated.metadata["config"]) == cfg
     assert RoutingConfig.from_dict(ParamMask.load(tmp_path / "ded.safetensors").metadata["config"]) == cfg
     cb.on_save(args, state, T.TrainerControl(), model=model)
-    _, meta = read_artifact(tmp_path / "checkpoint-3" / STATE_DIR / "GradientRoutingCallback.safetensors", "callback_state")
+    _, meta = read_artifact(
+        tmp_path / "checkpoint-3" / STATE_DIR / "GradientRoutingCallback.safetensors", "callback_state"
+    )
     assert RoutingConfig.from_dict(meta["config"]) == cfg and meta["version"] == hfhooks.__version__
     assert load_state(args, state, "GradientRoutingCallback", None, config=cfg) is not None
     # where the extra copy goes may change on resume; the routing level may not
     moved = dataclasses.replace(cfg, save_mask=str(tmp_path / "elsewhere.safetensors"))
     assert load_mask(args, state, "GradientRoutingCallback", None, config=moved) == cb.dedicated
     with pytest.raises(CallbackStateError, match=r"level: checkpoint 'activation', this run 'param'"):
-        load_mask(args, state, "GradientRoutingCallback", None, config=dataclasses.replace(cfg, level="param"))
+        load_mask(
+            args, state, "GradientRoutingCallback", None, config=dataclasses.replace(cfg, level="param")
+        )
     with pytest.raises(CallbackStateError, match=r"level: checkpoint 'activation', this run 'param'"):
-        load_state(args, state, "GradientRoutingCallback", None, config=dataclasses.replace(cfg, level="param"))
+        load_state(
+            args, state, "GradientRoutingCallback", None, config=dataclasses.replace(cfg, level="param")
+        )
 
 
 def test_attribution_state_records_the_config_and_refuses_other_options(tmp_path):
@@ -317,7 +336,9 @@ def test_attribution_state_records_the_config_and_refuses_other_options(tmp_path
     )
     assert AlignmentConfig.from_dict(meta["config"]) == cfg
     with pytest.raises(CallbackStateError, match=r"weight: checkpoint 0\.25, this run 0\.5"):
-        load_state(args, state, "AttributionAlignmentCallback", None, config=dataclasses.replace(cfg, weight=0.5))
+        load_state(
+            args, state, "AttributionAlignmentCallback", None, config=dataclasses.replace(cfg, weight=0.5)
+        )
 
 
 def _lm_data(n: int = 8):
@@ -332,7 +353,11 @@ def _train(out, callbacks, resume=None):
         report_to=[], logging_strategy="no", save_strategy="steps", save_steps=1, disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = T.Trainer(
-        model=model, args=args, train_dataset=_lm_data(), data_collator=T.default_data_collator, callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=_lm_data(),
+        data_collator=T.default_data_collator,
+        callbacks=callbacks,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
