@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "RETAIN": "hfhooks.routing.router",
     "SCORES": "hfhooks.masks.saliency",
     "UNLABELLED": "hfhooks.routing.router",
+    "AlignmentConfig": "hfhooks.attribution.config",
     "ArtifactError": "hfhooks.io.artifacts",
     "AttributionAlignment": "hfhooks.attribution",
     "AttributionAlignmentCallback": "hfhooks.attribution.callback",
@@ -33,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "DiffFileError": "hfhooks.diffs",
     "GradientMask": "hfhooks.freeze.gradient_mask",
     "GradientMaskCallback": "hfhooks.freeze.callback",
+    "GradientMaskConfig": "hfhooks.freeze.config",
     "GradientRoutingCallback": "hfhooks.routing.callback",
     "HookRecord": "hfhooks.core.hooks",
     "HubError": "hfhooks.io.hub",
@@ -42,9 +44,12 @@ _EXPORTS: dict[str, str] = {
     "MaskFileError": "hfhooks.masks.mask",
     "ParamIndex": "hfhooks.core.params",
     "ParamMask": "hfhooks.masks.mask",
+    "RestorationConfig": "hfhooks.restoration.config",
     "RestorationSearch": "hfhooks.restoration.search",
     "RestoreReport": "hfhooks.restoration.restore",
     "Router": "hfhooks.routing.router",
+    "RoutingConfig": "hfhooks.routing.config",
+    "SalUnConfig": "hfhooks.unlearning.config",
     "SaliencyUnlearningCallback": "hfhooks.unlearning.callback",
     "Scores": "hfhooks.masks.saliency",
     "Tagged": "hfhooks.core.data",
@@ -52,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "TaggedDataset": "hfhooks.core.data",
     "UnknownParameterError": "hfhooks.core.params",
     "UnlearningEvalCallback": "hfhooks.unlearning.eval_callback",
+    "UnlearningEvalConfig": "hfhooks.unlearning.config",
     "UnlearningObjective": "hfhooks.unlearning.objectives",
     "WeightDiff": "hfhooks.diffs",
     "ablate": "hfhooks.routing.ablation",
@@ -98,6 +104,7 @@ __all__ = [
     "RETAIN",
     "SCORES",
     "UNLABELLED",
+    "AlignmentConfig",
     "ArtifactError",
     "AttributionAlignment",
     "AttributionAlignmentCallback",
@@ -110,6 +117,7 @@ __all__ = [
     "DiffFileError",
     "GradientMask",
     "GradientMaskCallback",
+    "GradientMaskConfig",
     "GradientRoutingCallback",
     "HookRecord",
     "HubError",
@@ -119,9 +127,12 @@ __all__ = [
     "MaskFileError",
     "ParamIndex",
     "ParamMask",
+    "RestorationConfig",
     "RestorationSearch",
     "RestoreReport",
     "Router",
+    "RoutingConfig",
+    "SalUnConfig",
     "SaliencyUnlearningCallback",
     "Scores",
     "Tagged",
@@ -129,6 +140,7 @@ __all__ = [
     "TaggedDataset",
     "UnknownParameterError",
     "UnlearningEvalCallback",
+    "UnlearningEvalConfig",
     "UnlearningObjective",
     "WeightDiff",
     "__version__",
@@ -187,6 +199,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.attribution import AttributionAlignment, attribute, deletion_insertion, faithfulness
     from hfhooks.attribution.callback import AttributionAlignmentCallback
+    from hfhooks.attribution.config import AlignmentConfig
     from hfhooks.core.blocks import LayerList, find_layers, layer_of
     from hfhooks.core.config import Config
     from hfhooks.core.data import Tagged, TaggedCollator, TaggedDataset
@@ -205,6 +218,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         tensor_fingerprint,
     )
     from hfhooks.freeze.callback import GradientMaskCallback
+    from hfhooks.freeze.config import GradientMaskConfig
     from hfhooks.freeze.gradient_mask import GradientMask
     from hfhooks.io.artifacts import ArtifactError, model_fingerprint
     from hfhooks.io.checkpoints import Checkpoint, CheckpointError
@@ -214,6 +228,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency
     from hfhooks.masks.topk import topk_masks
     from hfhooks.restoration.callback import LayerRestorationCallback
+    from hfhooks.restoration.config import RestorationConfig
     from hfhooks.restoration.restore import RestoreReport, restore_layers
     from hfhooks.restoration.search import (
         CRCPrompt,
@@ -224,9 +239,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     )
     from hfhooks.routing.ablation import ablate, calibrate_logits, dedicated_mask, load_logit_bias
     from hfhooks.routing.callback import GradientRoutingCallback
+    from hfhooks.routing.config import RoutingConfig
     from hfhooks.routing.router import FORGET, RETAIN, UNLABELLED, Router, routing_labels
     from hfhooks.trainer.state import CallbackStateError
     from hfhooks.unlearning.callback import SaliencyUnlearningCallback
+    from hfhooks.unlearning.config import SalUnConfig, UnlearningEvalConfig
     from hfhooks.unlearning.eval_callback import UnlearningEvalCallback
     from hfhooks.unlearning.evaluation import average_gap, mia_efficacy, relearn_attack, unlearning_metrics
     from hfhooks.unlearning.objectives import (

@@ -12,26 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from hfhooks.attribution.distances import DISTANCES, distance
+from hfhooks.attribution.config import AlignmentConfig
+from hfhooks.attribution.distances import distance
 from hfhooks.attribution.methods import (
-    IG_STEPS,
-    METHODS,
     compute_attribution,
     needs_double_backprop,
     target_scores,
 )
-from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, Prior, pool_words
+from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, pool_words
 from hfhooks.attribution.sites import AttributionSite
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.loss_hooks import LossHook, count_items
 
 __all__ = ["AttributionAlignment"]
+
+# AlignmentConfig's fields this mechanism uses (resume_from belongs to the callback)
+_FIELDS = tuple(f for f in AlignmentConfig.__dataclass_fields__ if f != "resume_from")
 
 
 class AttributionAlignment:
@@ -66,60 +67,49 @@ class AttributionAlignment:
             backward is used) and be what the training loop backpropagates. The first such step also computes
             ∂s/∂e the slow way and compares: if they differ (another loss term on the embeddings), ``"auto"``
             warns and keeps the extra backward from then on, ``True`` raises.
+        config: an :class:`~hfhooks.AlignmentConfig` holding the options above (``method`` may still be given
+            first, positionally); keywords given as well replace its fields.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        method: str = "grad_x_input",
-        prior: Prior | str = "rationale",
-        distance: str | None = None,
-        weight: float = 1.0,
-        every: int = 1,
-        fraction: float = 1.0,
-        target: str = "label",
-        score: str | None = None,
-        steps: int = IG_STEPS,
-        input_key: str | None = None,
-        special_token_ids: Sequence[int] | Any | None = None,
-        word_ids: str | None = None,
-        check_gradient: bool = True,
-        seed: int = 0,
-        reuse_backward: bool | str = "auto",
+        method: str | None = None,
+        *,
+        config: AlignmentConfig | None = None,
+        **options: Any,
     ):
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not one of {METHODS}.")
-        distance = distance or ("rrr" if method == "input_gradient" else "kl")
-        if distance not in DISTANCES:
-            raise ValueError(f"distance={distance!r} is not one of {DISTANCES}.")
-        if every < 1 or not 0 < fraction <= 1 or steps < 1:
-            raise ValueError(f"every={every} must be ≥ 1, fraction={fraction} in (0, 1], steps={steps} ≥ 1.")
-        self.model, self.method, self.distance, self.weight = model, method, distance, float(weight)
+        if method is not None:
+            options = {"method": method, **options}
+        self.config = AlignmentConfig.resolve(config, options, "AttributionAlignment", only=_FIELDS)
+        c = self.config
+        method, prior, target, word_ids = c.method, c.prior, c.target, c.word_ids
+        distance = c.distance or ("rrr" if method == "input_gradient" else "kl")
+        self.model, self.method, self.distance, self.weight = model, method, distance, float(c.weight)
         self.prior = ColumnPrior(prior) if isinstance(prior, str) else prior
-        score = score or ("logprob" if method == "grad_x_input_first_order" else "logit")
-        self.every, self.fraction, self.target, self.score, self.steps = every, fraction, target, score, steps
-        self.word_ids, self.check_gradient = word_ids, check_gradient
-        if reuse_backward not in (True, False, "auto"):
-            raise ValueError(f"reuse_backward={reuse_backward!r} must be True, False or 'auto'.")
+        score = c.score or ("logprob" if method == "grad_x_input_first_order" else "logit")
+        self.every, self.fraction, self.target, self.score, self.steps = (
+            c.every,
+            c.fraction,
+            target,
+            score,
+            c.steps,
+        )
+        self.word_ids, self.check_gradient = word_ids, c.check_gradient
+        reuse_backward = c.reuse_backward
         eligible = method == "grad_x_input_first_order" and score == "logprob" and target == "label"
-        if reuse_backward is True and not eligible:
-            raise ValueError(
-                "reuse_backward=True needs method='grad_x_input_first_order', score='logprob', target='label': only "
-                "then is the attributed score's gradient a multiple of the training loss's."
-            )
         self.reuse_backward = reuse_backward is True or (reuse_backward == "auto" and eligible)
         self._reuse_strict = reuse_backward is True
         self.reused = 0  # terms whose ∂s/∂e came from the training backward
         self._reuse_checked = False
-        self.site = AttributionSite(model, input_key)
-        if hasattr(special_token_ids, "all_special_ids"):  # a tokenizer: its [CLS], [SEP], <s>, ... ids
-            special_token_ids = special_token_ids.all_special_ids
+        self.site = AttributionSite(model, c.input_key)
+        special_token_ids = c.special_token_ids  # a tokenizer was replaced by its ids in the config
         self.special_ids = torch.tensor(
             list(special_token_ids) if special_token_ids is not None else self._config_special_ids()
         )
         self.step = 0
         self.stats = {"terms": 0, "term_sum": 0.0, "loss_sum": 0.0}
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(c.seed)
         self._checked = False
         self._rerunning = False
         self._stack: contextlib.ExitStack | None = None

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from transformers import TrainerCallback
 
 from hfhooks.attribution.alignment import AttributionAlignment
+from hfhooks.attribution.config import AlignmentConfig
 from hfhooks.attribution.methods import needs_double_backprop
 from hfhooks.trainer.guards import refuse_unsupported
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
-from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
+from hfhooks.trainer.state import ResumeFrom, load_state, save_state
 
 __all__ = ["AttributionAlignmentCallback"]
 
 _OWNER = "AttributionAlignmentCallback"
-
-
-def _describe(options: dict) -> dict:
-    """The options as JSON (objects by type name), to check that a resumed run aligns the same way."""
-    plain = (str, int, float, bool, type(None))
-    return {k: v if isinstance(v, plain) else type(v).__name__ for k, v in sorted(options.items())}
+_FIELDS = tuple(f for f in AlignmentConfig.__dataclass_fields__ if f != "resume_from")
 
 
 class AttributionAlignmentCallback(TrainerCallback):
@@ -44,7 +41,11 @@ class AttributionAlignmentCallback(TrainerCallback):
     ``aot_eager``…) hide the embedding output inside the compiled graph, so no attribution can be taken there;
     the callback refuses them with that alternative.
 
-    Resuming: the options, the token-sampling generator and the reuse decision are saved with every checkpoint
+    Options: ``method`` (may be given first, positionally) and the other fields of
+    :class:`~hfhooks.AlignmentConfig` — pass ``config=AlignmentConfig(...)`` or the same fields as keywords. They
+    are validated when the callback is built.
+
+    Resuming: the options (the config), the token-sampling generator and the reuse decision are saved with every checkpoint
     (``<checkpoint>/hfhooks/``) and restored on ``resume_from_checkpoint``; other options than the checkpoint's,
     or a checkpoint without them, raise (``resume_from=False`` starts afresh; ``resume_from=PATH`` names the
     checkpoint when it is not the Trainer's ``output_dir/checkpoint-<step>``).
@@ -52,20 +53,20 @@ class AttributionAlignmentCallback(TrainerCallback):
 
     reports_metrics = True  # moved ahead of the report_to integrations (see hfhooks/trainer/reporting.py)
 
-    def __init__(
-        self,
-        method: str = "grad_x_input",
-        prior="rationale",
-        distance: str | None = None,
-        weight: float = 1.0,
-        resume_from: ResumeFrom = None,
-        **kwargs,
-    ):
-        self.options = dict(method=method, prior=prior, distance=distance, weight=weight, **kwargs)
-        self.resume_from = resume_from
+    def __init__(self, method: str | None = None, *, config: AlignmentConfig | None = None, **options: Any):
+        if method is not None:
+            options = {"method": method, **options}
+        # validated here, not when training starts: a bad option fails where it is written
+        self.config = AlignmentConfig.resolve(config, options, _OWNER)
+        self.resume_from: ResumeFrom = self.config.resume_from
         self.alignment: AttributionAlignment | None = None
         self._hold_math_sdpa = False
         self._sdpa: contextlib.ExitStack | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The alignment options (the config's fields but ``resume_from``)."""
+        return {f: getattr(self.config, f) for f in _FIELDS}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
@@ -91,18 +92,14 @@ class AttributionAlignmentCallback(TrainerCallback):
         )
         if self.alignment is not None:
             self.alignment.detach()
-        self.alignment = AttributionAlignment(model, **self.options)
-        saved = load_state(args, state, _OWNER, self.resume_from)
+        self.alignment = AttributionAlignment(model, config=self.config)
+        saved = load_state(args, state, _OWNER, self.resume_from, config=self.config)
         if saved is not None:
             self._restore(*saved)
         self.alignment.attach()
 
     def _restore(self, tensors: dict, meta: dict) -> None:
-        if meta.get("options") != _describe(self.options):
-            raise CallbackStateError(
-                f"{_OWNER}: the checkpoint was trained with options {meta.get('options')}, this resumed run has "
-                f"{_describe(self.options)}. Resume with the same options, or pass resume_from=False."
-            )
+        # the options were compared with the checkpoint's by load_state (check_same_config)
         # the generator samples attributed tokens (fraction < 1): continue its stream where the checkpoint left it
         self.alignment._generator.set_state(tensors["generator"])
         self.alignment.reuse_backward = meta["reuse_backward"]
@@ -111,12 +108,9 @@ class AttributionAlignmentCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.alignment is None:
             return
-        meta = {
-            "options": _describe(self.options),
-            "reuse_backward": self.alignment.reuse_backward,
-            "reused": self.alignment.reused,
-        }
-        save_state(args, state, _OWNER, {"generator": self.alignment._generator.get_state()}, meta)
+        meta = {"reuse_backward": self.alignment.reuse_backward, "reused": self.alignment.reused}
+        tensors = {"generator": self.alignment._generator.get_state()}
+        save_state(args, state, _OWNER, tensors, meta, config=self.config)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.alignment is not None:

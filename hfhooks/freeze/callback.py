@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from transformers import TrainerCallback
 
-from hfhooks.freeze.gradient_mask import GradientMask, check_freeze_args
+from hfhooks.freeze.config import GradientMaskConfig
+from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.mask import ParamMask
 from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
 from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, save_mask
@@ -25,50 +27,47 @@ class GradientMaskCallback(TrainerCallback):
 
     Args:
         mask: a :class:`ParamMask` (1 = may train) or the path of a saved mask.
-        freeze: ``"hard"`` | ``"groups"`` | ``"grad"`` (see :mod:`hfhooks.freeze.gradient_mask`).
-        others: ``"freeze"`` (default: parameters the mask does not name do not train) or ``"train"``.
-        verify: check at train end that frozen coordinates are bit-identical (``hard``/``groups`` only).
-        resume_from: the checkpoint whose saved mask a resumed run is checked against (default: the one the
-            Trainer resumes from); ``False`` skips the check.
+        config: a :class:`~hfhooks.GradientMaskConfig` (``freeze``, ``others``, ``verify``, ``check_finite``,
+            ``resume_from``); its fields may also be given as keywords, which replace the config's.
 
-    The mask is saved with every checkpoint (``<checkpoint>/hfhooks/``); a resumed run raises if its mask
-    differs from the one the checkpoint was trained with, or if the checkpoint holds none.
+    The mask is saved with every checkpoint (``<checkpoint>/hfhooks/``, with the config that trained it); a
+    resumed run raises if its mask or config differs from the one the checkpoint was trained with (except
+    ``verify`` / ``check_finite``), or if the checkpoint holds none.
 
     Example::
 
         trainer = Trainer(model=model, args=args, train_dataset=ds,
-                          callbacks=[GradientMaskCallback("salun_mask.safetensors")])
+                          callbacks=[GradientMaskCallback("salun_mask.safetensors", freeze="hard")])
         trainer.train()
     """
 
     def __init__(
         self,
         mask: ParamMask | str | os.PathLike,
-        freeze: str = "hard",
-        others: str = "freeze",
-        verify: bool = True,
-        resume_from: ResumeFrom = None,
+        *,
+        config: GradientMaskConfig | None = None,
+        **options: Any,
     ):
+        self.config = GradientMaskConfig.resolve(config, options, "GradientMaskCallback")
         self.mask = mask if isinstance(mask, ParamMask) else ParamMask.load(mask)
-        self.freeze, self.others, self.verify = freeze, others, verify
+        self.freeze, self.others, self.verify = self.config.freeze, self.config.others, self.config.verify
+        self.resume_from: ResumeFrom = self.config.resume_from
         self.enforcer: GradientMask | None = None
-        self.resume_from = resume_from
-        check_freeze_args(freeze, others)  # fail at construction, not at train time
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
         refuse_step_in_backward(args, "GradientMaskCallback", optimizer)
-        saved = load_mask(args, state, "GradientMaskCallback", self.resume_from)
+        saved = load_mask(args, state, "GradientMaskCallback", self.resume_from, config=self.config)
         if saved is not None:
             check_same_mask(self.mask, saved, "GradientMaskCallback")
         if self.enforcer is not None:
             self.enforcer.detach()
-        self.enforcer = GradientMask(model, self.mask, self.freeze, self.others).attach(optimizer)
+        self.enforcer = GradientMask(model, self.mask, config=self.config).attach(optimizer)
         if self.enforcer.finite is not None:  # name the Trainer's step in the non-finite warning
             self.enforcer.finite.step_offset = state.global_step
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        save_mask(args, state, "GradientMaskCallback", self.mask, model=model)
+        save_mask(args, state, "GradientMaskCallback", self.mask, model=model, config=self.config)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.enforcer is None:

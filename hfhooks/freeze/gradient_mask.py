@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.freeze.config import GradientMaskConfig
 from hfhooks.masks.mask import ParamMask
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
@@ -244,24 +246,29 @@ class GradientMask:
         model: the model (plain, PEFT, DDP or compiled; names are canonical, tied-weight aliases resolve to the
             shared tensor).
         mask: the mask (``1`` = may train) or a path to a saved mask file.
-        freeze: ``"hard"`` (default: bit-identical guarantee), ``"groups"`` (hard, and drop fully frozen
+        freeze (option): ``"hard"`` (default: bit-identical guarantee), ``"groups"`` (hard, and drop fully frozen
             tensors from the optimizer), or ``"grad"`` (gradient masking only).
-        others: what happens to trainable parameters the mask does not name: ``"freeze"`` (default) or ``"train"``.
+        others (option): what happens to trainable parameters the mask does not name: ``"freeze"`` (default) or ``"train"``.
         optimizer: the optimizer that steps the model; ``with GradientMask(model, mask, optimizer=opt):`` attaches
             with it. ``hard`` / ``groups`` need it (or :meth:`after_step` called after every step).
-        check_finite: warn once when a trainable parameter turns NaN / inf after an optimizer step.
+        check_finite (option): warn once when a trainable parameter turns NaN / inf after an optimizer step.
+        config: a :class:`~hfhooks.GradientMaskConfig` holding the options (``freeze``, ``others``,
+            ``check_finite``); they may also be given as keywords, which replace the config's fields.
     """
+
+    _FIELDS = ("freeze", "others", "check_finite")
 
     def __init__(
         self,
         model: nn.Module,
         mask: ParamMask | str,
-        freeze: str = "hard",
-        others: str = "freeze",
+        *,
         optimizer: torch.optim.Optimizer | None = None,
-        check_finite: bool = True,
+        config: GradientMaskConfig | None = None,
+        **options: Any,
     ):
-        check_freeze_args(freeze, others)
+        self.config = GradientMaskConfig.resolve(config, options, "GradientMask", only=self._FIELDS)
+        freeze, others, check_finite = self.config.freeze, self.config.others, self.config.check_finite
         self.model, self.freeze, self.others = model, freeze, others
         self.mask = (
             ParamMask.load(mask) if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__") else mask

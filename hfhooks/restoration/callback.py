@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex
 from hfhooks.io.artifacts import model_fingerprint
+from hfhooks.restoration.config import RestorationConfig
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
 from hfhooks.trainer.guards import refuse_unsupported
 from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
@@ -23,8 +24,6 @@ from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, sa
 __all__ = ["LayerRestorationCallback"]
 
 _OWNER = "LayerRestorationCallback"
-_WHEN = ("train_end", "save")
-_MODES = ("inplace", "variant")
 
 
 class LayerRestorationCallback(TrainerCallback):
@@ -34,6 +33,8 @@ class LayerRestorationCallback(TrainerCallback):
         reference: the weights to restore from — the pre-trained model, its checkpoint directory, or
             ``{name: tensor}``.
         layers: the decoder layers, e.g. ``"4:8"`` or ``range(4, 8)``.
+        config: a :class:`~hfhooks.RestorationConfig` with the options below; they may also be given as
+            keywords.
         when: ``"train_end"``, ``"save"`` or both (a tuple).
         mode: ``"inplace"`` — at train end the live model is restored (what ``trainer.save_model()`` writes
             afterwards); at a save the checkpoint's weights are replaced atomically (optimizer and trainer
@@ -45,8 +46,8 @@ class LayerRestorationCallback(TrainerCallback):
         resume_from: the checkpoint a resumed run checks its settings against (default: the one the Trainer
             resumes from); ``False`` skips the check.
 
-    Resuming: the settings (layers, when, mode, the reference's identity) are saved with every checkpoint and a
-    resumed run with other settings, or from a checkpoint without them, raises.
+    Resuming: the config and the reference's identity and layers are saved with every checkpoint and a resumed
+    run with other settings, or from a checkpoint without them, raises.
 
     Checkpoint edits stream shard by shard (bounded memory) and run on the processes that save
     (``args.should_save``: the main process, or each node's with ``save_on_each_node``); the live model is
@@ -71,33 +72,20 @@ class LayerRestorationCallback(TrainerCallback):
         reference: Any,
         layers: str | int | slice | Iterable[int],
         *,
-        when: str | Iterable[str] = "train_end",
-        mode: str = "inplace",
-        variant: str = "restored",
-        embeddings: bool = False,
-        final_norm: bool = False,
-        lm_head: bool = False,
-        adapters: str = "zero",
-        resume_from: ResumeFrom = None,
+        config: RestorationConfig | None = None,
+        **options: Any,
     ):
-        self.when = {when} if isinstance(when, str) else set(when)
-        if not self.when or not self.when <= set(_WHEN):
-            raise ValueError(f"when={when!r}: use 'train_end', 'save' or both.")
-        if mode not in _MODES:
-            raise ValueError(f"mode={mode!r}: use 'inplace' or 'variant'.")
-        if adapters not in ("zero", "drop"):
-            raise ValueError(f"adapters={adapters!r}: use 'zero' or 'drop'.")
-        if not variant or os.sep in variant or variant.startswith("."):
-            raise ValueError(f"variant={variant!r} must be a plain directory name.")
+        self.config = c = RestorationConfig.resolve(config, options, _OWNER)
         if isinstance(reference, str | os.PathLike) and not Path(reference).exists():
             raise FileNotFoundError(f"Reference checkpoint {reference} does not exist.")
-        self.reference, self.layers, self.mode, self.variant = reference, layers, mode, variant
-        self.options = {"embeddings": embeddings, "final_norm": final_norm, "lm_head": lm_head}
-        self.adapters = adapters
+        self.when = set(c.when)
+        self.reference, self.layers, self.mode, self.variant = reference, layers, c.mode, c.variant
+        self.options = {"embeddings": c.embeddings, "final_norm": c.final_norm, "lm_head": c.lm_head}
+        self.adapters = c.adapters
         self.reports: list[RestoreReport] = []
         self._restored: set[Path] = set()  # checkpoints already edited (at on_push_begin, before on_save)
         self._training = False
-        self.resume_from = resume_from
+        self.resume_from: ResumeFrom = c.resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(
@@ -109,15 +97,16 @@ class LayerRestorationCallback(TrainerCallback):
         )
         if getattr(args, "push_to_hub", False):
             self._check_push(args)
-        saved = load_state(args, state, _OWNER, self.resume_from)
+        saved = load_state(args, state, _OWNER, self.resume_from, config=self.config)  # checks the config
         if saved is not None and json.loads(json.dumps(self._settings())) != saved[1]:
             raise CallbackStateError(
                 f"{_OWNER}: the checkpoint was trained with {saved[1]}, this resumed run has {self._settings()}. "
-                "Resume with the same settings, or pass resume_from=False."
+                "Resume with the same reference and layers, or pass resume_from=False."
             )
         self._restored, self._training = set(), True
 
     def _settings(self) -> dict:
+        """What the config does not hold: the reference's identity and the layers."""
         ref = self.reference
         if isinstance(ref, str | os.PathLike):
             ref = str(Path(ref).resolve())
@@ -125,15 +114,7 @@ class LayerRestorationCallback(TrainerCallback):
             ref = {"model": model_fingerprint(ref)}
         else:  # {name: tensor}: its names and shapes
             ref = {"tensors": sorted((k, list(v.shape)) for k, v in dict(ref).items())}
-        return {
-            "reference": ref,
-            "layers": repr(self.layers),
-            "when": sorted(self.when),
-            "mode": self.mode,
-            "variant": self.variant,
-            **self.options,
-            "adapters": self.adapters,
-        }
+        return {"reference": ref, "layers": repr(self.layers)}
 
     def _check_push(self, args) -> None:
         strategy = str(getattr(getattr(args, "hub_strategy", None), "value", args.hub_strategy))
@@ -178,7 +159,8 @@ class LayerRestorationCallback(TrainerCallback):
                 )
             elif ckpt.resolve() not in self._restored:
                 self._restore_checkpoint(ckpt)
-        save_state(args, state, _OWNER, meta=self._settings())  # after an in-place edit of the checkpoint
+        # after an in-place edit of the checkpoint
+        save_state(args, state, _OWNER, meta=self._settings(), config=self.config)
 
     def _restore_checkpoint(self, ckpt: Path) -> None:
         out = ckpt if self.mode == "inplace" else ckpt / self.variant

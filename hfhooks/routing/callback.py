@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from typing import Any
 
 from transformers import TrainerCallback
 
 from hfhooks.masks.mask import ParamMask
 from hfhooks.routing.ablation import DEDICATED_SEMANTICS, check_dedicated, dedicated_mask
+from hfhooks.routing.config import RoutingConfig
 from hfhooks.routing.router import Router
 from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
@@ -28,17 +29,18 @@ class GradientRoutingCallback(TrainerCallback):
     ``TaggedDataset(..., group_by="routing", batch_size=B)`` and ``per_device_train_batch_size=1``.
 
     Args:
-        dedicated: a mask of dedicated coordinates, or a path to one; default: :func:`dedicated_mask` with
-            ``layers``, ``mlp_units`` and ``heads``.
-        layers, mlp_units, heads: the default dedicated slices (all layers, last 64 units, last head).
-        level: ``"param"`` (SGTM) or ``"activation"`` (gradient routing, mixed batches).
-        label_name: the tag / batch key holding the labels.
-        strict: ``True`` (default): undo momentum / weight-decay drift of coordinates a step's mode must not
-            change, so routing is exact; ``False`` asks for the leaky behaviour of a single optimizer.
-        save_mask: if set, the dedicated mask is saved there (safetensors) when training starts.
-        resume_from: the checkpoint a resumed run restores the dedicated mask and batch counters from
-            (default: the one the Trainer resumes from); ``False`` starts them afresh.
-        **router_kwargs: forwarded to :class:`~hfhooks.routing.router.Router` (e.g. ``forget_weights``).
+        dedicated: a mask of dedicated coordinates, or a path to one; default: :func:`dedicated_mask` with the
+            config's ``layers``, ``mlp_units`` and ``heads``.
+        config: a :class:`~hfhooks.RoutingConfig` — ``level`` (``"param"``: SGTM, or ``"activation"``: gradient
+            routing, mixed batches), ``label_name``, ``strict`` (default ``True``: undo momentum / weight-decay
+            drift of coordinates a step's mode must not change, so routing is exact; ``False`` asks for the
+            leaky behaviour of a single optimizer), the :class:`~hfhooks.Router` weights, the default dedicated
+            slices (``layers``, ``mlp_units``, ``heads``), ``save_mask`` (also save the dedicated mask there when
+            training starts) and ``resume_from`` (the checkpoint a resumed run restores the dedicated mask and
+            batch counters from; ``False`` starts them afresh). Its fields may also be given as keywords.
+
+    The dedicated mask and batch counters are saved with every checkpoint, with the config; a resumed run with
+    another config (but ``save_mask``) or another dedicated mask raises.
 
     Example::
 
@@ -53,28 +55,22 @@ class GradientRoutingCallback(TrainerCallback):
     def __init__(
         self,
         dedicated: ParamMask | str | os.PathLike | None = None,
-        layers: Iterable[int] | slice | None = None,
-        mlp_units: int | Sequence[int] = 64,
-        heads: int | Sequence[int] = 1,
-        level: str = "param",
-        label_name: str = "routing",
-        strict: bool = True,
-        save_mask: str | os.PathLike | None = None,
-        resume_from: ResumeFrom = None,
-        **router_kwargs,
+        *,
+        config: RoutingConfig | None = None,
+        **options: Any,
     ):
+        self.config = RoutingConfig.resolve(config, options, _OWNER)
         if dedicated is not None and not isinstance(dedicated, ParamMask):
             dedicated = ParamMask.load(dedicated)
         if dedicated is not None:
-            check_dedicated(dedicated, "GradientRoutingCallback")
-        if level not in ("param", "activation"):
-            raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
+            check_dedicated(dedicated, _OWNER)
         self.dedicated = dedicated
-        self.layers, self.mlp_units, self.heads = layers, mlp_units, heads
-        self.level, self.label_name, self.strict = level, label_name, strict
-        self.save_mask, self.router_kwargs = save_mask, router_kwargs
+        c = self.config
+        self.layers, self.mlp_units, self.heads = c.layers, c.mlp_units, c.heads
+        self.level, self.label_name, self.strict = c.level, c.label_name, c.strict
+        self.save_mask = c.save_mask
         self.router: Router | None = None
-        self.resume_from = resume_from
+        self.resume_from: ResumeFrom = c.resume_from
         self._given_mask = dedicated is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -84,24 +80,25 @@ class GradientRoutingCallback(TrainerCallback):
         ):  # step hooks / gradient hooks that must run before the update
             refuse_step_in_backward(args, "GradientRoutingCallback", optimizer)
         report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
-        saved = load_mask(args, state, _OWNER, self.resume_from)
+        saved = load_mask(args, state, _OWNER, self.resume_from, config=self.config)
         counts: dict[str, int] = {}
         if saved is not None:  # resumed: the dedicated mask and counters the checkpoint was trained with
             if self._given_mask:
                 check_same_mask(self.dedicated, saved, _OWNER, "dedicated mask")
             self.dedicated = saved
-            counts = load_state(args, state, _OWNER, self.resume_from)[1].get("counts", {})
+            counts = load_state(args, state, _OWNER, self.resume_from, config=self.config)[1].get(
+                "counts", {}
+            )
         if self.dedicated is None:
             self.dedicated = dedicated_mask(model, self.layers, self.mlp_units, self.heads)
+            self.dedicated.metadata["config"] = self.config.to_dict()  # ours: it records what built it
         if self.save_mask is not None and state.is_world_process_zero:
             # saved as what it is: 1 = dedicated (ablated later), never read back as a "1=trainable" mask
             self.dedicated.metadata.setdefault("semantics", DEDICATED_SEMANTICS)
-            self.dedicated.save(self.save_mask, model=model)
+            self.dedicated.save(self.save_mask, model=model, config=self.config.to_dict())
         if self.router is not None:
             self.router.detach()
-        self.router = Router(
-            model, self.dedicated, self.level, self.label_name, strict=self.strict, **self.router_kwargs
-        )
+        self.router = Router(model, self.dedicated, config=self.config)
         self.router.counts.update(counts)
         self.router.attach(optimizer)
 
@@ -114,9 +111,9 @@ class GradientRoutingCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.dedicated is None:
             return
-        save_mask(args, state, _OWNER, self.dedicated, model=model)
+        save_mask(args, state, _OWNER, self.dedicated, model=model, config=self.config)
         counts = dict(self.router.counts) if self.router is not None else {}
-        save_state(args, state, _OWNER, meta={"counts": counts})
+        save_state(args, state, _OWNER, meta={"counts": counts}, config=self.config)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.router is not None and logs is not None and "loss" in logs:

@@ -31,7 +31,7 @@ The dedicated mask itself, and what is done with it after training (:func:`~hfho
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from hfhooks.core.params import ParamIndex, is_dtensor
 from hfhooks.freeze.gradient_mask import innermost_optimizer
 from hfhooks.masks.mask import ParamMask
 from hfhooks.routing.ablation import check_dedicated
+from hfhooks.routing.config import RoutingConfig
 
 __all__ = ["FORGET", "RETAIN", "UNLABELLED", "Router", "routing_labels"]
 
@@ -107,26 +108,32 @@ class Router:
             not change (momentum / weight decay), so nothing leaks; needs ``optimizer`` for parameter-level
             routing. ``False``: the leaky mode (one optimizer moves every coordinate), asked for by name.
         optimizer: the optimizer that steps the model (used by ``with Router(...)`` and :meth:`attach`).
+        config: a :class:`~hfhooks.RoutingConfig`; the keywords above (but ``optimizer``) replace its fields.
+            Its callback-only fields (``layers``, ``mlp_units``, ``heads``, ``save_mask``, ``resume_from``)
+            are not used here.
     """
+
+    _FIELDS = ("level", "label_name", "forget_weights", "retain_weights", "shared_on_forget", "strict")
 
     def __init__(
         self,
         model: nn.Module,
         dedicated: ParamMask,
-        level: str = "param",
-        label_name: str = "routing",
-        forget_weights: tuple[float, float] = (1.0, 0.0),
-        retain_weights: tuple[float, float] = (0.0, 1.0),
-        shared_on_forget: Sequence[str] = (),
-        strict: bool = True,
+        *,
         optimizer: torch.optim.Optimizer | None = None,
+        config: RoutingConfig | None = None,
+        **options: Any,
     ):
-        if level not in ("param", "activation"):
-            raise ValueError(f"level={level!r} must be 'param' (SGTM) or 'activation' (gradient routing).")
+        self.config = RoutingConfig.resolve(config, options, "Router", only=self._FIELDS)
         check_dedicated(dedicated, "Router")
-        self.model, self.dedicated, self.level, self.label_name = model, dedicated, level, label_name
-        self.forget_weights, self.retain_weights = forget_weights, retain_weights
-        self.shared_on_forget, self.strict, self.optimizer = list(shared_on_forget), strict, optimizer
+        self.model, self.dedicated, self.optimizer = model, dedicated, optimizer
+        self.level, self.label_name, self.strict = (
+            self.config.level,
+            self.config.label_name,
+            self.config.strict,
+        )
+        self.forget_weights, self.retain_weights = self.config.forget_weights, self.config.retain_weights
+        self.shared_on_forget = list(self.config.shared_on_forget)
         self.counts: Counter[str] = Counter()  # micro-batches seen per mode (training forwards only)
         self._labels: torch.Tensor | None = None
         self._mode: int = UNLABELLED

@@ -15,6 +15,12 @@ what ``trainer.train(resume_from_checkpoint=True)`` resumes from. The chosen che
 ``trainer_state.json`` must match the resumed state (same step and log history), so the state of another
 run's checkpoint is never picked up. ``resume_from=False`` recomputes the state at the resumed weights,
 deliberately.
+
+Every state file and mask records the config of the callback that wrote it (``config``: its
+:meth:`~hfhooks.core.config.Config.to_dict`, next to the ``hfhooks.version`` stamp of every artifact). On resume
+the saved config is compared with the resumed run's: a field that differs raises :class:`CallbackStateError`
+naming it, except the config's ``resume_may_differ`` fields (progress bars, where copies are written, end-of-run
+checks) and ``resume_from`` itself, which is never recorded.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hfhooks.core.config import Config
 from hfhooks.io.artifacts import read_artifact, write_artifact
 from hfhooks.masks.mask import ParamMask
 
 __all__ = [
     "STATE_DIR",
     "CallbackStateError",
+    "check_same_config",
     "check_same_mask",
     "load_mask",
     "load_state",
@@ -122,25 +130,59 @@ def _missing(path: Path, owner: str, step: int) -> CallbackStateError:
     )
 
 
+def check_same_config(saved: Mapping[str, Any] | None, config: Config, owner: str, where: Path) -> None:
+    """Raise :class:`CallbackStateError` naming the fields where ``config`` differs from the ``saved`` record.
+
+    ``saved`` is the ``config`` metadata of a checkpoint's state file or mask; a file written before configs were
+    recorded (``None``) is only warned about — the mask and state checks still apply.
+    """
+    if saved is None:
+        warnings.warn(
+            f"{owner}: {where} records no config (written by an older hfhooks), so this resumed run's options "
+            "cannot be checked against the checkpoint's.",
+            stacklevel=3,
+        )
+        return
+    if not isinstance(saved, Mapping):
+        raise CallbackStateError(f"{owner}: {where} holds a config record that is not an object: {saved!r}.")
+    differ = config.differs(saved)
+    if differ:
+        mine = config.to_dict()
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {mine[k]!r}" for k in differ)
+        raise CallbackStateError(
+            f"{owner}: the checkpoint was trained with other options than this resumed run ({detail}; from "
+            f"{where}). Resume with the checkpoint's {type(config).__name__}, or pass resume_from=False to train on "
+            "with the new options."
+        )
+
+
 def save_state(
     args: Any,
     state: Any,
     owner: str,
     tensors: Mapping[str, torch.Tensor] | None = None,
     meta: Mapping[str, Any] | None = None,
+    config: Config | None = None,
 ) -> Path | None:
-    """Write ``tensors`` and JSON ``meta`` as ``<checkpoint>/hfhooks/<owner>.safetensors`` (atomically)."""
+    """Write ``tensors`` and JSON ``meta`` as ``<checkpoint>/hfhooks/<owner>.safetensors`` (atomically).
+
+    ``config`` (the callback's) is recorded as the file's ``config`` metadata; :func:`load_state` checks it.
+    """
     folder = _writable_dir(args, state, owner)
     if folder is None:
         return None
     info = {"callback": owner, "global_step": state.global_step, "state": dict(meta or {})}
+    if config is not None:
+        info["config"] = config.to_dict()
     return write_artifact(folder / f"{owner}.safetensors", dict(tensors or {}), _KIND, info)
 
 
 def load_state(
-    args: Any, state: Any, owner: str, resume_from: ResumeFrom
+    args: Any, state: Any, owner: str, resume_from: ResumeFrom, config: Config | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """``(tensors, meta)`` saved by :func:`save_state` in the resumed checkpoint; ``None`` for a fresh run."""
+    """``(tensors, meta)`` saved by :func:`save_state` in the resumed checkpoint; ``None`` for a fresh run.
+
+    With ``config``, the saved config must match it (:func:`check_same_config`)."""
     ckpt = resumed_checkpoint(args, state, resume_from, owner)
     if ckpt is None:
         return None
@@ -153,26 +195,41 @@ def load_state(
             f"{path} holds the state of {meta.get('callback')!r} at step {meta.get('global_step')}, not "
             f"{owner!r} at step {state.global_step}."
         )
+    if config is not None:
+        check_same_config(meta.get("config"), config, owner, path)
     return tensors, meta.get("state", {})
 
 
-def save_mask(args: Any, state: Any, owner: str, mask: ParamMask, model: Any = None) -> Path | None:
-    """Save ``mask`` as ``<checkpoint>/hfhooks/<owner>.mask.safetensors`` (:meth:`ParamMask.save`)."""
+def save_mask(
+    args: Any, state: Any, owner: str, mask: ParamMask, model: Any = None, config: Config | None = None
+) -> Path | None:
+    """Save ``mask`` as ``<checkpoint>/hfhooks/<owner>.mask.safetensors`` (:meth:`ParamMask.save`), recording
+    ``config`` (the callback's) as its ``config`` metadata."""
     folder = _writable_dir(args, state, owner)
     if folder is None:
         return None
-    return mask.save(folder / f"{owner}.mask.safetensors", model=model, global_step=state.global_step)
+    extra: dict[str, Any] = {"global_step": state.global_step}
+    if config is not None:
+        extra["config"] = config.to_dict()
+    return mask.save(folder / f"{owner}.mask.safetensors", model=model, **extra)
 
 
-def load_mask(args: Any, state: Any, owner: str, resume_from: ResumeFrom) -> ParamMask | None:
-    """The mask :func:`save_mask` wrote into the resumed checkpoint; ``None`` for a fresh run."""
+def load_mask(
+    args: Any, state: Any, owner: str, resume_from: ResumeFrom, config: Config | None = None
+) -> ParamMask | None:
+    """The mask :func:`save_mask` wrote into the resumed checkpoint; ``None`` for a fresh run.
+
+    With ``config``, the config saved with the mask must match it (:func:`check_same_config`)."""
     ckpt = resumed_checkpoint(args, state, resume_from, owner)
     if ckpt is None:
         return None
     path = ckpt / STATE_DIR / f"{owner}.mask.safetensors"
     if not path.is_file():
         raise _missing(path, owner, state.global_step)
-    return ParamMask.load(path)
+    mask = ParamMask.load(path)
+    if config is not None:
+        check_same_config(mask.metadata.get("config"), config, owner, path)
+    return mask
 
 
 def check_same_mask(given: ParamMask, saved: ParamMask, owner: str, what: str = "mask") -> None:

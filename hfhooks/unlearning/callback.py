@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from hfhooks.core.data import TaggedCollator
 from hfhooks.core.params import ParamIndex
-from hfhooks.freeze.gradient_mask import GradientMask, check_freeze_args
+from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
 from hfhooks.masks.saliency import compute_saliency
@@ -26,6 +26,7 @@ from hfhooks.trainer.state import (
     save_mask,
     save_state,
 )
+from hfhooks.unlearning.config import SalUnConfig
 from hfhooks.unlearning.objectives import UnlearningObjective, objective_hook, reference_logprobs
 
 __all__ = ["SaliencyUnlearningCallback"]
@@ -45,53 +46,58 @@ class SaliencyUnlearningCallback(TrainerCallback):
 
     Args:
         forget: the forget set (map-style dataset of dict examples), for the mask and NPO's reference.
-        objective: an :class:`~hfhooks.UnlearningObjective` or its name (``random_labels``, ``ga``,
-            ``graddiff``, ``npo``).
-        ratio: fraction of weights that may change (SalUn's r; 0.5 by default).
+        objective: an :class:`~hfhooks.UnlearningObjective` (its ``name`` and ``retain_weight`` then fill the
+            config's), or the objective's name — a config field.
         mask: a precomputed mask (or its path) instead of scoring.
-        retain_weight: α when ``objective`` is given by name.
         collate: collator for forget examples (default: ``transformers.default_data_collator``).
-        batch_size: batch size for scoring and the NPO reference pass.
-        freeze: freeze mode (``hard`` default; see :class:`~hfhooks.GradientMask`).
-        save_mask: save the mask there (safetensors) once computed.
-        resume_from: on ``resume_from_checkpoint``, the checkpoint to read the saved mask and NPO reference
-            from (default: the one the Trainer resumes from, see below); ``False`` recomputes both at the
-            resumed weights instead.
+        config: a :class:`~hfhooks.SalUnConfig` — ``objective``, ``ratio`` (fraction of weights that may change,
+            SalUn's r; 0.5 by default), ``retain_weight`` (α when ``objective`` is a name), ``batch_size`` (of
+            the scoring and NPO reference passes), ``freeze`` (``hard`` default; see
+            :class:`~hfhooks.GradientMask`), ``save_mask`` (save the mask there once computed), ``progress`` and
+            ``resume_from`` (the checkpoint to read the saved mask and NPO reference from on
+            ``resume_from_checkpoint``; ``False`` recomputes both at the resumed weights). Its fields may also
+            be given as keywords.
 
     Resuming: the mask, NPO's reference log-probabilities and the random-label generator are saved with every
-    checkpoint (``<checkpoint>/hfhooks/``) and restored on ``trainer.train(resume_from_checkpoint=...)``, so a
-    resumed run trains exactly the θ₀ mask and equals the uninterrupted one. A checkpoint without them raises
-    :class:`~hfhooks.trainer.state.CallbackStateError`; it is never re-scored silently at the resumed weights.
+    checkpoint (``<checkpoint>/hfhooks/``, with the config) and restored on
+    ``trainer.train(resume_from_checkpoint=...)``, so a resumed run trains exactly the θ₀ mask and equals the
+    uninterrupted one. A checkpoint without them, or one trained with another config (but ``batch_size``,
+    ``save_mask``, ``progress``), raises :class:`~hfhooks.trainer.state.CallbackStateError`; it is never
+    re-scored silently at the resumed weights.
     """
 
     def __init__(
         self,
         forget: Any,
-        objective: UnlearningObjective | str = "random_labels",
-        ratio: float = 0.5,
+        *,
+        objective: UnlearningObjective | str | None = None,
         mask: ParamMask | str | os.PathLike | None = None,
-        retain_weight: float = 1.0,
         collate: Callable | None = None,
-        batch_size: int = 32,
-        freeze: str = "hard",
-        save_mask: str | os.PathLike | None = None,
-        progress: bool = True,
-        resume_from: ResumeFrom = None,
+        config: SalUnConfig | None = None,
+        **options: Any,
     ):
-        check_freeze_args(freeze, "freeze")
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio={ratio} must be in (0, 1]: the fraction of weights allowed to change.")
-        self.forget, self.ratio, self.freeze, self.batch_size = forget, ratio, freeze, batch_size
+        if isinstance(objective, UnlearningObjective):
+            if options.get("retain_weight", objective.retain_weight) != objective.retain_weight:
+                raise ValueError(
+                    f"SaliencyUnlearningCallback: retain_weight={options['retain_weight']!r} contradicts the "
+                    f"objective's retain_weight={objective.retain_weight!r}; set it on the UnlearningObjective."
+                )
+            options = {**options, "objective": objective.name, "retain_weight": objective.retain_weight}
+        elif objective is not None:
+            options = {**options, "objective": objective}
+        self.config = SalUnConfig.resolve(config, options, "SaliencyUnlearningCallback")
+        c = self.config
+        self.forget, self.ratio, self.freeze, self.batch_size = forget, c.ratio, c.freeze, c.batch_size
         self.objective = (
-            UnlearningObjective(objective, retain_weight=retain_weight)
-            if isinstance(objective, str)
-            else objective
+            objective
+            if isinstance(objective, UnlearningObjective)
+            else UnlearningObjective(c.objective, retain_weight=c.retain_weight)
         )
         self.mask = mask if mask is None or isinstance(mask, ParamMask) else ParamMask.load(mask)
         self._given_mask = self.mask is not None  # given: verified on resume; computed: restored on resume
-        self.resume_from = resume_from
+        self.resume_from: ResumeFrom = c.resume_from
         self.collate = collate or TaggedCollator().base
-        self.save_mask, self.progress = save_mask, progress
+        self.save_mask, self.progress = c.save_mask, c.progress
         self.freezer: GradientMask | None = None
         self.hook = None
         self._own_reference = False
@@ -118,9 +124,11 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     "train them.",
                     stacklevel=3,
                 )
+            mask.metadata["config"] = self.config.to_dict()
             return mask
         mask = ParamMask.from_scores(scores, self.ratio)
         mask.metadata.update(scores.metadata)
+        mask.metadata["config"] = self.config.to_dict()  # the options that produced it travel with it
         return mask
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -145,7 +153,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
             if self.mask is None:
                 self.mask = self._compute_mask(model)
                 if self.save_mask is not None and state.is_world_process_zero:
-                    self.mask.save(self.save_mask, model=model)
+                    self.mask.save(self.save_mask, model=model, config=self.config.to_dict())
             if self.objective.name == "npo" and (self.objective.reference is None or self._own_reference):
                 # NPO's reference is this run's θ₀: recomputed at every fresh train start, never reused from
                 # another model (a resumed run restores the checkpoint's instead, see _restore)
@@ -153,7 +161,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     model, self.forget, self.collate, self.batch_size, self.progress
                 )
                 self._own_reference = True
-        self.freezer = GradientMask(model, self.mask, self.freeze).attach(optimizer)
+        self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
 
     _OWNER = "SaliencyUnlearningCallback"
@@ -163,10 +171,10 @@ class SaliencyUnlearningCallback(TrainerCallback):
 
         Returns False for a fresh run (or ``resume_from=False``); raises if a resumed checkpoint lacks them.
         """
-        saved_mask = load_mask(args, state, self._OWNER, self.resume_from)
+        saved_mask = load_mask(args, state, self._OWNER, self.resume_from, config=self.config)
         if saved_mask is None:
             return False
-        tensors, meta = load_state(args, state, self._OWNER, self.resume_from)
+        tensors, meta = load_state(args, state, self._OWNER, self.resume_from, config=self.config)
         if self._given_mask:
             check_same_mask(self.mask, saved_mask, self._OWNER)
         else:
@@ -193,11 +201,12 @@ class SaliencyUnlearningCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.mask is None:
             return
-        save_mask(args, state, self._OWNER, self.mask, model=model)
+        save_mask(args, state, self._OWNER, self.mask, model=model, config=self.config)
         tensors = {"generator": self.objective.get_rng_state()}
         if self.objective.name == "npo" and self.objective.reference is not None:
             tensors["npo_reference"] = self.objective.reference
-        save_state(args, state, self._OWNER, tensors, {"objective": self.objective.name, "ratio": self.ratio})
+        meta = {"objective": self.objective.name, "ratio": self.ratio}
+        save_state(args, state, self._OWNER, tensors, meta, config=self.config)
 
     def _detach(self) -> dict[str, int]:
         moved = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from hfhooks.trainer.reporting import add_to_logs, evaluation_prefixes, report_before_integrations
+from hfhooks.unlearning.config import UnlearningEvalConfig
 from hfhooks.unlearning.evaluation import average_gap, unlearning_metrics
 
 __all__ = ["UnlearningEvalCallback"]
@@ -27,6 +28,13 @@ class UnlearningEvalCallback(TrainerCallback):
     the evaluation's prefix; reused when this callback already evaluated at that step), so they are reported
     and can select the best checkpoint: ``metric_for_best_model="unlearn/gap", greater_is_better=False``. Pass
     ``at_trainer_eval=False`` to evaluate on the ``every`` schedule only.
+
+    Args:
+        forget, retain, test: the evaluation sets.
+        select: ``metrics -> score`` (higher is better) picking the best weights when no ``retrain`` is given.
+        collate: collator for the evaluation sets.
+        config: an :class:`~hfhooks.UnlearningEvalConfig` (``every``, ``retrain``, ``restore_best``,
+            ``batch_size``, ``at_trainer_eval``); its fields may also be given as keywords.
     """
 
     reports_metrics = True  # moved ahead of the report_to integrations (see hfhooks/trainer/reporting.py)
@@ -36,23 +44,21 @@ class UnlearningEvalCallback(TrainerCallback):
         forget: Any,
         retain: Any,
         test: Any,
-        every: int = 50,
-        retrain: Mapping[str, float] | None = None,
+        *,
         select: Callable[[dict[str, float]], float] | None = None,
-        restore_best: bool = False,
-        batch_size: int = 256,
         collate: Callable | None = None,
-        at_trainer_eval: bool = True,
+        config: UnlearningEvalConfig | None = None,
+        **options: Any,
     ):
-        if every < 1:
-            raise ValueError(f"every={every} must be ≥ 1.")
+        self.config = UnlearningEvalConfig.resolve(config, options, "UnlearningEvalCallback")
+        c = self.config
         self.sets = (forget, retain, test)
-        self.every, self.retrain, self.select = every, retrain, select
-        self.restore_best, self.batch_size, self.collate = restore_best, batch_size, collate
+        self.every, self.retrain, self.select = c.every, c.retrain, select
+        self.restore_best, self.batch_size, self.collate = c.restore_best, c.batch_size, collate
         self.history: list[dict[str, float]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self._pending: dict[str, float] | None = None
-        self.at_trainer_eval = at_trainer_eval
+        self.at_trainer_eval = c.at_trainer_eval
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         metrics = unlearning_metrics(model, *self.sets, batch_size=self.batch_size, collate=self.collate)
