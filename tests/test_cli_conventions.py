@@ -76,7 +76,8 @@ def test_torch_free_verification_agrees_with_read_artifact(ckpts, tmp_path, name
     for n, t in tensors.items():
         assert data[n] == t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     raw = bytearray((ckpts / name).read_bytes())
-    for pos in (len(raw) - 1, len(raw) // 2 + 4):  # a bit flipped in the data: both readers refuse the file
+    start = 8 + int.from_bytes(raw[:8], "little")  # the tensor data follows the JSON header
+    for pos in (len(raw) - 1, (start + len(raw)) // 2):  # a bit flipped in the data: both readers refuse it
         bad = tmp_path / f"bad{pos}.safetensors"
         flipped = bytearray(raw)
         flipped[pos] ^= 0x10
