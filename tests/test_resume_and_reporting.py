@@ -8,7 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 import transformers as T
-from conftest import make_model, random_input_ids
+from conftest import make_model, random_input_ids, skip_unless_trainer_resumes
 
 from hfhooks import (
     GradientMaskCallback,
@@ -44,22 +44,11 @@ def _args(out, **kw) -> T.TrainingArguments:
     return T.TrainingArguments(**base)
 
 
-def _skip_unless_trainer_resumes() -> None:
-    """transformers < 4.50-ish torch.load()s its checkpoint's numpy RNG state with torch's default
-    ``weights_only=True`` (since torch 2.6), so no run resumes there at all (with or without hfhooks)."""
-    import inspect
-
-    if "weights_only" not in inspect.getsource(T.Trainer._load_rng_state):
-        pytest.skip(
-            "this transformers' Trainer cannot resume under torch >= 2.6 (numpy RNG state, weights_only)"
-        )
-
-
 def _train(arch, out, dataset, callbacks, resume=None, model_seed=0, collator=None, eval_dataset=None, **kw):
     """Train a fresh tiny model (its init differs by ``model_seed``: a resumed run must get its weights from
     the checkpoint); return the final weights."""
     if resume:
-        _skip_unless_trainer_resumes()
+        skip_unless_trainer_resumes()
     overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if arch == "bert" else {}
     model = make_model(arch, seed=model_seed, **overrides)
     trainer = T.Trainer(
@@ -88,7 +77,7 @@ def test_resumed_salun_equals_uninterrupted(arch, objective, tmp_path):
     """Item 11: SalUn resumed from the middle checkpoint (a fresh model and Trainer) ends bit-identical to the
     uninterrupted run — the plain Trainer's own resume is bit-exact on CPU (checked first) — and no coordinate
     outside the θ₀ mask moved (the old code re-scored at the resumed weights: thousands moved)."""
-    _skip_unless_trainer_resumes()
+    skip_unless_trainer_resumes()
     data = _lm_data() if arch == "llama" else _bert_data()
     forget, retain = data[:4], data[4:]
     ds = forget_retain_dataset(forget, retain)
@@ -338,7 +327,7 @@ def test_attribution_alignment_resume_equals_uninterrupted(tmp_path):
 
     from hfhooks import AttributionAlignmentCallback
 
-    _skip_unless_trainer_resumes()
+    skip_unless_trainer_resumes()
     ds = TaggedDataset(_data(16), tags=["rationale"])
 
     def run(resume=None, seed=0):
