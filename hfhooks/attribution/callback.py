@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from hfhooks.attribution.alignment import AttributionAlignment
 from hfhooks.attribution.config import AlignmentConfig
 from hfhooks.attribution.methods import needs_double_backprop
+from hfhooks.core.hooks import FiniteMonitor
 from hfhooks.trainer.guards import refuse_unsupported
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
 from hfhooks.trainer.state import ResumeFrom, load_state, save_state
@@ -60,6 +61,7 @@ class AttributionAlignmentCallback(TrainerCallback):
         self.config = AlignmentConfig.resolve(config, options, _OWNER)
         self.resume_from: ResumeFrom = self.config.resume_from
         self.alignment: AttributionAlignment | None = None
+        self._finite: FiniteMonitor | None = None
         self._hold_math_sdpa = False
         self._sdpa: contextlib.ExitStack | None = None
 
@@ -97,6 +99,8 @@ class AttributionAlignmentCallback(TrainerCallback):
         if saved is not None:
             self._restore(*saved)
         self.alignment.attach()
+        # a NaN/inf loss turns every trainable weight non-finite and the Trainer's console shows loss 0.0: warn
+        self._finite = FiniteMonitor.for_model(model, _OWNER, state.global_step)
 
     def _restore(self, tensors: dict, meta: dict) -> None:
         # the options were compared with the checkpoint's by load_state (check_same_config)
@@ -123,6 +127,8 @@ class AttributionAlignmentCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._release_sdpa()
+        if self._finite is not None:
+            self._finite.check()
 
     def _release_sdpa(self) -> None:
         if self._sdpa is not None:
@@ -135,5 +141,8 @@ class AttributionAlignmentCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._release_sdpa()
+        if self._finite is not None:
+            self._finite.flush()
+            self._finite = None
         if self.alignment is not None:
             self.alignment.detach()

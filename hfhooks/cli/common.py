@@ -31,12 +31,15 @@ class MissingDependencyError(RuntimeError):
 
 
 def add_common_flags(p: argparse.ArgumentParser, *, quiet: bool = True) -> None:
-    """``--json`` (one JSON document on stdout, nothing else there) and ``-q/--quiet`` (no progress bar)."""
+    """``--json`` (one JSON document on stdout, nothing else there) and ``-q/--quiet`` (no progress bar).
+
+    Every command takes both, so scripts can pass them uniformly; ``quiet=False`` marks a command that has no
+    progress bar to silence (its ``-q`` is accepted and changes nothing)."""
     p.add_argument(
         "--json", action="store_true", help="print one JSON document on stdout (messages go to stderr)"
     )
-    if quiet:
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    why = "no progress bar" if quiet else "accepted for uniformity: this command shows no progress bar"
+    p.add_argument("-q", "--quiet", action="store_true", help=why)
 
 
 def add_dry_run(p: argparse.ArgumentParser) -> None:
@@ -89,6 +92,36 @@ def limit(text: str) -> int | None:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{n} is negative; pass a row count, or 0 for all")
     return None if n == 0 else n
+
+
+def layer_spec(text: str) -> str:
+    """``--layers``: ``'4:8'`` (end excluded) or ``'2,3,7'``; a malformed value is a usage error (exit 2). Whether
+    the layers exist is checked against the checkpoint later (exit 1)."""
+    parts = text.split(":") if ":" in text else text.split(",")
+    ok = 1 <= len(parts) <= (3 if ":" in text else len(parts)) and all(
+        p.strip().lstrip("-").isdigit() or (":" in text and not p.strip()) for p in parts
+    )
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer range '4:8' or list '2,3,7' of integers")
+    return text
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's shard-size units
+
+
+def shard_size(text: str) -> str:
+    """``--max-shard-size``: a number and a unit (KB, MB, GB, TB: what huggingface_hub's sharding accepts), e.g.
+    ``2GB``; anything else is a usage error (exit 2) instead of a failure after the inputs were read."""
+    value, unit = text.strip()[:-2].strip(), text.strip()[-2:].upper()
+    try:
+        ok = unit in _SIZE_UNITS and float(value) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size such as 500MB or 2GB (units: KB, MB, GB, TB)"
+        )
+    return text
 
 
 def file_size(path: Any) -> int:

@@ -18,9 +18,11 @@ from hfhooks.cli.common import (
     emit,
     file_size,
     fmt_shape,
+    layer_spec,
     limit,
     note,
     progress_enabled,
+    shard_size,
 )
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -180,14 +182,16 @@ def _diff_lora(args: argparse.Namespace, dtype) -> int:
     if args.names:
         diff = diff.restrict(names=args.names)
     diff = diff.quantize(args.quantize) if args.quantize else diff
-    diff = diff.to_sparse() if args.storage == "sparse" else diff
+    if args.storage != "dense":  # a LoRA Δ is computed dense: store it as asked
+        diff = diff.to_sparse() if args.storage == "sparse" else diff.to_auto()
     diff.save(args.output)
     return _diff_summary(args, WeightDiff.load(args.output, lazy=True), args.output)
 
 
 def _diff_summary(args: argparse.Namespace, diff, path) -> int:
     kinds = sorted({e.storage for e in diff.entries.values()})
-    unchanged = diff.metadata.get("unchanged", [])
+    # stored tensors that did not change, and those --changed-only left out of the file
+    unchanged = sorted(set(diff.unchanged) | set(diff.metadata.get("unchanged", [])))
     result = {
         "output": str(path),
         "tensors": len(diff),
@@ -298,7 +302,11 @@ def add_write_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing output directory (only one an earlier hfhooks edit wrote)",
     )
-    p.add_argument("--max-shard-size", help="re-shard the output (e.g. 2GB); default: the source's layout")
+    p.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        help="re-shard the output (e.g. 2GB); default: the source's layout",
+    )
     p.add_argument("--fsync", action="store_true", help="flush to stable storage before the final rename")
     p.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
     add_dry_run(p)
@@ -318,7 +326,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     diff.add_argument("base", help="the base checkpoint directory (or .safetensors file)")
     diff.add_argument("tuned", help="the tuned checkpoint directory, or a LoRA adapter directory")
     diff.add_argument("-o", "--output", required=True, help="the diff file to write (.safetensors)")
-    diff.add_argument("--layers", help="only these decoder layers, e.g. '0:4' or '0,1,5'")
+    diff.add_argument("--layers", type=layer_spec, help="only these decoder layers, e.g. '0:4' or '0,1,5'")
     diff.add_argument("--names", nargs="+", help="only these tensors (names, globs, or re:REGEX)")
     diff.add_argument("--changed-only", action="store_true", help="leave out tensors that did not change")
     diff.add_argument(

@@ -10,7 +10,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from hfhooks.cli.common import add_common_flags, emit, note, progress_enabled, require
+from hfhooks.cli.common import add_common_flags, emit, layer_spec, note, progress_enabled, require
 from hfhooks.cli.diffs import (
     FLOAT_DTYPES,
     add_write_options,
@@ -238,7 +238,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     restore.add_argument("target", help="the post-trained checkpoint directory (or adapter directory)")
     restore.add_argument("reference", help="the checkpoint to restore from (pre-trained)")
     restore.add_argument(
-        "--layers", required=True, help="decoder layers, e.g. '4:8' (end excluded) or '2,3,7'"
+        "--layers",
+        required=True,
+        type=layer_spec,
+        help="decoder layers, e.g. '4:8' (end excluded) or '2,3,7'",
     )
     where = restore.add_mutually_exclusive_group(required=True)
     where.add_argument("-o", "--output", help="the output checkpoint directory")

@@ -324,6 +324,14 @@ class FiniteMonitor:
         with torch.no_grad():
             self._finite_at_start = {d: self._finite(ts) for d, ts in self._groups.items()}
 
+    @classmethod
+    def for_model(cls, model: nn.Module, what: str, step_offset: int = 0) -> FiniteMonitor:
+        """A monitor over ``model``'s trainable parameters, reporting steps after ``step_offset`` (for callbacks
+        that have no :class:`~hfhooks.GradientMask` of their own: routing, attribution alignment)."""
+        monitor = cls([p for p in model.parameters() if p.requires_grad], what)
+        monitor.step_offset = step_offset
+        return monitor
+
     @staticmethod
     def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
         # The L2 norm is non-finite iff an element is (accumulated in float32, so bf16/fp16 tensors cannot

@@ -71,6 +71,14 @@ def mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
     return sparse_payload(decode_payload(e, p), bits)
 
 
+def sparse_is_smaller(delta: torch.Tensor, nz: torch.Tensor | None = None) -> bool:
+    """Would masked-sparse storage (1 bit per coordinate + the non-zero values) take fewer bytes than dense?
+    The rule of ``storage="auto"``."""
+    nz = delta != 0 if nz is None else nz
+    sparse_bytes = math.ceil(delta.numel() / 8) + int(nz.sum()) * delta.element_size()
+    return sparse_bytes < delta.numel() * delta.element_size()
+
+
 def sparsify_payload(e: DiffEntry, p: Payload) -> Payload:
     """The sparse payload holding ``Δ``'s non-zero coordinates only."""
     delta = decode_payload(e, p)
@@ -124,8 +132,7 @@ def between_entry(
     if storage == "dense":
         return dense_entry(delta, **fields)
     nz = delta != 0
-    sparse_bytes = math.ceil(delta.numel() / 8) + int(nz.sum()) * delta.element_size()
-    if storage == "auto" and sparse_bytes >= delta.numel() * delta.element_size():
+    if storage == "auto" and not sparse_is_smaller(delta, nz):
         return dense_entry(delta, **fields)
     return DiffEntry(
         tuple(delta.shape), delta.dtype, "sparse", const_loader(sparse_payload(delta, nz)), **fields

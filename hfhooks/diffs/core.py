@@ -30,6 +30,7 @@ from hfhooks.diffs.arithmetic import (
     negate_payload,
     quantize_payload,
     scale_payload,
+    sparse_is_smaller,
     sparsify_payload,
 )
 from hfhooks.diffs.codec import stored_tensors
@@ -487,6 +488,16 @@ class WeightDiff(HubMixin):
             for n, e in self.entries.items()
         }
         return WeightDiff._of(entries, self.metadata, "to_sparse")
+
+    def to_auto(self) -> WeightDiff:
+        """Per tensor the smaller of dense and masked-sparse storage (``storage="auto"`` of :meth:`between`);
+        reads each dense Δ once, one tensor at a time, to decide."""
+        entries = {}
+        for n, e in self.entries.items():
+            if e.storage == "dense" and sparse_is_smaller(e.dense()):
+                e = replace(e, load=mapped_loader(e, lambda p, e=e: sparsify_payload(e, p)), storage="sparse")
+            entries[n] = e
+        return WeightDiff._of(entries, self.metadata, "to_auto")
 
     def to_dense(self) -> WeightDiff:
         """Dense storage (lossless)."""

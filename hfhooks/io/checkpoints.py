@@ -418,6 +418,14 @@ def parse_layers(spec: str | int | slice | Iterable[int], num_layers: int) -> li
     if isinstance(spec, int):
         spec = [spec]
     if isinstance(spec, slice):
+        # Python would clip an out-of-range bound silently ("4:8" of 6 layers = [4, 5]): a user who asked for
+        # layers that do not exist gets an error instead
+        for bound in (spec.start, spec.stop):
+            if bound is not None and not -num_layers <= bound <= num_layers:
+                raise IndexError(
+                    f"Layer range {spec.start}:{spec.stop} out of range: the model has {num_layers} layers "
+                    f"(0…{num_layers - 1}; a range's end may be {num_layers})."
+                )
         out = list(range(num_layers))[spec]
     else:
         out = []

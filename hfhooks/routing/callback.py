@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from hfhooks.core.hooks import FiniteMonitor
 from hfhooks.masks.mask import ParamMask
 from hfhooks.routing.ablation import DEDICATED_SEMANTICS, check_dedicated, dedicated_mask
 from hfhooks.routing.config import RoutingConfig
@@ -70,6 +71,7 @@ class GradientRoutingCallback(TrainerCallback):
         self.level, self.label_name, self.strict = c.level, c.label_name, c.strict
         self.save_mask = c.save_mask
         self.router: Router | None = None
+        self._finite: FiniteMonitor | None = None
         self.resume_from: ResumeFrom = c.resume_from
         self._given_mask = dedicated is not None
 
@@ -101,6 +103,12 @@ class GradientRoutingCallback(TrainerCallback):
         self.router = Router(model, self.dedicated, config=self.config)
         self.router.counts.update(counts)
         self.router.attach(optimizer)
+        # a NaN/inf loss turns every trainable weight non-finite and the Trainer's console shows loss 0.0: warn
+        self._finite = FiniteMonitor.for_model(model, _OWNER, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._finite is not None:
+            self._finite.check()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Before the first step changes anything (the router's optimizer pre-hook checks too, for loops
@@ -124,5 +132,8 @@ class GradientRoutingCallback(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._finite is not None:
+            self._finite.flush()
+            self._finite = None
         if self.router is not None:
             self.router.detach()
