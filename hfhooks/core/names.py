@@ -66,25 +66,35 @@ def canonical_name(name: str) -> str:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Peel DDP, FSDP1, torch.compile and PEFT containers off ``model`` and return the base model.
+    """Peel DDP, DataParallel, FSDP1, DeepSpeed, torch.compile and PEFT containers off ``model`` and return the
+    base model.
 
     The returned module is the one whose ``named_parameters()`` (after :func:`canonical_name`) define the
     canonical names. For a PeftModel this is the base transformers model with LoRA layers injected.
     """
+    # accelerate's extract_model_from_parallel knows every wrapper its launchers add (DDP, DataParallel, FSDP1,
+    # DeepSpeedEngine) and peft's get_base_model() the adapter containers. torch.compile's wrapper is peeled
+    # here first: given a compiled model, accelerate re-wraps it by *assigning* the unwrapped module to the
+    # compiled one's _orig_mod, which would change the user's model. Imported here, not at the top: the
+    # torch-free readers (hfhooks mask info) import this module, and accelerate imports torch (0.13 s once
+    # torch is loaded; transformers' models have usually imported it already).
+    from accelerate.utils import extract_model_from_parallel
+
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        cls = type(model).__name__
-        if cls in {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"} or (
-            cls == "OptimizedModule" and hasattr(model, "_orig_mod")
-        ):
-            model = model.module if hasattr(model, "module") else model._orig_mod
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            model = model.get_base_model()  # PeftModel -> the transformers model with LoRA layers
         elif (
             hasattr(model, "peft_config")
             and hasattr(model, "base_model")
             and hasattr(model.base_model, "model")
         ):
-            model = model.base_model.model  # PeftModel -> LoraModel -> transformers model
+            model = model.base_model.model  # a peft container without get_base_model (older peft)
+        else:
+            model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
     return model
 
 
