@@ -178,6 +178,20 @@ class _ScoringPass:
     """The owner of one scoring pass's hooks (:class:`HookSet` keeps a weak reference to its owner)."""
 
 
+def _backward_passes(model, dataloader, loss_fn, device, max_batches, progress, desc: str, what: str):
+    """One forward + backward per batch (the installed hooks collect the scores); ``(batches, examples)``."""
+    n_batches = n_examples = 0
+    for batch in _batches(dataloader, max_batches, progress, desc):
+        batch = to_device(batch, device)
+        loss = loss_fn(model, batch)
+        if not loss.requires_grad:
+            raise ValueError(f"The loss does not depend on {what} (no grad_fn).")
+        loss.backward()
+        n_batches += 1
+        n_examples += _batch_size(batch)
+    return n_batches, n_examples
+
+
 def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress):
     buffers = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in targets.items()}
 
@@ -194,18 +208,19 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
 
         return fold
 
-    n_batches = n_examples = 0
     with HookSet(_ScoringPass(), model, name="compute_saliency") as hooks:
         for n, p in targets.items():
             hooks.post_accumulate_grad_hook(p, make_hook(buffers[n]), n)
-        for batch in _batches(dataloader, max_batches, progress, f"saliency ({score})"):
-            batch = to_device(batch, device)
-            loss = loss_fn(model, batch)
-            if not loss.requires_grad:
-                raise ValueError("The loss does not depend on any scored parameter (no grad_fn).")
-            loss.backward()
-            n_batches += 1
-            n_examples += _batch_size(batch)
+        n_batches, n_examples = _backward_passes(
+            model,
+            dataloader,
+            loss_fn,
+            device,
+            max_batches,
+            progress,
+            f"saliency ({score})",
+            "any scored parameter",
+        )
     for n, buf in buffers.items():
         if score == "grad_abs_sum":
             buf.abs_()
@@ -247,18 +262,19 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
 
         return capture
 
-    n_batches = n_examples = 0
     with hooks:
         for name, module in by_name.items():
             hooks.forward_pre_hook(module, make_pre_hook(name), name)
-        for batch in _batches(dataloader, max_batches, progress, "saliency (act_x_grad)"):
-            batch = to_device(batch, device)
-            loss = loss_fn(model, batch)
-            if not loss.requires_grad:
-                raise ValueError("The loss does not depend on the scored activations (no grad_fn).")
-            loss.backward()
-            n_batches += 1
-            n_examples += _batch_size(batch)
+        n_batches, n_examples = _backward_passes(
+            model,
+            dataloader,
+            loss_fn,
+            device,
+            max_batches,
+            progress,
+            "saliency (act_x_grad)",
+            "the scored activations",
+        )
     missing = [n for n in module_names if n not in sums]
     if missing and n_batches:
         raise ValueError(f"Modules {missing[:3]} never ran in the forward pass; they cannot be scored.")
