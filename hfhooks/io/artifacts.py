@@ -95,6 +95,27 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(bool), bitorder="big"))
 
 
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # big bit order: the first element is the high bit
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def bits_as_bytes(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of :func:`pack_bits` output as a flat ``uint8`` tensor of 0/1, on ``packed``'s
+    device (no padding check: for masks already validated). One byte per element, transient by design:
+    callers unpack one tensor at a time."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="big"))
+    shifts = _BIT_SHIFTS.to(packed.device)
+    return packed.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(1).reshape(-1)[:count]
+
+
+def count_ones(packed: torch.Tensor) -> int:
+    """How many bits are set in ``packed`` (a ``uint8`` tensor), without unpacking it."""
+    if packed.device.type != "cpu":
+        packed = packed.cpu()
+    return int(_POPCOUNT[packed.numpy()].sum(dtype=np.int64))
+
+
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` bits of :func:`pack_bits` output as a flat bool tensor; ``ValueError`` if there
     are too few bytes or a padding bit is set."""

@@ -38,11 +38,11 @@ from hfhooks.core.layers import Slices
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.io.artifacts import (
     ArtifactError,
+    bits_as_bytes,
+    count_ones,
     model_fingerprint,
-    pack_bits,
     read_artifact,
     reraise_as,
-    unpack_bits,
     write_artifact,
 )
 from hfhooks.io.hub import HubMixin
@@ -63,11 +63,51 @@ class MaskFileError(ArtifactError):
     """A mask file that cannot be loaded: corrupt, truncated, foreign, or internally inconsistent."""
 
 
+def _pack(bits: torch.Tensor) -> torch.Tensor:
+    """Bool / 0-1 tensor -> packed ``uint8`` bytes (big bit order, zero padding), on the CPU."""
+    flat = bits.detach().reshape(-1).cpu()
+    if flat.dtype != torch.bool:
+        flat = flat.bool()
+    return torch.from_numpy(np.packbits(flat.numpy(), bitorder="big"))
+
+
+def _clear_padding(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero the padding bits after ``length`` in the last byte (in place); returns ``packed``."""
+    pad = 8 * packed.numel() - length
+    if pad:
+        packed[-1] &= (0xFF << pad) & 0xFF
+    return packed
+
+
 @dataclass(frozen=True)
 class _Entry:
+    """One tensor's mask, bit-packed: 1 bit per element (element) or per row / column (row, column).
+
+    ``packed`` is the mask file's own representation (``numpy.packbits``, big bit order, zero padding), so
+    loading, saving, counting and the set algebra never materialise one byte per element; :attr:`bits` and
+    :meth:`dense` unpack one tensor on demand.
+    """
+
     granularity: str
     shape: tuple[int, ...]
-    bits: torch.Tensor  # bool; element: `shape`; row: (shape[0],); column: (shape[1],)
+    packed: torch.Tensor  # uint8, ceil(length / 8) bytes, CPU
+    length: int  # element: prod(shape); row: shape[0]; column: shape[1]
+    ones: int
+
+    @classmethod
+    def of(cls, granularity: str, shape: tuple[int, ...], bits: torch.Tensor) -> _Entry:
+        packed = _pack(bits)
+        return cls(granularity, shape, packed, bits.numel(), count_ones(packed))
+
+    @classmethod
+    def from_packed(cls, granularity: str, shape: tuple[int, ...], packed: torch.Tensor, length: int) -> _Entry:
+        return cls(granularity, shape, packed, length, count_ones(packed))
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """bool; element: ``shape``; row: ``(shape[0],)``; column: ``(shape[1],)`` (a fresh unpacked tensor)."""
+        flat = bits_as_bytes(self.packed, self.length).view(torch.bool)
+        return flat.reshape(self.shape) if self.granularity == "element" else flat
 
     def dense(self) -> torch.Tensor:
         if self.granularity == "element":
@@ -78,14 +118,21 @@ class _Entry:
         return self.bits.reshape(view).expand(self.shape)
 
     def count(self) -> int:
-        kept = int(self.bits.sum())
         if self.granularity == "element":
-            return kept
+            return self.ones
         axis_len = self.shape[_AXIS[self.granularity]]
-        return kept * (int(np.prod(self.shape)) // axis_len) if axis_len else 0
+        return self.ones * (math.prod(self.shape) // axis_len) if axis_len else 0
 
     def numel(self) -> int:
-        return int(np.prod(self.shape)) if self.shape else 1
+        return math.prod(self.shape)
+
+    def same_bits(self, other: _Entry) -> bool:
+        """Same shape and same mask (compared packed when the granularities agree)."""
+        if self.shape != other.shape:
+            return False
+        if self.granularity == other.granularity:
+            return torch.equal(self.packed, other.packed)
+        return torch.equal(self.dense(), other.dense())
 
 
 class ParamMask(HubMixin):
@@ -114,7 +161,7 @@ class ParamMask(HubMixin):
                         f"Mask for {name!r} must be boolean or 0/1 integers, got dtype {bits.dtype}."
                     )
                 bits = bits.bool()
-            self._entries[name] = _Entry("element", tuple(bits.shape), bits.detach().cpu())
+            self._entries[name] = _Entry.of("element", tuple(bits.shape), bits)
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     # -- constructors --------------------------------------------------------------------------------------
@@ -179,7 +226,7 @@ class ParamMask(HubMixin):
             bits = torch.zeros(shape[axis], dtype=torch.bool)
             bits[torch.as_tensor(idx, dtype=torch.long)] = True
             gran = "element" if len(shape) == 1 else ("row" if axis == 0 else "column")
-            entries[name] = _Entry(gran, shape, bits)
+            entries[name] = _Entry.of(gran, shape, bits)
         return cls._from_entries(entries)
 
     @classmethod
@@ -189,7 +236,13 @@ class ParamMask(HubMixin):
         """A mask of constant ``value`` over ``names`` (default: every parameter of ``model``)."""
         index = model if isinstance(model, ParamIndex) else ParamIndex(model)
         wanted = list(names) if names is not None else index.names()
-        return cls({n: torch.full(tuple(index.info(n).shape), value, dtype=torch.bool) for n in wanted})
+        entries = {}
+        for n in wanted:  # built packed: never one byte per element
+            shape = tuple(index.info(n).shape)
+            length = math.prod(shape)
+            packed = torch.full(((length + 7) // 8,), 0xFF if value else 0, dtype=torch.uint8)
+            entries[n] = _Entry("element", shape, _clear_padding(packed, length), length, length if value else 0)
+        return cls._from_entries(entries)
 
     # -- access --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -217,8 +270,18 @@ class ParamMask(HubMixin):
         return self._entries[name].shape
 
     def vector(self, name: str) -> torch.Tensor:
-        """The stored bits: the full bool tensor (element) or the per-row / per-column bool vector."""
+        """The stored bits, unpacked: the full bool tensor (element) or the per-row / per-column bool vector."""
         return self._entries[name].bits
+
+    def packed(self, name: str) -> torch.Tensor:
+        """The bits of :meth:`vector` as stored: a flat ``uint8`` tensor, 8 bits a byte, big bit order
+        (``numpy.packbits``), zero padding — the mask file's own encoding. Do not modify it in place."""
+        return self._entries[name].packed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this mask holds in memory (its packed bits: about the size of its file's tensors)."""
+        return sum(e.packed.numel() for e in self._entries.values())
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """``{name: dense bool tensor}`` (materialised copies)."""
@@ -259,23 +322,29 @@ class ParamMask(HubMixin):
                 )
             ref = a or b
             if a is None or b is None:  # absent = all zero
-                zero = _Entry(ref.granularity, ref.shape, torch.zeros_like(ref.bits))
+                zero = _Entry(ref.granularity, ref.shape, torch.zeros_like(ref.packed), ref.length, 0)
                 a, b = a or zero, b or zero
-            if a.granularity == b.granularity:
-                entries[name] = _Entry(a.granularity, a.shape, op(a.bits, b.bits))
+            if a.granularity == b.granularity:  # on the packed bytes: padding stays zero under & | and & ~
+                packed = op(a.packed, b.packed)
+                entries[name] = _Entry.from_packed(a.granularity, a.shape, packed, a.length)
             else:
-                entries[name] = _Entry("element", a.shape, op(a.dense(), b.dense()))
+                entries[name] = _Entry.of("element", a.shape, op(a.dense(), b.dense()))
         return ParamMask._from_entries(entries)
 
     def __and__(self, other: ParamMask) -> ParamMask:
-        return self._combine(other, torch.logical_and)
+        return self._combine(other, torch.bitwise_and)
 
     def __or__(self, other: ParamMask) -> ParamMask:
-        return self._combine(other, torch.logical_or)
+        return self._combine(other, torch.bitwise_or)
+
+    def __sub__(self, other: ParamMask) -> ParamMask:
+        """Set difference: ones of ``self`` that are not ones of ``other`` (names absent from ``other``: kept)."""
+        return self._combine(other, lambda a, b: a & ~b)
 
     def __invert__(self) -> ParamMask:
         return ParamMask._from_entries(
-            {n: _Entry(e.granularity, e.shape, ~e.bits) for n, e in self._entries.items()},
+            {n: _Entry(e.granularity, e.shape, _clear_padding(~e.packed, e.length), e.length, e.length - e.ones)
+             for n, e in self._entries.items()},
             # the complement no longer means what the recorded semantics / routing layout say
             {k: v for k, v in self.metadata.items() if k not in ("semantics", "routing")},
         )
@@ -283,10 +352,7 @@ class ParamMask(HubMixin):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ParamMask) or set(self._entries) != set(other._entries):
             return False
-        return all(
-            self._entries[n].shape == other._entries[n].shape and torch.equal(self[n], other[n])
-            for n in self._entries
-        )
+        return all(self._entries[n].same_bits(other._entries[n]) for n in self._entries)
 
     __hash__ = None  # mutable container semantics
 
@@ -345,7 +411,7 @@ class ParamMask(HubMixin):
             canon = index.canonical(name) if name in index or index.resolves(name) else name
             if canon in entries:
                 first = entries[canon]
-                if first.shape != entry.shape or not torch.equal(first.dense(), entry.dense()):
+                if not first.same_bits(entry):
                     raise ValueError(
                         f"The mask names one tensor twice with different values: {source[canon]!r} and {name!r} "
                         f"are the same parameter ({canon!r}, tied weights). Keep one of the two entries."
@@ -362,12 +428,12 @@ class ParamMask(HubMixin):
         tensors: dict[str, torch.Tensor] = {}
         info: dict[str, dict[str, Any]] = {}
         for name, entry in self._entries.items():
-            tensors[name] = pack_bits(entry.bits)
+            tensors[name] = entry.packed
             info[name] = {
                 "shape": list(entry.shape),
                 "granularity": entry.granularity,
-                "length": entry.bits.numel(),
-                "ones": int(entry.bits.sum()),
+                "length": entry.length,
+                "ones": entry.ones,
                 "density": round(entry.count() / entry.numel(), 6) if entry.numel() else 0.0,
             }
         # A loaded mask's metadata carries the old file's stamp (kind, version, digest...): never write it back.
@@ -427,14 +493,14 @@ def _decode_entry(path: Any, name: str, packed: torch.Tensor, info: Any) -> _Ent
         raise bad(
             f"expected a U8 vector of {(expected + 7) // 8} bytes, got {packed.dtype} {tuple(packed.shape)}"
         )
-    try:
-        bits = unpack_bits(packed, expected)  # the byte count is checked above: only padding can be wrong
-    except ValueError:
-        raise bad("non-zero padding bits") from None
+    # the byte count is checked above: only padding can be wrong. Checked on the last byte: never unpacked.
+    pad = 8 * packed.numel() - expected
+    if pad and int(packed[-1]) & ((1 << pad) - 1):
+        raise bad("non-zero padding bits")
+    entry = _Entry.from_packed(gran, tuple(shape), packed, expected)
     ones = info.get("ones")
-    if type(ones) is not int or ones != int(bits.sum()):
-        raise bad(f"holds {int(bits.sum())} ones but its metadata says {ones!r}")
-    entry = _Entry(gran, tuple(shape), bits.reshape(shape) if gran == "element" else bits)
+    if type(ones) is not int or ones != entry.ones:
+        raise bad(f"holds {entry.ones} ones but its metadata says {ones!r}")
     density = round(entry.count() / entry.numel(), 6) if entry.numel() else 0.0
     if type(info.get("density")) is not float or info["density"] != density:
         raise bad(f"density is {density} but its metadata says {info.get('density')!r}")
