@@ -56,7 +56,10 @@ def _extra_bytes(model, mask, optimizer, **options) -> int:
 
 def test_hard_freeze_of_a_half_element_mask_holds_at_most_a_fifth_of_a_byte_per_parameter():
     for dtype in (torch.float32, torch.bfloat16):
-        for weight_decay in (0.0, 0.1):  # with weight decay the frozen values are snapshotted at step time only
+        for weight_decay in (
+            0.0,
+            0.1,
+        ):  # with weight decay the frozen values are snapshotted at step time only
             model = _model(dtype)
             g = torch.Generator().manual_seed(1)
             scores = {n: torch.rand(p.shape, generator=g) for n, p in ParamIndex(model).items()}

@@ -44,8 +44,7 @@ from torch import nn
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
 from hfhooks.freeze.config import GradientMaskConfig
-from hfhooks.io.artifacts import bits_as_bytes, count_ones
-from hfhooks.masks.mask import ParamMask
+from hfhooks.masks.mask import ParamMask, bits_as_bytes, count_ones
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
 
@@ -124,7 +123,9 @@ class _Frozen:
     param: nn.Parameter
     kind: str  # "all" | "element" | "row" | "column"
     bits: torch.Tensor | None = None  # element: packed keep bits of the local tensor (uint8, on its device)
-    keep: torch.Tensor | None = None  # row/column: bit mask broadcastable to the parameter, all-ones = may train
+    keep: torch.Tensor | None = (
+        None  # row/column: bit mask broadcastable to the parameter, all-ones = may train
+    )
     idx: torch.Tensor | None = None  # row/column: frozen row/column indices (local)
     values: torch.Tensor | None = None
     snapshot: torch.Tensor | None = None
@@ -259,7 +260,9 @@ class _Frozen:
             saved, self.snapshot = self.snapshot, None
             if self.kind == "element":
                 for (now, keep), then in zip(self._chunks(p), self._chunks_of(saved)):
-                    then.bitwise_xor_(now).bitwise_and_(keep.to(now.dtype).sub_(1))  # differences, frozen only
+                    then.bitwise_xor_(now).bitwise_and_(
+                        keep.to(now.dtype).sub_(1)
+                    )  # differences, frozen only
                     now.bitwise_xor_(then)
                 return
         elif self.values is not None:
@@ -502,7 +505,9 @@ class GradientMask:
         with an optimizer in ``hard`` / ``groups`` mode."""
         self._steps += 1
         if self.freeze != "grad":
-            _restore_all(self._frozen)  # what never stepped, or provably did not move, holds nothing to restore
+            _restore_all(
+                self._frozen
+            )  # what never stepped, or provably did not move, holds nothing to restore
             if self._optimizer is not None and self._zero_state_each_step:
                 self._zero_all_state()
         if self.finite is not None:  # after the restore: a NaN on a frozen coordinate is undone, not reported

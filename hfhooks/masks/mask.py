@@ -48,7 +48,13 @@ from hfhooks.io.artifacts import (
 from hfhooks.io.hub import HubMixin
 from hfhooks.masks.topk import topk_masks
 
-__all__ = ["GRANULARITIES", "MaskFileError", "ParamMask"]
+__all__ = [
+    "GRANULARITIES",
+    "MaskFileError",
+    "ParamMask",
+    "bits_as_bytes",
+    "count_ones",
+]  # the bit helpers: for enforcers
 
 GRANULARITIES = ("element", "row", "column")
 _AXIS = {"row": 0, "column": 1}
@@ -100,7 +106,9 @@ class _Entry:
         return cls(granularity, shape, packed, bits.numel(), count_ones(packed))
 
     @classmethod
-    def from_packed(cls, granularity: str, shape: tuple[int, ...], packed: torch.Tensor, length: int) -> _Entry:
+    def from_packed(
+        cls, granularity: str, shape: tuple[int, ...], packed: torch.Tensor, length: int
+    ) -> _Entry:
         return cls(granularity, shape, packed, length, count_ones(packed))
 
     @property
@@ -241,7 +249,9 @@ class ParamMask(HubMixin):
             shape = tuple(index.info(n).shape)
             length = math.prod(shape)
             packed = torch.full(((length + 7) // 8,), 0xFF if value else 0, dtype=torch.uint8)
-            entries[n] = _Entry("element", shape, _clear_padding(packed, length), length, length if value else 0)
+            entries[n] = _Entry(
+                "element", shape, _clear_padding(packed, length), length, length if value else 0
+            )
         return cls._from_entries(entries)
 
     # -- access --------------------------------------------------------------------------------------------
@@ -343,8 +353,12 @@ class ParamMask(HubMixin):
 
     def __invert__(self) -> ParamMask:
         return ParamMask._from_entries(
-            {n: _Entry(e.granularity, e.shape, _clear_padding(~e.packed, e.length), e.length, e.length - e.ones)
-             for n, e in self._entries.items()},
+            {
+                n: _Entry(
+                    e.granularity, e.shape, _clear_padding(~e.packed, e.length), e.length, e.length - e.ones
+                )
+                for n, e in self._entries.items()
+            },
             # the complement no longer means what the recorded semantics / routing layout say
             {k: v for k, v in self.metadata.items() if k not in ("semantics", "routing")},
         )
