@@ -86,12 +86,12 @@ def mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
     return sparse_payload(decode_payload(e, p), bits)
 
 
-def sparse_is_smaller(delta: torch.Tensor, nz: torch.Tensor | None = None) -> bool:
-    """Would masked-sparse storage (1 bit per coordinate + the non-zero values) take fewer bytes than dense?
-    The rule of ``storage="auto"``."""
+def sparse_is_smaller(delta: torch.Tensor, nz: torch.Tensor | None = None, limit: int | None = None) -> bool:
+    """Would masked-sparse storage (1 bit per coordinate + the non-zero values) take fewer bytes than dense
+    (or than ``limit`` bytes)? The rule of ``storage="auto"``."""
     nz = delta != 0 if nz is None else nz
     sparse_bytes = math.ceil(delta.numel() / 8) + int(nz.sum()) * delta.element_size()
-    return sparse_bytes < delta.numel() * delta.element_size()
+    return sparse_bytes < (delta.numel() * delta.element_size() if limit is None else limit)
 
 
 def sparsify_payload(e: DiffEntry, p: Payload) -> Payload:

@@ -512,14 +512,24 @@ class WeightDiff(HubMixin):
         return WeightDiff._of(entries, self.metadata, "to_sparse")
 
     def to_auto(self) -> WeightDiff:
-        """Per tensor the smaller of dense and masked-sparse storage (``storage="auto"`` of :meth:`between`);
-        reads each dense Δ once, one tensor at a time, to decide."""
+        """Per tensor the smallest of its storage (dense or factored) and masked-sparse storage, and no bytes
+        (``zero``) where Δ is zero (``storage="auto"`` of :meth:`between`); reads each Δ once, one tensor at a
+        time, to decide. Lossless: exact corrections are kept."""
         entries = {}
         for n, e in self.entries.items():
-            if e.storage == "dense" and sparse_is_smaller(e.dense()):
-                e = replace(e, load=mapped_loader(e, lambda p, e=e: sparsify_payload(e, p)), storage="sparse")
+            if e.storage in ("dense", "factored"):
+                delta = e.dense()
+                if not bool(delta.ne(0).any()):
+                    e = replace(e, load=mapped_loader(e, lambda p: with_fix(p, {})), storage="zero")
+                elif sparse_is_smaller(delta, limit=self._stored_bytes(n, e)):
+                    load = mapped_loader(e, lambda p, e=e: sparsify_payload(e, p))
+                    e = replace(e, load=load, storage="sparse", transposed=False)
             entries[n] = e
         return WeightDiff._of(entries, self.metadata, "to_auto")
+
+    @staticmethod
+    def _stored_bytes(name: str, e: DiffEntry) -> int:
+        return sum(t.numel() * t.element_size() for t in stored_tensors(name, e, without_fix(e.load())).values())
 
     def to_dense(self) -> WeightDiff:
         """Dense storage (lossless; a factored LoRA Δ is expanded, an exact correction kept)."""
