@@ -97,7 +97,9 @@ def test_exactness_flag_is_truthful_for_float32():
     assert d32.exact is False  # and then it says so
     undone = (-default).apply(copy.deepcopy(tuned))
     for name, e in (-default).entries.items():
-        same = torch.equal(ParamIndex(undone).param(name).view(torch.int32), params(base)[name].view(torch.int32))
+        same = torch.equal(
+            ParamIndex(undone).param(name).view(torch.int32), params(base)[name].view(torch.int32)
+        )
         assert same == e.exact, name
 
 

@@ -55,7 +55,9 @@ def hard_tuned(model, seed=1, rel=0.1, skip=("model.norm.weight",)):
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.contiguous().view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
 
 
 def assert_bit_equal(a: dict, b: dict) -> None:
@@ -95,7 +97,9 @@ def test_round_trip_is_bit_exact_through_checkpoints_and_files(tmp_path, dtype, 
     )
     assert d.exact is True and d.metadata["path"]  # streamed to the file, read back lazily
     d.apply(tmp_path / "base", out=tmp_path / "out", progress=False)
-    assert_bit_equal(load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors"))
+    assert_bit_equal(
+        load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    )
     eager = WeightDiff.load(tmp_path / "d.safetensors")  # and the eager reader agrees
     assert_bit_equal(params(eager.apply(copy.deepcopy(base))), params(tuned))
 
@@ -110,7 +114,10 @@ def test_correction_is_used_only_where_it_holds():
     plain = WeightDiff.between(base, tuned, exact=False, progress=False)
     assert plain.exact is False  # the correction is needed: without it, bf16 Δ misses somewhere
     for scale in (0.5, 2.0):
-        assert_bit_equal(params(d.apply(copy.deepcopy(base), scale=scale)), params(plain.apply(copy.deepcopy(base), scale=scale)))
+        assert_bit_equal(
+            params(d.apply(copy.deepcopy(base), scale=scale)),
+            params(plain.apply(copy.deepcopy(base), scale=scale)),
+        )
     s = 0.5 * d
     assert s.exact is None and all(e.fixes == 0 for e in s.entries.values())
     assert all(torch.equal(s[n], (d[n].float() * 0.5).to(d[n].dtype)) for n in d)
@@ -135,7 +142,11 @@ def test_round_trip_test_needs_the_correction():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_file_is_about_the_changed_tensors(tmp_path, dtype):
     base = make_model("llama").to(dtype)
-    changed = {"model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"}
+    changed = {
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "lm_head.weight",
+    }
     tuned = copy.deepcopy(base)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # fine-tuning-like: noise at 10% of the weights' scale (bench_checkpoints' recipe)
@@ -171,7 +182,10 @@ def test_fillers_keep_correction_gaps_in_16_bits(tmp_path):
 
 
 # -- factored LoRA ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("arch", "targets", "kw"), [("llama", ["q_proj", "v_proj"], {}), ("gpt2", ["c_attn"], {"fan_in_fan_out": True})])
+@pytest.mark.parametrize(
+    ("arch", "targets", "kw"),
+    [("llama", ["q_proj", "v_proj"], {}), ("gpt2", ["c_attn"], {"fan_in_fan_out": True})],
+)
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
 def test_lora_diff_is_factored_and_equals_peft_merge(tmp_path, arch, targets, kw):
     base = make_model(arch)
@@ -185,7 +199,10 @@ def test_lora_diff_is_factored_and_equals_peft_merge(tmp_path, arch, targets, kw
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = params(copy.deepcopy(peft_model).merge_and_unload())
-    adapter_bytes = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values())
+    adapter_bytes = sum(
+        t.numel() * t.element_size()
+        for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()
+    )
     for d in (WeightDiff.from_lora(peft_model), WeightDiff.from_lora(tmp_path / "adapter", base=base)):
         assert {e.storage for e in d.entries.values()} == {"factored"}
         path = d.save(tmp_path / "lora.safetensors")
@@ -217,7 +234,9 @@ def _variant(d: WeightDiff, kind: str) -> WeightDiff:
     op=st.sampled_from(["sum", "diff", "neg", "scaled_sum", "div"]),
 )
 def test_linear_combinations_equal_the_tensor_by_tensor_result(kinds, lam, op):
-    d1, d2 = (_variant(WeightDiff.between(_BASE, t, progress=False), k) for t, k in zip(_TASKS, kinds, strict=True))
+    d1, d2 = (
+        _variant(WeightDiff.between(_BASE, t, progress=False), k) for t, k in zip(_TASKS, kinds, strict=True)
+    )
     t1, t2 = d1.to_dict(), d2.to_dict()
     wide = {n: torch.promote_types(t1[n].dtype, torch.float32) for n in t1}
     if op == "sum":
@@ -258,7 +277,9 @@ def test_algebra_keeps_base_and_records_ops_and_refuses_other_bases():
     for n, p in params(_BASE).items():
         assert torch.equal(got[n], (p.float() + dense[n].float()).to(p.dtype)), n
     other = WeightDiff.between(_TASKS[0], _TASKS[1], progress=False)
-    with pytest.raises(BaseMismatchError, match=r"different bases: .*crc32:[0-9a-f]{8}.*crc32:[0-9a-f]{8}.*compose"):
+    with pytest.raises(
+        BaseMismatchError, match=r"different bases: .*crc32:[0-9a-f]{8}.*crc32:[0-9a-f]{8}.*compose"
+    ):
         _ = d1 + other
     with pytest.raises(BaseMismatchError):
         _ = d1 - other
@@ -317,7 +338,14 @@ def test_format_1_cannot_claim_format_2_encodings():
     with pytest.raises(ValueError, match="diff format 1"):
         decode_entry_meta("w", info, shapes, version=1)
     decode_entry_meta("w", info, shapes, version=2)  # fine in format 2
-    fixed = {"shape": [2, 2], "dtype": "float32", "storage": "dense", "crc32": {"w": "0"}, "fixes": 1, "fix_dtype": "float32"}
+    fixed = {
+        "shape": [2, 2],
+        "dtype": "float32",
+        "storage": "dense",
+        "crc32": {"w": "0"},
+        "fixes": 1,
+        "fix_dtype": "float32",
+    }
     with pytest.raises(ValueError, match="no exact corrections"):
         decode_entry_meta("w", fixed, shapes, version=1)
 

@@ -22,14 +22,12 @@ from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
     Payload,
-    bitwise_equal,
     const_loader,
     decode_payload,
-    dense_entry,
     entry_bases,
     mismatch_message,
-    sparse_payload,
     negate_fix,
+    sparse_payload,
     tensor_fingerprint,
     with_fix,
     without_fix,
@@ -151,7 +149,9 @@ def between_entry(
     extra: Payload = {}
     if exact and same:
         bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
-        sides = [("fix", misses[0], tf, "exact")] + ([("unfix", misses[1], bf, "exact_inverse")] if exact == "both" else [])
+        sides = [("fix", misses[0], tf, "exact")] + (
+            [("unfix", misses[1], bf, "exact_inverse")] if exact == "both" else []
+        )
         for key, idx, values, flag in sides:
             if idx.numel():
                 idx = _with_fillers(idx)
@@ -195,7 +195,9 @@ def _delta_blocks(
     Where ``tuned`` equals ``base`` bit for bit, Δ is 0 (``inf − inf`` would be NaN); elsewhere it is the
     difference computed in the wider of ``dt`` and float32, rounded once to ``dt``."""
     bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
-    wide = torch.promote_types(torch.promote_types(dt, torch.promote_types(base.dtype, tuned.dtype)), torch.float32)
+    wide = torch.promote_types(
+        torch.promote_types(dt, torch.promote_types(base.dtype, tuned.dtype)), torch.float32
+    )
     delta = torch.empty(bf.numel(), dtype=dt)
     same, changed = base.dtype == tuned.dtype, False
     fwd_miss: list[torch.Tensor] = []
@@ -275,7 +277,12 @@ def _apply_fix(out: torch.Tensor, start: int, payload: Payload) -> None:
 def uses_fix(entry: DiffEntry, scale: float, theta_fingerprint: str | None) -> bool:
     """Whether applying ``entry`` uses its exact correction: at scale 1, on the weights it was computed from
     (``theta_fingerprint`` equals its base; ``None``: not verified, so not used)."""
-    return bool(entry.fixes) and scale == 1.0 and theta_fingerprint is not None and theta_fingerprint == entry.base
+    return (
+        bool(entry.fixes)
+        and scale == 1.0
+        and theta_fingerprint is not None
+        and theta_fingerprint == entry.base
+    )
 
 
 def add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float, fix: bool = False) -> torch.Tensor:

@@ -112,7 +112,9 @@ _V1_STORAGES = ("dense", "sparse", "quantized")
 Shapes = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
-def decode_entry_meta(name: str, info: Any, shapes: Shapes, version: int = DIFF_FORMAT) -> tuple[DiffEntry, list[str]]:
+def decode_entry_meta(
+    name: str, info: Any, shapes: Shapes, version: int = DIFF_FORMAT
+) -> tuple[DiffEntry, list[str]]:
     """The :class:`DiffEntry` (without payload) and its stored part names, from an entry's metadata in a file
     of diff format ``version``; ``ValueError`` naming the problem when the metadata does not match the file's
     tensors (or uses what its format version cannot hold)."""
@@ -221,7 +223,11 @@ def _factor_parts(
         raise ValueError(f"LoRA factors {tuple(b_shape)} · {tuple(a_shape)} do not multiply")
     if (b_shape[0], a_shape[1]) != out_shape:
         raise ValueError(f"LoRA factors {tuple(b_shape)} · {tuple(a_shape)} do not give Δ's shape {shape}")
-    return {a: (a_dtype, tuple(a_shape)), b: (b_dtype, tuple(b_shape)), name + PART_SEP + "scaling": (torch.float64, ())}
+    return {
+        a: (a_dtype, tuple(a_shape)),
+        b: (b_dtype, tuple(b_shape)),
+        name + PART_SEP + "scaling": (torch.float64, ()),
+    }
 
 
 def _fix_parts(

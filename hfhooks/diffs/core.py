@@ -334,7 +334,9 @@ class WeightDiff(HubMixin):
 
     def _scaled(self, c: float, divide: bool) -> WeightDiff:
         if c == 1.0:  # exact: entries (and their corrections) unchanged, the operation still recorded
-            return WeightDiff._of(self.entries, self.metadata, {"op": "divide" if divide else "scale", "c": c})
+            return WeightDiff._of(
+                self.entries, self.metadata, {"op": "divide" if divide else "scale", "c": c}
+            )
         if divide and c == 0:
             raise ZeroDivisionError("Cannot divide a diff by 0.")
         entries = {
@@ -531,7 +533,9 @@ class WeightDiff(HubMixin):
     def _stored_bytes(name: str, e: DiffEntry) -> int:
         """Bytes of Δ's own tensors (the exact correction costs the same in every storage)."""
         e = replace(e, fixes=0, unfixes=0)
-        return sum(t.numel() * t.element_size() for t in stored_tensors(name, e, without_fix(e.load())).values())
+        return sum(
+            t.numel() * t.element_size() for t in stored_tensors(name, e, without_fix(e.load())).values()
+        )
 
     def to_dense(self) -> WeightDiff:
         """Dense storage (lossless; a factored LoRA Δ is expanded, an exact correction kept)."""

@@ -60,7 +60,16 @@ from hfhooks.io.safetensors import (
     write_all,
 )
 
-RESERVED_META = ("tensors", "kind", "version", "format_version", "diff_format", "digest", "meta_digest", "path")
+RESERVED_META = (
+    "tensors",
+    "kind",
+    "version",
+    "format_version",
+    "diff_format",
+    "digest",
+    "meta_digest",
+    "path",
+)
 
 
 class _DataFile(Mapping[str, torch.Tensor]):

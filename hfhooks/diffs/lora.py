@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfhooks.core.names import canonical_name
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs.arithmetic import between_entry
 from hfhooks.diffs.entries import DiffEntry, const_loader, dense_entry, tensor_fingerprint
 from hfhooks.diffs.source import WeightSource
-from hfhooks.core.names import canonical_name
 from hfhooks.masks.lora import (
     adapter_delta_weights,
     adapter_lora_factors,
@@ -59,7 +59,9 @@ def _model_factors(model: nn.Module, adapter: str | None) -> dict[str, Factors]:
                 a, b, transposed = layer.lora_embedding_A[name], layer.lora_embedding_B[name], True
             else:
                 continue
-            found.setdefault(key, []).append((b, a, layer.scaling[name], transposed) if a.dim() == 2 else None)
+            found.setdefault(key, []).append(
+                (b, a, layer.scaling[name], transposed) if a.dim() == 2 else None
+            )
     return {k: v[0] for k, v in found.items() if len(v) == 1 and v[0] is not None}
 
 

@@ -371,7 +371,9 @@ def adapter_module_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     }
 
 
-def adapter_lora_factors(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+def adapter_lora_factors(
+    path: str | os.PathLike,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
     """``{canonical base weight name: (B, A, scaling, transposed)}`` for the linear and embedding modules of a
     saved LoRA adapter, as stored (``ΔW = (B·A)·scaling``, transposed for ``fan_in_fan_out`` and embeddings) —
     the factored form of :func:`adapter_delta_weights`, for diffs that keep an adapter's size."""
