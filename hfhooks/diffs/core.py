@@ -283,7 +283,11 @@ class WeightDiff(HubMixin):
         base: Any = None,
         dtype: torch.dtype | None = None,
     ) -> WeightDiff:
-        """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module (never A and B separately).
+        """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module, stored factored.
+
+        A module with one 2-D adapter is a ``factored`` entry holding ``B``, ``A`` and ``s`` (the file is about
+        the adapter's size), expanded as peft's merge computes it when applied or read; :meth:`to_dense`
+        expands it on demand. Summed adapters, convolutions and biases are dense entries.
 
         ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; per-module
         ``rank_pattern`` / ``alpha_pattern`` resolved by peft's own rules). Works on a ``PeftModel``
@@ -291,8 +295,8 @@ class WeightDiff(HubMixin):
         (``adapter_config.json`` + ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to
         record base fingerprints). A ``lora_B`` bias (``lora_bias=True``) becomes ``s·bias`` on the base bias;
         ``modules_to_save`` copies become dense entries (copy − original; from a directory they need ``base=``).
-        ``dtype``: Δ's dtype (default ``float32`` for ``s·B·A``; copies default to an exact dtype, ``float64``
-        for ``float32`` weights). DoRA and adapter tensors of any other kind are refused.
+        ``dtype``: Δ's dtype (default ``float32`` for ``s·B·A``; copies default to the weights' dtype with the
+        exact correction). DoRA and adapter tensors of any other kind are refused.
         """
         if isinstance(model_or_dir, nn.Module):
             entries, op = lora_from_model(model_or_dir, adapter, dtype)
