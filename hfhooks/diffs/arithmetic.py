@@ -144,7 +144,7 @@ def between_entry(
     dt = dtype or (base.dtype if same else torch.promote_types(base.dtype, tuned.dtype))
     if not same and dtype is None:
         dt = torch.promote_types(dt, torch.float32)
-    delta, misses, flags = _delta_blocks(base, tuned, dt)
+    delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
     fields: dict[str, Any] = {"base": tensor_fingerprint(base), "target": tensor_fingerprint(tuned), **flags}
     extra: Payload = {}
     if exact and same:
@@ -187,39 +187,54 @@ def _with_fillers(idx: torch.Tensor) -> torch.Tensor:
 
 
 def _delta_blocks(
-    base: torch.Tensor, tuned: torch.Tensor, dt: torch.dtype
+    base: torch.Tensor, tuned: torch.Tensor, dt: torch.dtype, inverse_misses: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, bool]]:
     """Δ in ``dt``, block by block (cache-sized temporaries only); the flat indices where ``base + Δ`` misses
-    ``tuned`` and where ``tuned − Δ`` misses ``base``; the flags ``exact`` / ``exact_inverse`` / ``changed``.
+    ``tuned`` and (``inverse_misses``; else only the flag is computed) where ``tuned − Δ`` misses ``base``; the
+    flags ``exact`` / ``exact_inverse`` / ``changed``.
 
     Where ``tuned`` equals ``base`` bit for bit, Δ is 0 (``inf − inf`` would be NaN); elsewhere it is the
     difference computed in the wider of ``dt`` and float32, rounded once to ``dt``."""
     bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
+    same = base.dtype == tuned.dtype
+    none = torch.zeros(0, dtype=torch.int64)
+    if same and torch.equal(
+        bit_view(bf), bit_view(tf)
+    ):  # unchanged: the common case of a fine-tune's tensors
+        flags = {"changed": False, "exact": True, "exact_inverse": True}
+        return torch.zeros(base.shape, dtype=dt), (none, none), flags
     wide = torch.promote_types(
         torch.promote_types(dt, torch.promote_types(base.dtype, tuned.dtype)), torch.float32
     )
     delta = torch.empty(bf.numel(), dtype=dt)
-    same, changed = base.dtype == tuned.dtype, False
     fwd_miss: list[torch.Tensor] = []
     inv_miss: list[torch.Tensor] = []
+    miss_inv = False
     for i in range(0, bf.numel(), _CHUNK):
         j = min(i + _CHUNK, bf.numel())
         b, t, d = bf[i:j], tf[i:j], delta[i:j]
-        d.copy_(t.to(wide) - b.to(wide))
+        bw, tw = b.to(wide), t.to(wide)
+        d.copy_(tw - bw)
         if not same:
-            changed = True  # another dtype is another tensor: never "unchanged", never exact
-            continue
-        moved = bit_view(b) != bit_view(t)
-        if not bool(moved.any()):
-            d.zero_()
-            continue
-        changed = True
-        d.masked_fill_(~moved, 0)
-        fwd_miss.append(torch.nonzero(bit_view(_plus(b, d, 1.0)) != bit_view(t)).reshape(-1) + i)
-        inv_miss.append(torch.nonzero(bit_view(_plus(t, d, -1.0)) != bit_view(b)).reshape(-1) + i)
-    fwd = torch.cat(fwd_miss) if fwd_miss else torch.zeros(0, dtype=torch.int64)
-    inv = torch.cat(inv_miss) if inv_miss else torch.zeros(0, dtype=torch.int64)
-    flags = {"changed": changed, "exact": same and not fwd.numel(), "exact_inverse": same and not inv.numel()}
+            continue  # another dtype is another tensor: never "unchanged", never exact
+        still = bit_view(b) == bit_view(t)
+        d.masked_fill_(still, 0)
+        # What apply computes (see _plus_blocks): θ ± Δ in the wide dtype, rounded once; θ kept where Δ = 0
+        # (so a moved coordinate with Δ = 0, e.g. −0.0 → +0.0, always misses).
+        dw = d.to(wide)
+        kept = (d == 0) & ~still
+        fwd_miss.append(
+            torch.nonzero((bit_view((bw + dw).to(b.dtype)) != bit_view(t)) | kept).reshape(-1) + i
+        )
+        inv = (bit_view((tw - dw).to(b.dtype)) != bit_view(b)) | kept
+        if inverse_misses:
+            inv_miss.append(torch.nonzero(inv).reshape(-1) + i)
+        elif not miss_inv:
+            miss_inv = bool(inv.any())
+    fwd = torch.cat(fwd_miss) if fwd_miss else none
+    inv = torch.cat(inv_miss) if inv_miss else none
+    miss_inv = miss_inv or bool(inv.numel())
+    flags = {"changed": True, "exact": same and not fwd.numel(), "exact_inverse": same and not miss_inv}
     return delta.reshape(base.shape), (fwd, inv), flags
 
 
