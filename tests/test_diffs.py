@@ -68,7 +68,11 @@ def test_between_then_apply_reproduces_target(arch):
     base = make_model(arch).to(torch.bfloat16)
     tuned = perturbed(base)
     d = WeightDiff.between(base, tuned, progress=False)
-    assert d.exact is True and d.exact_inverse is True  # bf16 weights, fp32 Δ: always exact
+    # bf16 Δ + exact correction (format 2; the fp32 Δ of format 1 was exact both ways): exact forward by
+    # default, and both ways with exact="both"
+    assert d.exact is True and all(e.dtype == torch.bfloat16 for e in d.entries.values())
+    both = WeightDiff.between(base, tuned, exact="both", progress=False)
+    assert both.exact is True and both.exact_inverse is True
     model = copy.deepcopy(base)
     assert d.apply(model) is model
     assert bitwise_equal(params(model), params(tuned))
@@ -77,10 +81,13 @@ def test_between_then_apply_reproduces_target(arch):
 def test_exactness_flag_is_truthful_for_float32():
     base = make_model("llama")
     tuned = make_model("llama", seed=3)  # unrelated weights: float32 Δ rounds somewhere
-    d32 = WeightDiff.between(base, tuned, progress=False)
+    # exact=False: the float32 Δ alone (the pre-format-2 default); the flag must then say it misses
+    d32 = WeightDiff.between(base, tuned, dtype=torch.float32, exact=False, progress=False)
     d64 = WeightDiff.between(base, tuned, dtype=torch.float64, progress=False)
+    default = WeightDiff.between(base, tuned, progress=False)  # float32 Δ + the exact correction
     assert d64.exact is True and d64.exact_inverse is True
-    for d in (d32, d64):
+    assert default.exact is True  # exact_inverse: truthful, checked below through -default
+    for d in (d32, d64, default):
         model = d.apply(copy.deepcopy(base))
         for name, e in d.entries.items():
             same = torch.equal(
@@ -88,6 +95,12 @@ def test_exactness_flag_is_truthful_for_float32():
             )
             assert same == e.exact, name
     assert d32.exact is False  # and then it says so
+    undone = (-default).apply(copy.deepcopy(tuned))
+    for name, e in (-default).entries.items():
+        same = torch.equal(
+            ParamIndex(undone).param(name).view(torch.int32), params(base)[name].view(torch.int32)
+        )
+        assert same == e.exact, name
 
 
 @pytest.mark.parametrize(
@@ -97,7 +110,9 @@ def test_exactness_flag_is_truthful_for_float32():
 def test_minus_delta_then_plus_delta_is_the_identity(dtype, delta_dtype, scale):
     base = make_model("llama").to(dtype)
     tuned = perturbed(base, scale=scale)
-    d = WeightDiff.between(base, tuned, dtype=delta_dtype, progress=False)
+    # exact="both": −Δ undoes exactly (the default corrects the forward direction only; format 1's fp32 Δ for
+    # bf16 weights happened to be exact both ways)
+    d = WeightDiff.between(base, tuned, dtype=delta_dtype, exact="both", progress=False)
     assert d.exact is True and d.exact_inverse is True
     model = copy.deepcopy(tuned)
     (-d).apply(model)  # tuned − Δ = base (−Δ's base is the tuned model)
@@ -252,15 +267,17 @@ def test_storage_modes_decode_to_the_same_delta(tmp_path, storage):
     d = WeightDiff.between(base, tuned, storage=storage, progress=False)
     assert all(torch.equal(d[n], ref[n]) for n in ref)
     assert d.exact is True
-    if storage != "dense":  # unchanged tensors are nearly free
-        assert d.nbytes() < ref.nbytes() / 4
+    # unchanged tensors are free in every storage mode (format 2: "zero" entries; the dense default used to
+    # store their zeros, so this compared against the dense diff's size)
+    assert all(d.entry(n).storage == "zero" for n in d.unchanged) and len(d.unchanged) == len(d) - 1
+    changed = ParamIndex(base).param("model.layers.0.mlp.up_proj.weight")
+    assert d.nbytes() <= changed.numel() * changed.element_size() + changed.numel() // 8 + 64
     path = d.save(tmp_path / "d.safetensors")
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
         meta = json.loads(f.metadata()["hfhooks.tensors"])
-    if storage == "sparse":
-        assert "model.norm.weight::mask" in keys and "model.norm.weight::values" in keys
-        assert meta["model.norm.weight"]["nnz"] == 0
+    assert not any(k.startswith("model.norm.weight") for k in keys)
+    assert meta["model.norm.weight"]["storage"] == "zero"
     assert WeightDiff.load(path).exact is True
 
 

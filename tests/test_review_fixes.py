@@ -156,7 +156,8 @@ def test_lora_diff_honours_storage_auto(tmp_path, capsys):
                  "--storage", "auto"]) == 0  # fmt: skip
     d = WeightDiff.load(out)
     storage = {n: d.entry(n).storage for n in d}
-    assert {s for n, s in storage.items() if n.endswith("v_proj.weight")} == {"sparse"}
-    assert {s for n, s in storage.items() if n.endswith("q_proj.weight")} == {"dense"}
+    # format 2: a zero Δ is stored as no bytes at all ("zero"), smaller still than sparse
+    assert {s for n, s in storage.items() if n.endswith("v_proj.weight")} == {"zero"}
+    assert {s for n, s in storage.items() if n.endswith("q_proj.weight")} == {"factored"}  # was dense
     ref = WeightDiff.from_lora(tmp_path / "adapter", base=base)
     assert all(torch.equal(d[n], ref[n].to(d[n].dtype)) for n in ref)

@@ -339,7 +339,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=FLOAT_DTYPES,
         default=None,
-        help="storage dtype of Δ (default float32; float64 for bit-exact fp32)",
+        help="storage dtype of Δ (default: the weights' own dtype, plus a sparse exact correction)",
     )
     diff.add_argument(
         "--quantize", type=_levels, metavar="LEVELS", help="per-tensor min–max quantisation (2–256 levels)"

@@ -10,11 +10,14 @@ Guarantees:
   (and of the target). :meth:`WeightDiff.apply` checks it before changing anything and raises
   :class:`BaseMismatchError` naming the tensors that differ (``check_base=False`` applies anyway, e.g. for task
   arithmetic on purpose).
-* **Exactness, stated.** :meth:`WeightDiff.between` checks per tensor whether ``base + Δ`` reproduces the
-  target bit for bit (``exact``) and whether ``target − Δ`` reproduces the base (``exact_inverse``). The
-  default ``float32`` Δ is exact for ``bfloat16``/``float16`` weights unless a coordinate changes magnitude
-  by more than 2¹⁶; ``dtype=torch.float64`` makes both flags hold for ``float32`` weights too (up to 2²⁹).
-  Operations that lose exactness (scaling, quantising, masking, adding) clear the flags instead of lying.
+* **Exact and compact.** :meth:`WeightDiff.between` stores Δ in the weights' own dtype plus a sparse exact
+  correction (the coordinates where ``base + Δ`` misses the target, with the target's values), so applying it
+  to its base reproduces the target bit for bit in every float dtype, and unchanged tensors cost no bytes
+  (``exact="both"`` corrects ``target − Δ`` too). The correction holds at scale 1 on the verified base only;
+  the flags ``exact`` / ``exact_inverse`` say per tensor what holds, and operations that lose exactness
+  (scaling, quantising, masking, adding) drop the correction and clear the flags instead of lying.
+* **LoRA stays small.** :meth:`WeightDiff.from_lora` stores each adapted module's ``B``, ``A`` and scaling
+  (``factored``), expanded on apply; :meth:`WeightDiff.to_dense` expands on demand.
 * **Bounded memory.** Diffs between checkpoint directories stream tensor by tensor into the diff file
   (``out=``); a large diff file is read lazily (``WeightDiff.load(path, lazy=True)``), with each tensor's
   CRC-32 verified as it is read; applying to a checkpoint streams through
@@ -25,11 +28,17 @@ File format (an hfhooks artifact of kind ``diff``, readable with plain ``safeten
 * dense entry: ``<name>`` holds Δ;
 * masked-sparse entry: ``<name>::mask`` (``U8``, the bit-packed mask, big bit order like ``numpy.packbits``)
   and ``<name>::values`` (Δ at the set positions, row-major order);
+* zero entry (Δ = 0): no tensors;
+* factored entry: ``<name>::lora_B``, ``<name>::lora_A``, ``<name>::scaling`` (Δ = (B·A)·scaling, transposed
+  when ``transposed``);
+* exact correction (on any entry): ``<name>::fix_gaps`` (16-bit gaps between sorted flat indices) and
+  ``<name>::fix_values``; ``::unfix_gaps`` / ``::unfix_values`` for ``−Δ``;
 * quantised entry: ``<name>::codes`` (``U8``, codes of ``bits`` bits packed big-endian within each byte),
   ``<name>::range`` (Δ at code 0 and at code ``levels − 1``; Δ = r0 + code·(r1 − r0)/(levels − 1)) and, if
   masked, ``<name>::mask``;
-* metadata ``hfhooks.tensors`` = ``{name: {shape, dtype, storage, levels, bits, nnz, base, target, exact,
-  exact_inverse, changed, crc32}}``, plus ``hfhooks.base`` / ``hfhooks.target`` (model fingerprints),
+* metadata ``hfhooks.tensors`` = ``{name: {shape, dtype, storage, levels, bits, nnz, transposed, fixes,
+  unfixes, fix_dtype, base, target, exact, exact_inverse, changed, crc32}}``, ``hfhooks.diff_format`` (2;
+  absent: format 1, still read), plus ``hfhooks.base`` / ``hfhooks.target`` (model fingerprints),
   ``hfhooks.exact``, ``hfhooks.scale``, ``hfhooks.ops`` (how it was made) and ``hfhooks.meta_digest``.
 
 Modules (one concept each; lower ones never import higher ones):
@@ -46,7 +55,7 @@ Modules (one concept each; lower ones never import higher ones):
 Example:
     >>> import torch
     >>> base, tuned = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    >>> d = WeightDiff.between(base, tuned, dtype=torch.float64, progress=False)
+    >>> d = WeightDiff.between(base, tuned, exact="both", progress=False)
     >>> d.exact, sorted(d.names())
     (True, ['bias', 'weight'])
     >>> _ = d.apply(base)

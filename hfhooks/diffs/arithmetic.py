@@ -10,8 +10,10 @@ is the streaming per-tensor edit that applying a diff to a checkpoint hands to
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -20,14 +22,15 @@ from hfhooks.diffs.entries import (
     BaseMismatchError,
     DiffEntry,
     Payload,
-    bitwise_equal,
     const_loader,
     decode_payload,
-    dense_entry,
     entry_bases,
     mismatch_message,
+    negate_fix,
     sparse_payload,
     tensor_fingerprint,
+    with_fix,
+    without_fix,
 )
 from hfhooks.diffs.fileformat import DEFERRED, worker_pool
 from hfhooks.io.safetensors import ReadBuffer, TensorBlocks
@@ -39,19 +42,29 @@ def mapped_loader(e: DiffEntry, fn: Callable[[Payload], Payload]) -> Callable[[]
 
 
 def negate_payload(p: Payload) -> Payload:
-    """The payload of ``-Δ`` (exact for every storage)."""
+    """The payload of ``-Δ`` (exact for every storage). The exact corrections swap: ``−Δ`` leads from the
+    target back to the base, corrected where ``between(..., exact="both")`` recorded it."""
     out = dict(p)
     if "range" in p:
         out["range"] = -p["range"]  # codes unchanged: r0 + c·(r1 − r0)/(n−1) negates exactly
-    else:
+    elif "scaling" in p:
+        out["scaling"] = -p["scaling"]  # (B·A)·(−s) = −((B·A)·s) exactly
+    elif "values" in p:
         out["values"] = -p["values"]
-    return out
+    return {**without_fix(out), **negate_fix(p)}
 
 
 def scale_payload(e: DiffEntry, p: Payload, c: float, divide: bool = False) -> Payload:
     """``c·Δ`` (or ``Δ / c``: dividing is not multiplying by ``1/c`` in floating point, and ``d / c`` must
-    equal the same division done on the tensors)."""
-    out = dict(p)
+    equal the same division done on the tensors). The exact correction is dropped (it holds at scale 1 only).
+    A factored Δ stays factored with its scaling multiplied (equal to scaling the dense Δ up to one rounding)."""
+    out = without_fix(p)
+    if e.storage == "zero":
+        return out
+    if e.storage == "factored":
+        s = p["scaling"].to(torch.float64)
+        out["scaling"] = s / c if divide else s * c
+        return out
     key = "range" if "range" in p else "values"
     wide = p[key].to(torch.promote_types(e.dtype, torch.float32))
     out[key] = (wide / c if divide else wide * c).to(e.dtype)
@@ -71,18 +84,18 @@ def mask_payload(e: DiffEntry, p: Payload, bits: torch.Tensor) -> Payload:
     return sparse_payload(decode_payload(e, p), bits)
 
 
-def sparse_is_smaller(delta: torch.Tensor, nz: torch.Tensor | None = None) -> bool:
-    """Would masked-sparse storage (1 bit per coordinate + the non-zero values) take fewer bytes than dense?
-    The rule of ``storage="auto"``."""
+def sparse_is_smaller(delta: torch.Tensor, nz: torch.Tensor | None = None, limit: int | None = None) -> bool:
+    """Would masked-sparse storage (1 bit per coordinate + the non-zero values) take fewer bytes than dense
+    (or than ``limit`` bytes)? The rule of ``storage="auto"``."""
     nz = delta != 0 if nz is None else nz
     sparse_bytes = math.ceil(delta.numel() / 8) + int(nz.sum()) * delta.element_size()
-    return sparse_bytes < delta.numel() * delta.element_size()
+    return sparse_bytes < (delta.numel() * delta.element_size() if limit is None else limit)
 
 
 def sparsify_payload(e: DiffEntry, p: Payload) -> Payload:
     """The sparse payload holding ``Δ``'s non-zero coordinates only."""
     delta = decode_payload(e, p)
-    return sparse_payload(delta, delta != 0)
+    return with_fix(p, sparse_payload(delta, delta != 0))
 
 
 def quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
@@ -94,7 +107,7 @@ def quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
     elif e.storage == "sparse":
         mask, values = p["mask"], p["values"]
     else:
-        mask, values = None, p["values"].reshape(-1)
+        mask, values = None, decode_payload(e, p).reshape(-1)
     v = values.to(torch.float32) if values.dtype != torch.float64 else values
     lo = v.min() if v.numel() else v.new_zeros(())
     hi = v.max() if v.numel() else v.new_zeros(())
@@ -111,32 +124,118 @@ def quantize_payload(e: DiffEntry, p: Payload, levels: int) -> Payload:
 
 
 def between_entry(
-    base: torch.Tensor, tuned: torch.Tensor, dtype: torch.dtype | None, storage: str
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    dtype: torch.dtype | None,
+    storage: str,
+    exact: bool | str = True,
 ) -> DiffEntry:
-    """The entry ``tuned - base`` in ``dtype`` (default: at least float32), with its exactness flags
-    (whether adding it back reproduces ``tuned`` bit for bit, and subtracting it ``base``)."""
+    """The entry ``tuned − base`` with its exactness flags (whether adding it back reproduces ``tuned`` bit for
+    bit, and subtracting it ``base``).
+
+    Δ is stored in ``dtype`` (default: the weights' own dtype; the wider of the two, at least float32, when
+    they differ). With ``exact`` (and equal dtypes) the coordinates where ``base + Δ`` — as :func:`add_delta`
+    computes it — misses ``tuned`` go into the sparse exact correction (``exact="both"``: also those where
+    ``tuned − Δ`` misses ``base``, for an exact ``−Δ``), so the flags hold. A Δ that is zero everywhere is a
+    ``zero`` entry (no bytes)."""
     if not base.is_floating_point() or not tuned.is_floating_point():
         raise ValueError(f"Diffs are defined on floating-point weights, got {base.dtype} / {tuned.dtype}.")
-    dt = dtype or torch.promote_types(torch.promote_types(base.dtype, tuned.dtype), torch.float32)
-    delta = tuned.to(dt, copy=True).sub_(base)  # one temporary of Δ's size
-    changed = not bitwise_equal(base, tuned)
-    exact = tuned.dtype == base.dtype and bitwise_equal(_plus(base, delta, 1.0), tuned)
-    exact_inv = tuned.dtype == base.dtype and bitwise_equal(_plus(tuned, delta, -1.0), base)
-    fields = {
-        "base": tensor_fingerprint(base),
-        "target": tensor_fingerprint(tuned),
-        "exact": exact,
-        "exact_inverse": exact_inv,
-        "changed": changed,
-    }
-    if storage == "dense":
-        return dense_entry(delta, **fields)
+    same = base.dtype == tuned.dtype
+    dt = dtype or (base.dtype if same else torch.promote_types(base.dtype, tuned.dtype))
+    if not same and dtype is None:
+        dt = torch.promote_types(dt, torch.float32)
+    delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
+    fields: dict[str, Any] = {"base": tensor_fingerprint(base), "target": tensor_fingerprint(tuned), **flags}
+    extra: Payload = {}
+    if exact and same:
+        bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
+        sides = [("fix", misses[0], tf, "exact")] + (
+            [("unfix", misses[1], bf, "exact_inverse")] if exact == "both" else []
+        )
+        for key, idx, values, flag in sides:
+            if idx.numel():
+                idx = _with_fillers(idx)
+                extra[key + "_index"], extra[key + "_values"] = idx, values[idx]
+                fields[key + "es"] = int(idx.numel())
+                fields["fix_dtype"] = base.dtype
+            fields[flag] = True
     nz = delta != 0
-    if storage == "auto" and not sparse_is_smaller(delta, nz):
-        return dense_entry(delta, **fields)
-    return DiffEntry(
-        tuple(delta.shape), delta.dtype, "sparse", const_loader(sparse_payload(delta, nz)), **fields
+    if not bool(nz.any()):
+        return DiffEntry(tuple(base.shape), dt, "zero", const_loader(extra), **fields)
+    if storage == "dense" or (storage == "auto" and not sparse_is_smaller(delta, nz)):
+        return DiffEntry(tuple(base.shape), dt, "dense", const_loader({"values": delta, **extra}), **fields)
+    payload = {**sparse_payload(delta, nz), **extra}
+    return DiffEntry(tuple(base.shape), dt, "sparse", const_loader(payload), **fields)
+
+
+FIX_GAP = (1 << 16) - 1  # the largest gap between corrected coordinates: files store the gaps in 16 bits
+
+
+def _with_fillers(idx: torch.Tensor) -> torch.Tensor:
+    """Sorted indices with a filler coordinate added wherever two (or the first and 0) are more than
+    :data:`FIX_GAP` apart, so the gaps fit 16 bits. A filler is a coordinate that needed no correction: the
+    value stored there is the one ``base + Δ`` already gives, so setting it changes nothing."""
+    prev = torch.cat([idx.new_zeros(1), idx[:-1]])
+    extra = ((idx - prev - 1) // FIX_GAP).clamp_(min=0)
+    total = int(extra.sum())
+    if not total:
+        return idx
+    starts = torch.repeat_interleave(prev, extra)
+    first = torch.repeat_interleave(torch.cumsum(extra, 0) - extra, extra)
+    fill = starts + (torch.arange(total) - first + 1) * FIX_GAP
+    return torch.sort(torch.cat([idx, fill])).values
+
+
+def _delta_blocks(
+    base: torch.Tensor, tuned: torch.Tensor, dt: torch.dtype, inverse_misses: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, bool]]:
+    """Δ in ``dt``, block by block (cache-sized temporaries only); the flat indices where ``base + Δ`` misses
+    ``tuned`` and (``inverse_misses``; else only the flag is computed) where ``tuned − Δ`` misses ``base``; the
+    flags ``exact`` / ``exact_inverse`` / ``changed``.
+
+    Where ``tuned`` equals ``base`` bit for bit, Δ is 0 (``inf − inf`` would be NaN); elsewhere it is the
+    difference computed in the wider of ``dt`` and float32, rounded once to ``dt``."""
+    bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
+    same = base.dtype == tuned.dtype
+    none = torch.zeros(0, dtype=torch.int64)
+    if same and torch.equal(
+        bit_view(bf), bit_view(tf)
+    ):  # unchanged: the common case of a fine-tune's tensors
+        flags = {"changed": False, "exact": True, "exact_inverse": True}
+        return torch.zeros(base.shape, dtype=dt), (none, none), flags
+    wide = torch.promote_types(
+        torch.promote_types(dt, torch.promote_types(base.dtype, tuned.dtype)), torch.float32
     )
+    delta = torch.empty(bf.numel(), dtype=dt)
+    fwd_miss: list[torch.Tensor] = []
+    inv_miss: list[torch.Tensor] = []
+    miss_inv = False
+    for i in range(0, bf.numel(), _CHUNK):
+        j = min(i + _CHUNK, bf.numel())
+        b, t, d = bf[i:j], tf[i:j], delta[i:j]
+        bw, tw = b.to(wide), t.to(wide)
+        d.copy_(tw - bw)
+        if not same:
+            continue  # another dtype is another tensor: never "unchanged", never exact
+        still = bit_view(b) == bit_view(t)
+        d.masked_fill_(still, 0)
+        # What apply computes (see _plus_blocks): θ ± Δ in the wide dtype, rounded once; θ kept where Δ = 0
+        # (so a moved coordinate with Δ = 0, e.g. −0.0 → +0.0, always misses).
+        dw = d.to(wide)
+        kept = (d == 0) & ~still
+        fwd_miss.append(
+            torch.nonzero((bit_view((bw + dw).to(b.dtype)) != bit_view(t)) | kept).reshape(-1) + i
+        )
+        inv = (bit_view((tw - dw).to(b.dtype)) != bit_view(b)) | kept
+        if inverse_misses:
+            inv_miss.append(torch.nonzero(inv).reshape(-1) + i)
+        elif not miss_inv:
+            miss_inv = bool(inv.any())
+    fwd = torch.cat(fwd_miss) if fwd_miss else none
+    inv = torch.cat(inv_miss) if inv_miss else none
+    miss_inv = miss_inv or bool(inv.numel())
+    flags = {"changed": True, "exact": same and not fwd.numel(), "exact_inverse": same and not miss_inv}
+    return delta.reshape(base.shape), (fwd, inv), flags
 
 
 _CHUNK = 1 << 18  # elements per step of the blocked update: cache-sized, no large temporaries
@@ -181,31 +280,70 @@ def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tenso
     return out
 
 
-def add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float) -> torch.Tensor:
-    """``theta + scale·Δ`` for one entry (sparse entries touch only their masked coordinates)."""
-    return _add_payload(theta, entry, entry.load(), scale)
+def _apply_fix(out: torch.Tensor, start: int, payload: Payload) -> None:
+    """Set the corrected coordinates that fall in the flat block ``out`` (θ's coordinates ``start`` …
+    ``start + len(out)``) to their recorded values."""
+    idx = payload["fix_index"]
+    lo, hi = (int(k) for k in torch.searchsorted(idx, torch.tensor([start, start + out.numel()])))
+    if lo < hi:
+        out[idx[lo:hi] - start] = payload["fix_values"][lo:hi]
 
 
-def _add_payload(theta: torch.Tensor, entry: DiffEntry, payload: Payload, scale: float) -> torch.Tensor:
+def uses_fix(entry: DiffEntry, scale: float, theta_fingerprint: str | None) -> bool:
+    """Whether applying ``entry`` uses its exact correction: at scale 1, on the weights it was computed from
+    (``theta_fingerprint`` equals its base; ``None``: not verified, so not used)."""
+    return (
+        bool(entry.fixes)
+        and scale == 1.0
+        and theta_fingerprint is not None
+        and theta_fingerprint == entry.base
+    )
+
+
+def add_delta(theta: torch.Tensor, entry: DiffEntry, scale: float, fix: bool = False) -> torch.Tensor:
+    """``theta + scale·Δ`` for one entry (sparse entries touch only their masked coordinates); ``fix``: use the
+    exact correction (only when ``theta`` is verified to be the entry's base, see :func:`uses_fix`)."""
+    return _add_payload(theta, entry, entry.load(), scale, fix)
+
+
+def _add_payload(
+    theta: torch.Tensor, entry: DiffEntry, payload: Payload, scale: float, fix: bool
+) -> torch.Tensor:
+    if entry.storage == "zero" and not fix:
+        return theta  # Δ = 0: θ as it is, no copy
     if entry.storage == "sparse":  # touch only the masked coordinates
         mask = payload["mask"]
         out = theta.clone()
         out[mask] = _plus(theta[mask], payload["values"], scale)
-        return out
-    return _plus(theta, decode_payload(entry, payload), scale)
+    elif entry.storage == "zero":
+        out = theta.clone()
+    else:
+        out = _plus(theta, decode_payload(entry, payload), scale)
+    if fix:
+        _apply_fix(out.view(-1), 0, payload)
+    return out
 
 
 def apply_fn(
     name: str, entry: DiffEntry, scale: float, check_base: bool, buffer: ReadBuffer | None = None
 ) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor | TensorBlocks]:
     """The streaming edit for one tensor: read θ and Δ, check θ's fingerprint and Δ's CRC on a helper thread
-    while θ + scale·Δ is computed and written block by block; a failed check aborts the edit."""
+    while θ + scale·Δ is computed and written block by block; a failed check aborts the edit.
+
+    The exact correction is used at scale 1 with ``check_base``: a θ that is not the entry's base aborts the
+    edit anyway. (A negated entry applies to two bases; its fingerprint is then taken first, to choose.)"""
 
     def fn(load: Callable[[], torch.Tensor]) -> torch.Tensor | TensorBlocks:
         theta = load()
         checks = []
         bases = entry_bases(entry) if check_base else []
-        if bases:
+        fix = bool(bases) and uses_fix(entry, scale, entry.base)
+        if fix and len(bases) > 1:
+            fp = tensor_fingerprint(theta)
+            fix = fp == entry.base
+            checks.append(concurrent.futures.Future())
+            checks[0].set_result(fp)
+        elif bases:
             checks.append(worker_pool().submit(tensor_fingerprint, theta))
         deferred = DEFERRED.get(entry.load)
         if deferred is not None:
@@ -220,12 +358,15 @@ def apply_fn(
                 raise BaseMismatchError(mismatch_message([(name, bases[0], results[0])], None))
 
         if entry.storage != "dense":
-            out = _add_payload(theta, entry, payload, scale)
+            out = _add_payload(theta, entry, payload, scale, fix)
             finish()
             return out
 
         def blocks() -> Iterator[torch.Tensor]:
-            yield from (block for _, _, block in _plus_blocks(theta, payload["values"], scale))
+            for i, _, block in _plus_blocks(theta, payload["values"], scale):
+                if fix:
+                    _apply_fix(block, i, payload)
+                yield block
             finish()
 
         return TensorBlocks(theta.dtype, tuple(theta.shape), blocks())

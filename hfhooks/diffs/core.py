@@ -32,6 +32,7 @@ from hfhooks.diffs.arithmetic import (
     scale_payload,
     sparse_is_smaller,
     sparsify_payload,
+    uses_fix,
 )
 from hfhooks.diffs.codec import stored_tensors
 from hfhooks.diffs.entries import (
@@ -50,6 +51,8 @@ from hfhooks.diffs.entries import (
     mismatch_message,
     progress_bar,
     tensor_fingerprint,
+    with_fix,
+    without_fix,
 )
 from hfhooks.diffs.fileformat import RESERVED_META, read_diff, verify_payloads, write_diff
 from hfhooks.diffs.lora import lora_from_dir, lora_from_model
@@ -195,6 +198,7 @@ class WeightDiff(HubMixin):
         names: str | Iterable[str] | None = None,
         dtype: torch.dtype | None = None,
         storage: str = "dense",
+        exact: bool | str = True,
         changed_only: bool = False,
         strict: bool = True,
         out: str | os.PathLike | None = None,
@@ -206,10 +210,15 @@ class WeightDiff(HubMixin):
 
         Args:
             names: only these tensors (names, globs, or ``re:`` regexes); default: all.
-            dtype: storage dtype of Δ; default ``float32`` (``float64`` for ``float64`` weights). Use
-                ``torch.float64`` when ``float32`` weights must round-trip bit for bit (see ``exact``).
+            dtype: storage dtype of Δ; default: the weights' own dtype (bf16 Δ for a bf16 checkpoint), so the
+                file is about the size of the changed tensors.
             storage: ``"dense"``, ``"sparse"`` (``mask`` = where the weights changed) or ``"auto"`` (per
-                tensor, whichever is smaller).
+                tensor, whichever is smaller). A Δ that is zero everywhere is a ``zero`` entry (no bytes).
+            exact: store the sparse exact correction — the coordinates where ``base + Δ`` misses ``tuned``
+                bit for bit, with ``tuned``'s values there — so that applying at scale 1 to the base
+                reproduces ``tuned`` exactly for any dtype. ``"both"``: also the coordinates where
+                ``tuned − Δ`` misses the base, so ``−Δ`` undoes it exactly. ``False``: Δ alone; the flags
+                then say whether it round-trips.
             changed_only: leave out tensors that did not change (listed under ``metadata["unchanged"]``).
             strict: names present in only one side are an error (``False``: skipped and listed).
             out: stream straight into this diff file (bounded memory for big checkpoints) and return the
@@ -219,6 +228,8 @@ class WeightDiff(HubMixin):
         """
         if storage not in ("dense", "sparse", "auto"):
             raise ValueError(f"storage={storage!r}: use 'dense', 'sparse' or 'auto'.")
+        if exact not in (True, False, "both"):
+            raise ValueError(f"exact={exact!r}: use True (exact apply), 'both' (exact undo too) or False.")
         a, b = WeightSource(base, allow_pickle), WeightSource(tuned, allow_pickle)
         selected = select_names(a.names, names)
         only_a = [n for n in selected if n not in b]
@@ -236,7 +247,7 @@ class WeightDiff(HubMixin):
             if a.shape(n) != b.shape(n):
                 raise ValueError(f"Shape mismatch for {n!r}: base {a.shape(n)}, tuned {b.shape(n)}.")
         meta = {
-            "ops": [{"op": "between", "base": a.label, "tuned": b.label, "storage": storage}],
+            "ops": [{"op": "between", "base": a.label, "tuned": b.label, "storage": storage, "exact": exact}],
             "scale": 1.0,
             "skipped": sorted(only_a + only_b),
         }
@@ -246,7 +257,7 @@ class WeightDiff(HubMixin):
 
         def entries() -> Iterator[tuple[str, DiffEntry | None]]:
             for n in common:
-                entry = between_entry(a.get(n), b.get(n), dtype, storage)
+                entry = between_entry(a.get(n), b.get(n), dtype, storage, exact)
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
@@ -272,7 +283,11 @@ class WeightDiff(HubMixin):
         base: Any = None,
         dtype: torch.dtype | None = None,
     ) -> WeightDiff:
-        """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module (never A and B separately).
+        """A LoRA adapter as a diff on the base weights: ``ΔW = s·B·A`` per module, stored factored.
+
+        A module with one 2-D adapter is a ``factored`` entry holding ``B``, ``A`` and ``s`` (the file is about
+        the adapter's size), expanded as peft's merge computes it when applied or read; :meth:`to_dense`
+        expands it on demand. Summed adapters, convolutions and biases are dense entries.
 
         ``s`` is the adapter's scaling (``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; per-module
         ``rank_pattern`` / ``alpha_pattern`` resolved by peft's own rules). Works on a ``PeftModel``
@@ -280,8 +295,8 @@ class WeightDiff(HubMixin):
         (``adapter_config.json`` + ``adapter_model.safetensors``; pass ``base=`` — a model or checkpoint — to
         record base fingerprints). A ``lora_B`` bias (``lora_bias=True``) becomes ``s·bias`` on the base bias;
         ``modules_to_save`` copies become dense entries (copy − original; from a directory they need ``base=``).
-        ``dtype``: Δ's dtype (default ``float32`` for ``s·B·A``; copies default to an exact dtype, ``float64``
-        for ``float32`` weights). DoRA and adapter tensors of any other kind are refused.
+        ``dtype``: Δ's dtype (default ``float32`` for ``s·B·A``; copies default to the weights' dtype with the
+        exact correction). DoRA and adapter tensors of any other kind are refused.
         """
         if isinstance(model_or_dir, nn.Module):
             entries, op = lora_from_model(model_or_dir, adapter, dtype)
@@ -307,6 +322,8 @@ class WeightDiff(HubMixin):
                 exact=e.exact_inverse,
                 exact_inverse=e.exact,
                 negated_base=linear_base(e),
+                fixes=e.unfixes,
+                unfixes=e.fixes,
             )
         diff = WeightDiff._of(entries, self.metadata, "negate")
         diff.metadata["scale"] = _times(self.metadata, -1.0)
@@ -320,8 +337,10 @@ class WeightDiff(HubMixin):
         return self._scaled(float(c), divide=False)
 
     def _scaled(self, c: float, divide: bool) -> WeightDiff:
-        if c == 1.0:
-            return self
+        if c == 1.0:  # exact: entries (and their corrections) unchanged, the operation still recorded
+            return WeightDiff._of(
+                self.entries, self.metadata, {"op": "divide" if divide else "scale", "c": c}
+            )
         if divide and c == 0:
             raise ZeroDivisionError("Cannot divide a diff by 0.")
         entries = {
@@ -331,6 +350,9 @@ class WeightDiff(HubMixin):
                 target=None,
                 exact=None,
                 exact_inverse=None,
+                fixes=0,  # the exact correction holds at scale 1 only
+                unfixes=0,
+                fix_dtype=None,
                 changed=e.changed if divide or c != 0 else False,
             )
             for n, e in self.entries.items()
@@ -430,8 +452,11 @@ class WeightDiff(HubMixin):
                     else replace(
                         e,
                         load=mapped_loader(e, lambda p, e=e, bits=bits: mask_payload(e, p, bits)),
-                        storage="sparse" if e.storage == "dense" else e.storage,
+                        storage="quantized" if e.storage == "quantized" else "sparse",
                         target=None,
+                        fixes=0,
+                        unfixes=0,
+                        fix_dtype=None,
                         exact=None,
                         exact_inverse=None,
                         changed=None,
@@ -476,6 +501,9 @@ class WeightDiff(HubMixin):
                 target=None,
                 exact=None,
                 exact_inverse=None,
+                fixes=0,
+                unfixes=0,
+                fix_dtype=None,
             )
         return WeightDiff._of(entries, self.metadata, {"op": "quantize", "levels": levels})
 
@@ -490,23 +518,38 @@ class WeightDiff(HubMixin):
         return WeightDiff._of(entries, self.metadata, "to_sparse")
 
     def to_auto(self) -> WeightDiff:
-        """Per tensor the smaller of dense and masked-sparse storage (``storage="auto"`` of :meth:`between`);
-        reads each dense Δ once, one tensor at a time, to decide."""
+        """Per tensor the smallest of its storage (dense or factored) and masked-sparse storage, and no bytes
+        (``zero``) where Δ is zero (``storage="auto"`` of :meth:`between`); reads each Δ once, one tensor at a
+        time, to decide. Lossless: exact corrections are kept."""
         entries = {}
         for n, e in self.entries.items():
-            if e.storage == "dense" and sparse_is_smaller(e.dense()):
-                e = replace(e, load=mapped_loader(e, lambda p, e=e: sparsify_payload(e, p)), storage="sparse")
+            if e.storage in ("dense", "factored"):
+                delta = e.dense()
+                if not bool(delta.ne(0).any()):
+                    e = replace(e, load=mapped_loader(e, lambda p: with_fix(p, {})), storage="zero")
+                elif sparse_is_smaller(delta, limit=self._stored_bytes(n, e)):
+                    load = mapped_loader(e, lambda p, e=e: sparsify_payload(e, p))
+                    e = replace(e, load=load, storage="sparse", transposed=False)
             entries[n] = e
         return WeightDiff._of(entries, self.metadata, "to_auto")
 
+    @staticmethod
+    def _stored_bytes(name: str, e: DiffEntry) -> int:
+        """Bytes of Δ's own tensors (the exact correction costs the same in every storage)."""
+        e = replace(e, fixes=0, unfixes=0)
+        return sum(
+            t.numel() * t.element_size() for t in stored_tensors(name, e, without_fix(e.load())).values()
+        )
+
     def to_dense(self) -> WeightDiff:
-        """Dense storage (lossless)."""
+        """Dense storage (lossless; a factored LoRA Δ is expanded, an exact correction kept)."""
         entries = {
             n: replace(
                 e,
-                load=mapped_loader(e, lambda p, e=e: {"values": decode_payload(e, p)}),
+                load=mapped_loader(e, lambda p, e=e: with_fix(p, {"values": decode_payload(e, p)})),
                 storage="dense",
                 levels=None,
+                transposed=False,
             )
             for n, e in self.entries.items()
         }
@@ -583,12 +626,16 @@ class WeightDiff(HubMixin):
                     )
                 continue
             params[info.name] = (info.param, entry)
+        fixed: set[str] = set()  # parameters verified to be their entry's base: the exact correction applies
         if check_base:
-            bad = [
-                (n, entry_bases(e)[0], fp)
-                for n, (p, e) in params.items()
-                if entry_bases(e) and (fp := tensor_fingerprint(p)) not in entry_bases(e)
-            ]
+            bad = []
+            for n, (p, e) in params.items():
+                if entry_bases(e):
+                    fp = tensor_fingerprint(p)
+                    if fp not in entry_bases(e):
+                        bad.append((n, entry_bases(e)[0], fp))
+                    elif uses_fix(e, scale, fp):
+                        fixed.add(n)
             if bad:
                 raise BaseMismatchError(mismatch_message(bad, len(params)))
         # All or nothing: every Δ is read — and so verified — before the first parameter changes. A lazily
@@ -602,7 +649,7 @@ class WeightDiff(HubMixin):
         with torch.no_grad():
             for name, (param, entry) in params.items():
                 try:
-                    new = add_delta(param.detach().cpu(), entry, scale)
+                    new = add_delta(param.detach().cpu(), entry, scale, fix=name in fixed)
                 except DiffFileError as e:  # it verified a moment ago: the file was rewritten meanwhile
                     raise DiffFileError(
                         f"{e} The diff file changed while it was being applied: {done} of {len(params)} "
@@ -686,7 +733,16 @@ def _combine(
                 e = replace(e, load=only_b(e))
             if linear:  # a vector of its (linear) base now; where it lands is unknown
                 e = replace(
-                    e, base=linear_base(e), negated_base=None, target=None, exact=None, exact_inverse=None
+                    e,
+                    load=mapped_loader(e, without_fix),
+                    base=linear_base(e),
+                    negated_base=None,
+                    target=None,
+                    exact=None,
+                    exact_inverse=None,
+                    fixes=0,
+                    unfixes=0,
+                    fix_dtype=None,
                 )
             entries[n] = e
             continue

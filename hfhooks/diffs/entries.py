@@ -22,7 +22,9 @@ from hfhooks.core.params import bit_view
 from hfhooks.io.artifacts import ArtifactError
 from hfhooks.io.safetensors import tensor_bytes
 
-STORAGES = ("dense", "sparse", "quantized")
+STORAGES = ("dense", "sparse", "quantized", "zero", "factored")
+# Payload keys of the sparse exact correction (see :class:`DiffEntry`).
+FIX_KEYS = ("fix_index", "fix_values", "unfix_index", "unfix_values")
 
 
 class DiffFileError(ArtifactError):
@@ -107,7 +109,15 @@ class DiffEntry:
     """One tensor's Δ: how it is stored and what is known about it (payload loaded on demand).
 
     ``payload`` keys: ``values`` (dense: the full Δ; sparse/quantised: the stored values), ``mask`` (bool, full
-    shape), ``codes`` (quantised: integer codes) and ``range`` (quantised: Δ at the first and last code).
+    shape), ``codes`` (quantised: integer codes), ``range`` (quantised: Δ at the first and last code),
+    ``lora_B`` / ``lora_A`` / ``scaling`` (factored: Δ = (B·A)·scaling, transposed if ``transposed``); a
+    ``zero`` entry has no values (Δ = 0).
+
+    The **exact correction**: ``fix_index`` (sorted flat indices) and ``fix_values`` (the target's values
+    there, in ``fix_dtype``) list the ``fixes`` coordinates where ``base + Δ`` misses the target bit for bit;
+    ``unfix_index`` / ``unfix_values`` (the base's values) the ``unfixes`` where ``target − Δ`` misses the base.
+    Applying Δ at scale 1 to its verified base sets the listed coordinates to the listed values. It is not part
+    of the dense Δ: negation swaps the two lists, lossless storage changes keep them, anything else drops them.
     """
 
     shape: tuple[int, ...]
@@ -124,6 +134,10 @@ class DiffEntry:
     # target (``base``) and −1 × a task vector of ``negated_base`` — so it also applies there, and linear
     # combinations treat it as a vector of that base.
     negated_base: str | None = None
+    fixes: int = 0  # coordinates in the forward exact correction (fix_index / fix_values)
+    unfixes: int = 0  # coordinates in the inverse one (unfix_index / unfix_values), used by −Δ
+    fix_dtype: torch.dtype | None = None  # dtype of the corrections' values (the weights')
+    transposed: bool = False  # factored: Δ = ((B·A)·scaling)ᵀ (fan_in_fan_out and embedding LoRA)
 
     def dense(self) -> torch.Tensor:
         """Δ as a dense tensor of ``shape`` and ``dtype``."""
@@ -137,6 +151,13 @@ def decode_payload(entry: DiffEntry, payload: Payload) -> torch.Tensor:
     """The dense ``Δ`` an entry's payload stands for (dense, sparse or quantised storage)."""
     if entry.storage == "dense":
         return payload["values"]
+    if entry.storage == "zero":
+        return torch.zeros(entry.shape, dtype=entry.dtype)
+    if entry.storage == "factored":
+        # peft's get_delta_weight order: (B·A)·scaling, then the transpose — so the Δ equals peft's merge
+        b, a = payload["lora_B"].to(entry.dtype), payload["lora_A"].to(entry.dtype)
+        delta = (b @ a) * float(payload["scaling"])
+        return (delta.T if entry.transposed else delta).contiguous()
     if entry.storage == "quantized":
         lo, hi = payload["range"].to(entry.dtype).unbind()
         step = (hi - lo) / (entry.levels - 1)
@@ -175,6 +196,26 @@ def sparse_payload(delta: torch.Tensor, mask: torch.Tensor) -> Payload:
     """The sparse payload of ``delta`` restricted to ``mask`` (broadcast to ``delta``'s shape)."""
     mask = mask.to(torch.bool).expand(delta.shape).contiguous()
     return {"mask": mask, "values": delta[mask]}
+
+
+def negate_fix(p: Payload) -> Payload:
+    """The exact corrections of ``−Δ`` (only those keys): the inverse list becomes the forward one and vice
+    versa."""
+    out: Payload = {}
+    for a, b in (("fix", "unfix"), ("unfix", "fix")):
+        if a + "_index" in p:
+            out[b + "_index"], out[b + "_values"] = p[a + "_index"], p[a + "_values"]
+    return out
+
+
+def without_fix(p: Payload) -> Payload:
+    """``p`` without its exact correction (what an operation that changes Δ's values keeps)."""
+    return {k: v for k, v in p.items() if k not in FIX_KEYS}
+
+
+def with_fix(src: Payload, out: Payload) -> Payload:
+    """``out`` carrying ``src``'s exact correction (a lossless storage change keeps it)."""
+    return {**out, **{k: src[k] for k in FIX_KEYS if k in src}}
 
 
 def all_flags(flags: Iterable[bool | None]) -> bool | None:

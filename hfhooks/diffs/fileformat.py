@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from hfhooks._version import __version__
-from hfhooks.diffs.codec import PART_SEP, decode_entry_meta, entry_meta, payload_from, stored_tensors
+from hfhooks.diffs.codec import (
+    DIFF_FORMAT,
+    PART_SEP,
+    decode_entry_meta,
+    entry_meta,
+    payload_from,
+    stored_tensors,
+)
 from hfhooks.diffs.entries import (
     DiffEntry,
     DiffFileError,
@@ -53,7 +60,16 @@ from hfhooks.io.safetensors import (
     write_all,
 )
 
-RESERVED_META = ("tensors", "kind", "version", "format_version", "digest", "meta_digest", "path")
+RESERVED_META = (
+    "tensors",
+    "kind",
+    "version",
+    "format_version",
+    "diff_format",
+    "digest",
+    "meta_digest",
+    "path",
+)
 
 
 class _DataFile(Mapping[str, torch.Tensor]):
@@ -192,6 +208,7 @@ def _stream_diff(
         "hfhooks.kind": "diff",
         "hfhooks.version": __version__,
         "hfhooks.format_version": FORMAT_VERSION,
+        "hfhooks.diff_format": json.dumps(DIFF_FORMAT),  # entry encodings; files without it are format 1
     }
     for key, value in full_meta.items():
         metadata[f"hfhooks.{key}"] = json.dumps(value)
@@ -241,6 +258,9 @@ def read_diff(path: Path, lazy: bool) -> tuple[dict[str, DiffEntry], dict[str, A
     info = meta.pop("tensors", None)
     if not isinstance(info, dict):
         raise bad("'hfhooks.tensors' metadata is missing or not an object.")
+    version = meta.get("diff_format", 1)  # absent: written before format 2 (read by the same rules, narrower)
+    if type(version) is not int or not 1 <= version <= DIFF_FORMAT:
+        raise bad(f"diff format {version!r}; this hfhooks reads formats 1 to {DIFF_FORMAT}. Upgrade hfhooks.")
     claimed: set[str] = set()
     metadata = {k: v for k, v in meta.items() if k not in RESERVED_META}
     if not isinstance(metadata.get("ops"), list):
@@ -255,7 +275,7 @@ def read_diff(path: Path, lazy: bool) -> tuple[dict[str, DiffEntry], dict[str, A
                 "(hfhooks never writes such a name; the file was edited or made by another tool)."
             )
         try:
-            entry, parts = decode_entry_meta(name, entry_info, shapes)
+            entry, parts = decode_entry_meta(name, entry_info, shapes, version)
         except (ValueError, TypeError, KeyError) as e:
             raise bad(f"tensor {name!r}: {e}") from None
         claimed.update(parts)
@@ -323,8 +343,8 @@ class _LazyReader:
                             f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
                         )
 
-            if entry.storage != "dense":
-                verify()  # decoding reads masks and codes: check them first
+            if entry.storage != "dense" or len(parts) != 1:
+                verify()  # decoding reads masks, codes and correction indices: check them first
                 return payload_from(entry, name, tensors, self.path), lambda: None
             return payload_from(entry, name, tensors, self.path), verify
 

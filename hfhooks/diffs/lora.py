@@ -13,22 +13,60 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfhooks.core.names import canonical_name
 from hfhooks.core.params import ParamIndex, UnknownParameterError
 from hfhooks.diffs.arithmetic import between_entry
-from hfhooks.diffs.entries import DiffEntry, dense_entry, tensor_fingerprint
+from hfhooks.diffs.entries import DiffEntry, const_loader, dense_entry, tensor_fingerprint
 from hfhooks.diffs.source import WeightSource
 from hfhooks.masks.lora import (
     adapter_delta_weights,
+    adapter_lora_factors,
     adapter_module_copies,
     lora_delta_weights,
+    lora_layers,
     modules_to_save_copies,
 )
 
+Factors = tuple[torch.Tensor, torch.Tensor, float, bool]  # (B, A, scaling, transposed)
+
+
+def _factored_entry(delta: torch.Tensor, factors: Factors, **fields: Any) -> DiffEntry:
+    """A ``factored`` entry holding an adapter's ``B``, ``A`` and scaling (the adapter's size, not the weight's);
+    ``delta`` is the dense Δ it expands to (its dtype and shape; whether it changes anything)."""
+    b, a, s, transposed = factors
+    payload = {
+        "lora_B": b.detach().cpu().contiguous(),
+        "lora_A": a.detach().cpu().contiguous(),
+        "scaling": torch.tensor(float(s), dtype=torch.float64),
+    }
+    return DiffEntry(
+        tuple(delta.shape), delta.dtype, "factored", const_loader(payload), transposed=transposed, **fields
+    )
+
+
+def _model_factors(model: nn.Module, adapter: str | None) -> dict[str, Factors]:
+    """``{base weight name: factors}`` of the modules of a PeftModel that carry exactly one 2-D adapter (summed
+    adapters and convolutions stay dense)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, list[Factors]] = {}
+    for layer in lora_layers(model).values():
+        key = f"{canonical_name(names[id(layer)])}.weight"
+        for name in [adapter] if adapter is not None else list(layer.active_adapters):
+            if name in getattr(layer, "lora_A", {}):
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                transposed = bool(getattr(layer, "fan_in_fan_out", False))
+            elif name in getattr(layer, "lora_embedding_A", {}):
+                a, b, transposed = layer.lora_embedding_A[name], layer.lora_embedding_B[name], True
+            else:
+                continue
+            found.setdefault(key, []).append(
+                (b, a, layer.scaling[name], transposed) if a.dim() == 2 else None
+            )
+    return {k: v[0] for k, v in found.items() if len(v) == 1 and v[0] is not None}
+
 
 def _copy_entry(orig: torch.Tensor, copy: torch.Tensor, dtype: torch.dtype | None):
-    """A ``modules_to_save`` copy as copy − original: exact by default (``float64`` for ``float32`` weights)."""
-    if dtype is None:
-        dtype = torch.float64 if orig.dtype == torch.float32 else None
+    """A ``modules_to_save`` copy as copy − original: exact (Δ in the weights' dtype + the exact correction)."""
     return between_entry(orig, copy, dtype, "dense")
 
 
@@ -47,10 +85,15 @@ def lora_from_model(
     entries: dict[str, DiffEntry] = {}
     for key, (orig, copy) in copies.items():  # a full copy: keep it exact
         entries[key] = _copy_entry(orig, copy, dtype)
+    factors = _model_factors(model, adapter)
     for key, (delta, base) in deltas.items():
         if key not in index:
             raise UnknownParameterError(index.unknown_message(key))
-        entries[key] = dense_entry(delta, base=tensor_fingerprint(base), changed=bool(delta.ne(0).any()))
+        fields = {"base": tensor_fingerprint(base), "changed": bool(delta.ne(0).any())}
+        if key in factors:
+            entries[key] = _factored_entry(delta, factors[key], **fields)
+        else:
+            entries[key] = dense_entry(delta, **fields)
     return entries, {"op": "from_lora", "adapter": adapter or "active"}
 
 
@@ -73,6 +116,7 @@ def lora_from_dir(
     for key, copy in copies.items():
         _check_target(src, key, tuple(copy.shape), "copy")
         entries[key] = _copy_entry(src.get(key), copy, dtype)
+    factors = adapter_lora_factors(path)
     for key, delta in deltas.items():
         fields: dict[str, Any] = {"changed": bool(delta.ne(0).any())}
         if src is not None:
@@ -83,7 +127,11 @@ def lora_from_dir(
             dt = torch.promote_types(copied.dtype, delta.dtype)
             delta = copied.dense().to(dt) + delta.to(dt)
             fields["changed"] = bool(delta.ne(0).any())
-        entries[key] = dense_entry(delta, **fields)
+            entries[key] = dense_entry(delta, **fields)
+        elif key in factors:
+            entries[key] = _factored_entry(delta, factors[key], **fields)
+        else:
+            entries[key] = dense_entry(delta, **fields)
     return entries, {"op": "from_lora", "adapter": str(path)}
 
 

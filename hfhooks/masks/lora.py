@@ -32,6 +32,7 @@ from hfhooks.masks.mask import ParamMask
 
 __all__ = [
     "adapter_delta_weights",
+    "adapter_lora_factors",
     "adapter_module_copies",
     "lora_aware_mask",
     "lora_delta_weights",
@@ -368,6 +369,31 @@ def adapter_module_copies(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for n in ckpt
         if (c := _classify(cfg, n)) is not None and c[2] == "copy"
     }
+
+
+def adapter_lora_factors(
+    path: str | os.PathLike,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+    """``{canonical base weight name: (B, A, scaling, transposed)}`` for the linear and embedding modules of a
+    saved LoRA adapter, as stored (``ΔW = (B·A)·scaling``, transposed for ``fan_in_fan_out`` and embeddings) —
+    the factored form of :func:`adapter_delta_weights`, for diffs that keep an adapter's size."""
+    cfg, ckpt = _read_adapter(Path(path))
+    modules: dict[str, dict[str, str]] = {}
+    for stored in ckpt:
+        kind = _classify(cfg, stored)
+        if kind is not None and kind[2] == "weight":
+            modules.setdefault(kind[0], {})[kind[1]] = stored
+    out = {}
+    for module, parts in sorted(modules.items()):
+        for a_key, b_key, transposed in (
+            ("lora_A", "lora_B", bool(cfg.get("fan_in_fan_out"))),
+            ("lora_embedding_A", "lora_embedding_B", True),
+        ):
+            if a_key in parts and b_key in parts:
+                a, b = ckpt.get(parts[a_key]), ckpt.get(parts[b_key])
+                if a.dim() == 2 and b.dim() == 2:
+                    out[f"{module}.weight"] = (b, a, lora_scaling(cfg, module), transposed)
+    return out
 
 
 def adapter_delta_weights(
