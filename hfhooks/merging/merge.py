@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from hfhooks.diffs.source import WeightSource, select_names
+from hfhooks.io import paths
 from hfhooks.io.checkpoints import layer_map, parse_layers
-from hfhooks.io.edit import edit_checkpoint
+from hfhooks.io.edit import edit_checkpoint, is_edited_checkpoint
 from hfhooks.merging.config import MergeConfig
 from hfhooks.merging.methods import merge_tensors
 
@@ -182,6 +183,14 @@ def merge(
             raise ValueError(
                 "merge: pass out=<directory> for the merged checkpoint (it never replaces the base)."
             )
+        # edit_checkpoint reads out=<the base> as "in place": a merge never replaces an input, so refuse it here
+        paths.check_output(
+            out,
+            [base_src.ckpt.path, *(_path_of(t) for t in tuned)],
+            overwrite=overwrite,
+            same_kind=is_edited_checkpoint,
+            kind="checkpoint directory",
+        )
         record = {
             "op": "merge",
             "config": cfg.to_dict(),
