@@ -119,6 +119,37 @@ def _path_of(obj: Any) -> str | os.PathLike | None:
     return ckpt if isinstance(ckpt, Path) else None
 
 
+def _write_checkpoint(
+    base: WeightSource,
+    tuned: Sequence[Any],
+    tuned_srcs: list[WeightSource],
+    out: str | os.PathLike,
+    edits: dict[str, Any],
+    cfg: MergeConfig,
+    dry_run: bool,
+    write: dict[str, Any],
+) -> Path:
+    """Stream the merged checkpoint into ``out`` with :func:`edit_checkpoint` (never over an input)."""
+    # edit_checkpoint reads out=<the base> as "in place": a merge never replaces an input, so refuse it here
+    others = [_path_of(t) for t in tuned]
+    paths.check_output(
+        out,
+        [base.ckpt.path, *others],
+        overwrite=write["overwrite"],
+        same_kind=is_edited_checkpoint,
+        kind="checkpoint directory",
+    )
+    record = {
+        "op": "merge",
+        "config": cfg.to_dict(),
+        "base": base.label,
+        "models": [s.label for s in tuned_srcs],
+    }
+    return edit_checkpoint(
+        base.ckpt, out, edits, record=record, desc="merging", inputs=others, dry_run=dry_run, **write
+    )
+
+
 def merge(
     base: Any,
     tuned: Sequence[Any],
@@ -183,33 +214,9 @@ def merge(
             raise ValueError(
                 "merge: pass out=<directory> for the merged checkpoint (it never replaces the base)."
             )
-        # edit_checkpoint reads out=<the base> as "in place": a merge never replaces an input, so refuse it here
-        paths.check_output(
-            out,
-            [base_src.ckpt.path, *(_path_of(t) for t in tuned)],
-            overwrite=overwrite,
-            same_kind=is_edited_checkpoint,
-            kind="checkpoint directory",
-        )
-        record = {
-            "op": "merge",
-            "config": cfg.to_dict(),
-            "base": base_src.label,
-            "models": [s.label for s in tuned_srcs],
-        }
-        report.path = edit_checkpoint(
-            base_src.ckpt,
-            out,
-            {name: edit(name) for name in merged},
-            record=record,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            fsync=fsync,
-            progress=progress,
-            desc="merging",
-            inputs=[_path_of(t) for t in tuned],
-            dry_run=dry_run,
-        )
+        edits = {name: edit(name) for name in merged}
+        write = dict(max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, progress=progress)
+        report.path = _write_checkpoint(base_src, tuned, tuned_srcs, out, edits, cfg, dry_run, write)
         return report
     if out is not None:
         raise ValueError(

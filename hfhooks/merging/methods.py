@@ -18,7 +18,7 @@ and the result is ``θ_base + λ · merged``.
 >>> base = torch.zeros(4)
 >>> tuned = [torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([3.0, 1.0, -0.5, 0.0])]
 >>> merge_tensors(base, tuned, MergeConfig(method="ties")).tolist()
-[2.0, -2.0, 0.0, 0.0]
+[2.0, -2.0, 0.5, 0.0]
 """
 
 from __future__ import annotations
