@@ -165,11 +165,12 @@ def run_child(tool: str, merge: str, root: Path, out: Path) -> dict:
 
     gc.collect()
     exact = _reset_peak()
+    start_rss = _status_kb("VmRSS")  # imports (torch; mergekit also loads transformers and pydantic)
     t0 = time.perf_counter()
     work()
     seconds = time.perf_counter() - t0
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_rss_kb": peak}
+    return {"seconds": seconds, "peak_rss_kb": peak, "start_rss_kb": start_rss}
 
 
 def measure(tool: str, merge: str, root: Path) -> dict:
@@ -240,7 +241,10 @@ def report(results: dict, checks: dict, info: dict) -> bool:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default\n"
     )
-    head = f"{'merge':<17} {'tool':<14} {'time s':>8} {'peak RSS MB':>12} {'time ×mk':>9} {'RSS ×mk':>8}  verdict"
+    head = (
+        f"{'merge':<17} {'tool':<14} {'time s':>8} {'peak RSS MB':>12} {'(imports)':>10} {'time ×mk':>9} "
+        f"{'RSS ×mk':>8}  verdict"
+    )
     print(head + "\n" + "-" * len(head))
     for merge in MERGES:
         mk = results[(merge, "mergekit")]
@@ -252,7 +256,8 @@ def report(results: dict, checks: dict, info: dict) -> bool:
                 good = tr <= GOAL_TIME and rr <= GOAL_RSS
                 ok &= good
                 verdict = f"{'PASS' if good else 'FAIL'} (goals ≤ {GOAL_TIME}× time, ≤ {GOAL_RSS}× RSS)"
-            print(f"{merge:<17} {tool:<14} {r['seconds']:>8.2f} {r['peak_rss_kb'] / 1024:>12.0f} {tr:>9.2f} "
+            print(f"{merge:<17} {tool:<14} {r['seconds']:>8.2f} {r['peak_rss_kb'] / 1024:>12.0f} "
+                  f"{r['start_rss_kb'] / 1024:>10.0f} {tr:>9.2f} "
                   f"{rr:>8.2f}  {verdict}")  # fmt: skip
     print()
     for (merge, other), c in checks.items():
