@@ -134,7 +134,9 @@ def _linear(base, tuned, config, name, weights, densities) -> torch.Tensor:
     """``Σ_t w_t τ̂_t`` accumulated one model at a time (÷ ``Σ_t w_t`` if normalised)."""
     mixed = torch.zeros_like(base)
     for t, (x, w, d) in enumerate(zip(tuned, weights, densities)):
-        mixed += _task_vector(base, x, t, d, config, name).mul_(w)
+        tau = _task_vector(base, x, t, d, config, name)
+        mixed += tau if w == 1 else tau.mul_(w)  # x·1.0 == x bit for bit: skip a full pass
+        del tau
     if config.normalized:
         divisor = float(torch.tensor(weights, dtype=base.dtype).sum())
         mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
