@@ -2,8 +2,8 @@
 restoration for Hugging Face ``Trainer`` runs and plain PyTorch — via callbacks and module/tensor hooks only.
 
 Layout: one folder per concept (``core``, ``masks``, ``io``, ``freeze``, ``routing``, ``unlearning``,
-``attribution``, ``restoration``, ``diffs``, ``trainer``, ``cli``); see docs/architecture.md. Every public name
-is importable from here. Names are resolved on first use (PEP 562), so ``import hfhooks`` and the ``hfhooks``
+``attribution``, ``restoration``, ``diffs``, ``merging``, ``trainer``, ``cli``); see docs/architecture.md. Every
+public name is importable from here. Names are resolved on first use (PEP 562), so ``import hfhooks`` and the ``hfhooks``
 command start without importing torch or transformers; only what a program touches is loaded.
 """
 
@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "LayerRestorationCallback": "hfhooks.restoration.callback",
     "LossHook": "hfhooks.core.loss_hooks",
     "MaskFileError": "hfhooks.masks.mask",
+    "MergeConfig": "hfhooks.merging",
+    "MergeReport": "hfhooks.merging",
     "ParamIndex": "hfhooks.core.params",
     "ParamMask": "hfhooks.masks.mask",
     "RestorationConfig": "hfhooks.restoration.config",
@@ -80,6 +82,8 @@ _EXPORTS: dict[str, str] = {
     "installed_hooks": "hfhooks.core.hooks",
     "layer_of": "hfhooks.core.blocks",
     "load_logit_bias": "hfhooks.routing.ablation",
+    "load_recipe": "hfhooks.merging",
+    "merge": "hfhooks.merging",
     "mia_efficacy": "hfhooks.unlearning.evaluation",
     "mlp_projections": "hfhooks.core.layers",
     "mlp_unit_slices": "hfhooks.core.layers",
@@ -125,6 +129,8 @@ __all__ = [
     "LayerRestorationCallback",
     "LossHook",
     "MaskFileError",
+    "MergeConfig",
+    "MergeReport",
     "ParamIndex",
     "ParamMask",
     "RestorationConfig",
@@ -164,6 +170,8 @@ __all__ = [
     "installed_hooks",
     "layer_of",
     "load_logit_bias",
+    "load_recipe",
+    "merge",
     "mia_efficacy",
     "mlp_projections",
     "mlp_unit_slices",
@@ -227,6 +235,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.masks.mask import MaskFileError, ParamMask
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency
     from hfhooks.masks.topk import topk_masks
+    from hfhooks.merging import MergeConfig, MergeReport, load_recipe, merge
     from hfhooks.restoration.callback import LayerRestorationCallback
     from hfhooks.restoration.config import RestorationConfig
     from hfhooks.restoration.restore import RestoreReport, restore_layers

@@ -247,7 +247,7 @@ def test_hooks_go_through_hookset(path):
 
 # Which folder may import which (docs/architecture.md, "Which folder may import which"). Top-level modules
 # (`_version`, `__init__`, `__main__`) are not folders; `cli` may be a module or a package.
-METHODS = {"freeze", "routing", "unlearning", "attribution", "restoration", "diffs"}
+METHODS = {"freeze", "routing", "unlearning", "attribution", "restoration", "diffs", "merging"}
 MAY_IMPORT: dict[str, set[str]] = {
     "core": set(),
     "io": {"core"},
@@ -259,6 +259,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "unlearning": {"core", "masks", "freeze", "trainer"},
     "routing": {"core", "io", "masks", "freeze", "trainer"},
     "restoration": {"core", "io", "masks", "diffs", "trainer"},
+    "merging": {"core", "io", "masks", "diffs"},
     "cli": {"core", "io", "masks", *METHODS},
 }
 

@@ -1,7 +1,7 @@
 """The ``hfhooks`` command: inspect and edit saved artifacts and checkpoints without writing Python.
 
 One module per command group (``masks``: ``mask info``; ``diffs``: ``diff``, ``diff-info``, ``apply``;
-``restore``: ``restore``, ``search-restore``) registers its parsers; ``common`` holds the conventions every
+``restore``: ``restore``, ``search-restore``; ``merge``: ``merge``) registers its parsers; ``common`` holds the conventions every
 command follows (``--json``, ``-q``, exit codes, rank-0 progress, optional-dependency checks). The work itself
 is done by the library's functions, so the CLI and the Python API cannot disagree.
 
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from hfhooks._version import __version__
-from hfhooks.cli import diffs, masks, restore
+from hfhooks.cli import diffs, masks, merge, restore
 from hfhooks.cli.common import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hfhooks",
         description="Inspect hfhooks artifacts (masks, diffs) and edit saved checkpoints. Every command takes "
-        "--json (one JSON document on stdout); apply, restore and diff take --dry-run.",
+        "--json (one JSON document on stdout); apply, restore, merge and diff take --dry-run.",
         epilog="Run 'hfhooks COMMAND --help' for a command's options.\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_parsers(sub)
     diffs.add_parsers(sub)
     restore.add_parsers(sub)
+    merge.add_parsers(sub)
     return parser
 
 

@@ -1,5 +1,8 @@
 """Model merging from task diffs: TALL masks (:func:`tall_masks`), :func:`consensus_mask` and :func:`consensus_merge`.
 
+The per-tensor rules (:func:`tall_mask_tensor`, :func:`consensus_bits`) are shared with the streaming merges of
+:mod:`hfhooks.merging`, so a TALL mask or a consensus merge is computed by the same code whichever way it is run.
+
 Works on :class:`~hfhooks.diffs.WeightDiff` objects through their public interface only (``d[name]``,
 ``d1 + d2``, :meth:`~hfhooks.diffs.WeightDiff.restrict`) and returns :class:`~hfhooks.masks.mask.ParamMask` masks,
 so it needs nothing else from the package.
@@ -15,6 +18,24 @@ import torch
 
 from hfhooks.diffs.core import WeightDiff
 from hfhooks.masks.mask import ParamMask
+
+
+def tall_mask_tensor(tau: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """One tensor of a TALL mask: ``|τ_t| > λ_t·|τ_MTL − τ_t|`` (strict ``>``), computed in float64.
+
+    >>> tall_mask_tensor(torch.tensor([1.0, 0.1]), torch.tensor([1.5, 2.0]), 0.4).tolist()
+    [True, False]
+    """
+    tau = tau.to(torch.float64)
+    return tau.abs() > lam * (merged.to(torch.float64) - tau).abs()
+
+
+def consensus_bits(bits: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """Coordinates that at least ``k`` of the boolean tensors ``bits`` keep (one tensor of a consensus mask)."""
+    count = torch.zeros(bits[0].shape, dtype=torch.int32)
+    for b in bits:
+        count += b.to(torch.int32)
+    return count >= k
 
 
 def tall_masks(
@@ -57,8 +78,8 @@ def tall_masks(
     for d, lam_t in zip(diffs, lams):
         bits = {}
         for n in names:
-            tau = d[n].to(torch.float64) if n in d else torch.zeros(merged_t[n].shape, dtype=torch.float64)
-            bits[n] = tau.abs() > lam_t * (merged_t[n] - tau).abs()
+            tau = d[n] if n in d else torch.zeros(merged_t[n].shape, dtype=torch.float64)
+            bits[n] = tall_mask_tensor(tau, merged_t[n], lam_t)
         masks.append(
             ParamMask(
                 bits, metadata={"tall": {"lambda": lam_t, "rule": "|tau_t| > lambda*|tau_MTL - tau_t|"}}
@@ -86,12 +107,8 @@ def consensus_mask(masks: Mapping[Any, ParamMask] | Sequence[ParamMask], k: int 
         shapes = {tuple(m.shape(n)) for m in masks if n in m}
         if len(shapes) > 1:
             raise ValueError(f"The masks disagree on the shape of {n!r}: {sorted(shapes)}.")
-        shape = shapes.pop()
-        count = torch.zeros(shape, dtype=torch.int32)
-        for m in masks:
-            if n in m:
-                count += m[n].to(torch.int32)
-        bits[n] = count >= k
+        present = [m[n] for m in masks if n in m]
+        bits[n] = consensus_bits(present, k)
     return ParamMask(bits, metadata={"consensus": {"k": k, "tasks": len(masks)}})
 
 
