@@ -131,6 +131,11 @@ def _scoring_phase(model, forget, out: dict) -> None:
     from hfhooks import ParamMask, TaggedCollator, compute_saliency
 
     loader = torch.utils.data.DataLoader(forget, batch_size=1, collate_fn=TaggedCollator().base)
+    # A process's first backward sets up kernels and workspaces once (not a per-parameter cost): warm up first.
+    first = TaggedCollator().base(forget[:1])
+    model(**{k: v.to(model.device) for k, v in first.items()}).loss.backward()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
     base = reset_peak()
     scores = compute_saliency(model, loader, "grad_abs_sum", progress=False)
     out["scoring_extra"] = peak() - base
