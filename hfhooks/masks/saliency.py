@@ -197,7 +197,9 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
 
     def make_hook(buf: torch.Tensor):
         def fold(p: torch.Tensor) -> None:
-            g = p.grad.float()
+            # In-place ops on the fp32 buffer upcast a bf16/fp16 gradient element by element (the same values
+            # as .float() first), so no fp32 copy of the gradient is made: the transient is the gradient itself.
+            g = p.grad
             if score in ("grad_abs_sum", "grad_x_weight"):
                 buf.add_(g)
             elif score == "grad_sum_abs":

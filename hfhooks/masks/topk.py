@@ -49,10 +49,12 @@ def _chunks(t: torch.Tensor) -> Iterator[torch.Tensor]:
 def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, int, int]:
     """Key of the k-th best element (1-based), how many elements have a strictly better key, and how many
     share the k-th key."""
+    # Counted where the scores live (a GPU's scores are never copied to the CPU chunk by chunk); only the
+    # 65 536-bin histograms move.
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for t in tensors:
         for c in _chunks(t):
-            hist += torch.bincount((_keys(c, largest) >> 16).cpu(), minlength=_BINS)
+            hist += torch.bincount(_keys(c, largest) >> 16, minlength=_BINS).cpu()
     # Walk buckets from the top: the bucket where the cumulative count from above reaches k.
     above = torch.flip(hist, [0]).cumsum(0)
     pos = int(torch.searchsorted(above, torch.tensor(k)))
@@ -64,7 +66,7 @@ def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, i
             key = _keys(c, largest)
             sel = key[(key >> 16) == hi]
             if sel.numel():
-                low += torch.bincount((sel & 0xFFFF).cpu(), minlength=_BINS)
+                low += torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu()
     above_low = torch.flip(low, [0]).cumsum(0)
     pos_low = int(torch.searchsorted(above_low, torch.tensor(k - better)))
     lo = _BINS - 1 - pos_low
@@ -88,17 +90,19 @@ def _select(
         ties.append((k, ties_left, tied))
     out = []
     for t in tensors:
-        parts = []
+        mask = torch.empty(t.numel(), dtype=torch.bool, device=t.device)  # filled chunk by chunk: no cat copy
+        start = 0
         for c in _chunks(t):
             key = _keys(c, largest)
-            m = key > threshold
+            m = mask[start : start + c.numel()]
+            torch.gt(key, threshold, out=m)
             eq = key == threshold
             if ties_left > 0 and bool(eq.any()):
                 rank = eq.cumsum(0)
                 m |= eq & (rank <= ties_left)
                 ties_left -= min(int(rank[-1]), ties_left)
-            parts.append(m)
-        out.append(torch.cat(parts).reshape(t.shape) if parts else torch.zeros(t.shape, dtype=torch.bool))
+            start += c.numel()
+        out.append(mask.reshape(t.shape))
     return out
 
 

@@ -78,11 +78,75 @@ def routing_labels(values: Iterable[Any]) -> list[int]:
 
 @dataclass
 class _Target:
-    """Routing state for one trainable parameter."""
+    """Routing state for one trainable parameter.
+
+    Row/column masks are kept as two index vectors along their axis (dedicated and shared rows/columns) and
+    applied with ``index_fill`` / ``index_select`` / ``index_copy_``: never expanded to the parameter's shape,
+    which would cost 1 byte per element (≈ 6.5 GB at 7B). Element masks (biases, hand-built masks) keep their
+    bool tensor of the parameter's shape, which is what the mask stores anyway.
+    """
 
     param: nn.Parameter
-    dedicated: torch.Tensor | None  # bool, broadcastable to the parameter; None = no dedicated coordinates
     shared_on_forget: bool  # a non-dedicated parameter that still learns from forget data
+    axis: int | None = None  # row (0) / column (1) mask; None: element mask, or no dedicated coordinates
+    dedicated: torch.Tensor | None = None  # axis: long indices; element: bool of the param's shape; else None
+    shared: torch.Tensor | None = None  # axis: long indices of the other rows / columns
+
+    @classmethod
+    def build(cls, param: nn.Parameter, mask: ParamMask, name: str, shared_on_forget: bool) -> _Target:
+        if name not in mask:
+            return cls(param, shared_on_forget)
+        gran = mask.granularity(name)
+        if gran == "element":
+            return cls(param, shared_on_forget, dedicated=mask[name].to(param.device))
+        vector = mask.vector(name).to(param.device)
+        return cls(
+            param,
+            shared_on_forget,
+            axis=0 if gran == "row" else 1,
+            dedicated=vector.nonzero().flatten(),
+            shared=(~vector).nonzero().flatten(),
+        )
+
+    def zero_grad_of(self, grad: torch.Tensor, dedicated: bool) -> torch.Tensor:
+        """``grad`` with the dedicated (``dedicated=True``) or the shared coordinates set to zero."""
+        if self.axis is None:
+            return grad.masked_fill(self.dedicated if dedicated else ~self.dedicated, 0)
+        return grad.index_fill(self.axis, self.dedicated if dedicated else self.shared, 0)
+
+    def snapshot(self, dedicated: bool | None) -> _Snapshot:
+        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered."""
+        p = self.param.detach()
+        if dedicated is None:
+            return _Snapshot(self.param, None, None, p.clone())
+        if self.axis is None:
+            frozen = self.dedicated if dedicated else ~self.dedicated
+            return _Snapshot(self.param, None, frozen, p[frozen])
+        index = self.dedicated if dedicated else self.shared
+        return _Snapshot(self.param, self.axis, index, p.index_select(self.axis, index))
+
+
+@dataclass
+class _Snapshot:
+    """Values one optimizer step must not change, gathered (only those coordinates), and where they go back."""
+
+    param: nn.Parameter
+    axis: int | None  # index_copy_ along this axis; None: masked_scatter_ (element mask) or a whole tensor
+    where: torch.Tensor | None  # long indices (axis), bool mask (element) or None (whole tensor)
+    values: torch.Tensor
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.where is None:
+            self.param.data.copy_(self.values)
+        elif self.axis is None:
+            self.param.data.masked_scatter_(self.where, self.values)
+        else:
+            self.param.data.index_copy_(self.axis, self.where, self.values)
+
+    def nbytes(self) -> int:
+        extra = self.where.numel() * self.where.element_size() if self.where is not None else 0
+        return self.values.numel() * self.values.element_size() + extra
 
 
 @dataclass
@@ -142,7 +206,7 @@ class Router:
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
         self._sites: list[_Site] = []
-        self._snapshot: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._snapshot: list[_Snapshot] = []
 
     @property
     def num_hooks(self) -> int:
@@ -188,10 +252,8 @@ class Router:
             )
         shared = set(index.select(self.shared_on_forget)) if self.shared_on_forget else set()
         for name, param in index.items():
-            if not param.requires_grad:
-                continue
-            ded = self.dedicated[name].to(param.device) if name in self.dedicated else None
-            self._targets.append(_Target(param, ded, name in shared))
+            if param.requires_grad:
+                self._targets.append(_Target.build(param, self.dedicated, name, name in shared))
         for name in self.dedicated:
             gran = self.dedicated.granularity(name)
             module = index.info(name).module
@@ -272,9 +334,9 @@ class Router:
             if self._mode == FORGET:
                 if target.dedicated is None:
                     return grad if target.shared_on_forget else torch.zeros_like(grad)
-                return grad.masked_fill(~target.dedicated, 0)
+                return target.zero_grad_of(grad, dedicated=False)
             # retain
-            return grad if target.dedicated is None else grad.masked_fill(target.dedicated, 0)
+            return grad if target.dedicated is None else target.zero_grad_of(grad, dedicated=True)
 
         return route
 
@@ -339,21 +401,15 @@ class Router:
         self._snapshot = []
         if self.level != "param" or len(modes) != 1 or modes == {UNLABELLED}:
             return
+        # Only the values this step must not change, gathered: a retain step keeps the dedicated slices (small);
+        # a forget step keeps everything else (about the model's size, held only while the optimizer steps).
         only_forget = modes == {FORGET}
         for t in self._targets:
-            if only_forget and t.dedicated is None and t.shared_on_forget:
-                continue
-            if only_forget:
-                frozen = (
-                    torch.ones_like(t.param, dtype=torch.bool)
-                    if t.dedicated is None
-                    else ~t.dedicated.expand(t.param.shape)
-                )
+            if t.dedicated is None:
+                if only_forget and not t.shared_on_forget:
+                    self._snapshot.append(t.snapshot(None))
             else:
-                if t.dedicated is None:
-                    continue
-                frozen = t.dedicated.expand(t.param.shape)
-            self._snapshot.append((t.param, frozen, t.param.detach()[frozen].clone()))
+                self._snapshot.append(t.snapshot(dedicated=not only_forget))
 
     def _sync_modes(self, modes: set[int]) -> set[int]:
         """The modes seen this step by *any* rank. Under DDP one rank's micro-batches may be forget while
@@ -368,8 +424,18 @@ class Router:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return {m for m, f in zip(order, flags.tolist()) if f}
 
-    @torch.no_grad()
     def _after_step(self) -> None:
-        for param, frozen, values in self._snapshot:
-            param.data.masked_scatter_(frozen, values)
+        for snap in self._snapshot:
+            snap.restore()
         self._snapshot = []
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of tensor storage the router holds: ``masks`` (index vectors / element masks) and
+        ``snapshot`` (the values a strict step restores; non-zero only between the step's pre- and post-hook)."""
+        masks = sum(
+            t.numel() * t.element_size()
+            for target in self._targets
+            for t in (target.dedicated, target.shared)
+            if t is not None
+        )
+        return {"masks": masks, "snapshot": sum(s.nbytes() for s in self._snapshot)}

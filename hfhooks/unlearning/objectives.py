@@ -16,7 +16,9 @@ objective        forget example                                  retain example 
 
 For language models NLL is the mean token NLL of the example and log π(y|x) the sum of its token
 log-probabilities. NPO's reference log-probabilities are computed once, before training, at the original
-weights (:func:`reference_logprobs`) and looked up by an ``example_id`` tag — no second model in memory.
+weights (:func:`reference_logprobs`) and looked up by an ``example_id`` tag — no second model in memory: the
+reference costs 4 bytes per forget example, so NPO's peak memory is GradDiff's (same forward, same loss terms).
+On a PeftModel the reference is the adapted model at θ₀ (a fresh adapter: the base model), computed the same way.
 
 SalUn (:func:`salun`): score weights by ``|Σ ∇θ L_f|`` on the forget set at θ₀ in eval mode, keep the top
 ``ratio`` globally, train with the objective while :class:`~hfhooks.GradientMask` keeps every other coordinate
@@ -201,7 +203,10 @@ def reference_logprobs(
             batch = to_device(dict(batch), device)
             labels = batch.pop("labels")
             logits = model(**batch)["logits"]
-            out.append(sequence_logprobs(logits, labels, causal)[0].cpu())
+            # One example at a time: the fp32 log-softmax is then [T, V], not [B, T, V] (a batch of 32 × 512
+            # tokens × a 128k vocabulary would be 8 GB), and per-row results equal the batched ones.
+            for i in range(logits.shape[0]):
+                out.append(sequence_logprobs(logits[i : i + 1], labels[i : i + 1], causal)[0].cpu())
     return torch.cat(out)
 
 
