@@ -7,13 +7,15 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
 * ``copy``              — ``shutil.copytree`` of the checkpoint (the throughput yardstick);
 * ``restore``           — :func:`hfhooks.restore_layers` on the checkpoint directories (layers 4–11 restored);
 * ``restore (in RAM)``  — the naive way: load both models' state dicts, replace the layers, save the shards;
-* ``diff``              — :meth:`hfhooks.WeightDiff.between` streamed into a float32 diff file (4.4 GB);
+* ``diff``              — :meth:`hfhooks.WeightDiff.between` streamed into a diff file (Δ in the default dtype,
+  or ``--delta-dtype``);
 * ``apply-diff``        — :meth:`WeightDiff.apply` of that file to the base checkpoint (base checked per tensor);
 * ``apply-diff (in RAM)`` — load the checkpoint and the diff, add, save.
 
-Goals (issue 6): streaming peak RSS ≤ one shard + two tensors; throughput ≥ 0.5× the file copy. Also times the
-restoration search on an 8-layer tiny model over all 36 ranges (goal ≤ 60 s). Files live under ``--dir``
-(default ``/tmp``) and are deleted at the end unless ``--keep``.
+Goals: streaming peak RSS ≤ one shard + two tensors and restore ≥ 0.5× the file copy (issue 6); diff ≥ 0.5× and
+apply-diff ≥ 0.9× the copy, and the diff file ≤ 1.1× the bytes of the changed tensors in the checkpoint's dtype
+(issue 16). Also times the restoration search on an 8-layer tiny model over all 36 ranges (goal ≤ 60 s). Files
+live under ``--dir`` (default ``/tmp``) and are deleted at the end unless ``--keep``.
 
     python benchmarks/bench_checkpoints.py             # ≈ 2.2 GB checkpoint; needs ≈ 16 GB of free disk
     python benchmarks/bench_checkpoints.py --quick     # ≈ 0.3 GB
@@ -35,7 +37,8 @@ from pathlib import Path
 
 OPS = ("copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)")
 GOAL_RSS_OPS = ("restore", "apply-diff")
-GOAL_SPEED_OPS = ("restore", "apply-diff")
+GOAL_SPEED = {"restore": 0.5, "diff": 0.5, "apply-diff": 0.9}  # × the plain file copy's throughput
+GOAL_DIFF_SIZE = 1.1  # diff file ≤ 1.1× the bytes of the changed tensors (in the checkpoint's dtype)
 
 
 def llama_shapes(hidden: int, inter: int, layers: int, vocab: int, kv: int) -> dict[str, tuple[int, ...]]:
@@ -127,7 +130,17 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_op(op: str, root: Path, layers: str) -> dict:
+def _diff_size(root: Path) -> dict:
+    """The diff file's size against the bytes of the tensors it changes, in the base checkpoint's dtype."""
+    from hfhooks.diffs import WeightDiff
+    from hfhooks.io.checkpoints import Checkpoint
+
+    diff, base = WeightDiff.load(root / "diff.safetensors", lazy=True), Checkpoint(root / "base")
+    changed = sum(base.info(n).nbytes for n in diff.changed)
+    return {"diff_bytes": (root / "diff.safetensors").stat().st_size, "changed_bytes": changed}
+
+
+def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -160,7 +173,10 @@ def run_op(op: str, root: Path, layers: str) -> dict:
             save_file(tensors, out / file, metadata={"format": "pt"})
         shutil.copy(root / "post" / "model.safetensors.index.json", out)
     elif op == "diff":
-        WeightDiff.between(root / "base", root / "post", out=root / "diff.safetensors", progress=False)
+        dtype = getattr(torch, delta_dtype) if delta_dtype else None
+        WeightDiff.between(
+            root / "base", root / "post", out=root / "diff.safetensors", dtype=dtype, progress=False
+        )
     elif op == "apply-diff":
         WeightDiff.load(root / "diff.safetensors", lazy=True).apply(root / "base", out=out, progress=False)
     elif op == "apply-diff (in RAM)":
@@ -179,12 +195,14 @@ def run_op(op: str, root: Path, layers: str) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ok = Checkpoint(out).nbytes if out.exists() else None
-    return {"seconds": seconds, "peak_rss_kb": peak, "baseline_rss_kb": base_rss, "out_bytes": ok}
+    res = {"seconds": seconds, "peak_rss_kb": peak, "baseline_rss_kb": base_rss, "out_bytes": ok}
+    return {**res, **_diff_size(root)} if op == "diff" else res
 
 
-def measure(op: str, root: Path, layers: str) -> dict:
+def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:
+    extra = ["--delta-dtype", delta_dtype] if delta_dtype else []
     res = subprocess.run(
-        [sys.executable, __file__, "--child", op, "--dir", str(root), "--restore-layers", layers],
+        [sys.executable, __file__, "--child", op, "--dir", str(root), "--restore-layers", layers, *extra],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
@@ -249,11 +267,14 @@ def main() -> None:
     p.add_argument("--restore-layers", default="4:12")
     p.add_argument("--repeats", type=int, default=2, help="runs per operation (the fastest is reported)")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of: " + ", ".join(OPS))
+    p.add_argument(
+        "--delta-dtype", help="Δ dtype of the diff op (e.g. bfloat16; default: WeightDiff.between's default)"
+    )
     p.add_argument("--out", default="benchmarks/results/bench_checkpoints.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_op(args.child, Path(args.dir), args.restore_layers)))
+        print(json.dumps(run_op(args.child, Path(args.dir), args.restore_layers, args.delta_dtype)))
         return
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab, args.shard = 1024, 2816, 12, 16000, "100MB"
@@ -281,7 +302,7 @@ def main() -> None:
             runs = []
             for _ in range(1 if op == "diff" else args.repeats):
                 warm(root)
-                runs.append(measure(op, root, args.restore_layers))
+                runs.append(measure(op, root, args.restore_layers, args.delta_dtype))
                 print(
                     f"  {op}: {runs[-1]['seconds']:.2f}s, peak RSS +{(runs[-1]['peak_rss_kb'] - runs[-1]['baseline_rss_kb']) / 1024:.0f} MB",
                     flush=True,
@@ -309,8 +330,12 @@ def main() -> None:
         goals = []
         if op in GOAL_RSS_OPS:
             goals.append(f"RSS {'PASS' if r['extra_mb'] <= budget_mb else 'FAIL'}")
-        if op in GOAL_SPEED_OPS:
-            goals.append(f"speed {'PASS' if speed >= 0.5 else 'FAIL'}")
+        if op in GOAL_SPEED:
+            goals.append(f"speed ≥ {GOAL_SPEED[op]}× {'PASS' if speed >= GOAL_SPEED[op] else 'FAIL'}")
+        if "diff_bytes" in r:
+            r["size_vs_changed"] = r["diff_bytes"] / max(r["changed_bytes"], 1)
+            ok = r["size_vs_changed"] <= GOAL_DIFF_SIZE
+            goals.append(f"file {r['size_vs_changed']:.2f}× changed bytes {'PASS' if ok else 'FAIL'}")
         r["throughput_vs_copy"] = speed
         print(
             f"{op:<22} {r['seconds']:>7.2f}s {speed:>7.2f}× {r['peak_rss_kb'] / 1024:>8.0f} MB {r['extra_mb']:>8.0f} MB  "

@@ -363,6 +363,15 @@ DEFERRED: weakref.WeakKeyDictionary[
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child inherits the pool but not its thread: every submit would wait forever
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def worker_pool() -> concurrent.futures.ThreadPoolExecutor:
     """The shared one-thread pool that computes CRCs while the next tensor is read."""
     global _POOL
