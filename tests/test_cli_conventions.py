@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model
+from safetensors.torch import load_file
 
 from hfhooks.cli import build_parser, main
 from hfhooks.cli.common import progress_enabled
@@ -244,3 +245,27 @@ def test_missing_matplotlib_is_reported_before_the_search(capsys, ckpts, tmp_pat
         capsys, "search-restore", tmp_path / "nope", tmp_path / "nope2", "--plot", tmp_path / "p.png"
     )
     assert code == 1 and "pip install matplotlib" in err and "--plot" in err
+
+
+def test_diff_dry_run_estimates_the_delta_in_the_weights_dtype(capsys, tmp_path):
+    # Δ is stored in the weights' own dtype by default: for a bf16 checkpoint the estimate is its tensor bytes,
+    # not the float32 figure it used to print (2× too big); --dtype overrides it
+    model = make_model("llama", num_hidden_layers=2).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "tuned")
+    tensors = sum(t.nbytes for t in load_file(tmp_path / "base" / "model.safetensors").values())
+    argv = [
+        "diff",
+        tmp_path / "base",
+        tmp_path / "tuned",
+        "-o",
+        tmp_path / "d.safetensors",
+        "--dry-run",
+        "--json",
+    ]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["writes"][0]["bytes"] == tensors
+    code, out, err = run(capsys, *argv, "--dtype", "float32")
+    assert code == 0, err
+    assert json.loads(out)["writes"][0]["bytes"] == 2 * tensors

@@ -139,7 +139,6 @@ def run_diff(args: argparse.Namespace) -> int:
 
 def _diff_dry_run(args: argparse.Namespace, lora: bool, names: list[str], dtype) -> int:
     """``diff --dry-run``: every check of a real run, then the plan (files read, the output, its size)."""
-    import torch
 
     from hfhooks.diffs import WeightDiff
 
@@ -159,8 +158,7 @@ def _diff_dry_run(args: argparse.Namespace, lora: bool, names: list[str], dtype)
         dry_run=True,
     )
     common = plan.metadata["planned"]
-    size = torch.tensor([], dtype=dtype or torch.float32).element_size()
-    estimate = sum(n * size for n in plan.metadata["planned_numel"])
+    estimate = plan.metadata["planned_bytes"]
     reads = checkpoint_files(args.base, args.allow_pickle) + checkpoint_files(args.tuned, args.allow_pickle)
     how = (
         f"Δ = TUNED − BASE for {len(common)} tensors, {args.storage} storage"

@@ -224,7 +224,8 @@ class WeightDiff(HubMixin):
             out: stream straight into this diff file (bounded memory for big checkpoints) and return the
                 diff backed by it, lazily loaded.
             dry_run: check the sources, names and shapes only and return an empty diff whose
-                ``metadata["planned"]`` / ``["planned_numel"]`` list the tensors that would be diffed.
+                ``metadata["planned"]`` / ``["planned_numel"]`` list the tensors that would be diffed and
+                ``["planned_bytes"]`` estimates the Δ bytes.
         """
         if storage not in ("dense", "sparse", "auto"):
             raise ValueError(f"storage={storage!r}: use 'dense', 'sparse' or 'auto'.")
@@ -253,7 +254,10 @@ class WeightDiff(HubMixin):
         }
         if dry_run:
             numel = [math.prod(a.shape(n)) for n in common]
-            return cls(metadata={**meta, "planned": common, "planned_numel": numel})
+            # Δ is stored in the weights' own dtype by default (plus a small exact correction, not estimated)
+            size = [torch.tensor([], dtype=dtype or a.dtype(n)).element_size() for n in common]
+            planned_bytes = sum(k * s for k, s in zip(numel, size))
+            return cls(metadata={**meta, "planned": common, "planned_numel": numel, "planned_bytes": planned_bytes})
 
         def entries() -> Iterator[tuple[str, DiffEntry | None]]:
             for n in common:

@@ -65,6 +65,14 @@ class WeightSource:
             return self.ckpt.info(name).shape
         return tuple(self.obj[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor's dtype, without reading its values."""
+        if self.index is not None:
+            return self.index.info(name).dtype
+        if self.ckpt is not None:
+            return self.ckpt.info(name).dtype
+        return torch.as_tensor(self.obj[name]).dtype
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor (read-only use: for models this is the live parameter's data; from a checkpoint it is
         valid until the next ``get``)."""
