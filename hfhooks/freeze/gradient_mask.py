@@ -35,6 +35,7 @@ Example (a plain PyTorch loop):
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +45,15 @@ from torch import nn
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
 from hfhooks.freeze.config import GradientMaskConfig
+from hfhooks.freeze.weight_decay import WeightDecay, decay_is_emulable
 from hfhooks.masks.mask import ParamMask, bits_as_bytes, count_ones
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
 
 FREEZE_MODES = ("hard", "grad", "groups")
+
+# optimizer -> the GradientMasks attached to it in hard/groups mode (weight decay by hand needs exactly one)
+_EMULATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -131,6 +136,7 @@ class _Frozen:
     snapshot: torch.Tensor | None = None
     checksum: tuple[int, int] | None = None
     movable: bool = True  # the optimizer may move frozen coordinates: snapshot and restore around its steps
+    has_nan: bool = False  # a NaN's bits may change under a ±0 update (bf16 on CPU): always snapshot
     in_optimizer: bool = True
 
     @classmethod
@@ -218,6 +224,32 @@ class _Frozen:
         if param.grad is not None:
             self._mask_(_local(param.grad))
 
+    @torch.no_grad()
+    def decay_(self, op: WeightDecay) -> None:
+        """Apply the param group's weight decay ``op`` to the trainable coordinates only, as the step would
+        have (the frozen coordinates keep their bits; the step then runs with ``weight_decay=0``)."""
+        p, g = _local(self.param.data), _local(self.param.grad)
+        for pv, gv, pattern in self._kept_slabs(p, g):
+            new = bit_view(op.values(pv, gv))  # the op on the whole chunk, with torch's own scalar
+            old = bit_view(pv if op.decoupled else gv)
+            new.bitwise_xor_(old).bitwise_and_(pattern)  # differences, trainable coordinates only
+            old.bitwise_xor_(new)
+
+    def _kept_slabs(self, p: torch.Tensor, g: torch.Tensor):
+        """``(chunk of p, same chunk of g, keep bit pattern broadcastable to it)`` for contiguous ``p``, ``g``
+        (views: writes write them), :data:`_CHUNK` elements at a time."""
+        if self.kind == "element":
+            flat_p, flat_g = p.view(-1), g.view(-1)
+            for start in range(0, flat_p.numel(), _CHUNK):
+                stop = min(flat_p.numel(), start + _CHUNK)
+                keep = bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
+                yield flat_p[start:stop], flat_g[start:stop], keep.to(bit_view(p).dtype).neg_()
+            return
+        per = max(1, _CHUNK // max(1, p[0].numel()))  # rows / columns: slabs along the first axis
+        for r0 in range(0, p.shape[0], per):
+            keep = self.keep[r0 : r0 + per] if self.kind == "row" else self.keep
+            yield p[r0 : r0 + per], g[r0 : r0 + per], keep
+
     # -- the frozen values ---------------------------------------------------------------------------------
     def _frozen_values(self) -> torch.Tensor:
         """A copy of the frozen values: element and whole tensors in full (fast to take and put back), rows and
@@ -246,6 +278,16 @@ class _Frozen:
             self.values = _local(self.param.detach())[self._drop_bool()]  # the frozen coordinates only
         else:
             self.values = self._frozen_values()
+
+    @torch.no_grad()
+    def find_nan(self) -> None:
+        """Note whether the tensor holds a NaN (a frozen NaN is only kept bit-exact by the snapshot path)."""
+        p = _local(self.param.detach())
+        if p.is_floating_point() or p.is_complex():
+            flat = p.reshape(-1)
+            self.has_nan = any(
+                bool(flat[i : i + _CHUNK].isnan().any()) for i in range(0, flat.numel(), _CHUNK)
+            )
 
     @torch.no_grad()
     def take_snapshot(self) -> None:
@@ -329,8 +371,10 @@ def _restore_all(targets: list[_Frozen]) -> None:
 def _inert(opt: torch.optim.Optimizer, group: dict) -> bool:
     """True when this param group's step provably leaves a coordinate with zero gradient and zero optimizer
     state bit-identical: torch Adam / AdamW with ``eps > 0`` (``0 / eps`` is ``0``; with ``eps = 0`` it is NaN)
-    and SGD, both without weight decay. The exact types only: a subclass may step differently."""
-    if group.get("weight_decay", 0) != 0:
+    and SGD, both without weight decay — or with a weight decay that :class:`WeightDecay` applies by hand to
+    the trainable coordinates before the step (which then runs without it). The exact types only: a subclass
+    may step differently."""
+    if group.get("weight_decay", 0) != 0 and not decay_is_emulable(opt, group):
         return False
     if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
         return group.get("eps", 0) > 0
@@ -405,6 +449,8 @@ class GradientMask:
         self._removed: list[tuple[dict, list[nn.Parameter]]] = []
         self._zero_state_each_step = True
         self._steps = 0  # after_step calls since attach
+        self._groups: list[tuple[dict, list[_Frozen]]] = []  # (param group, its masked tensors)
+        self._zeroed: list[tuple[dict, Any]] = []  # (param group, weight_decay) zeroed for the current step
 
     @property
     def attached(self) -> bool:
@@ -470,8 +516,13 @@ class GradientMask:
             for target in self._frozen:  # what the optimizer can move decides what must be held (see _Frozen)
                 group = group_of.get(id(target.param))
                 target.in_optimizer = group is not None
-                target.movable = group is not None and not _inert(opt, group)
+                target.find_nan()
+                target.movable = group is not None and (target.has_nan or not _inert(opt, group))
+            self._groups = [
+                (g, [t for t in self._frozen if group_of.get(id(t.param)) is g]) for g in opt.param_groups
+            ]
             if self.freeze in ("hard", "groups"):
+                _EMULATORS.setdefault(opt, weakref.WeakSet()).add(self)
                 hooks.step_pre_hook(opt, lambda *_: self._before_step())
             if self.freeze in ("hard", "groups") or self.finite is not None:
                 hooks.step_post_hook(opt, lambda *_: self.after_step())
@@ -481,13 +532,43 @@ class GradientMask:
 
     @torch.no_grad()
     def _before_step(self) -> None:
-        """Snapshot what the step may move; mask again the gradients of what it provably cannot (so that a
-        gradient changed after the hooks, e.g. clipped by a non-finite norm, cannot reach frozen coordinates)."""
-        for target in self._frozen:
-            if target.movable:
-                target.take_snapshot()
-            elif target.in_optimizer:
-                target.mask_grad_(target.param)
+        """Per param group: apply its weight decay by hand to the trainable coordinates and step it without
+        (torch Adam/AdamW/SGD, see :mod:`hfhooks.freeze.weight_decay`), or snapshot what the step may move.
+        Gradients of what the step provably cannot move are masked again (so that a gradient changed after
+        the hooks, e.g. clipped by a non-finite norm, cannot reach frozen coordinates)."""
+        self._restore_weight_decay()  # a step that raised skipped the post-hook that restores it
+        opt = self._optimizer
+        # Two GradientMasks on one optimizer: each would decay the other's masked tensors in full.
+        alone = len(_EMULATORS.get(opt, ())) <= 1
+        for group, targets in self._groups:
+            op = WeightDecay.of(opt, group, _local) if alone and targets else None
+            for target in targets:
+                inert = group.get("weight_decay", 0) == 0 and _inert(opt, group)
+                target.movable = target.has_nan or (op is None and not inert)
+                if target.movable:
+                    target.take_snapshot()
+                else:
+                    target.mask_grad_(target.param)
+            if op is not None:
+                self._decay_by_hand(group, targets, op)
+
+    def _decay_by_hand(self, group: dict, targets: list[_Frozen], op: WeightDecay) -> None:
+        """Decay the group's parameters that have a gradient (the ones torch's step decays) — whole for the
+        trainable ones, trainable coordinates only for the masked ones, not at all for the entirely frozen
+        ones — and zero the group's ``weight_decay`` until the step's post-hook."""
+        masked = {id(t.param) for t in targets}
+        whole = [p for p in group["params"] if p.grad is not None and id(p) not in masked]
+        op.apply_([_local(p.data) for p in whole], [_local(p.grad) for p in whole])
+        for target in targets:
+            if target.kind != "all" and target.param.grad is not None:
+                target.decay_(op)
+        self._zeroed.append((group, group["weight_decay"]))
+        group["weight_decay"] = 0.0
+
+    def _restore_weight_decay(self) -> None:
+        for group, weight_decay in self._zeroed:
+            group["weight_decay"] = weight_decay
+        self._zeroed.clear()
 
     def nbytes(self) -> int:
         """Bytes this object holds between optimizer steps for the frozen coordinates (packed keep bits, row /
@@ -504,6 +585,7 @@ class GradientMask:
         """Restore frozen coordinates (and zero their optimizer state). Called automatically when attached
         with an optimizer in ``hard`` / ``groups`` mode."""
         self._steps += 1
+        self._restore_weight_decay()
         if self.freeze != "grad":
             _restore_all(
                 self._frozen
@@ -547,6 +629,9 @@ class GradientMask:
         unenforced = self.attached and self.freeze != "grad" and self._optimizer is None and not self._steps
         self._hooks.close()
         self._hooks = None
+        self._restore_weight_decay()
+        if self._optimizer is not None and self._optimizer in _EMULATORS:
+            _EMULATORS[self._optimizer].discard(self)
         for target in self._frozen:
             target.snapshot = None
         for group, params in self._removed:

@@ -1,0 +1,153 @@
+"""Torch's own weight decay, applied by hand so that the hard freeze needs no copy of the frozen values.
+
+With weight decay, torch's Adam, AdamW and SGD move every coordinate of a parameter, frozen or not, so
+:class:`~hfhooks.GradientMask` would have to snapshot the frozen values around each step (one parameter-sized
+copy per masked tensor at step time). Instead, right before the step it applies that group's decay itself —
+the very op torch applies, with the same Python scalar and the same kernel family (for-loop or ``foreach``) —
+to the trainable coordinates only, and lets the step run with ``weight_decay=0``. A coordinate with zero
+gradient and zero state then gets an update of exactly ``±0``: the frozen values stay bit-identical and the
+trainable ones are bit-identical to the plain optimizer's.
+
+The ops (torch 2.x ``adam.py`` / ``sgd.py``):
+
+* decoupled (AdamW, ``Adam(decoupled_weight_decay=True)``): ``param.mul_(1 - lr * weight_decay)``
+  (``torch._foreach_mul_`` with ``foreach``);
+* L2 (Adam, SGD): ``grad = grad.add(param, alpha=weight_decay)`` after ``grad = -grad`` under ``maximize``.
+  The step reads ``param.grad``, so the decayed gradient is written into ``.grad`` (in place, so DDP's
+  bucket views stay valid): between ``step()`` and ``zero_grad()`` the gradient of a parameter in such a
+  group holds ``grad + weight_decay * param`` on its trainable coordinates.
+
+Anything else (fused, capturable, differentiable, a Tensor ``lr`` or ``weight_decay``, complex or sparse,
+subclasses) is left to the snapshot path.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["WeightDecay", "decay_is_emulable"]
+
+_TYPES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def decay_is_emulable(opt: torch.optim.Optimizer, group: dict) -> bool:
+    """True when this param group's weight decay can be applied by hand, bit-identically, right before the
+    step: a torch Adam / AdamW (``eps > 0``) or SGD (the exact types: a subclass may step differently), not
+    fused / capturable / differentiable, with a float ``lr`` and ``weight_decay`` (checked at step time)."""
+    if type(opt) not in _TYPES:
+        return False
+    if group.get("fused") or group.get("capturable") or group.get("differentiable"):
+        return False
+    if type(opt) is not torch.optim.SGD and not group.get("eps", 0) > 0:
+        return False  # with eps = 0 a zero update is 0 / 0 = NaN
+    lr, wd = group.get("lr"), group.get("weight_decay", 0)
+    return all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (lr, wd))
+
+
+def _tensors_fit(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Dense, contiguous, real parameters and gradients: what the chunked emulation handles."""
+    for p, g in pairs:
+        if p.is_complex() or g.is_sparse or not (p.is_contiguous() and g.is_contiguous()):
+            return False
+        if g.shape != p.shape or g.dtype != p.dtype:
+            return False
+    return True
+
+
+def _foreach_default(params: list[torch.Tensor]) -> bool:
+    """Whether torch's step would take its ``foreach`` path for these parameters (``foreach=None``)."""
+    try:  # the rule torch itself applies (private, but it is the only source of truth)
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        return _default_to_fused_or_foreach(params, False, use_fused=False)[1]
+    except ImportError:  # pragma: no cover - older/newer torch: the documented rule
+        return all(p.device.type == "cuda" for p in params)
+
+
+@dataclass(frozen=True)
+class WeightDecay:
+    """One param group's weight decay at one step, applied as torch applies it.
+
+    Attributes:
+        decoupled: ``param *= 1 - lr * weight_decay`` (else L2: ``grad += weight_decay * param``).
+        weight_decay: the group's ``weight_decay`` (Python float).
+        lr: the group's ``lr`` at step time (after the scheduler set it).
+        maximize: the group gradient-ascends (L2 then adds the decay to the negated gradient).
+        foreach: use the ``torch._foreach_*`` kernels, as the step would.
+    """
+
+    decoupled: bool
+    weight_decay: float
+    lr: float
+    maximize: bool
+    foreach: bool
+
+    @classmethod
+    def of(cls, opt: torch.optim.Optimizer, group: dict, local: Callable) -> WeightDecay | None:
+        """The decay this group's next step would apply, or ``None`` when it cannot be emulated exactly
+        (``local`` maps a parameter or gradient to the tensor this rank holds)."""
+        if not decay_is_emulable(opt, group) or group["weight_decay"] == 0:
+            return None
+        params = [p for p in group["params"] if p.grad is not None]
+        if not _tensors_fit([(local(p), local(p.grad)) for p in params]):
+            return None
+        foreach = group.get("foreach")
+        return cls(
+            decoupled=type(opt) is not torch.optim.SGD and bool(group.get("decoupled_weight_decay", False)),
+            weight_decay=group["weight_decay"],
+            lr=group["lr"],
+            maximize=bool(group.get("maximize", False)),
+            foreach=_foreach_default(params) if foreach is None else bool(foreach),
+        )
+
+    @property
+    def factor(self) -> float:
+        """The decoupled multiplier, computed in Python floats exactly as torch does (never a tensor: a bf16
+        scalar would round differently)."""
+        return 1 - self.lr * self.weight_decay
+
+    def target(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor the decay writes: the parameter (decoupled) or its gradient (L2)."""
+        return param if self.decoupled else param.grad
+
+    def values(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """New values of :meth:`target` for (a chunk of) ``param`` and its ``grad``, in a new tensor, computed
+        with the very call torch's step makes (in place vs out of place matters: on CPU, bf16
+        ``_foreach_mul_`` rounds the scalar to bf16 and ``_foreach_mul`` does not)."""
+        if self.decoupled:  # torch: param.mul_(f) / torch._foreach_mul_(params, f)
+            out = param.clone()
+            if self.foreach:
+                torch._foreach_mul_([out], self.factor)
+            else:
+                out.mul_(self.factor)
+            return out
+        if self.foreach:  # torch: _foreach_neg then _foreach_add_ (maximize), else _foreach_add
+            if self.maximize:
+                out = torch._foreach_neg([grad])[0]
+                torch._foreach_add_([out], [param], alpha=self.weight_decay)
+            else:
+                out = torch._foreach_add([grad], [param], alpha=self.weight_decay)[0]
+        else:  # torch: grad = -grad (maximize); grad = grad.add(param, alpha=weight_decay)
+            out = (-grad if self.maximize else grad).add(param, alpha=self.weight_decay)
+        # The step negates the gradient again under maximize; negation is exact, so it sees torch's value.
+        return out.neg_() if self.maximize else out
+
+    @torch.no_grad()
+    def apply_(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Decay whole (fully trainable) parameters in place, as the step would have (local tensors; L2
+        writes ``grads`` in place)."""
+        if not params:
+            return
+        if self.decoupled:
+            if self.foreach:
+                torch._foreach_mul_(params, self.factor)
+            else:
+                for p in params:
+                    p.mul_(self.factor)
+            return
+        for p, g in zip(params, grads):  # L2 into .grad, a parameter at a time (as torch's own temporary)
+            g.copy_(self.values(p, g))
