@@ -257,7 +257,9 @@ class WeightDiff(HubMixin):
             # Δ is stored in the weights' own dtype by default (plus a small exact correction, not estimated)
             size = [torch.tensor([], dtype=dtype or a.dtype(n)).element_size() for n in common]
             planned_bytes = sum(k * s for k, s in zip(numel, size))
-            return cls(metadata={**meta, "planned": common, "planned_numel": numel, "planned_bytes": planned_bytes})
+            return cls(
+                metadata={**meta, "planned": common, "planned_numel": numel, "planned_bytes": planned_bytes}
+            )
 
         def entries() -> Iterator[tuple[str, DiffEntry | None]]:
             for n in common:
