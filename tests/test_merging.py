@@ -237,6 +237,14 @@ def peft_merge(fn: str, taus_: list[torch.Tensor], weights: list[float], **kw) -
     return getattr(merge_utils, fn)(taus_, torch.tensor(weights), **kw)
 
 
+def _peft_dare_rescales() -> bool:
+    from peft.utils import merge_utils
+
+    return bool(
+        torch.all(merge_utils.random_pruning(torch.ones(64), density=1.0, rescale=True) == 1.0)
+    ) and bool(torch.all(merge_utils.random_pruning(torch.ones(4096), density=0.5, rescale=True) != 1.0))
+
+
 @pytest.mark.parametrize(
     "method,peft_fn,density",
     [
@@ -249,6 +257,10 @@ def peft_merge(fn: str, taus_: list[torch.Tensor], weights: list[float], **kw) -
 )
 def test_equals_peft_with_unit_weights(ckpts, tmp_path, monkeypatch, method, peft_fn, density):
     # peft and hfhooks agree whenever every weight is 1 (the papers' setting); see the next test otherwise
+    if method.startswith("dare") and not _peft_dare_rescales():
+        pytest.skip(
+            "this peft's random_pruning drops its rescale (torch.div result unused; fixed in later peft)"
+        )
     _root, base, tuned = ckpts
     seed = 3
     kw = {} if density is None else {"density": density}
