@@ -326,9 +326,13 @@ class _LazyReader:
             from safetensors import safe_open
 
             tensors = {}
+            # A dense Δ's values (the bulk of the bytes) may be checked later, on a helper thread; every other
+            # part (masks, codes, the exact correction's indices) is checked before it is decoded.
+            deferred = {name} if entry.storage == "dense" and name in parts else set()
             try:
-                if buffer is not None and entry.storage == "dense" and len(parts) == 1:
-                    tensors[parts[0]] = buffer.read(self.info(parts[0]))  # no page faults on a memory map
+                if buffer is not None and deferred:  # no page faults on a memory map
+                    for part in parts:  # the small correction parts get buffers of their own
+                        tensors[part] = (buffer if part == name else ReadBuffer()).read(self.info(part))
                 else:
                     with safe_open(str(self.path), framework="pt") as f:
                         for part in parts:
@@ -336,17 +340,15 @@ class _LazyReader:
             except Exception as e:
                 raise DiffFileError(f"{self.path}: cannot read {name!r}: {e}") from None
 
-            def verify() -> None:
-                for part, t in tensors.items():
-                    if tensor_crc(t) != crcs[part]:
+            def verify(which: Iterable[str]) -> None:
+                for part in which:
+                    if tensor_crc(tensors[part]) != crcs[part]:
                         raise DiffFileError(
                             f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
                         )
 
-            if entry.storage != "dense" or len(parts) != 1:
-                verify()  # decoding reads masks, codes and correction indices: check them first
-                return payload_from(entry, name, tensors, self.path), lambda: None
-            return payload_from(entry, name, tensors, self.path), verify
+            verify([p for p in parts if p not in deferred])
+            return payload_from(entry, name, tensors, self.path), lambda: verify(deferred)
 
         def load() -> Payload:
             payload, verify = read()
