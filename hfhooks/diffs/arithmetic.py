@@ -238,28 +238,28 @@ def _exact_delta(
     still_np, miss_np, kept_np = np.empty(m, bool), np.empty(m, bool), np.empty(m, bool)
     bits_b, bits_t, rbits = bit_view(bf).numpy(), bit_view(tf).numpy(), bit_view(rbuf).numpy()
     neg_zero = _NEG_ZERO.get(bf.element_size())
+    exp_bits = _EXP_BITS.get(wt) if dt == wt else None
     fwd, inv, miss_inv, nonzero = [], [], False, False
     for i in range(0, n, _CHUNK):
         j = min(i + _CHUNK, n)
         k, d, bb, tb = j - i, delta[i:j], bits_b[i:j], bits_t[i:j]
-        bw = bf[i:j] if wt == wide else wbuf[0, :k].copy_(bf[i:j])
-        tw = tf[i:j] if wt == wide else wbuf[1, :k].copy_(tf[i:j])
         s, r, still, miss = wbuf[3, :k], rbuf[:k], still_np[:k], miss_np[:k]
-        raw = torch.sub(tw, bw, out=d if dt == wide else s)
-        if dt != wide:
-            d.copy_(raw)
         np.equal(bb, tb, out=still)
-        if np.isnan(raw.numpy(), out=kept_np[:k]).any():  # inf − inf or NaN where θ is unchanged
-            d.masked_fill_(torch.from_numpy(still), 0)
-        dw = d if dt == wide else wbuf[2, :k].copy_(d)
+        # Finite 16-bit weights with Δ in their dtype: torch computes 16-bit ops in float32 and rounds once,
+        # the same bits as widening explicitly, in one pass (no NaN can arise, so no fill either).
+        direct = wt == wide or (exp_bits is not None and _finite(bb, exp_bits) and _finite(tb, exp_bits))
+        if direct and wt != wide:
+            bw, tw, dw = bf[i:j], tf[i:j], torch.sub(tf[i:j], bf[i:j], out=d)
+        else:
+            bw, tw, dw = _wide_delta(bf[i:j], tf[i:j], d, wbuf[:, :k], still, kept_np[:k])
         kept = None
         if neg_zero is None or neg_zero in (int(bb.min()), int(tb.min())):  # −0.0: the smallest pattern
             kept = np.greater(torch.eq(d, 0).numpy(), still, out=kept_np[:k])  # Δ = 0 where θ moved
         for sign, ref, out, collect in ((1, tb, fwd, True), (-1, bb, inv, inverse_misses)):
             if sign < 0 and not inverse_misses and miss_inv:
                 break
-            (torch.add if sign > 0 else torch.sub)(bw if sign > 0 else tw, dw, out=r if wt == wide else s)
-            if wt != wide:
+            (torch.add if sign > 0 else torch.sub)(bw if sign > 0 else tw, dw, out=r if direct else s)
+            if not direct:
                 r.copy_(s)
             np.not_equal(rbits[:k], ref, out=miss)
             if kept is not None:
@@ -271,6 +271,28 @@ def _exact_delta(
         nonzero = nonzero or bool(torch.count_nonzero(d))
     none = torch.zeros(0, dtype=torch.int64)
     return torch.cat(fwd) if fwd else none, torch.cat(inv) if inv else none, miss_inv, nonzero
+
+
+def _wide_delta(
+    b: torch.Tensor,
+    t: torch.Tensor,
+    d: torch.Tensor,
+    wbuf: torch.Tensor,
+    still: np.ndarray,
+    scratch: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of :func:`_exact_delta` the explicit way: θ and the target widened into ``wbuf`` (rows θ,
+    target, Δ, scratch), ``d`` = their difference rounded once, 0 where ``still`` (θ unchanged) and the
+    difference is NaN (``inf − inf``); returns the wide θ, target and Δ."""
+    wide = wbuf.dtype
+    bw = b if b.dtype == wide else wbuf[0].copy_(b)
+    tw = t if t.dtype == wide else wbuf[1].copy_(t)
+    raw = torch.sub(tw, bw, out=d if d.dtype == wide else wbuf[3])
+    if d.dtype != wide:
+        d.copy_(raw)
+    if np.isnan(raw.numpy(), out=scratch).any():  # where θ is unchanged and finite, t − b is +0 already
+        d.masked_fill_(torch.from_numpy(still), 0)
+    return bw, tw, d if d.dtype == wide else wbuf[2].copy_(d)
 
 
 _CHUNK = 1 << 18  # elements per step of the blocked update: cache-sized, no large temporaries

@@ -80,6 +80,7 @@ class _DataFile(Mapping[str, torch.Tensor]):
         self.fd, self.base = fd, base
         self.infos: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         self.size = 0
+        self._buffer = torch.empty(0, dtype=torch.uint8)
         os.lseek(fd, base, os.SEEK_SET)
 
     def add(self, name: str, t: torch.Tensor) -> str:
@@ -90,16 +91,20 @@ class _DataFile(Mapping[str, torch.Tensor]):
         return f"{zlib.crc32(data):08x}"
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` read back into one reused buffer (no fresh pages per tensor): valid until the
+        next read, which is all the digest, reading one tensor at a time, needs."""
         dtype, shape, start, end = self.infos[name]
-        buf = bytearray(end - start)
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
+        if self._buffer.numel() < end - start:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # free the old buffer before growing
+            self._buffer = torch.empty(end - start, dtype=torch.uint8)
+        view, got = memoryview(self._buffer.numpy())[: end - start], 0
+        while got < len(view):
             n = os.preadv(self.fd, [view[got:]], self.base + start + got)
             if n <= 0:
                 raise OSError("the file being written ended early")
             got += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+        data = self._buffer[: end - start]
+        return data.view(dtype).reshape(shape) if len(view) else torch.empty(shape, dtype=dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
