@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from hfhooks.core.params import bit_view
@@ -145,6 +146,7 @@ def between_entry(
     if not same and dtype is None:
         dt = torch.promote_types(dt, torch.float32)
     delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
+    nonzero = flags.pop("nonzero")
     fields: dict[str, Any] = {"base": tensor_fingerprint(base), "target": tensor_fingerprint(tuned), **flags}
     extra: Payload = {}
     if exact and same:
@@ -159,9 +161,9 @@ def between_entry(
                 fields[key + "es"] = int(idx.numel())
                 fields["fix_dtype"] = base.dtype
             fields[flag] = True
-    nz = delta != 0
-    if not bool(nz.any()):
+    if not nonzero:
         return DiffEntry(tuple(base.shape), dt, "zero", const_loader(extra), **fields)
+    nz = None if storage == "dense" else delta != 0
     if storage == "dense" or (storage == "auto" and not sparse_is_smaller(delta, nz)):
         return DiffEntry(tuple(base.shape), dt, "dense", const_loader({"values": delta, **extra}), **fields)
     payload = {**sparse_payload(delta, nz), **extra}
@@ -191,51 +193,106 @@ def _delta_blocks(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict[str, bool]]:
     """Δ in ``dt``, block by block (cache-sized temporaries only); the flat indices where ``base + Δ`` misses
     ``tuned`` and (``inverse_misses``; else only the flag is computed) where ``tuned − Δ`` misses ``base``; the
-    flags ``exact`` / ``exact_inverse`` / ``changed``.
+    flags ``exact`` / ``exact_inverse`` / ``changed`` and ``nonzero`` (whether Δ has a non-zero coordinate).
 
     Where ``tuned`` equals ``base`` bit for bit, Δ is 0 (``inf − inf`` would be NaN); elsewhere it is the
     difference computed in the wider of ``dt`` and float32, rounded once to ``dt``."""
     bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
-    same = base.dtype == tuned.dtype
     none = torch.zeros(0, dtype=torch.int64)
-    if same and torch.equal(
-        bit_view(bf), bit_view(tf)
-    ):  # unchanged: the common case of a fine-tune's tensors
-        flags = {"changed": False, "exact": True, "exact_inverse": True}
-        return torch.zeros(base.shape, dtype=dt), (none, none), flags
-    wide = torch.promote_types(
-        torch.promote_types(dt, torch.promote_types(base.dtype, tuned.dtype)), torch.float32
-    )
-    delta = torch.empty(bf.numel(), dtype=dt)
-    fwd_miss: list[torch.Tensor] = []
-    inv_miss: list[torch.Tensor] = []
-    miss_inv = False
-    for i in range(0, bf.numel(), _CHUNK):
-        j = min(i + _CHUNK, bf.numel())
-        b, t, d = bf[i:j], tf[i:j], delta[i:j]
-        bw, tw = b.to(wide), t.to(wide)
-        d.copy_(tw - bw)
-        if not same:
-            continue  # another dtype is another tensor: never "unchanged", never exact
-        still = bit_view(b) == bit_view(t)
-        d.masked_fill_(still, 0)
-        # What apply computes (see _plus_blocks): θ ± Δ in the wide dtype, rounded once; θ kept where Δ = 0
-        # (so a moved coordinate with Δ = 0, e.g. −0.0 → +0.0, always misses).
-        dw = d.to(wide)
-        kept = (d == 0) & ~still
-        fwd_miss.append(
-            torch.nonzero((bit_view((bw + dw).to(b.dtype)) != bit_view(t)) | kept).reshape(-1) + i
+    if base.dtype != tuned.dtype:  # another dtype is another tensor: never "unchanged", never exact
+        wide = torch.promote_types(
+            torch.promote_types(dt, torch.promote_types(base.dtype, tuned.dtype)), torch.float32
         )
-        inv = (bit_view((tw - dw).to(b.dtype)) != bit_view(b)) | kept
-        if inverse_misses:
-            inv_miss.append(torch.nonzero(inv).reshape(-1) + i)
-        elif not miss_inv:
-            miss_inv = bool(inv.any())
-    fwd = torch.cat(fwd_miss) if fwd_miss else none
-    inv = torch.cat(inv_miss) if inv_miss else none
-    miss_inv = miss_inv or bool(inv.numel())
-    flags = {"changed": True, "exact": same and not fwd.numel(), "exact_inverse": same and not miss_inv}
+        delta = torch.empty(bf.numel(), dtype=dt)
+        for i in range(0, bf.numel(), _CHUNK):
+            j = min(i + _CHUNK, bf.numel())
+            delta[i:j].copy_(tf[i:j].to(wide) - bf[i:j].to(wide))
+        flags = {"changed": True, "exact": False, "exact_inverse": False, "nonzero": bool(delta.ne(0).any())}
+        return delta.reshape(base.shape), (none, none), flags
+    if torch.equal(bit_view(bf), bit_view(tf)):  # unchanged: the common case of a fine-tune's tensors
+        flags = {"changed": False, "exact": True, "exact_inverse": True, "nonzero": False}
+        return torch.zeros(base.shape, dtype=dt), (none, none), flags
+    delta = torch.empty(bf.numel(), dtype=dt)
+    fwd, inv, miss_inv, nonzero = _exact_delta(bf, tf, delta, inverse_misses)
+    flags = {"changed": True, "exact": not fwd.numel(), "exact_inverse": not miss_inv, "nonzero": nonzero}
     return delta.reshape(base.shape), (fwd, inv), flags
+
+
+def _exact_delta(
+    bf: torch.Tensor, tf: torch.Tensor, delta: torch.Tensor, inverse_misses: bool
+) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """Fill ``delta`` (flat, same-dtype weights) and find where ``bf + Δ`` misses ``tf`` and ``tf − Δ`` misses
+    ``bf``, as :func:`_plus_blocks` computes them: θ ± Δ in the wide dtype, rounded once; θ kept where Δ = 0
+    (so a moved coordinate with Δ = 0, e.g. −0.0 → +0.0, always misses).
+
+    Block by block through buffers allocated once; the bit compares, ``any`` and ``nonzero`` run in numpy
+    (SIMD compares, several times faster than torch's on one thread). Two identities skip work without
+    changing a bit: where θ is bit-equal to the target and finite, ``t − b`` is already +0 (the fill with 0
+    only matters where a NaN appeared), and ``x ± 0`` rounds back to ``x`` unless ``x`` is −0.0, so "kept"
+    adds misses only to blocks where θ or the target holds a −0.0. Once an inverse miss is found (``inverse_misses`` off), the
+    inverse check stops."""
+    n, m, dt, wt = bf.numel(), min(bf.numel(), _CHUNK), delta.dtype, bf.dtype
+    wide = torch.promote_types(torch.promote_types(dt, wt), torch.float32)
+    wbuf = torch.empty(4, m, dtype=wide)  # θ, target, Δ and a sum, in the wide dtype
+    rbuf = torch.empty(m, dtype=wt)  # a sum rounded back to the weights' dtype
+    still_np, miss_np, kept_np = np.empty(m, bool), np.empty(m, bool), np.empty(m, bool)
+    bits_b, bits_t, rbits = bit_view(bf).numpy(), bit_view(tf).numpy(), bit_view(rbuf).numpy()
+    neg_zero = _NEG_ZERO.get(bf.element_size())
+    exp_bits = _EXP_BITS.get(wt) if dt == wt else None
+    fwd, inv, miss_inv, nonzero = [], [], False, False
+    for i in range(0, n, _CHUNK):
+        j = min(i + _CHUNK, n)
+        k, d, bb, tb = j - i, delta[i:j], bits_b[i:j], bits_t[i:j]
+        s, r, still, miss = wbuf[3, :k], rbuf[:k], still_np[:k], miss_np[:k]
+        np.equal(bb, tb, out=still)
+        # Finite 16-bit weights with Δ in their dtype: torch computes 16-bit ops in float32 and rounds once,
+        # the same bits as widening explicitly, in one pass (no NaN can arise, so no fill either).
+        direct = wt == wide or (exp_bits is not None and _finite(bb, exp_bits) and _finite(tb, exp_bits))
+        if direct and wt != wide:
+            bw, tw, dw = bf[i:j], tf[i:j], torch.sub(tf[i:j], bf[i:j], out=d)
+        else:
+            bw, tw, dw = _wide_delta(bf[i:j], tf[i:j], d, wbuf[:, :k], still, kept_np[:k])
+        kept = None
+        if neg_zero is None or neg_zero in (int(bb.min()), int(tb.min())):  # −0.0: the smallest pattern
+            kept = np.greater(torch.eq(d, 0).numpy(), still, out=kept_np[:k])  # Δ = 0 where θ moved
+        for sign, ref, out, collect in ((1, tb, fwd, True), (-1, bb, inv, inverse_misses)):
+            if sign < 0 and not inverse_misses and miss_inv:
+                break
+            (torch.add if sign > 0 else torch.sub)(bw if sign > 0 else tw, dw, out=r if direct else s)
+            if not direct:
+                r.copy_(s)
+            np.not_equal(rbits[:k], ref, out=miss)
+            if kept is not None:
+                np.logical_or(miss, kept, out=miss)
+            if miss.any():
+                if collect:
+                    out.append(torch.from_numpy(np.flatnonzero(miss) + i))
+                miss_inv = miss_inv or sign < 0
+        nonzero = nonzero or bool(torch.count_nonzero(d))
+    none = torch.zeros(0, dtype=torch.int64)
+    return torch.cat(fwd) if fwd else none, torch.cat(inv) if inv else none, miss_inv, nonzero
+
+
+def _wide_delta(
+    b: torch.Tensor,
+    t: torch.Tensor,
+    d: torch.Tensor,
+    wbuf: torch.Tensor,
+    still: np.ndarray,
+    scratch: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of :func:`_exact_delta` the explicit way: θ and the target widened into ``wbuf`` (rows θ,
+    target, Δ, scratch), ``d`` = their difference rounded once, 0 where ``still`` (θ unchanged) and the
+    difference is NaN (``inf − inf``); returns the wide θ, target and Δ."""
+    wide = wbuf.dtype
+    bw = b if b.dtype == wide else wbuf[0].copy_(b)
+    tw = t if t.dtype == wide else wbuf[1].copy_(t)
+    raw = torch.sub(tw, bw, out=d if d.dtype == wide else wbuf[3])
+    if d.dtype != wide:
+        d.copy_(raw)
+    if np.isnan(raw.numpy(), out=scratch).any():  # where θ is unchanged and finite, t − b is +0 already
+        d.masked_fill_(torch.from_numpy(still), 0)
+    return bw, tw, d if d.dtype == wide else wbuf[2].copy_(d)
 
 
 _CHUNK = 1 << 18  # elements per step of the blocked update: cache-sized, no large temporaries
@@ -247,28 +304,52 @@ def _plus_blocks(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``θ + scale·Δ`` in cache-sized blocks ``(start, end, values)`` through reused buffers (the values are
     overwritten by the next block). Computed in the wider dtype and cast back; where Δ = 0, θ is kept bit for
-    bit — ``x + 0`` is ``x`` except for ``−0.0``, so the select only runs on blocks where θ holds one."""
+    bit — ``x + 0`` is ``x`` except for ``−0.0``, so the select only runs on blocks where θ holds one.
+
+    At scale 1 with Δ in θ's dtype, one ``torch.add`` does it on blocks without inf/NaN: torch adds 16-bit
+    floats in float32 and rounds once, the same bits as the explicit widen, add and cast, in one pass instead
+    of four (only NaN payloads could come out differently, so blocks holding a non-finite value take the
+    explicit path)."""
     ct = torch.promote_types(torch.promote_types(theta.dtype, delta.dtype), torch.float32)
     tf, df = theta.contiguous().reshape(-1), delta.contiguous().reshape(-1)
     n = tf.numel()
     neg_zero = _NEG_ZERO.get(tf.element_size())
-    ti = bit_view(tf) if neg_zero is not None else None
+    ti = bit_view(tf).numpy() if neg_zero is not None else None  # numpy's integer min is SIMD
+    exp_bits = _EXP_BITS.get(theta.dtype) if scale == 1.0 and theta.dtype == delta.dtype else None
+    di = bit_view(df).numpy() if exp_bits is not None else None
     buf = torch.empty(min(n, _CHUNK), dtype=ct)
     obuf = torch.empty(min(n, _CHUNK), dtype=theta.dtype)
     mask = torch.empty(min(n, _CHUNK), dtype=torch.bool)
     for i in range(0, n, _CHUNK):
         j = min(i + _CHUNK, n)
-        b, o, m = buf[: j - i], obuf[: j - i], mask[: j - i]
-        b.copy_(tf[i:j])
-        if scale == 1.0:
-            b.add_(df[i:j])
+        o, m = obuf[: j - i], mask[: j - i]
+        if exp_bits is not None and _finite(ti[i:j], exp_bits) and _finite(di[i:j], exp_bits):
+            torch.add(tf[i:j], df[i:j], out=o)  # finite: NaN payloads are where the paths could differ
         else:
-            b.add_(df[i:j], alpha=scale)
-        o.copy_(b)
+            b = buf[: j - i]
+            b.copy_(tf[i:j])
+            if scale == 1.0:
+                b.add_(df[i:j])
+            else:
+                b.add_(df[i:j], alpha=scale)
+            o.copy_(b)
         if ti is not None and int(ti[i:j].min()) == neg_zero:  # −0.0 is the smallest integer pattern
             torch.eq(df[i:j], 0, out=m)
             torch.where(m, tf[i:j], o, out=o)
         yield i, j, o
+
+
+_EXP_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F800000}
+
+
+def _finite(bits: np.ndarray, exp_bits: int) -> bool:
+    """Whether every value whose bit patterns ``bits`` (signed integers) holds is finite: a positive inf/NaN is
+    a signed pattern ≥ the exponent mask, a negative one an unsigned pattern ≥ sign | exponent mask."""
+    if not bits.size:
+        return True
+    sign = 1 << (8 * bits.itemsize - 1)
+    unsigned = bits.view(np.dtype(f"u{bits.itemsize}"))
+    return int(bits.max()) < exp_bits and int(unsigned.max()) < sign | exp_bits
 
 
 def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
@@ -283,10 +364,12 @@ def _plus(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tenso
 def _apply_fix(out: torch.Tensor, start: int, payload: Payload) -> None:
     """Set the corrected coordinates that fall in the flat block ``out`` (θ's coordinates ``start`` …
     ``start + len(out)``) to their recorded values."""
-    idx = payload["fix_index"]
-    lo, hi = (int(k) for k in torch.searchsorted(idx, torch.tensor([start, start + out.numel()])))
-    if lo < hi:
-        out[idx[lo:hi] - start] = payload["fix_values"][lo:hi]
+    idx, values = payload["fix_index"].numpy(), payload["fix_values"]
+    lo, hi = (int(k) for k in np.searchsorted(idx, (start, start + out.numel())))
+    if lo < hi and values.dtype == out.dtype:  # a scatter of bit patterns (numpy: no index tensor per block)
+        bit_view(out).numpy()[idx[lo:hi] - start] = bit_view(values[lo:hi]).numpy()
+    elif lo < hi:
+        out[torch.from_numpy(idx[lo:hi] - start)] = values[lo:hi]
 
 
 def uses_fix(entry: DiffEntry, scale: float, theta_fingerprint: str | None) -> bool:

@@ -80,6 +80,7 @@ class _DataFile(Mapping[str, torch.Tensor]):
         self.fd, self.base = fd, base
         self.infos: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         self.size = 0
+        self._buffer = torch.empty(0, dtype=torch.uint8)
         os.lseek(fd, base, os.SEEK_SET)
 
     def add(self, name: str, t: torch.Tensor) -> str:
@@ -90,16 +91,20 @@ class _DataFile(Mapping[str, torch.Tensor]):
         return f"{zlib.crc32(data):08x}"
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` read back into one reused buffer (no fresh pages per tensor): valid until the
+        next read, which is all the digest, reading one tensor at a time, needs."""
         dtype, shape, start, end = self.infos[name]
-        buf = bytearray(end - start)
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
+        if self._buffer.numel() < end - start:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # free the old buffer before growing
+            self._buffer = torch.empty(end - start, dtype=torch.uint8)
+        view, got = memoryview(self._buffer.numpy())[: end - start], 0
+        while got < len(view):
             n = os.preadv(self.fd, [view[got:]], self.base + start + got)
             if n <= 0:
                 raise OSError("the file being written ended early")
             got += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.empty(shape, dtype=dtype)
+        data = self._buffer[: end - start]
+        return data.view(dtype).reshape(shape) if len(view) else torch.empty(shape, dtype=dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
@@ -326,9 +331,13 @@ class _LazyReader:
             from safetensors import safe_open
 
             tensors = {}
+            # A dense Δ's values (the bulk of the bytes) may be checked later, on a helper thread; every other
+            # part (masks, codes, the exact correction's indices) is checked before it is decoded.
+            deferred = {name} if entry.storage == "dense" and name in parts else set()
             try:
-                if buffer is not None and entry.storage == "dense" and len(parts) == 1:
-                    tensors[parts[0]] = buffer.read(self.info(parts[0]))  # no page faults on a memory map
+                if buffer is not None and deferred:  # no page faults on a memory map
+                    for part in parts:  # the small correction parts get buffers of their own
+                        tensors[part] = (buffer if part == name else ReadBuffer()).read(self.info(part))
                 else:
                     with safe_open(str(self.path), framework="pt") as f:
                         for part in parts:
@@ -336,17 +345,15 @@ class _LazyReader:
             except Exception as e:
                 raise DiffFileError(f"{self.path}: cannot read {name!r}: {e}") from None
 
-            def verify() -> None:
-                for part, t in tensors.items():
-                    if tensor_crc(t) != crcs[part]:
+            def verify(which: Iterable[str]) -> None:
+                for part in which:
+                    if tensor_crc(tensors[part]) != crcs[part]:
                         raise DiffFileError(
                             f"{self.path}: tensor {part!r} failed its CRC-32 check (corrupted file)."
                         )
 
-            if entry.storage != "dense" or len(parts) != 1:
-                verify()  # decoding reads masks, codes and correction indices: check them first
-                return payload_from(entry, name, tensors, self.path), lambda: None
-            return payload_from(entry, name, tensors, self.path), verify
+            verify([p for p in parts if p not in deferred])
+            return payload_from(entry, name, tensors, self.path), lambda: verify(deferred)
 
         def load() -> Payload:
             payload, verify = read()
