@@ -35,6 +35,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from hfhooks.diffs.merging import consensus_bits, tall_mask_tensor
@@ -64,8 +65,14 @@ TensorLike = torch.Tensor | Callable[[], torch.Tensor]
 Reader = Callable[[int, int], torch.Tensor]
 """``read(lo, hi)``: flat elements ``[lo, hi)`` of one tensor in its stored dtype (valid until the next call)."""
 
-BLOCK = 1 << 18
-"""Elements per block: 1 MiB per float32 buffer, so a block's handful of buffers stays in cache."""
+CHUNK = 1 << 20
+"""Elements read from each model per ``pread`` (2 MiB of bfloat16) and written per output block."""
+
+BLOCK = 1 << 15
+"""Elements per compute step: torch's grain size (``at::internal::GRAIN_SIZE``), so every kernel runs on the
+calling thread. An OpenMP parallel region per small kernel waits at its barrier for the slowest thread, a whole
+time slice when a core is busy: on a loaded 2-core machine 64 Ki-element steps made a merge 10× slower than
+these (and 3× slower than one thread)."""
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,11 +110,10 @@ def _kth_largest(a: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """The ``k``-th largest value of the flat CPU tensor ``a`` (``kthvalue(a, n − k + 1)``; NaN counts as the
     largest) and how many values are strictly larger. ``a`` is permuted in place: an O(n) introselect
     (``ndarray.partition``) with no copy and no index tensor, where ``kthvalue`` copies ``a`` and allocates
-    8-byte indices."""
-    n = a.numel()
-    a.numpy().partition(n - k)
-    threshold = a[n - k].clone()
-    return threshold, int((a[n - k + 1 :] > threshold).sum())
+    8-byte indices. Single-threaded, like every step of a merge (see :data:`BLOCK`)."""
+    n, arr = a.numel(), a.numpy()
+    arr.partition(n - k)
+    return a[n - k].clone(), int(np.count_nonzero(arr[n - k + 1 :] > arr[n - k]))
 
 
 class _Trim:
@@ -116,6 +122,11 @@ class _Trim:
 
     def __init__(self, threshold: torch.Tensor, ties: int):
         self.threshold, self.ties = threshold, ties
+        info = torch.finfo(threshold.dtype)
+        # From tiny/eps up, a > t implies a − t ≥ ulp(t) ≥ tiny: the difference is never 0 nor subnormal (so
+        # never flushed), and the keep factor sign(max(|τ| − t, 0)) is exactly 1{|τ| > t}, in float kernels
+        # (several times faster than making and applying a bool mask).
+        self.float_path = info.tiny / info.eps <= float(threshold) < math.inf
 
     def keep(self, tau: torch.Tensor) -> torch.Tensor:
         a = tau.abs()
@@ -127,8 +138,11 @@ class _Trim:
             self.ties -= min(int(rank[-1]), self.ties)
         return keep
 
-    def __call__(self, tau: torch.Tensor) -> torch.Tensor:
-        return tau.mul_(self.keep(tau))
+    def __call__(self, tau: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+        if self.ties > 0 or not self.float_path:
+            return tau.mul_(self.keep(tau))
+        factor = torch.abs(tau, out=scratch.get("factor", tau.numel(), tau.dtype))
+        return tau.mul_(factor.sub_(self.threshold).clamp_(min=0).sign_())
 
 
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -183,7 +197,7 @@ class _Dare:
     def keep(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator) < self.density
 
-    def __call__(self, tau: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tau: torch.Tensor, scratch: Scratch) -> torch.Tensor:
         tau.mul_(self.keep(tau.numel()))
         if self.rescale == "inverse":
             return tau.div_(self.density)
@@ -201,16 +215,40 @@ def elect_sign(tensors: Sequence[torch.Tensor], method: str = "sum") -> torch.Te
     return total >= 0
 
 
-def _abs_tau(base: Reader, read: Reader, numel: int, work: torch.dtype, block: int, scratch: Scratch):
+def _sign_elect(parts: Sequence[torch.Tensor], method: str, scratch: Scratch) -> torch.Tensor:
+    """:func:`elect_sign` as ``γ = ±1.0`` (``+1`` where ``Σ ≥ 0``): float kernels only. The sum is never
+    ``−0`` (it starts at ``+0``), so ``copysign(1, Σ)`` is ``+1`` exactly where ``Σ ≥ 0``; a NaN sum comes from a
+    NaN or ±inf part, which makes the merged coordinate NaN whatever ``γ``."""
+    m, dtype = parts[0].numel(), parts[0].dtype
+    total = scratch.get("total", m, dtype).zero_()
+    for x in parts:
+        total += x if method == "sum" else x.sign()
+    return torch.copysign(scratch.get("ones", m, dtype).fill_(1), total, out=total)
+
+
+def _abs_tau(base: Reader, read: Reader, numel: int, work: torch.dtype, scratch: Scratch) -> torch.Tensor:
     """``|θ_t − θ_base|`` of a whole tensor, flat, in the reused ``"store"`` buffer."""
     store = scratch.get("store", numel, work)
-    for lo, hi in _spans(numel, block):
-        b = scratch.get("base", hi - lo, work).copy_(base(lo, hi))
-        store[lo:hi].copy_(read(lo, hi)).sub_(b).abs_()
+    for clo, chi in _spans(numel, CHUNK):
+        braw, traw = base(clo, chi), read(clo, chi)
+        for lo, hi in _spans(chi - clo, BLOCK):
+            b = scratch.get("base", hi - lo, work).copy_(braw[lo:hi])
+            store[clo + lo : clo + hi].copy_(traw[lo:hi]).sub_(b).abs_()
     return store
 
 
-def _pruners(base, tuned, config, name, numel, work, block, scratch) -> list[Callable | None]:
+def _l1_factor(base, read, numel, work, scratch, seed: int, density: float) -> torch.Tensor | None:
+    """mergekit's ``rescaled_masked_tensor`` scale ``‖τ‖₁ / ‖τ·m‖₁`` (``None`` below its 1e-7), the two sums
+    taken over the whole tensor as mergekit does (same reduction, so the same float)."""
+    store = _abs_tau(base, read, numel, work, scratch)
+    before, draw = store.sum(), _Dare(seed, density, "none")
+    for lo, hi in _spans(numel, BLOCK):
+        store[lo:hi].mul_(draw.keep(hi - lo))
+    after = store.sum()
+    return None if before < 1e-7 or after < 1e-7 else before / after
+
+
+def _pruners(base, tuned, config, name, numel, work, scratch) -> list[Callable | None]:
     """Each model's pruning of its ``τ`` blocks (``None``: kept whole), after the first pass its whole-tensor
     statistic needs: the trim threshold (``ties``, ``magnitude_prune``) or DARE's L1 scale (``rescale="l1"``)."""
     densities = config.per_model("density", len(tuned))
@@ -218,21 +256,15 @@ def _pruners(base, tuned, config, name, numel, work, block, scratch) -> list[Cal
     for t, (read, density) in enumerate(zip(tuned, densities)):
         if config.method not in PRUNING_METHODS or density >= 1 or numel == 0:
             out.append(None)
-            continue
-        if config.method in DARE_METHODS:
+        elif config.method in DARE_METHODS:
             seed = dare_seed(config.seed, t, name)
             factor = None
-            if config.rescale == "l1":  # mergekit's rescaled_masked_tensor, eps 1e-7 included
-                store = _abs_tau(base, read, numel, work, block, scratch)
-                before, draw = store.sum(), _Dare(seed, density, "none")
-                for lo, hi in _spans(numel, block):
-                    store[lo:hi].mul_(draw.keep(hi - lo))
-                after = store.sum()
-                factor = None if before < 1e-7 or after < 1e-7 else before / after
+            if config.rescale == "l1":
+                factor = _l1_factor(base, read, numel, work, scratch, seed, density)
             out.append(_Dare(seed, density, config.rescale, factor))
         else:
             k = max(1, int(density * numel))
-            threshold, greater = _kth_largest(_abs_tau(base, read, numel, work, block, scratch), k)
+            threshold, greater = _kth_largest(_abs_tau(base, read, numel, work, scratch), k)
             out.append(_Trim(threshold, k - greater))
     return out
 
@@ -247,21 +279,37 @@ def _linear(taus: list[torch.Tensor], weights, divisor: float | None, mixed: tor
     return mixed
 
 
-def _disjoint(taus: list[torch.Tensor], weights, config: MergeConfig, mixed: torch.Tensor) -> torch.Tensor:
-    """TIES: elect the sign of ``Σ_t w_t τ̂_t``, then sum (÷ the agreeing weights' sum) those that agree."""
+def _disjoint(taus, weights, config: MergeConfig, mixed: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """TIES: elect the sign ``γ`` of ``Σ_t w_t τ̂_t``, then sum (÷ the agreeing weights' sum) the ``w_t τ̂_t`` of
+    sign ``γ``; a zero never agrees.
+
+    In float kernels (bool masks cost several times more): ``agree = sign(max(γ·u, 0)) ∈ {0, 1}`` (``γ·u`` is
+    exact), ``mixed += u·agree``, ``divisor += w·agree`` — the same floats as the definition's masks. With positive
+    weights an agreeing divisor is ``≥ min w``, and a coordinate none agrees with has ``mixed = +0``, so clamping
+    the divisor at ``min w`` gives the same ``+0`` as replacing 0 by 1."""
+    m = mixed.numel()
     parts = [tau.mul_(w) for tau, w in zip(taus, weights)]
-    positive = elect_sign(parts, config.majority_sign)
+    gamma = _sign_elect(parts, config.majority_sign, scratch)
     mixed.zero_()
-    divisor = torch.zeros_like(mixed) if config.normalized else None
+    divisor = scratch.get("divisor", m, mixed.dtype).zero_() if config.normalized else None
+    agree = scratch.get("agree", m, mixed.dtype)
     for u, w in zip(parts, weights):
-        agree = torch.where(positive, u > 0, u < 0)  # sign(u) == γ; a zero never agrees
-        mixed += u * agree
+        torch.mul(u, gamma, out=agree).clamp_(min=0).sign_()
+        mixed.addcmul_(u, agree)
         if divisor is not None:
-            divisor += agree * w
+            # the definition's bool·w is computed in float32 (the default dtype) whatever the work dtype
+            divisor.add_(agree, alpha=_f32(w))
     if divisor is not None:
-        divisor[divisor == 0] = 1
+        if min(weights) > 0:
+            divisor.clamp_(min=_f32(min(weights)))
+        else:
+            divisor[divisor == 0] = 1
         mixed /= divisor
     return mixed
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def _tall(taus: list[torch.Tensor], weights, config: MergeConfig, mixed: torch.Tensor) -> torch.Tensor:
@@ -287,6 +335,26 @@ def _check(dtype: torch.dtype, n: int, config: MergeConfig, name: str) -> None:
         raise ValueError(f"task={config.task} but there are {n} tuned models (0…{n - 1}).")
 
 
+def _merge_block(braw, traws, prune, config, weights, divisor, work, scratch) -> torch.Tensor:
+    """One block: ``θ_base + λ · merged`` in the work dtype (a scratch buffer)."""
+    m = braw.numel()
+    b = scratch.get("base", m, work).copy_(braw)
+    taus = []
+    for t, x in enumerate(traws):
+        tau = scratch.get(("tau", t), m, work).copy_(x).sub_(b)
+        taus.append(prune[t](tau, scratch) if prune[t] is not None else tau)
+    mixed = scratch.get("mixed", m, work)
+    if config.method in CONSENSUS_METHODS:
+        mixed = _tall(taus, weights, config, mixed)
+    elif config.method in SIGN_METHODS:
+        mixed = _disjoint(taus, weights, config, mixed, scratch)
+    else:
+        mixed = _linear(taus, weights, divisor, mixed)
+    if config.lambda_ != 1:
+        mixed *= config.lambda_
+    return b.add_(mixed)
+
+
 def merge_blocks(
     base: Reader,
     tuned: Sequence[Reader],
@@ -295,44 +363,34 @@ def merge_blocks(
     config: MergeConfig,
     name: str = "",
     *,
-    block: int = BLOCK,
     scratch: Scratch | None = None,
 ) -> Iterator[torch.Tensor]:
-    """One tensor of the merge, ``θ_base + λ · merged(τ_1, …, τ_T)``, as flat blocks of ``block`` elements in
-    ``dtype`` (each valid until the next is asked for), read block by block through the :data:`Reader` s.
+    """One tensor of the merge, ``θ_base + λ · merged(τ_1, …, τ_T)``, as flat blocks of up to :data:`CHUNK`
+    elements in ``dtype`` (each valid until the next is asked for), read chunk by chunk through the
+    :data:`Reader` s and computed in steps of :data:`BLOCK` elements.
 
-    Pruned models are read twice (a first pass finds each one's trim threshold or L1 scale). Memory: a few
-    blocks per model plus, for pruning with a statistic, one work-dtype buffer of the tensor's size; ``scratch``
-    reuses them across tensors. ``name`` seeds DARE's draws. The result equals :func:`merge_tensors` bit for bit,
-    whatever ``block``.
+    Pruned models are read twice (a first pass finds each one's trim threshold or L1 scale). Memory: a chunk
+    per model plus, for pruning with a statistic, one work-dtype buffer of the tensor's size; ``scratch``
+    reuses them across tensors. ``name`` seeds DARE's draws. Equals :func:`merge_tensors` bit for bit.
     """
     _check(dtype, len(tuned), config, name)
     numel, work, n = math.prod(shape), work_dtype(dtype), len(tuned)
     scratch = scratch if scratch is not None else Scratch()
     weights = config.per_model("weights", n)
-    prune = _pruners(base, tuned, config, name, numel, work, block, scratch)
+    prune = _pruners(base, tuned, config, name, numel, work, scratch)
     divisor = None
     if config.normalized and config.method not in SIGN_METHODS:
         divisor = float(torch.tensor(weights, dtype=work).sum())
         divisor = divisor if abs(divisor) >= 1e-8 else 1.0
-    for lo, hi in _spans(numel, block):
-        m = hi - lo
-        b = scratch.get("base", m, work).copy_(base(lo, hi))
-        taus = []
-        for t, read in enumerate(tuned):
-            tau = scratch.get(("tau", t), m, work).copy_(read(lo, hi)).sub_(b)
-            taus.append(prune[t](tau) if prune[t] is not None else tau)
-        mixed = scratch.get("mixed", m, work)
-        if config.method in CONSENSUS_METHODS:
-            mixed = _tall(taus, weights, config, mixed)
-        elif config.method in SIGN_METHODS:
-            mixed = _disjoint(taus, weights, config, mixed)
-        else:
-            mixed = _linear(taus, weights, divisor, mixed)
-        if config.lambda_ != 1:
-            mixed *= config.lambda_
-        b.add_(mixed)
-        yield b if dtype == work else scratch.get("out", m, dtype).copy_(b)
+    for clo, chi in _spans(numel, CHUNK):
+        braw, traws = base(clo, chi), [read(clo, chi) for read in tuned]
+        out = scratch.get("out", chi - clo, dtype)
+        for lo, hi in _spans(chi - clo, BLOCK):
+            merged = _merge_block(
+                braw[lo:hi], [x[lo:hi] for x in traws], prune, config, weights, divisor, work, scratch
+            )
+            out[lo:hi].copy_(merged)
+        yield out
 
 
 def merge_tensors(
@@ -359,4 +417,4 @@ def merge_tensors(
     for blk in merge_blocks(tensor_reader(base.cpu()), readers, base.shape, base.dtype, config, name):
         out[lo : lo + blk.numel()].copy_(blk)
         lo += blk.numel()
-    return out.reshape(base.shape)
+    return out.reshape(base.shape).to(base.device)
