@@ -127,6 +127,9 @@ class _Trim:
         # never flushed), and the keep factor sign(max(|τ| − t, 0)) is exactly 1{|τ| > t}, in float kernels
         # (several times faster than making and applying a bool mask).
         self.float_path = info.tiny / info.eps <= float(threshold) < math.inf
+        # |τ| ≥ t ⇔ |τ| > the float just below t: the same float kernels keep every tie while ties remain
+        self.below = torch.nextafter(threshold, threshold.new_tensor(-math.inf))
+        self.float_path_ties = self.float_path and info.tiny / info.eps <= float(self.below)
 
     def keep(self, tau: torch.Tensor) -> torch.Tensor:
         a = tau.abs()
@@ -138,11 +141,17 @@ class _Trim:
             self.ties -= min(int(rank[-1]), self.ties)
         return keep
 
-    def __call__(self, tau: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-        if self.ties > 0 or not self.float_path:
+    def __call__(self, tau: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+        threshold = self.threshold
+        if self.ties > 0:  # keep all the block's ties if that many remain, else rank them (once per tensor)
+            tied = int(torch.eq(tau.abs(), threshold).sum()) if self.float_path_ties else self.ties + 1
+            if tied > self.ties:
+                return tau.mul_(self.keep(tau))
+            self.ties -= tied
+            threshold = self.below
+        elif not self.float_path:
             return tau.mul_(self.keep(tau))
-        factor = torch.abs(tau, out=scratch.get("factor", tau.numel(), tau.dtype))
-        return tau.mul_(factor.sub_(self.threshold).clamp_(min=0).sign_())
+        return tau.mul_(torch.abs(tau, out=ws.factor).sub_(threshold).clamp_(min=0).sign_())
 
 
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -197,7 +206,7 @@ class _Dare:
     def keep(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.generator) < self.density
 
-    def __call__(self, tau: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    def __call__(self, tau: torch.Tensor, ws: _Workspace) -> torch.Tensor:
         tau.mul_(self.keep(tau.numel()))
         if self.rescale == "inverse":
             return tau.div_(self.density)
@@ -215,32 +224,52 @@ def elect_sign(tensors: Sequence[torch.Tensor], method: str = "sum") -> torch.Te
     return total >= 0
 
 
-def _sign_elect(parts: Sequence[torch.Tensor], method: str, scratch: Scratch) -> torch.Tensor:
+class _Workspace:
+    """One tensor's step buffers (work dtype, :data:`BLOCK` elements each, from the shared :class:`Scratch`),
+    viewed at the current step's size: no allocation and no dictionary look-up per step."""
+
+    _NAMES = ("base", "mixed", "factor", "agree", "total", "ones", "divisor")
+
+    def __init__(self, scratch: Scratch, n: int, work: torch.dtype):
+        self._full = {k: scratch.get(k, BLOCK, work) for k in self._NAMES}
+        self._taus = [scratch.get(("tau", t), BLOCK, work) for t in range(n)]
+        self.dtype, self.m = work, -1
+
+    def at(self, m: int) -> _Workspace:
+        if m != self.m:
+            self.m = m
+            for k, buf in self._full.items():
+                setattr(self, k, buf[:m])
+            self.taus = [buf[:m] for buf in self._taus]
+            self.ones.fill_(1)
+        return self
+
+
+def _sign_elect(parts: Sequence[torch.Tensor], method: str, ws: _Workspace) -> torch.Tensor:
     """:func:`elect_sign` as ``γ = ±1.0`` (``+1`` where ``Σ ≥ 0``): float kernels only. The sum is never
     ``−0`` (it starts at ``+0``), so ``copysign(1, Σ)`` is ``+1`` exactly where ``Σ ≥ 0``; a NaN sum comes from a
     NaN or ±inf part, which makes the merged coordinate NaN whatever ``γ``."""
-    m, dtype = parts[0].numel(), parts[0].dtype
-    total = scratch.get("total", m, dtype).zero_()
+    total = ws.total.zero_()
     for x in parts:
         total += x if method == "sum" else x.sign()
-    return torch.copysign(scratch.get("ones", m, dtype).fill_(1), total, out=total)
+    return torch.copysign(ws.ones, total, out=total)
 
 
-def _abs_tau(base: Reader, read: Reader, numel: int, work: torch.dtype, scratch: Scratch) -> torch.Tensor:
+def _abs_tau(base: Reader, read: Reader, numel: int, scratch: Scratch, ws: _Workspace) -> torch.Tensor:
     """``|θ_t − θ_base|`` of a whole tensor, flat, in the reused ``"store"`` buffer."""
-    store = scratch.get("store", numel, work)
+    store = scratch.get("store", numel, ws.dtype)
     for clo, chi in _spans(numel, CHUNK):
         braw, traw = base(clo, chi), read(clo, chi)
         for lo, hi in _spans(chi - clo, BLOCK):
-            b = scratch.get("base", hi - lo, work).copy_(braw[lo:hi])
+            b = ws.at(hi - lo).base.copy_(braw[lo:hi])
             store[clo + lo : clo + hi].copy_(traw[lo:hi]).sub_(b).abs_()
     return store
 
 
-def _l1_factor(base, read, numel, work, scratch, seed: int, density: float) -> torch.Tensor | None:
+def _l1_factor(base, read, numel, scratch, ws, seed: int, density: float) -> torch.Tensor | None:
     """mergekit's ``rescaled_masked_tensor`` scale ``‖τ‖₁ / ‖τ·m‖₁`` (``None`` below its 1e-7), the two sums
     taken over the whole tensor as mergekit does (same reduction, so the same float)."""
-    store = _abs_tau(base, read, numel, work, scratch)
+    store = _abs_tau(base, read, numel, scratch, ws)
     before, draw = store.sum(), _Dare(seed, density, "none")
     for lo, hi in _spans(numel, BLOCK):
         store[lo:hi].mul_(draw.keep(hi - lo))
@@ -248,7 +277,7 @@ def _l1_factor(base, read, numel, work, scratch, seed: int, density: float) -> t
     return None if before < 1e-7 or after < 1e-7 else before / after
 
 
-def _pruners(base, tuned, config, name, numel, work, scratch) -> list[Callable | None]:
+def _pruners(base, tuned, config, name, numel, scratch, ws) -> list[Callable | None]:
     """Each model's pruning of its ``τ`` blocks (``None``: kept whole), after the first pass its whole-tensor
     statistic needs: the trim threshold (``ties``, ``magnitude_prune``) or DARE's L1 scale (``rescale="l1"``)."""
     densities = config.per_model("density", len(tuned))
@@ -260,11 +289,11 @@ def _pruners(base, tuned, config, name, numel, work, scratch) -> list[Callable |
             seed = dare_seed(config.seed, t, name)
             factor = None
             if config.rescale == "l1":
-                factor = _l1_factor(base, read, numel, work, scratch, seed, density)
+                factor = _l1_factor(base, read, numel, scratch, ws, seed, density)
             out.append(_Dare(seed, density, config.rescale, factor))
         else:
             k = max(1, int(density * numel))
-            threshold, greater = _kth_largest(_abs_tau(base, read, numel, work, scratch), k)
+            threshold, greater = _kth_largest(_abs_tau(base, read, numel, scratch, ws), k)
             out.append(_Trim(threshold, k - greater))
     return out
 
@@ -279,7 +308,7 @@ def _linear(taus: list[torch.Tensor], weights, divisor: float | None, mixed: tor
     return mixed
 
 
-def _disjoint(taus, weights, config: MergeConfig, mixed: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+def _disjoint(taus, weights, config: MergeConfig, ws: _Workspace) -> torch.Tensor:
     """TIES: elect the sign ``γ`` of ``Σ_t w_t τ̂_t``, then sum (÷ the agreeing weights' sum) the ``w_t τ̂_t`` of
     sign ``γ``; a zero never agrees.
 
@@ -287,29 +316,32 @@ def _disjoint(taus, weights, config: MergeConfig, mixed: torch.Tensor, scratch: 
     exact), ``mixed += u·agree``, ``divisor += w·agree`` — the same floats as the definition's masks. With positive
     weights an agreeing divisor is ``≥ min w``, and a coordinate none agrees with has ``mixed = +0``, so clamping
     the divisor at ``min w`` gives the same ``+0`` as replacing 0 by 1."""
-    m = mixed.numel()
     parts = [tau.mul_(w) for tau, w in zip(taus, weights)]
-    gamma = _sign_elect(parts, config.majority_sign, scratch)
-    mixed.zero_()
-    divisor = scratch.get("divisor", m, mixed.dtype).zero_() if config.normalized else None
-    agree = scratch.get("agree", m, mixed.dtype)
-    for u, w in zip(parts, weights):
+    gamma = _sign_elect(parts, config.majority_sign, ws)
+    mixed, agree = ws.mixed.zero_(), ws.agree
+    divisor = ws.divisor.zero_() if config.normalized else None
+    for u, w in zip(parts, weights.as_f32):
         torch.mul(u, gamma, out=agree).clamp_(min=0).sign_()
         mixed.addcmul_(u, agree)
         if divisor is not None:
-            # the definition's bool·w is computed in float32 (the default dtype) whatever the work dtype
-            divisor.add_(agree, alpha=_f32(w))
+            divisor.add_(agree, alpha=w)
     if divisor is not None:
-        if min(weights) > 0:
-            divisor.clamp_(min=_f32(min(weights)))
+        if weights.positive:
+            divisor.clamp_(min=min(weights.as_f32))
         else:
             divisor[divisor == 0] = 1
         mixed /= divisor
     return mixed
 
 
-def _f32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float32))
+class _Weights(list):
+    """The per-model weights, with ``as_f32``: each rounded to float32, which is what the definition's
+    ``bool_mask · w`` adds to the TIES divisor (a float32 product, the default dtype, whatever the work dtype)."""
+
+    def __init__(self, weights: Sequence[float]):
+        super().__init__(weights)
+        self.as_f32 = torch.tensor(weights, dtype=torch.float32).tolist()
+        self.positive = all(w > 0 for w in weights)
 
 
 def _tall(taus: list[torch.Tensor], weights, config: MergeConfig, mixed: torch.Tensor) -> torch.Tensor:
@@ -335,21 +367,20 @@ def _check(dtype: torch.dtype, n: int, config: MergeConfig, name: str) -> None:
         raise ValueError(f"task={config.task} but there are {n} tuned models (0…{n - 1}).")
 
 
-def _merge_block(braw, traws, prune, config, weights, divisor, work, scratch) -> torch.Tensor:
-    """One block: ``θ_base + λ · merged`` in the work dtype (a scratch buffer)."""
-    m = braw.numel()
-    b = scratch.get("base", m, work).copy_(braw)
+def _merge_block(braw, traws, prune, config, weights, divisor, ws: _Workspace) -> torch.Tensor:
+    """One block: ``θ_base + λ · merged`` in the work dtype (a workspace buffer)."""
+    ws = ws.at(braw.numel())
+    b = ws.base.copy_(braw)
     taus = []
-    for t, x in enumerate(traws):
-        tau = scratch.get(("tau", t), m, work).copy_(x).sub_(b)
-        taus.append(prune[t](tau, scratch) if prune[t] is not None else tau)
-    mixed = scratch.get("mixed", m, work)
+    for tau, x, p in zip(ws.taus, traws, prune):
+        tau.copy_(x).sub_(b)
+        taus.append(p(tau, ws) if p is not None else tau)
     if config.method in CONSENSUS_METHODS:
-        mixed = _tall(taus, weights, config, mixed)
+        mixed = _tall(taus, weights, config, ws.mixed)
     elif config.method in SIGN_METHODS:
-        mixed = _disjoint(taus, weights, config, mixed, scratch)
+        mixed = _disjoint(taus, weights, config, ws)
     else:
-        mixed = _linear(taus, weights, divisor, mixed)
+        mixed = _linear(taus, weights, divisor, ws.mixed)
     if config.lambda_ != 1:
         mixed *= config.lambda_
     return b.add_(mixed)
@@ -376,8 +407,9 @@ def merge_blocks(
     _check(dtype, len(tuned), config, name)
     numel, work, n = math.prod(shape), work_dtype(dtype), len(tuned)
     scratch = scratch if scratch is not None else Scratch()
-    weights = config.per_model("weights", n)
-    prune = _pruners(base, tuned, config, name, numel, work, scratch)
+    weights = _Weights(config.per_model("weights", n))
+    ws = _Workspace(scratch, n, work)
+    prune = _pruners(base, tuned, config, name, numel, scratch, ws)
     divisor = None
     if config.normalized and config.method not in SIGN_METHODS:
         divisor = float(torch.tensor(weights, dtype=work).sum())
@@ -386,9 +418,7 @@ def merge_blocks(
         braw, traws = base(clo, chi), [read(clo, chi) for read in tuned]
         out = scratch.get("out", chi - clo, dtype)
         for lo, hi in _spans(chi - clo, BLOCK):
-            merged = _merge_block(
-                braw[lo:hi], [x[lo:hi] for x in traws], prune, config, weights, divisor, work, scratch
-            )
+            merged = _merge_block(braw[lo:hi], [x[lo:hi] for x in traws], prune, config, weights, divisor, ws)
             out[lo:hi].copy_(merged)
         yield out
 
