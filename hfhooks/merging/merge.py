@@ -1,8 +1,9 @@
 """:func:`merge`: one-pass merges of tuned models into a base, streamed tensor by tensor.
 
 From checkpoint directories (sharded or not) the output is written by :func:`hfhooks.io.edit.edit_checkpoint`:
-one tensor of each model in memory at a time (in ``float32``), no diff file, the output published atomically
-only once complete, and never equal to, inside or holding an input. Models and ``{name: tensor}`` mappings
+each tensor read, computed (in ``float32``) and written in blocks (:func:`~hfhooks.merging.methods.merge_blocks`),
+no diff file, the output published atomically only once complete, and never equal to, inside or holding an
+input. Models and ``{name: tensor}`` mappings
 work too (the result is then returned as a state dict).
 
 Example:

@@ -49,6 +49,7 @@ from hfhooks.merging.config import (
 
 __all__ = [
     "BLOCK",
+    "CHUNK",
     "Reader",
     "Scratch",
     "dare_keep_mask",
@@ -94,6 +95,7 @@ class Scratch:
         self._buffers: dict[tuple[object, torch.dtype], torch.Tensor] = {}
 
     def get(self, key: object, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``n`` elements of buffer ``key`` in ``dtype`` (grown, never shrunk)."""
         buf = self._buffers.get((key, dtype))
         if buf is None or buf.numel() < n:
             self._buffers.pop((key, dtype), None)  # free the old buffer before growing
