@@ -18,7 +18,11 @@ the lowest indices, so which tied coordinates survive differs).
 
 Goals (issue 16): hfhooks ≤ 1.0× mergekit's (bfloat16 recipe) wall time and ≤ 0.6× its peak RSS.
 
+Both tools run with the same torch thread count: ``--threads`` (default: every CPU), set as
+``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in each child and with ``torch.set_num_threads``.
+
     python benchmarks/bench_merging.py            # ≈ 2 GB of temporary files under --dir (default /tmp)
+    python benchmarks/bench_merging.py --threads 1
     python benchmarks/bench_merging.py --quick    # ≈ 100 MB, to check it runs
 """
 
@@ -135,7 +139,10 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_child(tool: str, merge: str, root: Path, out: Path) -> dict:
+def run_child(tool: str, merge: str, root: Path, out: Path, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
     spec = MERGES[merge]
     tuned = [root / f"t{i}" for i in range(spec["models"])]
     if tool == "hfhooks":
@@ -173,13 +180,20 @@ def run_child(tool: str, merge: str, root: Path, out: Path) -> dict:
     return {"seconds": seconds, "peak_rss_kb": peak, "start_rss_kb": start_rss}
 
 
-def measure(tool: str, merge: str, root: Path) -> dict:
+def measure(tool: str, merge: str, root: Path, threads: int) -> dict:
     out = root / f"out-{tool}-{merge}".replace(" ", "_").replace("(", "").replace(")", "")
+    child_argv = [sys.executable, __file__, "--child", tool, merge, "--dir", str(root), "--out", str(out)]
+    child_argv += ["--threads", str(threads)]
     res = subprocess.run(
-        [sys.executable, __file__, "--child", tool, merge, "--dir", str(root), "--out", str(out)],
+        child_argv,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        },
     )
     if res.returncode != 0:
         raise RuntimeError(f"{tool} {merge} failed:\n{res.stderr[-4000:]}")
@@ -234,12 +248,13 @@ def warm(root: Path) -> None:
                 pass
 
 
-def report(results: dict, checks: dict, info: dict) -> bool:
+def report(results: dict, checks: dict, info: dict, threads: int) -> bool:
     ok = True
     print(f"\ncheckpoint: {info['parameters'] / 1e6:.0f} M parameters, {info['checkpoint_bytes'] / 1e6:.0f} MB bf16, "
           f"{info['shards']} shards; largest tensor {info['largest_tensor_bytes'] / 1e6:.0f} MB")  # fmt: skip
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default\n"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}; torch threads {threads} for both tools\n"
     )
     head = (
         f"{'merge':<17} {'tool':<14} {'time s':>8} {'peak RSS MB':>12} {'(imports)':>10} {'time ×mk':>9} "
@@ -277,11 +292,14 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp dir in /tmp)")
     p.add_argument("--quick", action="store_true", help="≈ 100 MB checkpoint, to check the script runs")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of both tools")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.child[0], args.child[1], Path(args.dir), Path(args.out))))
+        print(
+            json.dumps(run_child(args.child[0], args.child[1], Path(args.dir), Path(args.out), args.threads))
+        )
         return
     args.hidden, args.intermediate, args.layers, args.vocab, args.kv_heads, args.shard = (
         (512, 1408, 6, 32000, 4, "50MB") if args.quick else (1024, 2816, 12, 32000, 4, "200MB")
@@ -295,12 +313,12 @@ def main() -> None:
         results, checks = {}, {}
         for merge in MERGES:
             for tool in TOOLS:
-                results[(merge, tool)] = measure(tool, merge, root)
+                results[(merge, tool)] = measure(tool, merge, root, args.threads)
                 print(f"  {merge} / {tool}: {results[(merge, tool)]['seconds']:.1f}s", flush=True)
             for other in ("mergekit fp32", "mergekit"):
                 ours, theirs = Path(results[(merge, "hfhooks")]["out"]), Path(results[(merge, other)]["out"])
                 checks[(merge, other)] = compare(ours, theirs, root, merge)
-        ok = report(results, checks, info)
+        ok = report(results, checks, info, args.threads)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -472,7 +472,7 @@ def test_interrupted_merge_leaves_nothing(ckpts, tmp_path, monkeypatch):
     merge_mod = sys.modules["hfhooks.merging.merge"]  # the package's `merge` attribute is the function
 
     calls = {"n": 0}
-    real = merge_mod.merge_tensors
+    real = merge_mod.merge_blocks
 
     def boom(*args, **kwargs):
         calls["n"] += 1
@@ -480,7 +480,7 @@ def test_interrupted_merge_leaves_nothing(ckpts, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merge_mod, "merge_tensors", boom)
+    monkeypatch.setattr(merge_mod, "merge_blocks", boom)
     with pytest.raises(KeyboardInterrupt):
         merge(base, tuned, out=tmp_path / "out", progress=False)
     assert calls["n"] == 3

@@ -1,8 +1,9 @@
 """:func:`merge`: one-pass merges of tuned models into a base, streamed tensor by tensor.
 
 From checkpoint directories (sharded or not) the output is written by :func:`hfhooks.io.edit.edit_checkpoint`:
-one tensor of each model in memory at a time (in ``float32``), no diff file, the output published atomically
-only once complete, and never equal to, inside or holding an input. Models and ``{name: tensor}`` mappings
+each tensor read, computed (in ``float32``) and written in blocks (:func:`~hfhooks.merging.methods.merge_blocks`),
+no diff file, the output published atomically only once complete, and never equal to, inside or holding an
+input. Models and ``{name: tensor}`` mappings
 work too (the result is then returned as a state dict).
 
 Example:
@@ -24,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,8 +40,9 @@ from hfhooks.diffs.source import WeightSource, select_names
 from hfhooks.io import paths
 from hfhooks.io.checkpoints import layer_map, parse_layers
 from hfhooks.io.edit import edit_checkpoint, is_edited_checkpoint
+from hfhooks.io.safetensors import TensorBlocks
 from hfhooks.merging.config import MergeConfig
-from hfhooks.merging.methods import merge_tensors
+from hfhooks.merging.methods import Reader, Scratch, merge_blocks, merge_tensors, tensor_reader
 
 __all__ = ["MergeReport", "merge"]
 
@@ -110,6 +114,25 @@ def plan_names(
             )
     keep = set(merged)
     return merged, [n for n in names if n not in keep]
+
+
+def block_reader(src: WeightSource, name: str) -> Reader:
+    """Read tensor ``name`` of ``src`` block by block: from a safetensors checkpoint, ``pread`` of just the
+    block's bytes into the source's reused buffer (no file pages mapped, no full-size copy); otherwise views of
+    the in-memory tensor."""
+    info = src.ckpt.info(name) if src.ckpt is not None else None
+    if info is None or info.start is None:  # a model, a state dict or a pickled checkpoint: already in memory
+        return tensor_reader(src.get(name))
+    size = info.nbytes // max(1, math.prod(info.shape))
+    buffer = src.buffer
+
+    def read(lo: int, hi: int) -> torch.Tensor:
+        part = dataclasses.replace(
+            info, shape=(hi - lo,), start=info.start + lo * size, end=info.start + hi * size
+        )
+        return buffer.read(part)
+
+    return read
 
 
 def _path_of(obj: Any) -> str | os.PathLike | None:
@@ -204,16 +227,26 @@ def merge(
         raise ValueError(f"merge: task={cfg.task} but {n} tuned model(s) were given (0…{n - 1}).")
     merged, copied = plan_names(base_src, tuned_srcs, cfg)
 
-    def edit(name: str):
-        loaders = [lambda s=s: s.get(name) for s in tuned_srcs]
-        return lambda load: merge_tensors(load(), loaders, cfg, name)
-
     report = MergeReport(cfg, merged, copied)
     if base_src.streaming:
         if out is None:
             raise ValueError(
                 "merge: pass out=<directory> for the merged checkpoint (it never replaces the base)."
             )
+        scratch = Scratch()  # block buffers shared by every tensor
+
+        def edit(name: str):
+            def blocks(load) -> TensorBlocks:
+                # the base is read block by block too: edit_checkpoint's whole-tensor load() is never called
+                info = base_src.ckpt.info(name)
+                readers = [block_reader(s, name) for s in tuned_srcs]
+                out = merge_blocks(
+                    block_reader(base_src, name), readers, info.shape, info.dtype, cfg, name, scratch=scratch
+                )
+                return TensorBlocks(info.dtype, info.shape, out)
+
+            return blocks
+
         edits = {name: edit(name) for name in merged}
         write = dict(max_shard_size=max_shard_size, overwrite=overwrite, fsync=fsync, progress=progress)
         report.path = _write_checkpoint(base_src, tuned, tuned_srcs, out, edits, cfg, dry_run, write)
@@ -226,6 +259,6 @@ def merge(
     if not dry_run:
         state = {name: base_src.get(name).clone() for name in copied}
         for name in merged:
-            state[name] = edit(name)(lambda name=name: base_src.get(name))
+            state[name] = merge_tensors(base_src.get(name), [s.get(name) for s in tuned_srcs], cfg, name)
         report.state_dict = {name: state[name] for name in base_src.names}
     return report
