@@ -117,7 +117,9 @@ class _Frozen:
     * ``values`` — a compact copy of the frozen values (element: the frozen coordinates only), taken at attach:
       only when no optimizer is known (:meth:`GradientMask.after_step` restores from it);
     * ``snapshot`` — the same, taken just before each optimizer step and dropped after it (transient): when the
-      optimizer can move frozen coordinates (weight decay, or an optimizer hfhooks cannot vouch for);
+      optimizer can move frozen coordinates (weight decay it cannot apply by hand, e.g. fused AdamW, or an
+      optimizer hfhooks cannot vouch for). An entirely frozen tensor under a torch optimizer needs none: its
+      ``.grad`` is set to ``None`` right before the step, which torch's optimizers then skip;
     * nothing (only ``checksum``) when it provably cannot: the parameter is not in the optimizer, or a torch
       Adam/AdamW (``eps > 0``) / SGD param group without weight decay, whose update of a coordinate with zero
       gradient and zero state is exactly ``+0``; the gradient is masked again right before the step, so clipping
@@ -133,7 +135,7 @@ class _Frozen:
     )
     idx: torch.Tensor | None = None  # row/column: frozen row/column indices (local)
     values: torch.Tensor | None = None
-    snapshot: torch.Tensor | None = None
+    snapshot: torch.Tensor | list[torch.Tensor] | None = None  # element: one compact piece per chunk
     checksum: tuple[int, int] | None = None
     movable: bool = True  # the optimizer may move frozen coordinates: snapshot and restore around its steps
     has_nan: bool = False  # a NaN's bits may change under a ±0 update (bf16 on CPU): always snapshot
@@ -252,8 +254,8 @@ class _Frozen:
 
     # -- the frozen values ---------------------------------------------------------------------------------
     def _frozen_values(self) -> torch.Tensor:
-        """A copy of the frozen values: element and whole tensors in full (fast to take and put back), rows and
-        columns compactly."""
+        """A copy of the frozen values: whole tensors in full, rows and columns compactly (element masks: see
+        :meth:`take_snapshot` and :meth:`remember`)."""
         p = _local(self.param.detach())
         if self.kind in ("row", "column"):
             return p.index_select(0 if self.kind == "row" else 1, self.idx)
@@ -291,7 +293,17 @@ class _Frozen:
 
     @torch.no_grad()
     def take_snapshot(self) -> None:
-        if self.movable:
+        """Copy the frozen values before a step that may move them: compactly (the frozen coordinates only,
+        as integer bit patterns so that NaN payloads and ``-0.0`` come back exactly), so that the step's peak
+        holds (frozen fraction × element size) extra bytes per masked parameter, never a full copy."""
+        if not self.movable:
+            return
+        if self.kind == "element":  # one compact piece per chunk: the transient keep bytes stay ≤ _CHUNK
+            p = _local(self.param.detach())
+            self.snapshot = [
+                chunk.masked_select(keep.view(torch.bool).logical_not()) for chunk, keep in self._chunks(p)
+            ]
+        else:
             self.snapshot = self._frozen_values()
 
     @torch.no_grad()
@@ -300,12 +312,12 @@ class _Frozen:
         p = _local(self.param.data)
         if self.snapshot is not None:
             saved, self.snapshot = self.snapshot, None
-            if self.kind == "element":
-                for (now, keep), then in zip(self._chunks(p), self._chunks_of(saved)):
-                    then.bitwise_xor_(now).bitwise_and_(
-                        keep.to(now.dtype).sub_(1)
-                    )  # differences, frozen only
-                    now.bitwise_xor_(then)
+            if self.kind == "element":  # integer views: every bit pattern comes back as it was
+                if not p.is_contiguous():  # one piece, taken from a contiguous copy (see _chunks)
+                    bit_view(p).masked_scatter_(self._drop_bool(), torch.cat(saved))
+                    return
+                for (now, keep), then in zip(self._chunks(p), saved):
+                    now.masked_scatter_(keep.view(torch.bool).logical_not(), then)
                 return
         elif self.values is not None:
             saved = self.values
@@ -318,11 +330,6 @@ class _Frozen:
             p.copy_(saved)
         else:
             p.index_copy_(0 if self.kind == "row" else 1, self.idx, saved)
-
-    def _chunks_of(self, t: torch.Tensor):
-        flat = bit_view(t).view(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            yield flat[start : start + _CHUNK]
 
     @torch.no_grad()
     def zero_state(self, state: dict) -> None:
@@ -366,6 +373,13 @@ def _restore_all(targets: list[_Frozen]) -> None:
             t.snapshot = None
     for t in targets:
         t.restore()
+
+
+def _skips_gradless(opt: torch.optim.Optimizer) -> bool:
+    """True for torch's own optimizers (fused, foreach and for-loop alike), whose step leaves a parameter whose
+    ``.grad`` is ``None`` untouched: no weight decay, no state update. Not LBFGS (its closure recomputes the
+    gradients) nor any other class: a third-party optimizer may step such a parameter anyway."""
+    return type(opt).__module__.startswith("torch.optim.") and not isinstance(opt, torch.optim.LBFGS)
 
 
 def _inert(opt: torch.optim.Optimizer, group: dict) -> bool:
@@ -540,12 +554,18 @@ class GradientMask:
         opt = self._optimizer
         # Two GradientMasks on one optimizer: each would decay the other's masked tensors in full.
         alone = len(_EMULATORS.get(opt, ())) <= 1
+        skips = _skips_gradless(opt)
         for group, targets in self._groups:
             op = WeightDecay.of(opt, group, _local) if alone and targets else None
             for target in targets:
                 inert = group.get("weight_decay", 0) == 0 and _inert(opt, group)
                 target.movable = target.has_nan or (op is None and not inert)
-                if target.movable:
+                if target.movable and target.kind == "all" and skips:
+                    # The step skips a parameter without a gradient (no decay, no state update): nothing
+                    # moves, so nothing is copied. Its state, zeroed at attach, stays zero.
+                    target.param.grad = None
+                    target.movable = False
+                elif target.movable:
                     target.take_snapshot()
                 else:
                     target.mask_grad_(target.param)
