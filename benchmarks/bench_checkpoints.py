@@ -27,13 +27,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peakrss import peak_kb, reset_peak, status_kb
 
 OPS = ("copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)")
 GOAL_RSS_OPS = ("restore", "apply-diff")
@@ -112,24 +113,6 @@ def generate(root: Path, args: argparse.Namespace) -> dict:
 
 
 # -- one operation, run in a fresh interpreter -------------------------------------------------------------------
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so imports do not count; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _diff_size(root: Path) -> dict:
     """The diff file's size against the bytes of the tensors it changes, in the base checkpoint's dtype."""
     from hfhooks.diffs import WeightDiff
@@ -152,8 +135,8 @@ def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> 
 
     out = root / "out"
     gc.collect()
-    exact_peak = _reset_peak()
-    base_rss = _status_kb("VmRSS")
+    exact_peak = reset_peak()
+    base_rss = status_kb("VmRSS")
     start, end = (int(x) for x in layers.split(":"))
     t0 = time.perf_counter()
     if op == "copy":
@@ -193,7 +176,7 @@ def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> 
     else:
         raise ValueError(op)
     seconds = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kb(exact_peak)
     ok = Checkpoint(out).nbytes if out.exists() else None
     res = {"seconds": seconds, "peak_rss_kb": peak, "baseline_rss_kb": base_rss, "out_bytes": ok}
     return {**res, **_diff_size(root)} if op == "diff" else res

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,35 +39,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_checkpoints import llama_shapes  # the same Llama-shaped tensor list
+from peakrss import peak_kb, reset_peak, status_kb
+
 GOAL_TIME, GOAL_RSS = 1.0, 0.6
 MERGES = {
     "task vector": {"method": "task_arithmetic", "models": 1, "params": {}},
     "ties (3 models)": {"method": "ties", "models": 3, "params": {"density": 0.3}},
 }
 TOOLS = ("hfhooks", "mergekit", "mergekit fp32")
-
-
-def llama_shapes(hidden: int, inter: int, layers: int, vocab: int, kv: int) -> dict[str, tuple[int, ...]]:
-    head_kv = hidden * kv // (hidden // 64)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (hidden,),
-                p + "self_attn.q_proj.weight": (hidden, hidden),
-                p + "self_attn.k_proj.weight": (head_kv, hidden),
-                p + "self_attn.v_proj.weight": (head_kv, hidden),
-                p + "self_attn.o_proj.weight": (hidden, hidden),
-                p + "post_attention_layernorm.weight": (hidden,),
-                p + "mlp.gate_proj.weight": (inter, hidden),
-                p + "mlp.up_proj.weight": (inter, hidden),
-                p + "mlp.down_proj.weight": (hidden, inter),
-            }
-        )
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
 
 
 def generate(root: Path, args: argparse.Namespace) -> dict:
@@ -122,23 +101,6 @@ def generate(root: Path, args: argparse.Namespace) -> dict:
 
 
 # -- one merge, run in a fresh interpreter -----------------------------------------------------------------------
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_child(tool: str, merge: str, root: Path, out: Path, threads: int) -> dict:
     import torch
 
@@ -171,12 +133,12 @@ def run_child(tool: str, merge: str, root: Path, out: Path, threads: int) -> dic
     import gc
 
     gc.collect()
-    exact = _reset_peak()
-    start_rss = _status_kb("VmRSS")  # imports (torch; mergekit also loads transformers and pydantic)
+    exact = reset_peak()
+    start_rss = status_kb("VmRSS")  # imports (torch; mergekit also loads transformers and pydantic)
     t0 = time.perf_counter()
     work()
     seconds = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kb(exact)
     return {"seconds": seconds, "peak_rss_kb": peak, "start_rss_kb": start_rss}
 
 
