@@ -22,8 +22,9 @@ scored parameter (4 B, plus the transient gradient of the largest tensor and 128
 workspace); NPO ≤ 1.05× GradDiff; mask loading
 ≤ 2× the file size. A projected table scales the measured extra bytes per parameter to 7B and 70B models.
 
-    python benchmarks/bench_memory.py            # ≈ 5-6 min on 2 CPU cores, ≈ 7 GB RAM at most
-    python benchmarks/bench_memory.py --quick    # smoke run, ≈ 1 min
+    python benchmarks/bench_memory.py            # ≈ 17 min on 2 CPU cores (bf16 matmuls), ≈ 7 GB RAM at most
+    python benchmarks/bench_memory.py --quick    # smoke run, ≈ 2-3 min
+    python benchmarks/bench_memory.py --optim adamw_torch --scenarios hard50   # another optimizer, a subset
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def _trainer(args, model, dataset, callbacks, collator, tmp):
         output_dir=tmp, per_device_train_batch_size=1, max_steps=args.steps, learning_rate=1e-4,
         weight_decay=0.01, save_strategy="no", report_to=[], logging_steps=10_000, disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        **({"optim": args.optim} if args.optim else {}),
     )  # fmt: skip
     return Trainer(
         model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks
@@ -225,7 +227,8 @@ def _run_maskload(args) -> dict:
 # -- parent -------------------------------------------------------------------------------------------------
 def _child(args, scenario: str, dtype: str, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, __file__, "--child", scenario, "--dtype", dtype, "--steps", str(args.steps),
-           "--seq", str(args.seq), *(["--quick"] if args.quick else []), *extra]  # fmt: skip
+           "--seq", str(args.seq), *(["--quick"] if args.quick else []),
+           *(["--optim", args.optim] if args.optim else []), *extra]  # fmt: skip
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -245,7 +248,7 @@ def _table(rows: dict, dtypes: list[str]) -> tuple[list[str], list[tuple[str, bo
         lines.append(
             f"{'scenario':<14}{'peak MB':>10}{'× plain':>9}{'extra B/param':>15}{'CUDA peak MB':>14}"
         )
-        for s in SCENARIOS:
+        for s in (s for s in SCENARIOS if (dtype, s) in rows):
             r = rows[(dtype, s)]
             ref = rows[(dtype, "graddiff")] if s == "npo" else plain
             ratio = r["peak_rss"] / ref["peak_rss"]
@@ -258,6 +261,8 @@ def _table(rows: dict, dtypes: list[str]) -> tuple[list[str], list[tuple[str, bo
             if s in ("hard50", "hard90", "route_forget", "route_retain", "npo"):
                 goals.append((f"{dtype} {s} peak ≤ 1.05× {'GradDiff' if s == 'npo' else 'plain'}: {ratio:.3f}×",
                               ratio <= 1.05))  # fmt: skip
+        if (dtype, "salun") not in rows:
+            continue
         sal = rows[(dtype, "salun")]
         # one fp32 buffer per scored parameter + the gradient of one tensor in flight + the backward pass's
         # fixed workspace (autograd / oneDNN, independent of the model's size)
@@ -267,6 +272,8 @@ def _table(rows: dict, dtypes: list[str]) -> tuple[list[str], list[tuple[str, bo
                      f"selection): +{sal['topk_extra'] / MB:.0f} MB")  # fmt: skip
         goals.append((f"{dtype} SalUn scoring ≤ 4 B/scored param + largest gradient + 128 MB: "
                        f"{sal['scoring_extra'] / MB:.0f} MB ≤ {limit / MB:.0f} MB", sal["scoring_extra"] <= limit))  # fmt: skip
+    if ("mask", "maskload") not in rows:
+        return lines, goals
     load = rows[("mask", "maskload")]
     goals.append((f"mask loading ≤ 2× file size: +{load['load_extra'] / MB:.1f} MB for a "
                   f"{load['file_bytes'] / MB:.1f} MB file ({load['load_extra'] / load['file_bytes']:.2f}×)",
@@ -279,7 +286,7 @@ def _projection(rows: dict, dtypes: list[str]) -> list[str]:
     lines = ["\nprojected extra memory over a plain Trainer (measured B/param × parameters):",
              f"{'dtype':<6}{'scenario':<14}{'B/param':>9}{'7B GB':>9}{'70B GB':>9}"]  # fmt: skip
     for dtype in dtypes:
-        for s in SCENARIOS[1:]:
+        for s in (s for s in SCENARIOS[1:] if (dtype, s) in rows):
             b = rows[(dtype, s)]["extra_per_param"]
             lines.append(f"{dtype:<6}{s:<14}{b:>9.2f}{b * 7e9 / 1e9:>9.1f}{b * 70e9 / 1e9:>9.1f}")
     return lines
@@ -293,6 +300,17 @@ def main() -> int:
         "--steps", type=int, default=2, help="optimizer steps per scenario (AdamW states exist from step 1)"
     )
     ap.add_argument("--seq", type=int, default=16, help="tokens per example")
+    ap.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=[*SCENARIOS[1:], "maskload"],
+        default=[*SCENARIOS[1:], "maskload"],
+        help="run only these (plain, and GradDiff for NPO, are added as references); default: all",
+    )
+    ap.add_argument(
+        "--optim",
+        help="TrainingArguments.optim, e.g. adamw_torch (default: the Trainer's, adamw_torch_fused)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
     ap.add_argument("--mask-file", help=argparse.SUPPRESS)
@@ -305,13 +323,15 @@ def main() -> int:
     rows: dict = {}
     t0 = time.perf_counter()
     for dtype in args.dtypes:
-        for s in SCENARIOS:
+        wanted = {"plain", *args.scenarios, *(["graddiff"] if "npo" in args.scenarios else [])}
+        for s in (s for s in SCENARIOS if s in wanted):
             rows[(dtype, s)] = r = _child(args, s, dtype)
             print(f"  {dtype} {s}: peak {r['peak_rss'] / MB:.0f} MB ({r['seconds']} s)", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        mask_file = ["--mask-file", str(Path(tmp) / "mask.safetensors")]
-        _child(args, "masksave", "bf16", mask_file)
-        rows[("mask", "maskload")] = _child(args, "maskload", "bf16", mask_file)
+    if "maskload" in args.scenarios:
+        with tempfile.TemporaryDirectory() as tmp:
+            mask_file = ["--mask-file", str(Path(tmp) / "mask.safetensors")]
+            _child(args, "masksave", "bf16", mask_file)
+            rows[("mask", "maskload")] = _child(args, "maskload", "bf16", mask_file)
     lines, goals = _table(rows, args.dtypes)
     lines += _projection(rows, args.dtypes)
     print("\n".join(lines))
