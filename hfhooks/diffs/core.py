@@ -36,6 +36,7 @@ from hfhooks.diffs.arithmetic import (
 )
 from hfhooks.diffs.codec import stored_tensors
 from hfhooks.diffs.entries import (
+    INEXACT,
     BaseMismatchError,
     DiffEntry,
     DiffFileError,
@@ -353,12 +354,7 @@ class WeightDiff(HubMixin):
             n: replace(
                 e,
                 load=mapped_loader(e, lambda p, e=e: scale_payload(e, p, c, divide)),
-                target=None,
-                exact=None,
-                exact_inverse=None,
-                fixes=0,  # the exact correction holds at scale 1 only
-                unfixes=0,
-                fix_dtype=None,
+                **INEXACT,  # the exact correction holds at scale 1 only
                 changed=e.changed if divide or c != 0 else False,
             )
             for n, e in self.entries.items()
@@ -459,12 +455,7 @@ class WeightDiff(HubMixin):
                         e,
                         load=mapped_loader(e, lambda p, e=e, bits=bits: mask_payload(e, p, bits)),
                         storage="quantized" if e.storage == "quantized" else "sparse",
-                        target=None,
-                        fixes=0,
-                        unfixes=0,
-                        fix_dtype=None,
-                        exact=None,
-                        exact_inverse=None,
+                        **INEXACT,
                         changed=None,
                     )
                 )
@@ -504,12 +495,7 @@ class WeightDiff(HubMixin):
                 load=mapped_loader(e, lambda p, e=e: quantize_payload(e, p, levels)),
                 storage="quantized",
                 levels=levels,
-                target=None,
-                exact=None,
-                exact_inverse=None,
-                fixes=0,
-                unfixes=0,
-                fix_dtype=None,
+                **INEXACT,
             )
         return WeightDiff._of(entries, self.metadata, {"op": "quantize", "levels": levels})
 
@@ -743,12 +729,7 @@ def _combine(
                     load=mapped_loader(e, without_fix),
                     base=linear_base(e),
                     negated_base=None,
-                    target=None,
-                    exact=None,
-                    exact_inverse=None,
-                    fixes=0,
-                    unfixes=0,
-                    fix_dtype=None,
+                    **INEXACT,
                 )
             entries[n] = e
             continue

@@ -25,6 +25,9 @@ from hfhooks.io.safetensors import tensor_bytes
 STORAGES = ("dense", "sparse", "quantized", "zero", "factored")
 # Payload keys of the sparse exact correction (see :class:`DiffEntry`).
 FIX_KEYS = ("fix_index", "fix_values", "unfix_index", "unfix_values")
+# The fields an operation resets when its result no longer lands on a known target bit for bit (scaling, masking,
+# quantising, combining): the exact correction holds at scale 1 on the diff's own base only.
+INEXACT = {"target": None, "exact": None, "exact_inverse": None, "fixes": 0, "unfixes": 0, "fix_dtype": None}
 
 
 class DiffFileError(ArtifactError):
