@@ -59,6 +59,19 @@ def progress_enabled(args: argparse.Namespace) -> bool:
     return all(os.environ.get(var, "0").strip() in ("", "0") for var in ("RANK", "LOCAL_RANK"))
 
 
+def write_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every checkpoint-writing command passes through unchanged (``merge``, ``apply``,
+    ``restore``): overwrite, shard size, fsync, pickle policy, progress and dry run."""
+    return {
+        "overwrite": args.overwrite,
+        "max_shard_size": args.max_shard_size,
+        "fsync": args.fsync,
+        "allow_pickle": args.allow_pickle,
+        "progress": progress_enabled(args),
+        "dry_run": args.dry_run,
+    }
+
+
 def emit(args: argparse.Namespace, result: dict[str, Any], lines: Sequence[str] | str) -> None:
     """The command's result: ``result`` as JSON under ``--json``, else the human-readable ``lines``."""
     if getattr(args, "json", False):

@@ -23,6 +23,7 @@ from hfhooks.cli.common import (
     note,
     progress_enabled,
     shard_size,
+    write_options,
 )
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -256,12 +257,7 @@ def run_apply(args: argparse.Namespace) -> int:
         scale=args.scale,
         out=args.target if args.in_place else args.output,
         check_base=not args.no_check_base,
-        overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
-        fsync=args.fsync,
-        allow_pickle=args.allow_pickle,
-        progress=progress_enabled(args),
-        dry_run=args.dry_run,
+        **write_options(args),
     )
     if args.dry_run:
         reads = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hfhooks.cli.common import emit, layer_spec, progress_enabled
+from hfhooks.cli.common import emit, layer_spec, write_options
 from hfhooks.cli.diffs import add_write_options, check_dir_output, checkpoint_files, dry_run_report
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "tall", "consensus")
@@ -67,12 +67,7 @@ def run_merge(args: argparse.Namespace) -> int:
     check_dir_output(args.output, [base, *tuned], args.overwrite)
     kwargs = dict(
         out=args.output,
-        overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
-        fsync=args.fsync,
-        allow_pickle=args.allow_pickle,
-        progress=progress_enabled(args),
-        dry_run=args.dry_run,
+        **write_options(args),
     )
     report = plan.run(**kwargs) if isinstance(plan, Recipe) else merge(base, tuned, config=plan, **kwargs)
     cfg = report.config

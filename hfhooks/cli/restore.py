@@ -10,7 +10,15 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from hfhooks.cli.common import add_common_flags, emit, layer_spec, note, progress_enabled, require
+from hfhooks.cli.common import (
+    add_common_flags,
+    emit,
+    layer_spec,
+    note,
+    progress_enabled,
+    require,
+    write_options,
+)
 from hfhooks.cli.diffs import (
     FLOAT_DTYPES,
     add_write_options,
@@ -35,12 +43,7 @@ def run_restore(args: argparse.Namespace) -> int:
         include=args.include or (),
         adapters=args.adapters,
         out=args.target if args.in_place else args.output,
-        overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
-        fsync=args.fsync,
-        allow_pickle=args.allow_pickle,
-        progress=progress_enabled(args),
-        dry_run=args.dry_run,
+        **write_options(args),
     )
     if args.dry_run:
         target = checkpoint_files(args.target, args.allow_pickle)
