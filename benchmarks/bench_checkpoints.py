@@ -11,6 +11,10 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
   or ``--delta-dtype``);
 * ``apply-diff``        — :meth:`WeightDiff.apply` of that file to the base checkpoint (base checked per tensor);
 * ``apply-diff (in RAM)`` — load the checkpoint and the diff, add, save.
+* ``diff (floor)`` / ``apply-diff (floor)`` — a lower bound for *any* streamed diff / apply on this machine, not a
+  usable implementation: per tensor, read the inputs (mmap), one bf16 ``sub`` / ``add``, append the raw bytes to
+  one file. No header, no checksums, no exactness check or correction, no atomic publish. When a floor itself
+  misses a speed goal, no implementation that reads and writes through user space can meet it here.
 
 Goals: streaming peak RSS ≤ one shard + two tensors and restore ≥ 0.5× the file copy (issue 6); diff ≥ 0.5× and
 apply-diff ≥ 0.9× the copy, and the diff file ≤ 1.1× the bytes of the changed tensors in the checkpoint's dtype
@@ -36,9 +40,18 @@ from pathlib import Path
 
 from peakrss import peak_kb, reset_peak, status_kb
 
-OPS = ("copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)")
+OPS = (
+    "copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)", "diff (floor)",
+    "apply-diff (floor)",
+)  # fmt: skip
 GOAL_RSS_OPS = ("restore", "apply-diff")
-GOAL_SPEED = {"restore": 0.5, "diff": 0.5, "apply-diff": 0.9}  # × the plain file copy's throughput
+GOAL_SPEED = {
+    "restore": 0.5,
+    "diff": 0.5,
+    "apply-diff": 0.9,
+    "diff (floor)": 0.5,
+    "apply-diff (floor)": 0.9,
+}  # × the plain file copy's throughput
 GOAL_DIFF_SIZE = 1.1  # diff file ≤ 1.1× the bytes of the changed tensors (in the checkpoint's dtype)
 
 
@@ -173,13 +186,51 @@ def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> 
                 tensors[n] = (t.float() + diff[n]).to(t.dtype)
             save_file(tensors, out / f.name, metadata={"format": "pt"})
         shutil.copy(root / "base" / "model.safetensors.index.json", out)
+    elif op in ("diff (floor)", "apply-diff (floor)"):
+        floor_pass(root, out, op)
     else:
         raise ValueError(op)
     seconds = time.perf_counter() - t0
     peak = peak_kb(exact_peak)
-    ok = Checkpoint(out).nbytes if out.exists() else None
+    ok = Checkpoint(out).nbytes if out.exists() and "floor" not in op else None
     res = {"seconds": seconds, "peak_rss_kb": peak, "baseline_rss_kb": base_rss, "out_bytes": ok}
     return {**res, **_diff_size(root)} if op == "diff" else res
+
+
+def _mapped(path: Path) -> dict:
+    """name → bf16 tensor viewing the file's mmap (no copy)."""
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    return {
+        k: torch.frombuffer(data[v["data_offsets"][0] : v["data_offsets"][1]], dtype=torch.bfloat16)
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
+def floor_pass(root: Path, out: Path, op: str) -> None:
+    """The arithmetic and I/O every streamed diff (``post − base``) or apply (``base + Δ``) must do, and nothing else:
+    inputs viewed through mmap (no read copies), one add/sub per tensor into a reused buffer, one write."""
+    import warnings
+
+    import torch
+
+    out.mkdir()
+    other = "post" if op == "diff (floor)" else "floor-delta"
+    buf = torch.empty(0, dtype=torch.bfloat16)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    for f in sorted((root / "base").glob("*.safetensors")):
+        a, b = _mapped(f), _mapped(root / other / f.name)
+        with open(out / (f.name + ".raw"), "wb") as w:
+            for n, x in a.items():
+                r = buf.resize_(x.numel())
+                torch.sub(b[n], x, out=r) if op == "diff (floor)" else torch.add(x, b[n], out=r)
+                w.write(memoryview(r.view(torch.uint8).numpy()))
 
 
 def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:
@@ -195,6 +246,21 @@ def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     shutil.rmtree(root / "out", ignore_errors=True)
     return out
+
+
+def write_floor_delta(root: Path) -> None:
+    """``floor-delta/``: post − base in bf16, shard for shard (the input of the apply floor; not timed)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    (root / "floor-delta").mkdir(exist_ok=True)
+    for f in sorted((root / "base").glob("*.safetensors")):
+        with safe_open(f, "pt") as a, safe_open(root / "post" / f.name, "pt") as b:
+            save_file(
+                {n: torch.sub(b.get_tensor(n), a.get_tensor(n)) for n in a.keys()},  # noqa: SIM118
+                root / "floor-delta" / f.name,
+            )
 
 
 def warm(root: Path) -> None:
@@ -281,6 +347,8 @@ def main() -> None:
         if "apply-diff" in ops or "apply-diff (in RAM)" in ops:
             ops = [o for o in ops if o != "diff"]
             ops.insert(ops.index(next(o for o in ops if o.startswith("apply"))), "diff")
+        if "apply-diff (floor)" in ops:
+            write_floor_delta(root)
         for op in ops:
             runs = []
             for _ in range(1 if op == "diff" else args.repeats):
