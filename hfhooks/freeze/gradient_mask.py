@@ -39,12 +39,14 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
 from hfhooks.freeze.config import GradientMaskConfig
+from hfhooks.freeze.stepping import raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.freeze.weight_decay import WeightDecay, decay_is_emulable
 from hfhooks.masks.mask import ParamMask, bits_as_bytes, count_ones
 
@@ -86,6 +88,26 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 _CHUNK = 1 << 24  # elements unpacked at a time: bounds the transient keep mask (≤ 1 + 8 bytes an element)
+_PART_BYTES = (
+    32 << 20
+)  # tensor bytes stepped together when the step must be wrapped in snapshots (see stepping.py)
+
+
+def _gather_frozen(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The entries of the flat integer tensor ``bits`` where the 0/1 bytes ``keep`` are 0, compactly."""
+    if (
+        bits.device.type == "cpu"
+    ):  # numpy's compress: 4x faster than masked_select on CPU (8 M int16: 43 vs 184 ms)
+        return torch.from_numpy(np.compress(keep.numpy() == 0, bits.numpy()))
+    return bits.masked_select(keep.view(torch.bool).logical_not())
+
+
+def _scatter_frozen(bits: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` (from :func:`_gather_frozen`) back into ``bits`` where ``keep`` is 0, in place."""
+    if bits.device.type == "cpu":  # flatnonzero + put: 1.7x faster than masked_scatter_ on CPU (50 vs 84 ms)
+        np.put(bits.numpy(), np.flatnonzero(keep.numpy() == 0), values.numpy())
+        return
+    bits.masked_scatter_(keep.view(torch.bool).logical_not(), values)
 
 
 def _bits_of(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -300,9 +322,7 @@ class _Frozen:
             return
         if self.kind == "element":  # one compact piece per chunk: the transient keep bytes stay ≤ _CHUNK
             p = _local(self.param.detach())
-            self.snapshot = [
-                chunk.masked_select(keep.view(torch.bool).logical_not()) for chunk, keep in self._chunks(p)
-            ]
+            self.snapshot = [_gather_frozen(chunk, keep) for chunk, keep in self._chunks(p)]
         else:
             self.snapshot = self._frozen_values()
 
@@ -317,7 +337,7 @@ class _Frozen:
                     bit_view(p).masked_scatter_(self._drop_bool(), torch.cat(saved))
                     return
                 for (now, keep), then in zip(self._chunks(p), saved):
-                    now.masked_scatter_(keep.view(torch.bool).logical_not(), then)
+                    _scatter_frozen(now, keep, then)
                 return
         elif self.values is not None:
             saved = self.values
@@ -465,6 +485,7 @@ class GradientMask:
         self._steps = 0  # after_step calls since attach
         self._groups: list[tuple[dict, list[_Frozen]]] = []  # (param group, its masked tensors)
         self._zeroed: list[tuple[dict, Any]] = []  # (param group, weight_decay) zeroed for the current step
+        self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
 
     @property
     def attached(self) -> bool:
@@ -537,7 +558,8 @@ class GradientMask:
             ]
             if self.freeze in ("hard", "groups"):
                 _EMULATORS.setdefault(opt, weakref.WeakSet()).add(self)
-                hooks.step_pre_hook(opt, lambda *_: self._before_step())
+                # torch passes the step's own (self, *args): the optimizer comes first
+                hooks.step_pre_hook(opt, lambda _opt, args, kwargs: self._before_step(args[1:], kwargs))
             if self.freeze in ("hard", "groups") or self.finite is not None:
                 hooks.step_post_hook(opt, lambda *_: self.after_step())
         for target in self._frozen:
@@ -545,13 +567,16 @@ class GradientMask:
         return self
 
     @torch.no_grad()
-    def _before_step(self) -> None:
+    def _before_step(self, args: tuple = (), kwargs: dict | None = None) -> None:
         """Per param group: apply its weight decay by hand to the trainable coordinates and step it without
         (torch Adam/AdamW/SGD, see :mod:`hfhooks.freeze.weight_decay`), or snapshot what the step may move.
         Gradients of what the step provably cannot move are masked again (so that a gradient changed after
         the hooks, e.g. clipped by a non-finite norm, cannot reach frozen coordinates)."""
         self._restore_weight_decay()  # a step that raised skipped the post-hook that restores it
+        reattach(self._detached)
+        self._detached = {}
         opt = self._optimizer
+        wrapped: list[_Frozen] = []  # what the step may move: snapshot before it, restore after it
         # Two GradientMasks on one optimizer: each would decay the other's masked tensors in full.
         alone = len(_EMULATORS.get(opt, ())) <= 1
         skips = _skips_gradless(opt)
@@ -566,11 +591,32 @@ class GradientMask:
                     target.param.grad = None
                     target.movable = False
                 elif target.movable:
-                    target.take_snapshot()
+                    wrapped.append(target)
                 else:
                     target.mask_grad_(target.param)
             if op is not None:
                 self._decay_by_hand(group, targets, op)
+        self._wrap_step(wrapped, args, kwargs or {}, alone)
+
+    def _wrap_step(self, targets: list[_Frozen], args: tuple, kwargs: dict, alone: bool) -> None:
+        """Snapshot what the step may move: part by part, each part stepped alone right away (bounded extra
+        memory, see :mod:`hfhooks.freeze.stepping`) where that is sound, or all at once before the step."""
+        opt = self._optimizer
+        step = raw_step(opt, args, kwargs) if targets and alone else None
+        if step is None:
+            for target in targets:
+                target.take_snapshot()
+            return
+        parts = split_by_size(targets, lambda t: _local(t.param).nbytes, _PART_BYTES)
+        self._detached = step_in_parts(
+            opt,
+            step,
+            [(part, [t.param for t in part]) for part in parts],
+            args,
+            kwargs,
+            before=lambda part: [t.take_snapshot() for t in part],
+            after=_restore_all,
+        )
 
     def _decay_by_hand(self, group: dict, targets: list[_Frozen], op: WeightDecay) -> None:
         """Decay the group's parameters that have a gradient (the ones torch's step decays) — whole for the
@@ -606,6 +652,8 @@ class GradientMask:
         with an optimizer in ``hard`` / ``groups`` mode."""
         self._steps += 1
         self._restore_weight_decay()
+        reattach(self._detached)  # the parts stepped alone before the step (see _wrap_step)
+        self._detached = {}
         if self.freeze != "grad":
             _restore_all(
                 self._frozen
