@@ -151,3 +151,46 @@ def test_raw_step_refuses_what_parts_cannot_do():
 def test_split_by_size():
     assert split_by_size([3, 3, 3, 9, 1], lambda n: n, 6) == [[3, 3], [3], [9], [1]]
     assert split_by_size([], lambda n: n, 6) == []
+
+
+def _routed_run(monkeypatch, *, foreign_hook: bool, spy: list | None = None):
+    import copy
+
+    from conftest import make_model, random_input_ids
+
+    import hfhooks.routing.router as router_module
+    from hfhooks import FORGET, RETAIN, Router, dedicated_mask
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(make_model("qwen2")).train()
+    ded = dedicated_mask(model, mlp_units=8, heads=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    router = Router(model, ded, optimizer=opt).attach()
+    if foreign_hook:
+        opt.register_step_pre_hook(lambda *_: None)
+    if spy is not None:
+        real = router_module.step_in_parts
+
+        def counting(optimizer, step, parts, *rest, **kw):
+            parts = list(parts)
+            spy.append(len(parts))
+            return real(optimizer, step, parts, *rest, **kw)
+
+        monkeypatch.setattr(router_module, "step_in_parts", counting)
+    monkeypatch.setattr(router_module, "PART_BYTES", 4096)
+    for i, mode in enumerate((FORGET, RETAIN, FORGET, RETAIN)):
+        ids = random_input_ids(2, 6, seed=i)
+        model(input_ids=ids, labels=ids, routing=torch.full((2,), mode)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    router.detach()
+    return model
+
+
+def test_strict_routing_in_parts_is_bit_identical(monkeypatch):
+    spy: list = []
+    parted = _routed_run(monkeypatch, foreign_hook=False, spy=spy)
+    whole = _routed_run(monkeypatch, foreign_hook=True)
+    assert len(spy) == 4 and min(spy) >= 2, spy  # every strict step went through parts
+    for (n, a), (_, b) in zip(parted.named_parameters(), whole.named_parameters()):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), n

@@ -46,7 +46,7 @@ from torch import nn
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
 from hfhooks.freeze.config import GradientMaskConfig
-from hfhooks.freeze.stepping import raw_step, reattach, split_by_size, step_in_parts
+from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.freeze.weight_decay import WeightDecay, decay_is_emulable
 from hfhooks.masks.mask import ParamMask, bits_as_bytes, count_ones
 
@@ -88,9 +88,7 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 _CHUNK = 1 << 24  # elements unpacked at a time: bounds the transient keep mask (≤ 1 + 8 bytes an element)
-_PART_BYTES = (
-    32 << 20
-)  # tensor bytes stepped together when the step must be wrapped in snapshots (see stepping.py)
+_PART_BYTES = PART_BYTES  # tensor bytes stepped together when the step is wrapped in snapshots
 
 
 def _gather_frozen(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

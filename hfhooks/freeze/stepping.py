@@ -24,7 +24,9 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["raw_step", "reattach", "split_by_size", "step_in_parts"]
+__all__ = ["PART_BYTES", "raw_step", "reattach", "split_by_size", "step_in_parts"]
+
+PART_BYTES = 32 << 20  # parameter bytes stepped together: bounds the snapshot held at once
 
 T = TypeVar("T")
 

@@ -42,6 +42,7 @@ from hfhooks.core.data import pop_kwargs_hook
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.params import ParamIndex, is_dtensor
 from hfhooks.freeze.gradient_mask import innermost_optimizer
+from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.masks.mask import ParamMask
 from hfhooks.routing.ablation import check_dedicated
 from hfhooks.routing.config import RoutingConfig
@@ -212,6 +213,8 @@ class Router:
         self._targets: list[_Target] = []
         self._sites: list[_Site] = []
         self._snapshot: list[_Snapshot] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
 
     @property
     def num_hooks(self) -> int:
@@ -280,7 +283,9 @@ class Router:
             hooks.forward_pre_hook(site.module, self._site_hook(site))
         if optimizer is not None:
             opt = innermost_optimizer(optimizer)
-            hooks.step_pre_hook(opt, lambda *_: self._before_step())
+            self._optimizer = opt
+            # torch passes the step's own (self, *args): the optimizer comes first
+            hooks.step_pre_hook(opt, lambda _opt, args, kwargs: self._before_step(args[1:], kwargs))
             if self.strict:
                 hooks.step_post_hook(opt, lambda *_: self._after_step())
         return self
@@ -395,7 +400,7 @@ class Router:
                 "training set in hfhooks.TaggedDataset(dataset, tags=[...]) and pass data_collator=hfhooks.TaggedCollator()."
             )
 
-    def _before_step(self) -> None:
+    def _before_step(self, args: tuple = (), kwargs: dict | None = None) -> None:
         self.steps += 1
         if self.steps == 1:
             self.check_labels_arrived()
@@ -409,12 +414,35 @@ class Router:
         # Only the values this step must not change, gathered: a retain step keeps the dedicated slices (small);
         # a forget step keeps everything else (about the model's size, held only while the optimizer steps).
         only_forget = modes == {FORGET}
-        for t in self._targets:
-            if t.dedicated is None:
-                if only_forget and not t.shared_on_forget:
-                    self._snapshot.append(t.snapshot(None))
-            else:
-                self._snapshot.append(t.snapshot(dedicated=not only_forget))
+        kept = [
+            (t, None if t.dedicated is None else not only_forget)
+            for t in self._targets
+            if t.dedicated is not None or (only_forget and not t.shared_on_forget)
+        ]
+        self._wrap_step(kept, args, kwargs or {})
+
+    def _wrap_step(self, kept: list[tuple[_Target, bool | None]], args: tuple, kwargs: dict) -> None:
+        """Snapshot what this step must not change: part by part, each part stepped alone right away (one
+        part's copy held at a time, see :mod:`hfhooks.freeze.stepping`) where that is sound, else all at once
+        (restored by the post-hook)."""
+        step = raw_step(self._optimizer, args, kwargs) if kept and self._optimizer is not None else None
+        if step is None:
+            self._snapshot = [t.snapshot(dedicated) for t, dedicated in kept]
+            return
+
+        def before(part: list[tuple[_Target, bool | None]]) -> None:
+            self._snapshot = [t.snapshot(dedicated) for t, dedicated in part]
+
+        parts = split_by_size(kept, lambda k: k[0].param.numel() * k[0].param.element_size(), PART_BYTES)
+        self._detached = step_in_parts(
+            self._optimizer,
+            step,
+            [(part, [t.param for t, _ in part]) for part in parts],
+            args,
+            kwargs,
+            before,
+            lambda _part: self._restore_snapshot(),
+        )
 
     def _sync_modes(self, modes: set[int]) -> set[int]:
         """The modes seen this step by *any* rank. Under DDP one rank's micro-batches may be forget while
@@ -430,6 +458,11 @@ class Router:
         return {m for m, f in zip(order, flags.tolist()) if f}
 
     def _after_step(self) -> None:
+        self._restore_snapshot()
+        reattach(self._detached)  # the parts stepped alone before the step (see _wrap_step)
+        self._detached = {}
+
+    def _restore_snapshot(self) -> None:
         for snap in self._snapshot:
             snap.restore()
         self._snapshot = []
