@@ -132,7 +132,9 @@ def test_raw_step_refuses_what_parts_cannot_do():
     opt = torch.optim.AdamW([p], lr=0.1)
     handle = opt.register_step_pre_hook(lambda *_: None)
     assert raw_step(opt, (), {}) is not None  # torch's own optimizer, one pre-hook (the caller's)
+    assert raw_step(opt, (None,), {}) is not None  # accelerate passes closure=None positionally
     assert raw_step(opt, (), {"closure": lambda: 0.0}) is None  # a closure would run once per part
+    assert raw_step(opt, (lambda: 0.0,), {}) is None
     opt.register_step_pre_hook(lambda *_: None)
     assert raw_step(opt, (), {}) is None  # another pre-hook may snapshot too
     handle.remove()
@@ -194,3 +196,35 @@ def test_strict_routing_in_parts_is_bit_identical(monkeypatch):
     assert len(spy) == 4 and min(spy) >= 2, spy  # every strict step went through parts
     for (n, a), (_, b) in zip(parted.named_parameters(), whole.named_parameters()):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), n
+
+
+def test_a_stock_trainer_steps_in_parts(monkeypatch, tmp_path):
+    """accelerate's optimizer wrapper passes ``closure=None`` positionally: the parts path must still run."""
+    import transformers
+    from conftest import make_model
+
+    from hfhooks import GradientMaskCallback
+
+    model = make_model("llama")
+    g = torch.Generator().manual_seed(0)
+    mask = ParamMask({n: torch.rand(p.shape, generator=g) > 0.5 for n, p in model.named_parameters()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls: list = []
+    real = gm_module.step_in_parts
+    monkeypatch.setattr(gm_module, "step_in_parts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = [torch.randint(0, 32, (8,), generator=g) for _ in range(4)]
+    args = transformers.TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[], weight_decay=0.1,
+        optim="adamw_torch_fused", use_cpu=True, save_strategy="no", learning_rate=1e-2,
+    )  # fmt: skip
+    transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": x, "labels": x} for x in ids],
+        callbacks=[GradientMaskCallback(mask)],
+    ).train()
+    assert len(calls) == 2
+    for n, p in model.named_parameters():
+        keep = mask[n]
+        assert torch.equal(p.detach()[~keep], before[n][~keep]), n
+        assert not torch.equal(p.detach()[keep], before[n][keep]), n

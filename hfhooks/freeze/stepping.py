@@ -40,7 +40,8 @@ def raw_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Cal
     cls = type(optimizer)
     if not cls.__module__.startswith("torch.optim.") or isinstance(optimizer, torch.optim.LBFGS):
         return None
-    if args or kwargs.get("closure") is not None:
+    # accelerate's wrapper passes ``closure=None`` positionally; a real closure would run once per part
+    if len(args) > 1 or (args[0] if args else kwargs.get("closure")) is not None:
         return None
     # torch keeps pre-hooks in these dicts (read only here): ours must be the only one
     own = getattr(optimizer, "_optimizer_step_pre_hooks", None)
