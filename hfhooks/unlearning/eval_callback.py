@@ -38,6 +38,7 @@ class UnlearningEvalCallback(TrainerCallback):
     """
 
     reports_metrics = True  # moved ahead of the report_to integrations (see hfhooks/trainer/reporting.py)
+    metric_prefix = "unlearn"  # logs ``unlearn/<metric>`` and ``<eval prefix>_unlearn/<metric>``
 
     def __init__(
         self,
@@ -96,18 +97,22 @@ class UnlearningEvalCallback(TrainerCallback):
         ):  # a Trainer evaluation: `logs` is the metrics dict evaluate() returns for best-model selection
             self._add_eval_metrics(state, logs, prefixes, model)
         elif self._pending is not None:
-            add_to_logs(state, logs, {f"unlearn/{k}": round(v, 4) for k, v in self._pending.items()})
+            add_to_logs(
+                state, logs, {f"{self.metric_prefix}/{k}": round(v, 4) for k, v in self._pending.items()}
+            )
             self._pending = None
 
     def _add_eval_metrics(self, state, logs: dict, prefixes: list[str], model) -> None:
         if not self.at_trainer_eval or model is None:
             return
         metrics = self._metrics_at(model, state.global_step)
-        add_to_logs(state, logs, {f"{p}_unlearn/{k}": v for p in prefixes for k, v in metrics.items()})
+        add_to_logs(
+            state, logs, {f"{p}_{self.metric_prefix}/{k}": v for p in prefixes for k, v in metrics.items()}
+        )
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         # on_log normally added them already; a Trainer subclass whose evaluate() does not log still gets them
-        if metrics is not None and not any("_unlearn/" in k for k in metrics):
+        if metrics is not None and not any(f"_{self.metric_prefix}/" in k for k in metrics):
             self._add_eval_metrics(state, metrics, evaluation_prefixes(metrics) or ["eval"], model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
