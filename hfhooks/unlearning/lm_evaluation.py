@@ -15,6 +15,7 @@ so every rank returns the same, complete result.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -375,6 +376,13 @@ def lm_unlearning_metrics(
         aucs = _mia_aucs(model, tokenizer, f_scored, forget, holdout, c)
         out.update({f"mia_{k}_auc": v for k, v in aucs.items()})
         for k, ref_auc in (reference.get("mia_auc") or {}).items():
+            if ref_auc >= 1:  # MUSE's AUC (1 - ours) is 0: the relative difference is undefined
+                warnings.warn(
+                    f"privleak_{k} is undefined: the retain model's {k} AUC is {ref_auc} (it separates the forget "
+                    "set from the holdout perfectly); use larger sets. Not reported.",
+                    stacklevel=2,
+                )
+                continue
             out[f"privleak_{k}"] = M.priv_leak(aucs[k], ref_auc)
     if verbatim:
         q, a = _qa(verbatim)

@@ -286,4 +286,3 @@ def exact_memorization(
     if len(p) != len(y) or not y:
         raise ValueError(f"exact_memorization: {len(p)} predictions for {len(y)} labels (need equal, ≥ 1).")
     return sum(a == b for a, b in zip(p, y)) / len(y)
-
