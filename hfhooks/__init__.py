@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "GradientRoutingCallback": "hfhooks.routing.callback",
     "HookRecord": "hfhooks.core.hooks",
     "HubError": "hfhooks.io.hub",
-    "LMUnlearningEvalCallback": "hfhooks.unlearning.lm_eval_callback",
+    "LMUnlearningEvalCallback": "hfhooks.unlearning.eval_callback",
     "LMUnlearningEvalConfig": "hfhooks.unlearning.config",
     "LayerList": "hfhooks.core.blocks",
     "LayerRestorationCallback": "hfhooks.restoration.callback",

@@ -15,10 +15,40 @@ from hfhooks.unlearning import lm_evaluation as E
 from hfhooks.unlearning import lm_metrics as M
 from tests.conftest import tiny_gpt2, tiny_llama
 
-WORDS = (
-    "who wrote the book alice bob carol a novel about sea city what is capital of france paris rome "
-    "london where did live in poem on cat sat mat dog ran park"
-).split()
+WORDS = [
+    "who",
+    "wrote",
+    "the",
+    "book",
+    "alice",
+    "bob",
+    "carol",
+    "a",
+    "novel",
+    "about",
+    "sea",
+    "city",
+    "what",
+    "is",
+    "capital",
+    "of",
+    "france",
+    "paris",
+    "rome",
+    "london",
+    "where",
+    "did",
+    "live",
+    "in",
+    "poem",
+    "on",
+    "cat",
+    "sat",
+    "mat",
+    "dog",
+    "ran",
+    "park",
+]
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -255,7 +285,7 @@ def test_callback_logs_metrics_in_a_trainer_run_and_picks_the_best_step(tmp_path
     )
     data = _QADataset(tok, FORGET)
     pad = tok.pad_token_id
-    collate = lambda rows: E._lm_batch(rows, pad)  # noqa: E731, SLF001 - the same batching as the relearning attack
+    collate = lambda rows: E.qa_batch(rows, pad)  # noqa: E731
     trainer = Trainer(
         model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collate, callbacks=[cb]
     )

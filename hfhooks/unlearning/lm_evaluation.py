@@ -38,6 +38,7 @@ __all__ = [
     "lm_relearn_attack",
     "lm_unlearning_metrics",
     "mia_scores",
+    "qa_batch",
     "rank_and_world",
     "rouge_scores",
     "sharded_map",
@@ -424,7 +425,9 @@ def lm_reference(
     return ref
 
 
-def _lm_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+def qa_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded causal-LM batch of ``(prompt ids, answer ids)`` rows, the loss (``labels``) on the answers
+    only: what :func:`lm_relearn_attack` fine-tunes on (usable as a Trainer ``data_collator`` too)."""
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -462,4 +465,4 @@ def lm_relearn_attack(
         def evaluate(m: nn.Module) -> float:
             return float(answer_probability(m, tokenizer, q, a, chat_template=chat_template).mean())
 
-    return relearn_attack(model, rows, evaluate, threshold, collate=lambda b: _lm_batch(b, pad), **attack)
+    return relearn_attack(model, rows, evaluate, threshold, collate=lambda b: qa_batch(b, pad), **attack)
