@@ -216,7 +216,7 @@ def test_lm_unlearning_metrics_forget_quality_and_privleak_use_the_reference():
     ratios = E.truth_ratios(model, tok, FORGET)
     from scipy.stats import ks_2samp
 
-    assert out["forget_quality"] == pytest.approx(ks_2samp(ratios.numpy(), ref["truth_ratios"]).pvalue)
+    assert out["forget_quality"] == ks_2samp(ratios.numpy(), ref["truth_ratios"]).pvalue  # exactly
     assert out["forget_truth_ratio"] == pytest.approx(M.truth_ratio_score(ratios, "forget"))
     retain_stats = [out["retain_prob"], out["retain_rouge"], out["retain_truth_ratio"]]
     assert out["model_utility"] == pytest.approx(M.model_utility(retain_stats))
@@ -313,3 +313,24 @@ def test_callback_select_must_name_a_computed_metric():
         cb.evaluate(tiny_llama(), 1)
     with pytest.raises(ValueError, match="restore_best=True needs select"):
         LMUnlearningEvalConfig(restore_best=True)
+
+
+def test_config_is_exported_documented_and_taken_as_config_or_keywords():
+    from pathlib import Path
+
+    import hfhooks
+    from hfhooks import LMUnlearningEvalCallback, LMUnlearningEvalConfig
+
+    assert (
+        hfhooks.LMUnlearningEvalConfig is LMUnlearningEvalConfig
+        and "LMUnlearningEvalConfig" in hfhooks.__all__
+    )
+    page = (Path(__file__).resolve().parents[1] / "docs" / "lm-unlearning-evaluation.md").read_text()
+    assert [f for f in LMUnlearningEvalConfig.help() if f"`{f}`" not in page] == []
+    kw = dict(every=3, select="forget_prob", mia_k=0.2)
+    by_config = LMUnlearningEvalCallback(word_tokenizer(), FORGET, config=LMUnlearningEvalConfig(**kw))
+    assert by_config.config == LMUnlearningEvalCallback(word_tokenizer(), FORGET, **kw).config
+    with pytest.raises(TypeError, match="unexpected keyword argument 'evry'"):
+        LMUnlearningEvalCallback(word_tokenizer(), FORGET, evry=3)
+    with pytest.raises(ValueError, match="mia_k"):
+        LMUnlearningEvalConfig(mia_k=0)
