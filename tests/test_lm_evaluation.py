@@ -334,3 +334,32 @@ def test_config_is_exported_documented_and_taken_as_config_or_keywords():
         LMUnlearningEvalCallback(word_tokenizer(), FORGET, evry=3)
     with pytest.raises(ValueError, match="mia_k"):
         LMUnlearningEvalConfig(mia_k=0)
+
+
+@pytest.mark.distributed
+def test_ddp_callback_agrees_across_ranks_and_with_one_process(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import torchrun
+
+    torchrun("lm_eval_ddp.py", "--out", str(tmp_path))
+    runs = [json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0] == runs[1], "ranks disagree on the evaluation"
+    assert [h["step"] for h in runs[0]["history"]] == [2, 4] and runs[0]["best_step"] in (2, 4)
+    # the sharded, gathered evaluation (3 forget examples: uneven shards) equals one process on the same weights
+    model, tok = tiny_llama(), word_tokenizer()
+    model.load_state_dict(load_file(tmp_path / "weights0.safetensors"))
+    single = E.lm_unlearning_metrics(
+        model,
+        tok,
+        FORGET,
+        RETAIN,
+        holdout=HOLDOUT,
+        reference=runs[0]["reference"],
+        max_new_tokens=4,
+        batch_size=2,
+    )
+    assert single == pytest.approx(runs[0]["final"], rel=1e-6, abs=1e-9)
+    assert "forget_quality" in single and "privleak_min_k" in single
