@@ -363,3 +363,17 @@ def test_ddp_callback_agrees_across_ranks_and_with_one_process(tmp_path):
     )
     assert single == pytest.approx(runs[0]["final"], rel=1e-6, abs=1e-9)
     assert "forget_quality" in single and "privleak_min_k" in single
+
+
+def test_chat_template_wraps_the_question_as_a_user_turn():
+    torch.manual_seed(0)
+    model, tok = tiny_llama().eval(), word_tokenizer()
+    tok.chat_template = "{% for m in messages %}who {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} is{% endif %}"
+    (with_template,) = E.answer_tokens(model, tok, ["wrote the book"], ["alice"], chat_template=True)
+    (by_hand,) = E.answer_tokens(model, tok, ["who wrote the book is"], ["alice"])
+    torch.testing.assert_close(with_template.logprobs, by_hand.logprobs)
+    (plain,) = E.answer_tokens(model, tok, ["wrote the book"], ["alice"])
+    assert not torch.equal(plain.logprobs, by_hand.logprobs)
+    assert E.generate_answers(model, tok, ["wrote the book"], max_new_tokens=3, chat_template=True) == (
+        E.generate_answers(model, tok, ["who wrote the book is"], max_new_tokens=3)
+    )
