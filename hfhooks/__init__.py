@@ -87,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     "forget_retain_dataset": "hfhooks.unlearning.objectives",
     "generate_answers": "hfhooks.unlearning.lm_evaluation",
     "installed_hooks": "hfhooks.core.hooks",
+    "knowledge_memorization": "hfhooks.unlearning.lm_evaluation",
     "layer_of": "hfhooks.core.blocks",
     "lm_reference": "hfhooks.unlearning.lm_evaluation",
     "lm_relearn_attack": "hfhooks.unlearning.lm_evaluation",
@@ -119,6 +120,7 @@ _EXPORTS: dict[str, str] = {
     "truth_ratios": "hfhooks.unlearning.lm_evaluation",
     "unlearning_metrics": "hfhooks.unlearning.evaluation",
     "unwrap_model": "hfhooks.core.names",
+    "verbatim_memorization": "hfhooks.unlearning.lm_evaluation",
 }
 
 __all__ = [
@@ -194,6 +196,7 @@ __all__ = [
     "forget_retain_dataset",
     "generate_answers",
     "installed_hooks",
+    "knowledge_memorization",
     "layer_of",
     "lm_reference",
     "lm_relearn_attack",
@@ -226,6 +229,7 @@ __all__ = [
     "truth_ratios",
     "unlearning_metrics",
     "unwrap_model",
+    "verbatim_memorization",
 ]
 
 

@@ -377,3 +377,18 @@ def test_chat_template_wraps_the_question_as_a_user_turn():
     assert E.generate_answers(model, tok, ["wrote the book"], max_new_tokens=3, chat_template=True) == (
         E.generate_answers(model, tok, ["who wrote the book is"], max_new_tokens=3)
     )
+
+
+def test_muse_memorisation_wrappers_score_greedy_generations_with_rouge():
+    torch.manual_seed(0)
+    model, tok = tiny_llama().eval(), word_tokenizer()
+    qs, ans = [i["question"] for i in FORGET], [i["answer"] for i in FORGET]
+    gen = E.generate_answers(model, tok, qs, max_new_tokens=5)
+    want = [M.rouge_l(g, a).fmeasure for g, a in zip(gen, ans)]
+    assert E.verbatim_memorization(model, tok, qs, ans, max_new_tokens=5).tolist() == pytest.approx(want)
+    shots = [("who wrote the book", "alice")]
+    prefix = "Question: who wrote the book\nAnswer: alice\n\n"
+    asked = [f"Question: {q}\nAnswer:" for q in qs]
+    gen = E.generate_answers(model, tok, asked, max_new_tokens=5, prompt_prefix=prefix)
+    got = E.knowledge_memorization(model, tok, qs, ans, examples=shots, kind="recall", max_new_tokens=5)
+    assert got.tolist() == pytest.approx([M.rouge_l(g, a).recall for g, a in zip(gen, ans)])

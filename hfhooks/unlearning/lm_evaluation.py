@@ -34,6 +34,7 @@ __all__ = [
     "answer_probability",
     "answer_tokens",
     "generate_answers",
+    "knowledge_memorization",
     "lm_reference",
     "lm_relearn_attack",
     "lm_unlearning_metrics",
@@ -43,6 +44,7 @@ __all__ = [
     "rouge_scores",
     "sharded_map",
     "truth_ratios",
+    "verbatim_memorization",
 ]
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
@@ -279,6 +281,41 @@ def rouge_scores(
     return torch.tensor([s.recall if kind == "recall" else s.fmeasure for s in scores], dtype=torch.float64)
 
 
+def verbatim_memorization(
+    model: nn.Module,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    kind: str = "f1",
+    **kw,
+) -> torch.Tensor:
+    """MUSE's verbatim memorisation per example: ROUGE-L (``kind``) of the greedy continuation of each forget-set
+    ``prefix`` against its true ``continuation`` (never through a chat template). Keywords as for
+    :func:`generate_answers`."""
+    return rouge_scores(
+        model, tokenizer, prefixes, continuations, kind=kind, **{**kw, "chat_template": False}
+    )
+
+
+def knowledge_memorization(
+    model: nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    examples: Sequence[tuple[str, str]] = (),
+    kind: str = "f1",
+    **kw: Any,
+) -> torch.Tensor:
+    """MUSE's knowledge memorisation per example: ROUGE-L (``kind``) of the greedy answer to each question
+    against the true answer, the questions asked as ``"Question: {q}\nAnswer:"`` after the few-shot ``examples``
+    (question, answer) pairs in the same format, one blank line apart. Keywords as for :func:`generate_answers`."""
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in examples)
+    asked = [f"Question: {q}\nAnswer:" for q in questions]
+    return rouge_scores(model, tokenizer, asked, answers, kind=kind, prompt_prefix=shots, **kw)
+
+
 def mia_scores(
     scored: Sequence[AnswerTokens], texts: Sequence[str], k: float = 0.4
 ) -> dict[str, torch.Tensor]:
@@ -387,16 +424,8 @@ def lm_unlearning_metrics(
             out[f"privleak_{k}"] = M.priv_leak(aucs[k], ref_auc)
     if verbatim:
         q, a = _qa(verbatim)
-        r = rouge_scores(
-            model,
-            tokenizer,
-            q,
-            a,
-            kind=c.verbatim_rouge,
-            max_new_tokens=c.max_new_tokens,
-            batch_size=c.batch_size,
-            chat_template=False,
-        )
+        kw = {"max_new_tokens": c.max_new_tokens, "batch_size": c.batch_size}
+        r = verbatim_memorization(model, tokenizer, q, a, kind=c.verbatim_rouge, **kw)
         out["verbmem"] = float(r.mean())
     return out
 
