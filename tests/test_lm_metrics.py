@@ -95,6 +95,7 @@ def test_min_k_percent_by_hand():
     scores = [-1.0, -4.0, -2.0, -3.0, -0.5]
     assert M.min_k_percent(scores, 0.4) == -3.5  # int(0.4 * 5) = 2 lowest: -4, -3
     assert M.min_k_percent(scores, 0.1) == -4.0  # max(1, int(0.5)) = 1
+    assert M.min_k_percent(scores, 0.5) == -3.5  # int(2.5) = 2: the count is floored, not rounded
     assert M.min_k_percent(scores, 1.0) == pytest.approx(-2.1)
     with pytest.raises(ValueError, match="k="):
         M.min_k_percent(scores, 0)
