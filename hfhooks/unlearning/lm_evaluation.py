@@ -124,18 +124,20 @@ def _score_rows(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: 
         ids[i, : len(p) + len(a)] = torch.tensor(p + a, dtype=torch.long)
         mask[i, : len(p) + len(a)] = 1
     device = _device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device))["logits"].float().cpu()
+    ids = ids.to(device)
+    logits = model(input_ids=ids, attention_mask=mask.to(device))["logits"]
     out = []
     for i, (p, a) in enumerate(rows):
         start, end = max(len(p), 1), len(p) + len(a)  # an answer with no prompt: its first token is unscored
-        lg, tgt = logits[i, start - 1 : end - 1], ids[i, start:end]
+        # only the answer positions are upcast and moved (batch × length × vocabulary logits can be GBs)
+        lg, tgt = logits[i, start - 1 : end - 1].float(), ids[i, start:end]
         logp = torch.log_softmax(lg, dim=-1)
         out.append(
             AnswerTokens(
-                logprobs=logp.gather(-1, tgt[:, None]).squeeze(-1),
-                predictions=lg.argmax(-1),
-                labels=tgt,
-                plus_plus=M.min_k_plus_plus_token_scores(lg, tgt).float() if plus_plus else None,
+                logprobs=logp.gather(-1, tgt[:, None]).squeeze(-1).cpu(),
+                predictions=lg.argmax(-1).cpu(),
+                labels=tgt.cpu(),
+                plus_plus=M.min_k_plus_plus_token_scores(lg, tgt).float().cpu() if plus_plus else None,
             )
         )
     return out
