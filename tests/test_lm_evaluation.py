@@ -225,6 +225,8 @@ def test_lm_unlearning_metrics_forget_quality_and_privleak_use_the_reference():
             M.priv_leak(out[f"mia_{attack}_auc"], ref["mia_auc"][attack])
         )
     assert 0 <= out["verbmem"] <= 1 and 0 <= out["forget_es"] <= 1
+    with pytest.raises(ValueError, match="no holdout set"):
+        E.lm_unlearning_metrics(model, tok, FORGET, reference=ref, generate=False)
     with pytest.raises(ValueError, match="perturbed_answers"):
         E.lm_unlearning_metrics(
             model, tok, [{"question": "who", "answer": "alice"}], reference=ref, generate=False

@@ -412,6 +412,11 @@ def lm_unlearning_metrics(
                 "forget_quality needs paraphrased_answer / perturbed_answers on the forget examples."
             )
         out["forget_quality"] = M.forget_quality(f_ratios, reference["truth_ratios"])
+    if reference.get("mia_auc") and not holdout:
+        raise ValueError(
+            "reference has the retain model's MIA AUCs but no holdout set was given: PrivLeak compares the forget "
+            "set with a holdout set (pass holdout=..., the same one given to lm_reference)."
+        )
     if holdout:
         aucs = _mia_aucs(model, tokenizer, f_scored, forget, holdout, c)
         out.update({f"mia_{k}_auc": v for k, v in aucs.items()})
