@@ -394,3 +394,35 @@ def test_muse_memorisation_wrappers_score_greedy_generations_with_rouge():
     gen = E.generate_answers(model, tok, asked, max_new_tokens=5, prompt_prefix=prefix)
     got = E.knowledge_memorization(model, tok, qs, ans, examples=shots, kind="recall", max_new_tokens=5)
     assert got.tolist() == pytest.approx([M.rouge_l(g, a).recall for g, a in zip(gen, ans)])
+
+
+def test_utility_sets_normalise_the_probability_over_the_options_and_enter_model_utility():
+    torch.manual_seed(0)
+    model, tok = tiny_llama().eval(), word_tokenizer()
+    facts = [
+        {
+            "question": "what is the capital of france",
+            "answer": "paris",
+            "perturbed_answers": ["rome", "london"],
+        },
+        {"question": "who wrote the poem", "answer": "carol", "perturbed_answers": ["bob", "alice"]},
+    ]
+    out = E.lm_unlearning_metrics(
+        model, tok, FORGET, RETAIN, utility={"world_facts": facts}, max_new_tokens=3
+    )
+    lp = lambda q, a: float(manual_answer_logprobs(model, tok, q, a).mean())  # noqa: E731
+    probs, ratios = [], []
+    for f in facts:
+        true, false = lp(f["question"], f["answer"]), [lp(f["question"], x) for x in f["perturbed_answers"]]
+        probs.append(math.exp(true) / (math.exp(true) + sum(map(math.exp, false))))
+        ratios.append(math.exp(sum(false) / 2 - true))  # no paraphrase: the answer itself is the "true" one
+    assert out["world_facts_prob"] == pytest.approx(sum(probs) / 2, rel=1e-5)
+    assert out["world_facts_truth_ratio"] == pytest.approx(sum(max(0, 1 - r) for r in ratios) / 2, rel=1e-5)
+    stats = [out[f"{s}_{m}"] for s in ("retain", "world_facts") for m in ("prob", "rouge", "truth_ratio")]
+    assert out["model_utility"] == pytest.approx(
+        len(stats) / sum(1 / x for x in stats) if min(stats) > 0 else 0.0
+    )
+    with pytest.raises(ValueError, match="perturbed_answers"):
+        E.lm_unlearning_metrics(
+            model, tok, FORGET, utility={"world_facts": [{"question": "who", "answer": "bob"}]}
+        )

@@ -135,7 +135,8 @@ class LMUnlearningEvalCallback(UnlearningEvalCallback):
 
     Args:
         tokenizer: the model's tokenizer.
-        forget, retain, holdout, verbatim: the evaluation sets (see :func:`~hfhooks.lm_unlearning_metrics`).
+        forget, retain, holdout, verbatim, utility: the evaluation sets (see
+            :func:`~hfhooks.lm_unlearning_metrics`).
         reference: the retain model's statistics (:func:`~hfhooks.lm_reference`) for forget quality and
             PrivLeak.
         config: an :class:`~hfhooks.LMUnlearningEvalConfig`; its fields may also be given as keywords.
@@ -151,6 +152,7 @@ class LMUnlearningEvalCallback(UnlearningEvalCallback):
         *,
         holdout: Sequence[Mapping[str, Any]] | None = None,
         verbatim: Sequence[Mapping[str, Any]] | None = None,
+        utility: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
         reference: Mapping[str, Any] | None = None,
         config: LMUnlearningEvalConfig | None = None,
         **options: Any,
@@ -160,7 +162,7 @@ class LMUnlearningEvalCallback(UnlearningEvalCallback):
         if not forget:
             raise ValueError(f"{type(self).__name__}: the forget set is empty.")
         self.tokenizer, self.forget, self.retain = tokenizer, forget, retain
-        self.holdout, self.verbatim, self.reference = holdout, verbatim, reference
+        self.holdout, self.verbatim, self.utility, self.reference = holdout, verbatim, utility, reference
         self.every, self.restore_best, self.at_trainer_eval = c.every, c.restore_best, c.at_trainer_eval
         self.history: list[dict[str, float]] = []
         self.best = None
@@ -180,6 +182,7 @@ class LMUnlearningEvalCallback(UnlearningEvalCallback):
             self.retain,
             holdout=self.holdout,
             verbatim=self.verbatim,
+            utility=self.utility,
             reference=self.reference,
             config=self.config,
         )

@@ -372,6 +372,61 @@ def _mia_aucs(
     return {name: M.auc(member[name], nonmember[name]) for name in member}
 
 
+def _option_set_metrics(model, tokenizer, name: str, items, c: LMUnlearningEvalConfig) -> dict[str, float]:
+    """TOFU's real-authors / world-facts statistics: option-normalised probability, ROUGE, truth-ratio score."""
+    k = _check_truth_items(
+        [{"paraphrased_answer": "", **it} for it in items]
+    )  # a paraphrase is optional here
+    kw = {"batch_size": c.batch_size, "chat_template": c.chat_template}
+    q, a = _qa(items)
+    answers = [x for it in items for x in (it["answer"], *it["perturbed_answers"])]
+    scored = answer_tokens(model, tokenizer, [x for x in q for _ in range(k + 1)], answers, **kw)
+    lp = torch.tensor([s.mean_logprob for s in scored], dtype=torch.float64).reshape(len(items), k + 1)
+    out = {f"{name}_prob": float(M.option_probability(lp[:, 0], lp[:, 1:]).mean())}
+    if c.generate:
+        r = rouge_scores(model, tokenizer, q, a, kind=c.rouge, max_new_tokens=c.max_new_tokens, **kw)
+        out[f"{name}_rouge"] = float(r.mean())
+    para = lp[:, 0]  # TOFU scores the answer itself where the set has no paraphrase
+    if all("paraphrased_answer" in it for it in items):
+        para = torch.tensor(
+            [
+                s.mean_logprob
+                for s in answer_tokens(model, tokenizer, q, [it["paraphrased_answer"] for it in items], **kw)
+            ]
+        )
+    out[f"{name}_truth_ratio"] = M.truth_ratio_score(M.truth_ratio(para, lp[:, 1:]), "retain")
+    return out
+
+
+def _reference_metrics(model, tokenizer, forget, holdout, reference, scored, ratios, c) -> dict[str, float]:
+    """forget_quality, mia_<attack>_auc and privleak_<attack> (what the sets and the reference allow)."""
+    out: dict[str, float] = {}
+    if reference.get("truth_ratios") is not None:
+        if ratios is None:
+            raise ValueError(
+                "forget_quality needs paraphrased_answer / perturbed_answers on the forget examples."
+            )
+        out["forget_quality"] = M.forget_quality(ratios, reference["truth_ratios"])
+    if reference.get("mia_auc") and not holdout:
+        raise ValueError(
+            "reference has the retain model's MIA AUCs but no holdout set was given: PrivLeak compares the forget "
+            "set with a holdout set (pass holdout=..., the same one given to lm_reference)."
+        )
+    if holdout:
+        aucs = _mia_aucs(model, tokenizer, scored, forget, holdout, c)
+        out.update({f"mia_{k}_auc": v for k, v in aucs.items()})
+        for k, ref_auc in (reference.get("mia_auc") or {}).items():
+            if ref_auc >= 1:  # MUSE's AUC (1 - ours) is 0: the relative difference is undefined
+                warnings.warn(
+                    f"privleak_{k} is undefined: the retain model's {k} AUC is {ref_auc} (it separates the forget "
+                    "set from the holdout perfectly); use larger sets. Not reported.",
+                    stacklevel=3,
+                )
+                continue
+            out[f"privleak_{k}"] = M.priv_leak(aucs[k], ref_auc)
+    return out
+
+
 def lm_unlearning_metrics(
     model: nn.Module,
     tokenizer: Any,
@@ -380,6 +435,7 @@ def lm_unlearning_metrics(
     *,
     holdout: Sequence[Mapping[str, Any]] | None = None,
     verbatim: Sequence[Mapping[str, Any]] | None = None,
+    utility: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     reference: Mapping[str, Any] | None = None,
     config: LMUnlearningEvalConfig | None = None,
     **options: Any,
@@ -389,7 +445,10 @@ def lm_unlearning_metrics(
     * ``forget_prob`` / ``retain_prob``, ``forget_rouge`` / ``retain_rouge`` (greedy answers, unless
       ``generate=False``), ``forget_truth_ratio`` / ``retain_truth_ratio`` (when the examples carry paraphrased
       and perturbed answers), ``forget_es``, ``forget_em``;
-    * ``model_utility``: harmonic mean of the retain statistics;
+    * ``<name>_prob`` (normalised over the answer and its perturbed answers), ``<name>_rouge``,
+      ``<name>_truth_ratio`` for each ``utility`` set (TOFU's real authors and world facts, e.g.
+      ``utility={"real_authors": [...], "world_facts": [...]}``; ``perturbed_answers`` required);
+    * ``model_utility``: harmonic mean of the retain and ``utility`` statistics;
     * ``forget_quality``: with ``reference["truth_ratios"]`` (the retain model's forget truth ratios,
       :func:`lm_reference`);
     * ``mia_<attack>_auc`` for forget vs ``holdout``, and ``privleak_<attack>`` with ``reference["mia_auc"]``;
@@ -401,39 +460,24 @@ def lm_unlearning_metrics(
     if not forget:
         raise ValueError("lm_unlearning_metrics: the forget set is empty.")
     out, (f_scored, f_ratios) = _split_metrics(model, tokenizer, forget, "forget", c)
+    stats: list[float] = []
     if retain:
         r_out, _ = _split_metrics(model, tokenizer, retain, "retain", c)
         out.update(r_out)
-        out["model_utility"] = M.model_utility(r_out.values())
-    reference = reference or {}
-    if reference.get("truth_ratios") is not None:
-        if f_ratios is None:
-            raise ValueError(
-                "forget_quality needs paraphrased_answer / perturbed_answers on the forget examples."
-            )
-        out["forget_quality"] = M.forget_quality(f_ratios, reference["truth_ratios"])
-    if reference.get("mia_auc") and not holdout:
-        raise ValueError(
-            "reference has the retain model's MIA AUCs but no holdout set was given: PrivLeak compares the forget "
-            "set with a holdout set (pass holdout=..., the same one given to lm_reference)."
-        )
-    if holdout:
-        aucs = _mia_aucs(model, tokenizer, f_scored, forget, holdout, c)
-        out.update({f"mia_{k}_auc": v for k, v in aucs.items()})
-        for k, ref_auc in (reference.get("mia_auc") or {}).items():
-            if ref_auc >= 1:  # MUSE's AUC (1 - ours) is 0: the relative difference is undefined
-                warnings.warn(
-                    f"privleak_{k} is undefined: the retain model's {k} AUC is {ref_auc} (it separates the forget "
-                    "set from the holdout perfectly); use larger sets. Not reported.",
-                    stacklevel=2,
-                )
-                continue
-            out[f"privleak_{k}"] = M.priv_leak(aucs[k], ref_auc)
+        stats.extend(r_out.values())
+    for name, items in (utility or {}).items():
+        u_out = _option_set_metrics(model, tokenizer, name, items, c)
+        out.update(u_out)
+        stats.extend(u_out.values())
+    if stats:
+        out["model_utility"] = M.model_utility(stats)
+    out.update(_reference_metrics(model, tokenizer, forget, holdout, reference or {}, f_scored, f_ratios, c))
     if verbatim:
         q, a = _qa(verbatim)
         kw = {"max_new_tokens": c.max_new_tokens, "batch_size": c.batch_size}
-        r = verbatim_memorization(model, tokenizer, q, a, kind=c.verbatim_rouge, **kw)
-        out["verbmem"] = float(r.mean())
+        out["verbmem"] = float(
+            verbatim_memorization(model, tokenizer, q, a, kind=c.verbatim_rouge, **kw).mean()
+        )
     return out
 
 
