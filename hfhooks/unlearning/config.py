@@ -1,4 +1,5 @@
-"""``SalUnConfig`` and ``UnlearningEvalConfig``: the options of the unlearning callbacks."""
+"""``SalUnConfig``, ``UnlearningEvalConfig`` and ``LMUnlearningEvalConfig``: the options of the unlearning callbacks
+and evaluations."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Literal
 from hfhooks.core.config import Config, check_range
 from hfhooks.unlearning.evaluation import METRICS
 
-__all__ = ["SalUnConfig", "UnlearningEvalConfig"]
+__all__ = ["LMUnlearningEvalConfig", "SalUnConfig", "UnlearningEvalConfig"]
 
 
 def _check_int(owner: str, name: str, value: object, low: int) -> None:
@@ -120,3 +121,65 @@ class UnlearningEvalConfig(Config):
                     f"(missing {missing}, not finite numbers {sorted(bad)})."
                 )
             self.retrain = dict(self.retrain)
+
+
+@dataclass(kw_only=True)
+class LMUnlearningEvalConfig(Config):
+    """Options of the LM unlearning evaluation (:func:`~hfhooks.lm_unlearning_metrics`) and of
+    :class:`~hfhooks.LMUnlearningEvalCallback`.
+
+    >>> LMUnlearningEvalConfig(select="forget_quality").greater_is_better
+    True
+    """
+
+    every: int = field(default=50, metadata={"help": "evaluate every N optimizer steps (≥ 1; the callback)"})
+    batch_size: int = field(default=8, metadata={"help": "evaluation batch size (forward and generation)"})
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "greedy generation length for the ROUGE metrics"}
+    )
+    chat_template: bool = field(
+        default=False, metadata={"help": "wrap each question in the tokenizer's chat template (user turn)"}
+    )
+    generate: bool = field(
+        default=True,
+        metadata={"help": "generate greedy answers for forget_rouge / retain_rouge (slowest part)"},
+    )
+    rouge: Literal["recall", "f1"] = field(
+        default="recall", metadata={"help": "ROUGE-L of the QA answers: recall (TOFU) or f1"}
+    )
+    verbatim_rouge: Literal["recall", "f1"] = field(
+        default="f1", metadata={"help": "ROUGE-L of MUSE's verbatim memorisation (verbmem)"}
+    )
+    mia_k: float = field(default=0.4, metadata={"help": "fraction k of Min-K% / Min-K%++, in (0, 1]"})
+    select: str | None = field(
+        default=None,
+        metadata={
+            "help": "metric choosing the best step (e.g. forget_quality, model_utility); None: no selection"
+        },
+    )
+    greater_is_better: bool = field(
+        default=True, metadata={"help": "whether a higher `select` metric is better"}
+    )
+    restore_best: bool = field(
+        default=False, metadata={"help": "load the best weights (by `select`) back at train end"}
+    )
+    at_trainer_eval: bool = field(
+        default=True, metadata={"help": "add eval_lm_unlearn/* metrics to every Trainer evaluation too"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        for name in ("every", "batch_size", "max_new_tokens"):
+            _check_int(owner, name, getattr(self, name), 1)
+        for name in ("chat_template", "generate", "greater_is_better", "restore_best", "at_trainer_eval"):
+            _check_bool(owner, name, getattr(self, name))
+        if isinstance(self.mia_k, bool) or not isinstance(self.mia_k, int | float):
+            raise ValueError(f"{owner}.mia_k={self.mia_k!r} must be a number in (0, 1].")
+        check_range(owner, "mia_k", self.mia_k, 0, 1, low_open=True)
+        if self.select is not None and not isinstance(self.select, str):
+            raise ValueError(
+                f"{owner}.select={self.select!r} must be a metric name such as 'forget_quality'."
+            )
+        if self.restore_best and self.select is None:
+            raise ValueError(f"{owner}: restore_best=True needs select=<metric> to know which step is best.")
