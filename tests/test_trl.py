@@ -79,7 +79,9 @@ def test_liger_fused_cross_entropy_refused_for_logit_readers():
     args = types.SimpleNamespace(use_liger_kernel=True, liger_kernel_config=None)
     with pytest.raises(ValueError, match=r"use_liger_kernel=False.*fused_linear_cross_entropy': False"):
         refuse_lossless_outputs(args, "X", loss="logits")
-    ok = types.SimpleNamespace(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": False})
+    ok = types.SimpleNamespace(
+        use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": False}
+    )
     refuse_lossless_outputs(ok, "X", loss="logits")
     refuse_lossless_outputs(args, "X")  # a callback that reads no logits is not concerned
 
@@ -87,12 +89,16 @@ def test_liger_fused_cross_entropy_refused_for_logit_readers():
 def test_liger_refused_by_the_unlearning_callback_before_training(tmp_path):
     """Through the callback, with real TrainingArguments, at on_train_begin (before the saliency pass)."""
     try:
-        args = transformers.TrainingArguments(str(tmp_path), use_liger_kernel=True, use_cpu=True, report_to=[])
+        args = transformers.TrainingArguments(
+            str(tmp_path), use_liger_kernel=True, use_cpu=True, report_to=[]
+        )
     except Exception as e:  # pragma: no cover - a release that validates the kernel at construction
         pytest.skip(f"TrainingArguments(use_liger_kernel=True) cannot be built here: {e}")
     cb = SaliencyUnlearningCallback([{"input_ids": torch.tensor([1, 2])}], objective="ga", progress=False)
     with pytest.raises(ValueError, match="use_liger_kernel=False"):
-        cb.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=tiny_llama())
+        cb.on_train_begin(
+            args, transformers.TrainerState(), transformers.TrainerControl(), model=tiny_llama()
+        )
     assert cb.mask is None  # refused before the (costly) saliency pass
 
 
@@ -152,7 +158,9 @@ def _sft_weights(tmp_path, batch: int, accumulation: int) -> dict[str, torch.Ten
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=_word_tokenizer(), pad_token="[PAD]", eos_token="[EOS]"
     )
-    collate = TaggedCollator(DataCollatorForLanguageModeling(pad_token_id=0), columns=["unlearn", "example_id"])
+    collate = TaggedCollator(
+        DataCollatorForLanguageModeling(pad_token_id=0), columns=["unlearn", "example_id"]
+    )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, data_collator=collate)  # fmt: skip
     cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=1.0, progress=False,

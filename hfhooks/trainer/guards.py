@@ -148,9 +148,10 @@ def has_fused_lm_head(model: Any) -> bool:
                 if fn is None:
                     break
                 code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-                if code is not None and "fused_lm_head" in code.co_varnames[
-                    : code.co_argcount + code.co_kwonlyargcount
-                ]:
+                if (
+                    code is not None
+                    and "fused_lm_head" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+                ):
                     return True
                 fn = getattr(fn, "__wrapped__", None) or getattr(fn, "model_forward", None)
     return False
@@ -180,7 +181,8 @@ def refuse_lossless_outputs(
                 raise ValueError(
                     f"{what} needs one label per example, but {option}=True (TRL's SFTConfig) concatenates "
                     f"examples into shared rows, so per-example labels no longer line up with the batch. Set "
-                    f"SFTConfig({option}=False)" + (" and padding_free=False." if option == "packing" else ".")
+                    f"SFTConfig({option}=False)"
+                    + (" and padding_free=False." if option == "packing" else ".")
                 )
     if loss in ("logits", "per_token") and getattr(args, "use_liger_kernel", False):
         config = getattr(args, "liger_kernel_config", None) or {}

@@ -15,7 +15,17 @@ import warnings
 
 import pytest
 import torch
-from compat_utils import VOCAB, HookProbe, hfhooks_hooks, hooks_report, llama, moved, random_mask, refused, snapshot
+from compat_utils import (
+    VOCAB,
+    HookProbe,
+    hfhooks_hooks,
+    hooks_report,
+    llama,
+    moved,
+    random_mask,
+    refused,
+    snapshot,
+)
 
 from hfhooks import (
     AttributionAlignmentCallback,
@@ -46,7 +56,9 @@ def tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
+    )
 
 
 def _words(g: torch.Generator, n: int) -> str:
@@ -140,7 +152,10 @@ def test_gradient_mask_sft(tmp_path):
 @pytest.mark.compat(callback="gradient_mask", setup="trl", variant="DPOTrainer")
 def test_gradient_mask_dpo(tmp_path):
     g = torch.Generator().manual_seed(0)
-    rows = [{"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)} for _ in range(8)]
+    rows = [
+        {"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)}
+        for _ in range(8)
+    ]
     model = llama()
     mask = random_mask(model)
     args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
@@ -282,7 +297,10 @@ def test_unlearning_dft_refused(tmp_path, request):
 @pytest.mark.compat(callback="routing", setup="trl", variant="DPOTrainer", expect="error")
 def test_routing_dpo_refused(tmp_path, request):
     g = torch.Generator().manual_seed(0)
-    rows = [{"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)} for _ in range(4)]
+    rows = [
+        {"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)}
+        for _ in range(4)
+    ]
     model = llama()
     args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
                      use_cpu=True, save_strategy="no")  # fmt: skip
@@ -295,7 +313,9 @@ def test_routing_dpo_refused(tmp_path, request):
 def test_routing_without_the_column_refused_before_a_step(tmp_path):
     """TRL's own collator (no TaggedCollator): the routing labels never arrive; refused before the first
     optimizer step, naming the TRL recipe."""
-    trainer = sft(llama(), sft_config(tmp_path), text_dataset(8, routing=[1] * 8), GradientRoutingCallback(mlp_units=8))
+    trainer = sft(
+        llama(), sft_config(tmp_path), text_dataset(8, routing=[1] * 8), GradientRoutingCallback(mlp_units=8)
+    )
     before = snapshot(trainer.model)
     with pytest.raises(RuntimeError, match=r"No routing labels.*columns=\['routing'\]"):
         run(trainer)
@@ -320,7 +340,9 @@ def test_tag_column_dropped_by_remove_unused_columns(tmp_path):
     """``remove_unused_columns=True`` (the default) drops the column before the collator: the collator names
     the option."""
     data = text_dataset(8, routing=[1] * 8)
-    trainer = sft(llama(), sft_config(tmp_path), data, GradientRoutingCallback(mlp_units=8), tag_collator("routing"))
+    trainer = sft(
+        llama(), sft_config(tmp_path), data, GradientRoutingCallback(mlp_units=8), tag_collator("routing")
+    )
     with pytest.raises(KeyError, match="remove_unused_columns=False"):
         run(trainer)
     assert trainer.state.global_step == 0
