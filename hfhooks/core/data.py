@@ -174,7 +174,9 @@ class TaggedCollator:
         if not all(isinstance(it, Tagged) for it in items):
             raise TypeError(
                 "TaggedCollator got plain examples: wrap the dataset in hfhooks.TaggedDataset so side labels survive "
-                "the Trainer's column pruning."
+                "the Trainer's column pruning; or, for a trainer that requires a datasets.Dataset (TRL's), name the "
+                "side-label columns: TaggedCollator(<the trainer's collator>, columns=[...]) with "
+                "remove_unused_columns=False."
             )
         feats: list[Mapping[str, Any]] = []
         tags: dict[str, list[Any]] = {}

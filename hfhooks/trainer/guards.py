@@ -180,9 +180,12 @@ def refuse_lossless_outputs(
             if getattr(args, option, False):
                 raise ValueError(
                     f"{what} needs one label per example, but {option}=True (TRL's SFTConfig) concatenates "
-                    f"examples into shared rows, so per-example labels no longer line up with the batch. Set "
-                    f"SFTConfig({option}=False)"
-                    + (" and padding_free=False." if option == "packing" else ".")
+                    "examples into shared rows, so per-example labels no longer line up with the batch. Set "
+                    + (
+                        "SFTConfig(packing=False, padding_free=False)."
+                        if option == "packing"
+                        else "SFTConfig(padding_free=False)."
+                    )
                 )
     if loss in ("logits", "per_token") and getattr(args, "use_liger_kernel", False):
         config = getattr(args, "liger_kernel_config", None) or {}
