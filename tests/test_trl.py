@@ -102,6 +102,21 @@ def test_liger_refused_by_the_unlearning_callback_before_training(tmp_path):
     assert cb.mask is None  # refused before the (costly) saliency pass
 
 
+def test_random_labels_refused_on_a_fused_lm_head_before_the_saliency_pass(tmp_path):
+    """SalUn's default objective needs class logits; TRL's fused head has none: refused at on_train_begin."""
+    model = tiny_llama()
+
+    def fused(self, *args, fused_lm_head=False, labels=None, **kwargs):  # TRL's add_fused_lm_head signature
+        return type(self).forward(self, *args, labels=labels, **kwargs)
+
+    model.forward = types.MethodType(fused, model)
+    args = transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    cb = SaliencyUnlearningCallback([{"input_ids": torch.tensor([1, 2])}], progress=False)
+    with pytest.raises(ValueError, match=r"random_labels.*objective='ga', 'graddiff' or 'npo'"):
+        cb.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=model)
+    assert cb.mask is None
+
+
 def test_packing_and_padding_free_refused_for_per_example_labels():
     for option in ("packing", "padding_free"):
         args = types.SimpleNamespace(**{option: True})

@@ -19,6 +19,7 @@ from hfhooks.masks.saliency import compute_saliency
 from hfhooks.trainer.guards import (
     fsdp_version,
     has_dtensors,
+    has_fused_lm_head,
     refuse_lossless_outputs,
     refuse_step_in_backward,
     refuse_unsupported,
@@ -141,6 +142,12 @@ class SaliencyUnlearningCallback(TrainerCallback):
         refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
         refuse_step_in_backward(args, "SaliencyUnlearningCallback", optimizer)
         refuse_lossless_outputs(args, "SaliencyUnlearningCallback", model, per_example=True, loss="per_token")
+        if self.objective.name == "random_labels" and has_fused_lm_head(model):
+            raise ValueError(
+                "SaliencyUnlearningCallback(objective='random_labels') needs class logits, but this model's forward "
+                "is TRL's fused LM head (SFTTrainer), which returns only label log-probabilities. Use "
+                "objective='ga', 'graddiff' or 'npo'."
+            )
         if getattr(args, "label_smoothing_factor", 0) > 0:  # checked before the (costly) saliency pass
             raise ValueError(
                 f"SaliencyUnlearningCallback does not support label_smoothing_factor={args.label_smoothing_factor}: "
