@@ -87,6 +87,14 @@ SETUPS = {  # column title, how the tests select it
         "`TrainingArguments(deepspeed=...)` or a DeepSpeed launch (`ACCELERATE_USE_DEEPSPEED=true`).",
     ),
     "fsdp1": ("FSDP1", "`TrainingArguments(fsdp='full_shard', fsdp_config={'version': 1})`."),
+    "trl": (
+        "TRL",
+        "TRL's `SFTTrainer` (the `trl` extra) on a `datasets.Dataset` with side-label columns (`unlearn`, "
+        "`routing`, `rationale`), TRL's tokenisation, its `DataCollatorForLanguageModeling` wrapped in "
+        "`TaggedCollator(..., columns=[...])` with `remove_unused_columns=False`, and its fused LM head (label "
+        "log-probabilities, no logits); `DPOTrainer` as a variant where the method makes sense. Refusals are "
+        "raised before the first optimizer step.",
+    ),
 }
 GAPS = {  # (callback or "*", setup) -> why a cell without any test result is empty
     ("*", "fsdp2"): "not tested yet: FSDP2 tests live in tests/compat/test_fsdp2.py",
@@ -243,7 +251,8 @@ def render(results: list[Result], others: list[Report], primary_skips: set[str])
         "`scripts/compat_matrix.py` from the results of the tests in `tests/compat/` (and "
         "`tests/compat/test_fsdp2.py` for FSDP2), never written by hand.",
         "",
-        "**Legend.** ✓ — a test trains through this combination in a stock `transformers.Trainer` and checks: "
+        "**Legend.** ✓ — a test trains through this combination in a stock `transformers.Trainer` (TRL's "
+        "trainers in the TRL column) and checks: "
         "no hfhooks hook left on any module, parameter or optimizer after training (the callback's own count "
         "and a census of the model's hook dictionaries against the state before the callback attached), "
         "masked / frozen / restored coordinates bit-identical, and evidence that the callback acted (unmasked "

@@ -11,7 +11,7 @@ from hfhooks.attribution.alignment import AttributionAlignment
 from hfhooks.attribution.config import AlignmentConfig
 from hfhooks.attribution.methods import needs_double_backprop
 from hfhooks.core.hooks import FiniteMonitor
-from hfhooks.trainer.guards import refuse_unsupported
+from hfhooks.trainer.guards import has_fused_lm_head, refuse_lossless_outputs, refuse_unsupported
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
 from hfhooks.trainer.state import ResumeFrom, load_state, save_state
 
@@ -72,6 +72,14 @@ class AttributionAlignmentCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
+        if has_fused_lm_head(model):
+            raise ValueError(
+                "AttributionAlignmentCallback aligns attributions of classification logits [batch, classes], but "
+                "this model's forward is TRL's fused LM head (SFTTrainer / DPOTrainer train a causal LM and read "
+                "label log-probabilities, never logits). Train a ...ForSequenceClassification model with "
+                "transformers.Trainer instead."
+            )
+        refuse_lossless_outputs(args, "AttributionAlignmentCallback", model, per_example=True, loss="logits")
         report_before_integrations(args)  # so that routing/* and align/* reach TensorBoard, wandb…
         if getattr(args, "gradient_checkpointing", False):
             gc = getattr(args, "gradient_checkpointing_kwargs", None) or {}

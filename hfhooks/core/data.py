@@ -8,6 +8,11 @@ attribution priors). The Trainer drops dataset columns that ``forward`` does not
 pre-hook (:func:`pop_kwargs_hook`) pops them from the model's kwargs before ``forward`` runs. Users never need
 ``remove_unused_columns=False``.
 
+Trainers that only accept a ``datasets.Dataset`` (TRL's ``SFTTrainer``) cannot take a :class:`TaggedDataset`:
+there the tags stay ordinary columns, kept with ``remove_unused_columns=False``, and
+``TaggedCollator(trl_collator, columns=["unlearn"])`` pulls them out of each example before the trainer's own
+collator sees it (a column missing from an example is refused, naming the option that dropped it).
+
 ``TaggedDataset(..., group_by="routing", batch_size=8)`` yields whole micro-batches whose examples share a
 tag value (label-homogeneous batches for parameter-level gradient routing); train it with
 ``per_device_train_batch_size=1``.
@@ -130,6 +135,11 @@ class TaggedCollator:
     example's tag is as long as its own ``input_ids``, when its examples differ in length, or when it is named
     in ``pad_tags``; the pad value is ``pad_tags[name]`` (default ``0``; use ``-1`` for word ids), on
     ``padding_side`` (default: the base collator's tokenizer's side, else right).
+
+    ``columns`` (e.g. ``["unlearn"]``) also accepts plain dict examples — a ``datasets.Dataset`` that a trainer
+    such as TRL's ``SFTTrainer`` hands over as is: those columns become tags, the rest goes to ``base``
+    (e.g. TRL's ``DataCollatorForLanguageModeling``). Train with ``remove_unused_columns=False``, or the Trainer
+    drops the columns before they reach the collator.
     """
 
     def __init__(
@@ -139,7 +149,11 @@ class TaggedCollator:
         homogeneous: str | None = None,
         pad_tags: Mapping[str, int | float] | None = None,
         padding_side: str | None = None,
+        columns: Sequence[str] = (),
     ):
+        if isinstance(columns, str):
+            raise TypeError(f"columns={columns!r} must be a sequence of column names, e.g. [{columns!r}].")
+        self.columns = tuple(columns)
         if base is None:
             from transformers import default_data_collator
 
@@ -155,10 +169,14 @@ class TaggedCollator:
     def __call__(self, items: list[Any]) -> dict[str, Any]:
         if not items:
             raise ValueError("Empty batch.")
+        if self.columns:
+            items = [it if isinstance(it, Tagged) else self._from_columns(it) for it in items]
         if not all(isinstance(it, Tagged) for it in items):
             raise TypeError(
                 "TaggedCollator got plain examples: wrap the dataset in hfhooks.TaggedDataset so side labels survive "
-                "the Trainer's column pruning."
+                "the Trainer's column pruning; or, for a trainer that requires a datasets.Dataset (TRL's), name the "
+                "side-label columns: TaggedCollator(<the trainer's collator>, columns=[...]) with "
+                "remove_unused_columns=False."
             )
         feats: list[Mapping[str, Any]] = []
         tags: dict[str, list[Any]] = {}
@@ -188,6 +206,19 @@ class TaggedCollator:
             else:
                 batch[k] = torch.stack(rows)
         return batch
+
+    def _from_columns(self, example: Mapping[str, Any]) -> Tagged:
+        missing = [c for c in self.columns if c not in example]
+        if missing:
+            raise KeyError(
+                f"TaggedCollator(columns={list(self.columns)}): the example has no column {missing} (its keys: "
+                f"{sorted(example)}). The Trainer drops dataset columns the model's forward does not take: pass "
+                "remove_unused_columns=False (TrainingArguments / TRL's SFTConfig) so they reach the collator; "
+                "TRL's packing (SFTConfig(packing=True)) also drops them — set packing=False."
+            )
+        return Tagged(
+            {k: v for k, v in example.items() if k not in self.columns}, {c: example[c] for c in self.columns}
+        )
 
     def _pad(self, name: str, rows: list[torch.Tensor], width: int | None) -> torch.Tensor:
         if any(r.dim() != 1 for r in rows):

@@ -12,6 +12,13 @@ accumulation steps; otherwise it divides by it. The hook therefore rescales a mi
 ``m · items / num_items_in_batch`` in the first case (``items`` = label entries of this micro-batch, counted
 as the Trainer counts them: shifted by one for causal LMs, ``-100`` ignored), and leaves it alone in the
 second. Either way gradient accumulation and multi-device runs give the same gradients as one big batch.
+
+TRL's fused LM head. TRL's ``SFTTrainer`` calls ``model(..., fused_lm_head=True)``, which returns per-token
+label log-probabilities (``log_probs``, ``label_mask``) instead of logits, and computes its loss itself as
+``−Σ log_probs / N`` (``N``: label tokens of the accumulated batch, or of this micro-batch), ignoring
+``outputs.loss``. On such a forward the hook also writes the new micro-batch mean ``m`` into ``log_probs`` as
+``−m`` on each of this micro-batch's ``M`` label tokens (``mode="replace"``; subtracted from them for
+``"add"``), so the trainer's loss is ``m · M / N`` — the same scaling as above.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from torch import nn
 
 from hfhooks.core.hooks import HookSet
 
-__all__ = ["LossHook", "count_items", "is_causal_lm"]
+__all__ = ["LossHook", "count_items", "is_causal_lm", "write_fused_loss"]
 
 LossFn = Callable[[Any, torch.Tensor | None, dict[str, Any]], torch.Tensor]
 
@@ -42,6 +49,22 @@ def is_causal_lm(model: nn.Module) -> bool:
 def count_items(labels: torch.Tensor, causal: bool) -> torch.Tensor:
     """Label entries that count towards ``num_items_in_batch`` (as ``Trainer._get_num_items_in_batch``)."""
     return (labels[..., 1:] if causal else labels).ne(-100).sum()
+
+
+def write_fused_loss(outputs: Any, mean: torch.Tensor, mode: str = "replace") -> None:
+    """Carry a micro-batch mean loss through a fused-LM-head output (TRL's ``FusedCausalLMOutput``).
+
+    The trainer computes ``−Σ log_probs / N``; ``log_probs`` becomes ``−mean`` on each label token
+    (``mode="replace"``) or has it subtracted (``"add"``), so that loss is ``mean · M / N`` for ``M`` label tokens.
+    """
+    log_probs, mask = outputs.get("log_probs"), outputs.get("label_mask")
+    if log_probs is None or mask is None:
+        raise ValueError(
+            "The model was called with fused_lm_head=True but returned no log_probs/label_mask: hfhooks cannot "
+            "place its loss where the trainer reads it. Train without the fused LM head."
+        )
+    carrier = -mean.to(log_probs.dtype) * mask.to(log_probs.dtype)
+    outputs["log_probs"] = carrier if mode == "replace" else log_probs + carrier
 
 
 class LossHook:
@@ -110,7 +133,12 @@ class LossHook:
         labels = kwargs.get("labels")
         if self.pop_labels and labels is not None:
             kwargs.pop("labels")
-        self._ctx = {"tags": tags, "labels": labels, "num_items": kwargs.get("num_items_in_batch")}
+        self._ctx = {
+            "tags": tags,
+            "labels": labels,
+            "num_items": kwargs.get("num_items_in_batch"),
+            "fused": bool(kwargs.get("fused_lm_head", False)),
+        }
         self.inputs = dict(kwargs)
         return args, kwargs
 
@@ -125,6 +153,8 @@ class LossHook:
             self.inputs, self.num_items = {}, None
         if loss is None:  # fn chose to skip this micro-batch
             return outputs
+        if ctx["fused"]:
+            write_fused_loss(outputs, loss, self.mode)
         num_items = ctx["num_items"]
         if num_items is not None and ctx["labels"] is not None:
             items = count_items(ctx["labels"], self.causal).to(loss.device)

@@ -12,7 +12,7 @@ from hfhooks.masks.mask import ParamMask
 from hfhooks.routing.ablation import DEDICATED_SEMANTICS, check_dedicated, dedicated_mask
 from hfhooks.routing.config import RoutingConfig
 from hfhooks.routing.router import Router
-from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import refuse_lossless_outputs, refuse_step_in_backward, refuse_unsupported
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
 from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 
@@ -77,6 +77,7 @@ class GradientRoutingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientRoutingCallback", model=model)
+        refuse_lossless_outputs(args, "GradientRoutingCallback", model, per_example=True)
         if (
             self.strict or self.level == "param"
         ):  # step hooks / gradient hooks that must run before the update

@@ -397,7 +397,10 @@ class Router:
             self.detach()
             raise RuntimeError(
                 f"No routing labels reached the model in the first step (batch key {self.label_name!r}). Wrap the "
-                "training set in hfhooks.TaggedDataset(dataset, tags=[...]) and pass data_collator=hfhooks.TaggedCollator()."
+                "training set in hfhooks.TaggedDataset(dataset, tags=[...]) and pass data_collator=hfhooks.TaggedCollator(); "
+                "with a datasets.Dataset the trainer requires as is (TRL's SFTTrainer), keep the column with "
+                "remove_unused_columns=False and data_collator=hfhooks.TaggedCollator(<the trainer's collator>, "
+                f"columns=[{self.label_name!r}])."
             )
 
     def _before_step(self, args: tuple = (), kwargs: dict | None = None) -> None:

@@ -7,7 +7,14 @@ from typing import Any
 
 from hfhooks.core.params import is_dtensor
 
-__all__ = ["fsdp_version", "has_dtensors", "refuse_step_in_backward", "refuse_unsupported"]
+__all__ = [
+    "fsdp_version",
+    "has_dtensors",
+    "has_fused_lm_head",
+    "refuse_lossless_outputs",
+    "refuse_step_in_backward",
+    "refuse_unsupported",
+]
 
 _TRUE = ("1", "true", "yes")
 
@@ -120,4 +127,77 @@ def refuse_step_in_backward(args: Any, what: str, optimizer: Any = None) -> None
             "(there is no optimizer.step() to guard), so the masked coordinates would not be held. Use an "
             "optimizer with a separate step, e.g. optim='adamw_torch' (or 'adafactor' / 'adamw_bnb_8bit' to "
             "save memory)."
+        )
+
+
+def has_fused_lm_head(model: Any) -> bool:
+    """Whether ``model``'s forward takes TRL's ``fused_lm_head`` flag (``trl.trainer.utils.add_fused_lm_head``,
+    which ``SFTTrainer`` and ``DPOTrainer`` apply: that forward returns label log-probabilities, no logits).
+
+    Read from the code of the bound forward and of the forwards it wraps (accelerate's mixed-precision
+    wrapper keeps the previous one as ``model_forward`` / ``_original_forward``), not from the signature: TRL
+    wraps its forward with ``functools.wraps``, so ``inspect.signature`` reports the original one.
+    """
+    from hfhooks.core.params import unwrap_model
+
+    if model is None:
+        return False
+    for m in (model, unwrap_model(model)):
+        for fn in (getattr(m, "forward", None), getattr(m, "_original_forward", None)):
+            for _ in range(8):  # a short chain of wrappers; never loop forever on a cyclic one
+                if fn is None:
+                    break
+                code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+                if (
+                    code is not None
+                    and "fused_lm_head" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+                ):
+                    return True
+                fn = getattr(fn, "__wrapped__", None) or getattr(fn, "model_forward", None)
+    return False
+
+
+def refuse_lossless_outputs(
+    args: Any, what: str, model: Any = None, per_example: bool = False, loss: str | None = None
+) -> None:
+    """Refuse, at ``on_train_begin`` (before any optimizer step), trainer options under which a callback that
+    needs per-example side labels or the model's logits could not act.
+
+    ``per_example``: the callback reads one label per example (routing, forget/retain flags, rationales), which
+    TRL's packing / padding-free batches merge into one row. ``loss``: ``"logits"`` if it needs the full logits
+    (Liger's fused linear cross-entropy drops them while training); ``"per_token"`` if it replaces the loss
+    through TRL's fused LM head, which ``SFTConfig(loss_type='dft')`` reweights token by token.
+    """
+    if per_example and any(c.__name__ == "DPOConfig" for c in type(args).__mro__):
+        raise ValueError(
+            f"{what} needs one label per training example, but TRL's DPOTrainer ({type(args).__name__}) "
+            "trains on preference pairs, each one a chosen and a rejected completion in the same batch, so "
+            "per-example labels cannot line up with the model's batch. Use it with transformers.Trainer or TRL's "
+            "SFTTrainer (GradientMaskCallback and LayerRestorationCallback do work under DPOTrainer)."
+        )
+    if per_example:
+        for option in ("packing", "padding_free"):
+            if getattr(args, option, False):
+                raise ValueError(
+                    f"{what} needs one label per example, but {option}=True (TRL's SFTConfig) concatenates "
+                    "examples into shared rows, so per-example labels no longer line up with the batch. Set "
+                    + (
+                        "SFTConfig(packing=False, padding_free=False)."
+                        if option == "packing"
+                        else "SFTConfig(padding_free=False)."
+                    )
+                )
+    if loss in ("logits", "per_token") and getattr(args, "use_liger_kernel", False):
+        config = getattr(args, "liger_kernel_config", None) or {}
+        if config.get("fused_linear_cross_entropy", True):
+            raise ValueError(
+                f"{what} needs the model's logits, but use_liger_kernel=True patches the forward with Liger's fused "
+                "linear cross-entropy, which returns no logits while training. Pass use_liger_kernel=False, or "
+                "liger_kernel_config={'fused_linear_cross_entropy': False} to keep Liger's other kernels."
+            )
+    if loss == "per_token" and getattr(args, "loss_type", None) == "dft" and has_fused_lm_head(model):
+        raise ValueError(
+            f"{what} replaces the training loss, but SFTConfig(loss_type='dft') reweights each token's "
+            "log-probability by its probability, which would distort the replaced loss. Pass "
+            "SFTConfig(loss_type='nll')."
         )

@@ -16,7 +16,14 @@ from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
 from hfhooks.masks.saliency import compute_saliency
-from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import (
+    fsdp_version,
+    has_dtensors,
+    has_fused_lm_head,
+    refuse_lossless_outputs,
+    refuse_step_in_backward,
+    refuse_unsupported,
+)
 from hfhooks.trainer.state import (
     CallbackStateError,
     ResumeFrom,
@@ -134,6 +141,13 @@ class SaliencyUnlearningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
         refuse_step_in_backward(args, "SaliencyUnlearningCallback", optimizer)
+        refuse_lossless_outputs(args, "SaliencyUnlearningCallback", model, per_example=True, loss="per_token")
+        if self.objective.name == "random_labels" and has_fused_lm_head(model):
+            raise ValueError(
+                "SaliencyUnlearningCallback(objective='random_labels') needs class logits, but this model's forward "
+                "is TRL's fused LM head (SFTTrainer), which returns only label log-probabilities. Use "
+                "objective='ga', 'graddiff' or 'npo'."
+            )
         if getattr(args, "label_smoothing_factor", 0) > 0:  # checked before the (costly) saliency pass
             raise ValueError(
                 f"SaliencyUnlearningCallback does not support label_smoothing_factor={args.label_smoothing_factor}: "

@@ -151,25 +151,55 @@ class UnlearningObjective:
         """Token-weighted mean over the micro-batch of per-example terms; ``forget`` is 0/1 per example."""
         if labels is None:
             raise ValueError("Unlearning objectives need labels in the batch.")
-        forget = forget.to(logits.device).bool()
         classification = labels.dim() == 1 and logits.dim() == 2
         if self.name == "random_labels" and not classification:
             raise ValueError(
                 "random_labels needs a classification model (logits [B, C], labels [B]); use ga, graddiff or npo for LMs."
             )
         logp, n_tok = sequence_logprobs(logits, labels, causal)
-        nll = -logp / n_tok.clamp_min(1)  # mean token NLL (or CE for classification)
-        retain_term = self.retain_weight * nll
+        forget_term = None
         if self.name == "random_labels":
             c = self.num_classes or logits.shape[-1]
             shift = torch.randint(1, c, labels.shape, generator=self._generator).to(labels.device)
             wrong = (labels + shift) % c
             forget_term = F.cross_entropy(logits.float(), wrong, reduction="none")
-        elif self.name in ("ga", "graddiff"):
+        return self._combine(logp, n_tok, forget, example_id, forget_term)
+
+    def from_logprobs(
+        self,
+        logp: torch.Tensor,
+        n_tok: torch.Tensor,
+        forget: torch.Tensor,
+        example_id: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The objective from per-example summed label log-probabilities ``logp`` over ``n_tok`` label tokens.
+
+        For forwards that return log-probabilities instead of logits (TRL's fused LM head); ``ga``, ``graddiff``
+        and ``npo`` only (``random_labels`` needs the logits).
+        """
+        if self.name == "random_labels":
+            raise ValueError(
+                "random_labels needs classification logits; this forward returns only label log-probabilities "
+                "(e.g. TRL's fused LM head). Use objective='ga', 'graddiff' or 'npo'."
+            )
+        return self._combine(logp, n_tok, forget, example_id, None)
+
+    def _combine(
+        self,
+        logp: torch.Tensor,
+        n_tok: torch.Tensor,
+        forget: torch.Tensor,
+        example_id: torch.Tensor | None,
+        forget_term: torch.Tensor | None,
+    ) -> torch.Tensor:
+        forget = forget.to(logp.device).bool()
+        nll = -logp / n_tok.clamp_min(1)  # mean token NLL (or CE for classification)
+        retain_term = self.retain_weight * nll
+        if self.name in ("ga", "graddiff"):
             forget_term = -nll
             if self.name == "ga" and self.retain_weight == 0:
                 retain_term = torch.zeros_like(nll)
-        else:  # npo
+        elif self.name == "npo":
             if self.reference is None or example_id is None:
                 raise ValueError(
                     "NPO needs reference log-probabilities (reference_logprobs) and an example_id tag."
@@ -228,7 +258,15 @@ def objective_hook(model: nn.Module, objective: UnlearningObjective) -> LossHook
         if FORGET_TAG not in tags:
             raise RuntimeError(
                 "No 'unlearn' tags reached the model: build the training set with hfhooks.forget_retain_dataset(...) "
-                "and pass data_collator=hfhooks.TaggedCollator()."
+                "and pass data_collator=hfhooks.TaggedCollator(); with a datasets.Dataset that has an 'unlearn' "
+                "column (e.g. in TRL's SFTTrainer), pass data_collator=hfhooks.TaggedCollator(<the trainer's "
+                "collator>, columns=['unlearn']) and remove_unused_columns=False."
+            )
+        if outputs.get("logits") is None and outputs.get("log_probs") is not None:
+            # TRL's fused LM head: per-token label log-probs (zero on ignored positions), no logits
+            logp, mask = outputs["log_probs"], outputs["label_mask"]
+            return objective.from_logprobs(
+                logp.float().sum(-1), mask.sum(-1), torch.as_tensor(tags[FORGET_TAG]), tags.get(ID_TAG)
             )
         return objective(
             outputs["logits"], labels, torch.as_tensor(tags[FORGET_TAG]), tags.get(ID_TAG), causal

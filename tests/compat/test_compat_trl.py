@@ -1,0 +1,355 @@
+"""The TRL column of the compatibility matrix: every callback inside TRL's ``SFTTrainer`` (and ``DPOTrainer``
+where the method makes sense) on a ``datasets.Dataset`` with side-label columns, TRL's tokenisation, its
+collator and its fused LM head (``model(..., fused_lm_head=True)`` returns label log-probabilities, no logits).
+
+Side labels reach the hooks through ``TaggedCollator(<TRL's collator>, columns=[...])`` with
+``remove_unused_columns=False``. Refusals are checked by message and raised before any optimizer step (the
+weights are compared bit for bit with the ones before ``train()``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from compat_utils import (
+    VOCAB,
+    HookProbe,
+    hfhooks_hooks,
+    hooks_report,
+    llama,
+    moved,
+    random_mask,
+    refused,
+    snapshot,
+)
+
+from hfhooks import (
+    AttributionAlignmentCallback,
+    GradientMaskCallback,
+    GradientRoutingCallback,
+    LayerRestorationCallback,
+    SaliencyUnlearningCallback,
+    TaggedCollator,
+    UnlearningObjective,
+    dedicated_mask,
+)
+from hfhooks.core.params import ParamIndex
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 3)]  # the tiny models' vocabulary
+
+
+def tokenizer():
+    """A word-level fast tokenizer over ``w0 … w44`` (built offline: no hub access)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
+    )
+
+
+def _words(g: torch.Generator, n: int) -> str:
+    return " ".join(f"w{int(t)}" for t in torch.randint(0, VOCAB - 3, (n,), generator=g))
+
+
+def text_dataset(n: int = 16, seed: int = 0, **columns):
+    """``{"text": ...}`` rows of 6–9 words plus side-label columns (``name=[per-example values]``)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"text": _words(g, 6 + i % 4), **{k: v[i] for k, v in columns.items()}} for i in range(n)]
+    return datasets.Dataset.from_list(rows)
+
+
+def sft_config(out, **overrides) -> SFTConfig:
+    kw = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+              report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, max_length=16, seed=0,
+              dataloader_num_workers=0)  # fmt: skip
+    kw.update(overrides)
+    return SFTConfig(**kw)
+
+
+def tag_collator(*columns: str, **kw) -> TaggedCollator:
+    return TaggedCollator(DataCollatorForLanguageModeling(pad_token_id=0), columns=columns, **kw)
+
+
+class Recorder:
+    """Wraps a collator and keeps every batch it produced (to recompute the first step's loss)."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        self.batches.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        return batch
+
+
+def forget_rows(trainer):
+    """The trainer's TRL-tokenised forget rows (``unlearn == 1``, dataset order), as model inputs only."""
+    rows = trainer.train_dataset.filter(lambda e: e["unlearn"] == 1)
+    return rows.select_columns(["input_ids", "labels"])
+
+
+def sft(model, args, dataset, callback=None, collator=None) -> SFTTrainer:
+    """An ``SFTTrainer`` with a :class:`HookProbe` first (``trainer.probe``: the hook census at train start)."""
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer(),
+                         data_collator=collator, callbacks=[HookProbe()])  # fmt: skip
+    trainer.probe = next(c for c in trainer.callback_handler.callbacks if isinstance(c, HookProbe))
+    if callback is not None:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def run(trainer) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+
+
+def assert_no_hooks(trainer) -> None:
+    """No hfhooks hook left, and the hook census equal to the one at train start."""
+    if hasattr(trainer, "probe"):
+        report = hooks_report(trainer.probe, trainer.model)
+        assert report == {"hfhooks_hooks_left": [], "census_changed": {}}, report
+    assert hfhooks_hooks(trainer.model, trainer.optimizer) == []
+
+
+def frozen_and_trained(before, model, may) -> tuple[int, int]:
+    frozen = trained = 0
+    for n, p in ParamIndex(model).items():
+        allowed = may.get(n, torch.zeros(p.shape, dtype=torch.bool)).expand(p.shape)
+        frozen += moved(before[n], p, ~allowed)
+        trained += moved(before[n], p, allowed)
+    return frozen, trained
+
+
+# -- ✓ cells -----------------------------------------------------------------------------------------------
+@pytest.mark.compat(callback="gradient_mask", setup="trl")
+def test_gradient_mask_sft(tmp_path):
+    model = llama()
+    mask = random_mask(model)
+    trainer = sft(model, sft_config(tmp_path), text_dataset(), GradientMaskCallback(mask))
+    before = snapshot(trainer.model)
+    run(trainer)
+    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
+    frozen, trained = frozen_and_trained(before, trainer.model, may)
+    assert frozen == 0 and trained > 0
+    assert_no_hooks(trainer)
+
+
+@pytest.mark.compat(callback="gradient_mask", setup="trl", variant="DPOTrainer")
+def test_gradient_mask_dpo(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)}
+        for _ in range(8)
+    ]
+    model = llama()
+    mask = random_mask(model)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)  # fmt: skip
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer(),
+                         callbacks=[GradientMaskCallback(mask)])  # fmt: skip
+    before = snapshot(trainer.model)
+    run(trainer)
+    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
+    frozen, trained = frozen_and_trained(before, trainer.model, may)
+    assert frozen == 0 and trained > 0
+    assert_no_hooks(trainer)
+
+
+@pytest.mark.compat(callback="routing", setup="trl")
+def test_routing_sft(tmp_path):
+    """Forget-only steps move only dedicated coordinates, retain-only steps only shared ones: the labels came
+    from the dataset's ``routing`` column through TRL's collator."""
+    model = llama()
+    ded = dedicated_mask(model, mlp_units=8, heads=1)
+    for phase, label in (("forget", 1), ("retain", 0)):
+        cb = GradientRoutingCallback(ded, strict=True)
+        data = text_dataset(8, seed=label, routing=[label] * 8)
+        args = sft_config(tmp_path / phase, max_steps=2, remove_unused_columns=False)
+        trainer = sft(model, args, data, cb, tag_collator("routing", homogeneous="routing"))
+        before = snapshot(trainer.model)
+        run(trainer)
+        may = {}
+        for n, p in ParamIndex(trainer.model).items():
+            d = ded[n].bool().expand(p.shape) if n in ded else torch.zeros(p.shape, dtype=torch.bool)
+            may[n] = d if label == 1 else ~d
+        frozen, trained = frozen_and_trained(before, trainer.model, may)
+        assert frozen == 0 and trained > 0, (phase, frozen, trained)
+        assert cb.router.counts[phase] > 0
+        assert_no_hooks(trainer)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        pytest.param("graddiff", marks=pytest.mark.compat(callback="unlearning", setup="trl")),
+        pytest.param(
+            "npo", marks=pytest.mark.compat(callback="unlearning", setup="trl", variant="objective='npo'")
+        ),
+    ],
+)
+def test_unlearning_sft(tmp_path, objective):
+    """The mask is computed on the forget rows, masked-out coordinates stay bit-identical, and the loss TRL logs
+    for the first step is the forget/retain objective (recomputed from the logits of the initial model) — not
+    TRL's NLL, which its fused LM head would otherwise compute."""
+    forget_flags = [i % 2 for i in range(16)]
+    data = text_dataset(16, unlearn=forget_flags, example_id=[i // 2 for i in range(16)])
+    model = llama()
+    model0 = copy.deepcopy(model)
+    rec = Recorder(tag_collator("unlearn", "example_id"))
+    trainer = sft(model, sft_config(tmp_path, max_steps=2, remove_unused_columns=False), data, None, rec)
+    collate = DataCollatorForLanguageModeling(pad_token_id=0)
+    cb = SaliencyUnlearningCallback(forget_rows(trainer), objective=objective, ratio=0.5, collate=collate,
+                                    progress=False)  # fmt: skip
+    trainer.add_callback(cb)
+    before = snapshot(trainer.model)
+    run(trainer)
+    assert cb.mask is not None
+    may = {n: cb.mask[n].bool() if n in cb.mask else torch.zeros((), dtype=torch.bool) for n in before}
+    frozen, trained = frozen_and_trained(before, trainer.model, may)
+    assert frozen == 0 and trained > 0
+    assert_no_hooks(trainer)
+    # the first step's loss, recomputed: the objective on the initial model's logits
+    batch = dict(rec.batches[0])
+    flags, ids, labels = batch.pop("unlearn"), batch.pop("example_id"), batch.pop("labels")
+    assert 0 < int(flags.sum()) < len(flags), "the first batch should mix forget and retain rows"
+    ref = UnlearningObjective(objective, reference=cb.objective.reference)
+    with torch.no_grad():
+        expected = ref(model0(**batch).logits, labels, flags, ids, causal=True)
+        nll = torch.nn.functional.cross_entropy(model0(**batch).logits[:, :-1].flatten(0, 1),
+                                                labels[:, 1:].flatten(), ignore_index=-100)  # fmt: skip
+    logged = trainer.state.log_history[0]["loss"]
+    assert logged == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+    assert abs(logged - float(nll)) > 1e-3, "the logged loss is TRL's own NLL: the objective did not act"
+
+
+@pytest.mark.compat(callback="restoration", setup="trl")
+def test_restoration_sft(tmp_path):
+    model = llama()
+    reference = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    cb = LayerRestorationCallback(reference, "0:1", when=("train_end",))
+    trainer = sft(model, sft_config(tmp_path), text_dataset(), cb)
+    before = snapshot(trainer.model)
+    run(trainer)
+    layer0 = re.compile(r"^model\.layers\.0\.")
+    index = ParamIndex(trainer.model)
+    assert sum(moved(reference[n], p) for n, p in index.items() if layer0.match(n)) == 0
+    assert sum(moved(before[n], p) for n, p in index.items() if n.startswith("model.layers.1.")) > 0
+    assert len(cb.reports) >= 1
+    assert_no_hooks(trainer)
+
+
+# -- ✗ cells and refusals ----------------------------------------------------------------------------------
+def refused_before_any_step(request, trainer, exc, match) -> None:
+    """``trainer.train()`` raises ``exc`` matching ``match`` and no weight changed (no optimizer step ran)."""
+    before = snapshot(trainer.model)
+    with refused(request, exc, match):
+        run(trainer)
+    assert all(moved(before[n], p) == 0 for n, p in ParamIndex(trainer.model).items())
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.compat(callback="attribution", setup="trl", expect="error")
+def test_attribution_sft_refused(tmp_path, request):
+    data = text_dataset(8, rationale=[[1.0] * 10] * 8)
+    cb = AttributionAlignmentCallback("grad_x_input", prior="rationale")
+    trainer = sft(llama(), sft_config(tmp_path, remove_unused_columns=False), data, cb,
+                  tag_collator("rationale"))  # fmt: skip
+    refused_before_any_step(request, trainer, ValueError, "fused LM head")
+
+
+@pytest.mark.compat(callback="unlearning", setup="trl", variant="packing=True", expect="error")
+def test_unlearning_packing_refused(tmp_path, request):
+    data = text_dataset(16, unlearn=[i % 2 for i in range(16)])
+    # "wrapped" packing keeps a custom collator ("bfd" implies padding_free, for which TRL refuses one)
+    args = sft_config(tmp_path, packing=True, packing_strategy="wrapped", remove_unused_columns=False)
+    cb = SaliencyUnlearningCallback(data, objective="ga", progress=False)
+    trainer = sft(llama(), args, data, cb, tag_collator("unlearn"))
+    refused_before_any_step(request, trainer, ValueError, r"packing=True .*SFTConfig\(packing=False")
+
+
+@pytest.mark.compat(callback="routing", setup="trl", variant="padding_free=True", expect="error")
+def test_routing_padding_free_refused(tmp_path, request):
+    data = text_dataset(8, routing=[1] * 8)
+    # TRL refuses custom collators with padding_free: the labels could only be lost, which is refused too
+    args = sft_config(tmp_path, padding_free=True, max_length=None, remove_unused_columns=False)
+    trainer = sft(llama(), args, data, GradientRoutingCallback(mlp_units=8))
+    refused_before_any_step(request, trainer, ValueError, r"SFTConfig\(padding_free=False\)")
+
+
+@pytest.mark.compat(callback="unlearning", setup="trl", variant="loss_type='dft'", expect="error")
+def test_unlearning_dft_refused(tmp_path, request):
+    data = text_dataset(8, unlearn=[i % 2 for i in range(8)])
+    args = sft_config(tmp_path, loss_type="dft", remove_unused_columns=False)
+    trainer = sft(llama(), args, data, SaliencyUnlearningCallback(data, objective="ga", progress=False),
+                  tag_collator("unlearn"))  # fmt: skip
+    refused_before_any_step(request, trainer, ValueError, r"SFTConfig\(loss_type='nll'\)")
+
+
+@pytest.mark.compat(callback="routing", setup="trl", variant="DPOTrainer", expect="error")
+def test_routing_dpo_refused(tmp_path, request):
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)}
+        for _ in range(4)
+    ]
+    model = llama()
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, save_strategy="no")  # fmt: skip
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer(),
+                         callbacks=[GradientRoutingCallback(mlp_units=8)])  # fmt: skip
+    refused_before_any_step(request, trainer, ValueError, "preference pairs")
+
+
+def test_routing_without_the_column_refused_before_a_step(tmp_path):
+    """TRL's own collator (no TaggedCollator): the routing labels never arrive; refused before the first
+    optimizer step, naming the TRL recipe."""
+    trainer = sft(
+        llama(), sft_config(tmp_path), text_dataset(8, routing=[1] * 8), GradientRoutingCallback(mlp_units=8)
+    )
+    before = snapshot(trainer.model)
+    with pytest.raises(RuntimeError, match=r"No routing labels.*columns=\['routing'\]"):
+        run(trainer)
+    assert all(moved(before[n], p) == 0 for n, p in ParamIndex(trainer.model).items())
+
+
+def test_unlearning_without_the_column_refused_before_a_step(tmp_path):
+    """TRL's own collator drops the ``unlearn`` column: the objective names the TRL recipe at the first
+    forward, before any optimizer step (formerly a bare ``KeyError: 'logits'`` on TRL's fused output)."""
+    data = text_dataset(8, unlearn=[i % 2 for i in range(8)])
+    trainer = sft(llama(), sft_config(tmp_path), data)
+    collate = DataCollatorForLanguageModeling(pad_token_id=0)
+    forget = forget_rows(sft(llama(), sft_config(tmp_path, remove_unused_columns=False), data))
+    trainer.add_callback(SaliencyUnlearningCallback(forget, objective="ga", progress=False, collate=collate))
+    before = snapshot(trainer.model)
+    with pytest.raises(RuntimeError, match=r"No 'unlearn' tags.*columns=\['unlearn'\]"):
+        run(trainer)
+    assert all(moved(before[n], p) == 0 for n, p in ParamIndex(trainer.model).items())
+
+
+def test_tag_column_dropped_by_remove_unused_columns(tmp_path):
+    """``remove_unused_columns=True`` (the default) drops the column before the collator: the collator names
+    the option."""
+    data = text_dataset(8, routing=[1] * 8)
+    trainer = sft(
+        llama(), sft_config(tmp_path), data, GradientRoutingCallback(mlp_units=8), tag_collator("routing")
+    )
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        run(trainer)
+    assert trainer.state.global_step == 0
