@@ -23,6 +23,11 @@ from collections.abc import Callable, Iterator
 from unittest import mock
 
 import pytest
+
+# DeepSpeed (the `deepspeed` extra) prints "Setting accelerator to CPU…" from its first import (accelerate's
+# extract_model_from_parallel imports it), which would land in doctest outputs; naming the accelerator silences it
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 import torch
 import transformers
 from packaging.version import Version
