@@ -228,3 +228,15 @@ def test_a_stock_trainer_steps_in_parts(monkeypatch, tmp_path):
         keep = mask[n]
         assert torch.equal(p.detach()[~keep], before[n][~keep]), n
         assert not torch.equal(p.detach()[keep], before[n][keep]), n
+
+
+def test_cpu_gather_and_scatter_of_frozen_values_round_trip_across_slices():
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 21) + 12345  # several 1 Mi-element slices of the scatter, and a ragged end
+    bits = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int16, generator=g)
+    keep = (torch.rand(n, generator=g) > 0.3).to(torch.uint8)
+    values = gm_module._gather_frozen(bits, keep)
+    assert torch.equal(values, bits[keep == 0])
+    out = torch.zeros_like(bits)
+    gm_module._scatter_frozen(out, keep, values)
+    assert torch.equal(out[keep == 0], bits[keep == 0]) and not out[keep == 1].any()

@@ -87,7 +87,7 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
-_CHUNK = 1 << 24  # elements unpacked at a time: bounds the transient keep mask (≤ 1 + 8 bytes an element)
+_CHUNK = 1 << 22  # elements unpacked at a time: bounds the transient keep mask (≤ 1 + 8 bytes an element)
 _PART_BYTES = PART_BYTES  # tensor bytes stepped together when the step is wrapped in snapshots
 
 
@@ -103,7 +103,11 @@ def _gather_frozen(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def _scatter_frozen(bits: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> None:
     """Write ``values`` (from :func:`_gather_frozen`) back into ``bits`` where ``keep`` is 0, in place."""
     if bits.device.type == "cpu":  # flatnonzero + put: 1.7x faster than masked_scatter_ on CPU (50 vs 84 ms)
-        np.put(bits.numpy(), np.flatnonzero(keep.numpy() == 0), values.numpy())
+        b, k, v, done = bits.numpy(), keep.numpy(), values.numpy(), 0
+        for start in range(0, k.size, 1 << 20):  # the int64 positions: ≤ 8 MB at a time
+            where = np.flatnonzero(k[start : start + (1 << 20)] == 0)
+            np.put(b[start : start + (1 << 20)], where, v[done : done + where.size])
+            done += where.size
         return
     bits.masked_scatter_(keep.view(torch.bool).logical_not(), values)
 
