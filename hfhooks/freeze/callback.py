@@ -55,7 +55,7 @@ class GradientMaskCallback(TrainerCallback):
         self.enforcer: GradientMask | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
+        refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model, deepspeed=True)
         refuse_step_in_backward(args, "GradientMaskCallback", optimizer)
         saved = load_mask(args, state, "GradientMaskCallback", self.resume_from, config=self.config)
         if saved is not None:
@@ -65,6 +65,12 @@ class GradientMaskCallback(TrainerCallback):
         self.enforcer = GradientMask(model, self.mask, config=self.config).attach(optimizer)
         if self.enforcer.finite is not None:  # name the Trainer's step in the non-finite warning
             self.enforcer.finite.step_offset = state.global_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # DeepSpeed stepped inside backward (accelerate's backward ends each accumulation window with
+        # engine.step()); the Trainer's optimizer.step() is a no-op there, so the write-back runs now.
+        if self.enforcer is not None and self.enforcer.zero_stage:
+            self.enforcer.after_step()
 
     def on_save(self, args, state, control, model=None, **kwargs):
         save_mask(args, state, "GradientMaskCallback", self.mask, model=model, config=self.config)

@@ -1,0 +1,171 @@
+"""Launched by tests/compat/test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo, CPU), once per ZeRO stage.
+
+A stock ``Trainer`` with ``TrainingArguments(deepspeed={...zero_optimization.stage: N...}, use_cpu=True)`` and a
+torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a tiny Llama:
+
+* ``gradient_mask``: ``GradientMaskCallback`` (hard freeze); this rank reports the frozen coordinates that moved in
+  the gathered module weights, in the fp32 masters, and the non-zero Adam state on them, the trainable ones that
+  changed, and the hooks left;
+* ``grad_only``: the same with ``freeze="grad"`` (hooks only, no write-back): weight decay must move frozen
+  coordinates there, or the write-back above is not what holds them;
+* ``unlearning``: ``SaliencyUnlearningCallback`` with a precomputed mask, the same checks;
+* refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``, ``offload``): the message.
+
+Writes ``<out>/rank<R>.json``. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
+the model is built (the Trainer's own setup comes too late for ``zero.Init``).
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (by transformers' integration)
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+
+from hfhooks import (  # noqa: E402
+    AttributionAlignmentCallback,
+    GradientMaskCallback,
+    GradientRoutingCallback,
+    LayerRestorationCallback,
+    ParamIndex,
+    ParamMask,
+    SaliencyUnlearningCallback,
+    TaggedCollator,
+    forget_retain_dataset,
+)
+from hfhooks.freeze.deepspeed import optimizer_state_keys  # noqa: E402
+
+VOCAB = 48
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=32):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, VOCAB, (n, 10), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def ds_config(stage: int, offload: bool = False) -> dict:
+    zero = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto"}  # fmt: skip
+
+
+def training_args(out, stage, offload=False, **kw):
+    return T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                               max_steps=3, learning_rate=5e-2, weight_decay=0.1, max_grad_norm=0.5,
+                               optim="adamw_torch", use_cpu=True, report_to=[], logging_strategy="no",
+                               save_strategy="no", disable_tqdm=True, seed=0,
+                               deepspeed=ds_config(stage, offload), **kw)  # fmt: skip
+
+
+def tiny(stage):
+    torch.manual_seed(0)  # same init on every rank
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return T.LlamaForCausalLM(cfg)
+
+
+def random_mask(index, ratio=0.4):
+    g = torch.Generator().manual_seed(1)
+    return ParamMask.from_scores({n: torch.rand(p.shape, generator=g) for n, p in index.items()}, ratio)
+
+
+def hooks_left(model) -> int:
+    return sum(len(p._backward_hooks or {}) for p in model.parameters())
+
+
+def compare(trainer, index, initial, mask) -> dict:
+    """Frozen coordinates moved in the gathered weights and the fp32 masters, non-zero Adam state on them, and
+    trainable coordinates changed (collective: every rank runs it)."""
+    keys = optimizer_state_keys(trainer.optimizer)
+    moved = master_moved = state_nonzero = changed = 0
+    for name, p in index.items():
+        keep = mask[name]
+        with deepspeed.zero.GatheredParameters([p]):
+            now = p.detach().clone()
+        master = safe_get_full_fp32_param(p).reshape(now.shape)
+        then = initial[name]
+        moved += int((now[~keep].view(torch.int32) != then[~keep].view(torch.int32)).sum())
+        master_moved += int((master[~keep].view(torch.int32) != then[~keep].view(torch.int32)).sum())
+        changed += int((now[keep] != then[keep]).sum())
+        for key in keys:
+            state_nonzero += int(safe_get_full_optimizer_state(p, key).reshape(now.shape)[~keep].count_nonzero())
+    return {"moved": moved, "master_moved": master_moved, "state_nonzero": state_nonzero, "changed": changed,
+            "state_keys": keys, "frozen": int(sum(int((~mask[n]).sum()) for n in index.names()))}  # fmt: skip
+
+
+def train(out, stage, make_callback, dataset, collator=None):
+    args = training_args(out, stage)
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny(stage)
+    index = ParamIndex(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        initial = {n: p.detach().clone() for n, p in index.items()}
+        mask = random_mask(index)
+    cb = make_callback(mask)
+    trainer = T.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[cb])
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    result = compare(trainer, index, initial, mask)
+    result.update(status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage)
+    return result
+
+
+def refused(out, stage, callback, offload=False):
+    """What the callback says at train begin under this DeepSpeed setup (the Trainer's arguments)."""
+    args = training_args(out, stage, offload)
+    try:
+        callback.on_train_begin(args, T.TrainerState(), T.TrainerControl(), model=tiny(0), optimizer=None)
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    return {"status": "trained without error"}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, required=True)
+    a = parser.parse_args()
+    out, stage = a.out, a.stage
+    data = Data()
+    results = {
+        "gradient_mask": train(os.path.join(out, "gm"), stage, GradientMaskCallback, data),
+        "grad_only": train(os.path.join(out, "go"), stage, lambda m: GradientMaskCallback(m, freeze="grad"), data),
+    }
+    forget = [data[i] for i in range(8)]
+    tagged = forget_retain_dataset(forget, [data[i] for i in range(8, 32)])
+
+    def unlearn(mask):
+        return SaliencyUnlearningCallback(forget, objective="graddiff", mask=mask, progress=False)
+
+    results["unlearning"] = train(os.path.join(out, "un"), stage, unlearn, tagged, TaggedCollator())
+    results["unlearning_scoring"] = refused(out, stage, SaliencyUnlearningCallback(forget, progress=False))
+    results["routing"] = refused(out, stage, GradientRoutingCallback(mlp_units=4, heads=1))
+    results["attribution"] = refused(out, stage, AttributionAlignmentCallback())
+    results["restoration"] = refused(out, stage, LayerRestorationCallback({}, "0:1"))
+    results["offload"] = refused(out, stage, GradientMaskCallback(ParamMask({})), offload=True)
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if torch.distributed.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
