@@ -189,9 +189,10 @@ class _Frozen:
             stop = min(n, start + step)
             yield flat[start:stop], bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
 
-    def _drop_bool(self) -> torch.Tensor:
-        """Frozen coordinates of the local tensor as a full bool tensor (transient; the rare paths only)."""
-        p = _local(self.param)
+    def _drop_bool(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Frozen coordinates of the local tensor (or of ``like``, a full-size stand-in: DeepSpeed's masters) as a
+        full bool tensor (transient; the rare paths only)."""
+        p = _local(self.param) if like is None else like
         if self.kind == "element":
             return bits_as_bytes(self.bits, p.numel()).view(torch.bool).logical_not().reshape(p.shape)
         return (self.keep == 0).expand(p.shape)
@@ -338,7 +339,7 @@ class _Frozen:
         parameter in any floating dtype (DeepSpeed's fp32 masters: an upcast, exact)."""
         values = self.values.to(t.dtype)
         if self.kind == "element":
-            t.masked_scatter_(self._drop_bool(), values)
+            t.masked_scatter_(self._drop_bool(t), values)
         elif self.kind == "all":
             t.copy_(values)
         else:
@@ -349,7 +350,7 @@ class _Frozen:
         """How many frozen coordinates of ``t`` (full, shaped like the parameter) differ from the values kept at
         attach, compared in ``t``'s dtype."""
         if self.kind == "element":
-            now = t[self._drop_bool()]
+            now = t[self._drop_bool(t)]
         elif self.kind == "all":
             now = t
         else:

@@ -16,7 +16,13 @@ from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
 from hfhooks.masks.saliency import compute_saliency
-from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import (
+    fsdp_version,
+    has_dtensors,
+    refuse_step_in_backward,
+    refuse_unsupported,
+    uses_deepspeed,
+)
 from hfhooks.trainer.state import (
     CallbackStateError,
     ResumeFrom,
@@ -132,7 +138,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
         return mask
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
+        refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model, deepspeed=True)
         refuse_step_in_backward(args, "SaliencyUnlearningCallback", optimizer)
         if getattr(args, "label_smoothing_factor", 0) > 0:  # checked before the (costly) saliency pass
             raise ValueError(
@@ -149,6 +155,14 @@ class SaliencyUnlearningCallback(TrainerCallback):
                 "must be global). Compute the mask first — this callback under DDP or one process with "
                 "save_mask=..., or hfhooks.compute_saliency + ParamMask.from_scores — and pass mask=... here."
             )
+        if not restored and self.mask is None and uses_deepspeed(args):
+            raise RuntimeError(
+                "SaliencyUnlearningCallback cannot score saliency under DeepSpeed: a backward pass through the "
+                "model outside the engine's step feeds DeepSpeed's partitioned gradient buffers (p.grad stays "
+                "None), so the scores would be empty and the next step corrupted. Compute the mask first — this "
+                "callback under DDP or one process with save_mask=..., or hfhooks.compute_saliency + "
+                "ParamMask.from_scores — and pass mask=... here (a precomputed mask trains under ZeRO-1/2/3)."
+            )
         if not restored:
             if self.mask is None:
                 self.mask = self._compute_mask(model)
@@ -163,6 +177,11 @@ class SaliencyUnlearningCallback(TrainerCallback):
                 self._own_reference = True
         self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # DeepSpeed stepped inside backward; the hard freeze writes the frozen coordinates back now
+        if self.freezer is not None and self.freezer.zero_stage:
+            self.freezer.after_step()
 
     _OWNER = "SaliencyUnlearningCallback"
 

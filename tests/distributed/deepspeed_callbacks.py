@@ -1,4 +1,4 @@
-"""Launched by tests/compat/test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo, CPU), once per ZeRO stage.
+"""Launched by tests/compat/test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo, CPU): one launch for ZeRO-1, 2, 3.
 
 A stock ``Trainer`` with ``TrainingArguments(deepspeed={...zero_optimization.stage: N...}, use_cpu=True)`` and a
 torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a tiny Llama:
@@ -11,7 +11,7 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``unlearning``: ``SaliencyUnlearningCallback`` with a precomputed mask, the same checks;
 * refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``, ``offload``): the message.
 
-Writes ``<out>/rank<R>.json``. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
+Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
 """
 
@@ -120,6 +120,7 @@ def train(out, stage, make_callback, dataset, collator=None):
     try:
         trainer.train()
     except RuntimeError as e:
+        import traceback; traceback.print_exc()
         return {"status": "error", "message": str(e)}
     result = compare(trainer, index, initial, mask)
     result.update(status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage)
@@ -139,26 +140,32 @@ def refused(out, stage, callback, offload=False):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--stages", default="1,2,3")
     a = parser.parse_args()
-    out, stage = a.out, a.stage
-    data = Data()
-    results = {
-        "gradient_mask": train(os.path.join(out, "gm"), stage, GradientMaskCallback, data),
-        "grad_only": train(os.path.join(out, "go"), stage, lambda m: GradientMaskCallback(m, freeze="grad"), data),
-    }
+    out, data = a.out, Data()
     forget = [data[i] for i in range(8)]
     tagged = forget_retain_dataset(forget, [data[i] for i in range(8, 32)])
 
     def unlearn(mask):
         return SaliencyUnlearningCallback(forget, objective="graddiff", mask=mask, progress=False)
 
-    results["unlearning"] = train(os.path.join(out, "un"), stage, unlearn, tagged, TaggedCollator())
-    results["unlearning_scoring"] = refused(out, stage, SaliencyUnlearningCallback(forget, progress=False))
-    results["routing"] = refused(out, stage, GradientRoutingCallback(mlp_units=4, heads=1))
-    results["attribution"] = refused(out, stage, AttributionAlignmentCallback())
-    results["restoration"] = refused(out, stage, LayerRestorationCallback({}, "0:1"))
-    results["offload"] = refused(out, stage, GradientMaskCallback(ParamMask({})), offload=True)
+    def grad_only(mask):
+        return GradientMaskCallback(mask, freeze="grad")
+
+    results = {}
+    for stage in map(int, a.stages.split(",")):
+        where = os.path.join(out, f"zero{stage}")
+        results[f"zero{stage}"] = {
+            "gradient_mask": train(os.path.join(where, "gm"), stage, GradientMaskCallback, data),
+            "grad_only": train(os.path.join(where, "go"), stage, grad_only, data),
+            "unlearning": train(os.path.join(where, "un"), stage, unlearn, tagged, TaggedCollator()),
+        }
+    # refusals are read from the arguments at train begin: the same under every stage
+    results["unlearning_scoring"] = refused(out, 2, SaliencyUnlearningCallback(forget, progress=False))
+    results["routing"] = refused(out, 2, GradientRoutingCallback(mlp_units=4, heads=1))
+    results["attribution"] = refused(out, 2, AttributionAlignmentCallback())
+    results["restoration"] = refused(out, 2, LayerRestorationCallback({}, "0:1"))
+    results["offload"] = refused(out, 2, GradientMaskCallback(ParamMask({})), offload=True)
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
