@@ -8,9 +8,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from hfhooks.freeze.config import GradientMaskConfig
+from hfhooks.freeze.deepspeed import require_zero
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.mask import ParamMask
-from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported, uses_deepspeed
 from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, save_mask
 
 __all__ = ["GradientMaskCallback"]
@@ -56,6 +57,8 @@ class GradientMaskCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model, deepspeed=True)
+        if uses_deepspeed(args):
+            require_zero(model, "GradientMaskCallback")
         refuse_step_in_backward(args, "GradientMaskCallback", optimizer)
         saved = load_mask(args, state, "GradientMaskCallback", self.resume_from, config=self.config)
         if saved is not None:

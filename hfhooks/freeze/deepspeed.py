@@ -36,6 +36,7 @@ __all__ = [
     "gathered",
     "is_zero3",
     "optimizer_state_keys",
+    "require_zero",
     "set_full_master",
     "set_full_optimizer_state",
     "torch_optimizer",
@@ -58,6 +59,21 @@ def zero_stage(model: nn.Module | None) -> int | None:
         if getattr(p, "_hp_mapping", None) is not None:
             return 2
     return None
+
+
+def require_zero(model: nn.Module | None, what: str) -> int:
+    """The ZeRO stage of ``model`` (see :func:`zero_stage`) when DeepSpeed is selected; ``RuntimeError`` if its
+    parameters carry no ZeRO bookkeeping (ZeRO stage 0, or an fp16 / plain engine), where the optimizer steps
+    master copies hfhooks cannot reach or is not what the Trainer's hooks see."""
+    stage = zero_stage(model)
+    if stage is None:
+        raise RuntimeError(
+            f"{what} does not support DeepSpeed without ZeRO-1/2/3: the model's parameters carry no ZeRO "
+            "partitioning (zero_optimization.stage 0, or the engine is not built yet), so the weights the "
+            "optimizer steps cannot be reached to hold frozen coordinates. Set zero_optimization.stage to 1, 2 "
+            "or 3, or train with DDP (torchrun --nproc_per_node N your_script.py)."
+        )
+    return stage
 
 
 def is_zero3(param: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from hfhooks.core.data import TaggedCollator
 from hfhooks.core.params import ParamIndex
+from hfhooks.freeze.deepspeed import require_zero
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
@@ -175,6 +176,8 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     model, self.forget, self.collate, self.batch_size, self.progress
                 )
                 self._own_reference = True
+        if uses_deepspeed(args):
+            require_zero(model, "SaliencyUnlearningCallback")
         self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
 

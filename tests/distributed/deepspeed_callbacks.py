@@ -21,12 +21,12 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (by transformers' integration)
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-import transformers as T  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+import deepspeed
+import torch
+import transformers as T
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-from hfhooks import (  # noqa: E402
+from hfhooks import (
     AttributionAlignmentCallback,
     GradientMaskCallback,
     GradientRoutingCallback,
@@ -37,7 +37,7 @@ from hfhooks import (  # noqa: E402
     TaggedCollator,
     forget_retain_dataset,
 )
-from hfhooks.freeze.deepspeed import optimizer_state_keys  # noqa: E402
+from hfhooks.freeze.deepspeed import optimizer_state_keys
 
 VOCAB = 48
 
@@ -101,7 +101,9 @@ def compare(trainer, index, initial, mask) -> dict:
         master_moved += int((master[~keep].view(torch.int32) != then[~keep].view(torch.int32)).sum())
         changed += int((now[keep] != then[keep]).sum())
         for key in keys:
-            state_nonzero += int(safe_get_full_optimizer_state(p, key).reshape(now.shape)[~keep].count_nonzero())
+            state_nonzero += int(
+                safe_get_full_optimizer_state(p, key).reshape(now.shape)[~keep].count_nonzero()
+            )
     return {"moved": moved, "master_moved": master_moved, "state_nonzero": state_nonzero, "changed": changed,
             "state_keys": keys, "frozen": int(sum(int((~mask[n]).sum()) for n in index.names()))}  # fmt: skip
 
@@ -120,10 +122,14 @@ def train(out, stage, make_callback, dataset, collator=None):
     try:
         trainer.train()
     except RuntimeError as e:
-        import traceback; traceback.print_exc()
+        import traceback
+
+        traceback.print_exc()
         return {"status": "error", "message": str(e)}
     result = compare(trainer, index, initial, mask)
-    result.update(status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage)
+    result.update(
+        status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage
+    )
     return result
 
 
@@ -155,17 +161,16 @@ def main():
     results = {}
     for stage in map(int, a.stages.split(",")):
         where = os.path.join(out, f"zero{stage}")
-        results[f"zero{stage}"] = {
+        results[f"zero{stage}"] = r = {
             "gradient_mask": train(os.path.join(where, "gm"), stage, GradientMaskCallback, data),
             "grad_only": train(os.path.join(where, "go"), stage, grad_only, data),
             "unlearning": train(os.path.join(where, "un"), stage, unlearn, tagged, TaggedCollator()),
         }
-    # refusals are read from the arguments at train begin: the same under every stage
-    results["unlearning_scoring"] = refused(out, 2, SaliencyUnlearningCallback(forget, progress=False))
-    results["routing"] = refused(out, 2, GradientRoutingCallback(mlp_units=4, heads=1))
-    results["attribution"] = refused(out, 2, AttributionAlignmentCallback())
-    results["restoration"] = refused(out, 2, LayerRestorationCallback({}, "0:1"))
-    results["offload"] = refused(out, 2, GradientMaskCallback(ParamMask({})), offload=True)
+        # refusals are read from the arguments (and the model) at train begin
+        r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
+        r["routing"] = refused(where, stage, GradientRoutingCallback(mlp_units=4, heads=1))
+        r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
+        r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
