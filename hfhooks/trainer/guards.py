@@ -8,8 +8,6 @@ from typing import Any
 from hfhooks.core.params import is_dtensor
 
 __all__ = [
-    "DEEPSPEED_OFFLOAD_REASON",
-    "deepspeed_config",
     "fsdp_version",
     "has_dtensors",
     "refuse_step_in_backward",
@@ -56,40 +54,12 @@ def _has_fsdp1_wrapper(model: Any) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in modules)
 
 
-DEEPSPEED_OFFLOAD_REASON = (
-    "ZeRO offload (zero_optimization.offload_optimizer / offload_param) keeps the fp32 master weights and "
-    "optimizer states in CPU / NVMe buffers stepped by DeepSpeed's own CPU Adam (a compiled op, required "
-    "unless zero_force_ds_cpu_optimizer=false), outside the write-back that holds frozen coordinates. Remove "
-    "offload_optimizer and offload_param from the DeepSpeed config (ZeRO-1/2/3 without offload are "
-    "supported), or use DDP or FSDP2."
-)
-
-
 def uses_deepspeed(args: Any) -> bool:
     """True if ``args`` (TrainingArguments) or ``accelerate launch --use_deepspeed`` select DeepSpeed."""
     return (
         bool(getattr(args, "deepspeed", None))
         or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE
     )
-
-
-def deepspeed_config(args: Any) -> dict:
-    """The DeepSpeed config ``args`` selects, as a dict (``{}`` if none can be read): the one
-    ``TrainingArguments`` loaded (``hf_deepspeed_config``), else ``args.deepspeed`` when it is a dict."""
-    loaded = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-    if isinstance(loaded, dict):
-        return loaded
-    config = getattr(args, "deepspeed", None)
-    return config if isinstance(config, dict) else {}
-
-
-def _offloads(args: Any) -> list[str]:
-    zero = deepspeed_config(args).get("zero_optimization", {}) or {}
-    return [
-        key
-        for key in ("offload_optimizer", "offload_param")
-        if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")
-    ]
 
 
 def has_dtensors(model: Any) -> bool:
@@ -103,11 +73,11 @@ def refuse_unsupported(
     fsdp2: bool = False,
     instead: str | None = None,
     model: Any = None,
-    deepspeed: bool = False,
+    deepspeed: bool | str = False,
 ) -> None:
     """Raise ``RuntimeError`` naming the alternative if ``args`` (TrainingArguments) selects an engine ``what``
-    cannot serve: DeepSpeed unless ``deepspeed=True`` (ZeRO-1/2/3 without offload), FSDP1, or FSDP2 unless
-    ``fsdp2=True``.
+    cannot serve: DeepSpeed unless ``deepspeed=True`` (ZeRO-1/2/3, with or without offload; a string is the
+    reason given when it is refused), FSDP1, or FSDP2 unless ``fsdp2=True``.
 
     Under DeepSpeed the optimizer steps inside ``backward``, ``p.grad`` is ``None`` in callbacks and the
     optimizer steps fp32 master copies of the weights, so gradient edits and weight writes made there never
@@ -119,18 +89,13 @@ def refuse_unsupported(
     ddp = "Train with DDP (torchrun --nproc_per_node N your_script.py) or a single process instead."
     instead = instead or ddp
     if uses_deepspeed(args):
-        if not deepspeed:
-            raise RuntimeError(
-                f"{what} does not support DeepSpeed: it steps the optimizer inside backward and keeps "
-                f"gradients and weights partitioned, outside what {what} reads and writes. {instead}"
-            )
-        offloads = _offloads(args)
-        if offloads:
-            raise RuntimeError(
-                f"{what} does not support DeepSpeed with {' and '.join(offloads)}: "
-                + DEEPSPEED_OFFLOAD_REASON
-            )
-        return
+        if deepspeed is True:
+            return
+        why = deepspeed or (
+            "DeepSpeed steps the optimizer inside backward on partitioned fp32 master copies of the weights, "
+            f"outside what {what} reads and writes"
+        )
+        raise RuntimeError(f"{what} does not support DeepSpeed: {why}. {instead}")
     version = fsdp_version(args, model)
     if version is None and has_dtensors(model):
         version = 2  # sharded with fully_shard by the user, outside TrainingArguments

@@ -158,9 +158,11 @@ class SaliencyUnlearningCallback(TrainerCallback):
             )
         if not restored and self.mask is None and uses_deepspeed(args):
             raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score saliency under DeepSpeed: a backward pass through the "
-                "model outside the engine's step feeds DeepSpeed's partitioned gradient buffers (p.grad stays "
-                "None), so the scores would be empty and the next step corrupted. Compute the mask first — this "
+                "SaliencyUnlearningCallback cannot score saliency under DeepSpeed: the saliency pass runs its own "
+                "backward through the model, outside the engine, whose ZeRO hooks would reduce those gradients "
+                "into the engine's partitioned buffers (ZeRO-3 also holds each weight as a partition), so the "
+                "scores would not be the full gradients and the engine's gradient state would be left "
+                "dirty. Compute the mask first — this "
                 "callback under DDP or one process with save_mask=..., or hfhooks.compute_saliency + "
                 "ParamMask.from_scores — and pass mask=... here (a precomputed mask trains under ZeRO-1/2/3)."
             )

@@ -103,3 +103,12 @@ def test_attribution_is_refused(ranks, stage, record_property):
 def test_restoration_is_refused(ranks, stage, record_property):
     assert_refused(ranks, stage, "restoration", "LayerRestorationCallback does not support DeepSpeed",
                    "hfhooks restore", record=record_property)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "stage", _stages("gradient_mask", variant="offload_optimizer (ZeRO-3: and offload_param) to CPU")
+)
+def test_gradient_mask_callback_with_offload(ranks, stage):
+    """The masters and Adam state live in DeepSpeed's CPU buffers (stepped by torch AdamW with
+    zero_force_ds_cpu_optimizer=false); the write-back reaches them through the same public accessors."""
+    assert_held(ranks, stage, "offload")

@@ -9,7 +9,8 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``grad_only``: the same with ``freeze="grad"`` (hooks only, no write-back): weight decay must move frozen
   coordinates there, or the write-back above is not what holds them;
 * ``unlearning``: ``SaliencyUnlearningCallback`` with a precomputed mask, the same checks;
-* refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``, ``offload``): the message.
+* ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU;
+* refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
@@ -56,9 +57,13 @@ class Data(torch.utils.data.Dataset):
 
 def ds_config(stage: int, offload: bool = False) -> dict:
     zero = {"stage": stage}
-    if offload:
+    extra = {}
+    if offload:  # masters and optimizer state (ZeRO-3: and the parameters) in CPU memory, stepped by torch AdamW
         zero["offload_optimizer"] = {"device": "cpu"}
-    return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+        extra["zero_force_ds_cpu_optimizer"] = False  # else DeepSpeedCPUAdam, a compiled op
+    return {"zero_optimization": zero, **extra, "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto"}  # fmt: skip
 
 
@@ -108,8 +113,8 @@ def compare(trainer, index, initial, mask) -> dict:
             "state_keys": keys, "frozen": int(sum(int((~mask[n]).sum()) for n in index.names()))}  # fmt: skip
 
 
-def train(out, stage, make_callback, dataset, collator=None):
-    args = training_args(out, stage)
+def train(out, stage, make_callback, dataset, collator=None, offload=False):
+    args = training_args(out, stage, offload)
     if stage == 3:
         deepspeed.init_distributed(dist_backend="gloo")
     model = tiny(stage)
@@ -133,9 +138,9 @@ def train(out, stage, make_callback, dataset, collator=None):
     return result
 
 
-def refused(out, stage, callback, offload=False):
+def refused(out, stage, callback):
     """What the callback says at train begin under this DeepSpeed setup (the Trainer's arguments)."""
-    args = training_args(out, stage, offload)
+    args = training_args(out, stage)
     try:
         callback.on_train_begin(args, T.TrainerState(), T.TrainerControl(), model=tiny(0), optimizer=None)
     except RuntimeError as e:
@@ -165,6 +170,7 @@ def main():
             "gradient_mask": train(os.path.join(where, "gm"), stage, GradientMaskCallback, data),
             "grad_only": train(os.path.join(where, "go"), stage, grad_only, data),
             "unlearning": train(os.path.join(where, "un"), stage, unlearn, tagged, TaggedCollator()),
+            "offload": train(os.path.join(where, "off"), stage, GradientMaskCallback, data, offload=True),
         }
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
