@@ -98,15 +98,13 @@ def test_deepspeed_refusals_say_why_and_what_to_use(name, tmp_path, monkeypatch)
 
 
 def test_deepspeed_unlearning_with_a_mask_needs_zero(tmp_path, monkeypatch):
-    model = llama()
+    model, args = llama(), training_args(tmp_path, "single")  # built before the launch's environment is set
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     cb = SaliencyUnlearningCallback(lm_rows(4), mask=random_mask(model), progress=False)
     with pytest.raises(
         RuntimeError, match=r"^SaliencyUnlearningCallback does not support DeepSpeed without ZeRO"
     ):
-        cb.on_train_begin(
-            training_args(tmp_path, "single"), T.TrainerState(), T.TrainerControl(), model=model
-        )
+        cb.on_train_begin(args, T.TrainerState(), T.TrainerControl(), model=model)
 
 
 @pytest.mark.parametrize("name", _cells("fsdp1"))
