@@ -106,9 +106,10 @@ def test_restoration_is_refused(ranks, stage, record_property):
 
 
 @pytest.mark.parametrize(
-    "stage", _stages("gradient_mask", variant="offload_optimizer (ZeRO-3: and offload_param) to CPU")
+    "stage", _stages("gradient_mask", variant="bf16, offload_optimizer (ZeRO-3: and offload_param) to CPU")
 )
-def test_gradient_mask_callback_with_offload(ranks, stage):
-    """The masters and Adam state live in DeepSpeed's CPU buffers (stepped by torch AdamW with
+def test_gradient_mask_callback_with_bf16_and_offload(ranks, stage):
+    """A bf16 module with fp32 masters and Adam state in DeepSpeed's CPU buffers (stepped by torch AdamW with
     zero_force_ds_cpu_optimizer=false); the write-back reaches them through the same public accessors."""
     assert_held(ranks, stage, "offload")
+    assert ranks[0][f"zero{stage}"]["offload"]["dtype"] == "torch.bfloat16"

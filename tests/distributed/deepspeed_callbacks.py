@@ -9,7 +9,8 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``grad_only``: the same with ``freeze="grad"`` (hooks only, no write-back): weight decay must move frozen
   coordinates there, or the write-back above is not what holds them;
 * ``unlearning``: ``SaliencyUnlearningCallback`` with a precomputed mask, the same checks;
-* ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU;
+* ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU, and
+  bf16 mixed precision (a bf16 module, fp32 masters);
 * refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
@@ -58,16 +59,21 @@ class Data(torch.utils.data.Dataset):
 def ds_config(stage: int, offload: bool = False) -> dict:
     zero = {"stage": stage}
     extra = {}
-    if offload:  # masters and optimizer state (ZeRO-3: and the parameters) in CPU memory, stepped by torch AdamW
+    if (
+        offload
+    ):  # masters and optimizer state (ZeRO-3: and the parameters) in CPU memory, stepped by torch AdamW
         zero["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu"}
         extra["zero_force_ds_cpu_optimizer"] = False  # else DeepSpeedCPUAdam, a compiled op
+        extra["bf16"] = {"enabled": True}  # and mixed precision: bf16 module, fp32 masters
     return {"zero_optimization": zero, **extra, "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto"}  # fmt: skip
 
 
 def training_args(out, stage, offload=False, **kw):
+    if offload:
+        kw["bf16"] = True
     return T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                max_steps=3, learning_rate=5e-2, weight_decay=0.1, max_grad_norm=0.5,
                                optim="adamw_torch", use_cpu=True, report_to=[], logging_strategy="no",
@@ -91,26 +97,31 @@ def hooks_left(model) -> int:
     return sum(len(p._backward_hooks or {}) for p in model.parameters())
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
 def compare(trainer, index, initial, mask) -> dict:
     """Frozen coordinates moved in the gathered weights and the fp32 masters, non-zero Adam state on them, and
-    trainable coordinates changed (collective: every rank runs it)."""
+    trainable coordinates changed (collective: every rank runs it). Under bf16 the engine casts the module to
+    bf16 and builds the masters from that: both are compared with the bf16 rounding of the initial weights."""
     keys = optimizer_state_keys(trainer.optimizer)
     moved = master_moved = state_nonzero = changed = 0
     for name, p in index.items():
         keep = mask[name]
         with deepspeed.zero.GatheredParameters([p]):
             now = p.detach().clone()
+        then = initial[name].to(now.dtype)
         master = safe_get_full_fp32_param(p).reshape(now.shape)
-        then = initial[name]
-        moved += int((now[~keep].view(torch.int32) != then[~keep].view(torch.int32)).sum())
-        master_moved += int((master[~keep].view(torch.int32) != then[~keep].view(torch.int32)).sum())
+        moved += int((bits(now[~keep]) != bits(then[~keep])).sum())
+        master_moved += int((bits(master[~keep]) != bits(then[~keep].float())).sum())
         changed += int((now[keep] != then[keep]).sum())
         for key in keys:
             state_nonzero += int(
                 safe_get_full_optimizer_state(p, key).reshape(now.shape)[~keep].count_nonzero()
             )
     return {"moved": moved, "master_moved": master_moved, "state_nonzero": state_nonzero, "changed": changed,
-            "state_keys": keys, "frozen": int(sum(int((~mask[n]).sum()) for n in index.names()))}  # fmt: skip
+            "state_keys": keys, "dtype": str(now.dtype)}  # fmt: skip
 
 
 def train(out, stage, make_callback, dataset, collator=None, offload=False):
