@@ -14,6 +14,11 @@ for two years. :class:`GradientMask` closes every path:
    groups (no weight decay, no state, less optimizer work), restoring the groups on :meth:`detach`;
 4. ``freeze="grad"`` only masks gradients (weight decay and momentum may still move masked coordinates).
 
+Under DeepSpeed ZeRO-1/2/3 the optimizer steps fp32 master copies inside ``backward``: the hooks of 1. still
+mask the gradients, and :meth:`GradientMask.after_step` (called by the callbacks after each DeepSpeed step) writes
+the frozen values back into the module's weights and the masters and zeroes their optimizer state (see
+:mod:`hfhooks.freeze.deepspeed`).
+
 Parameters of the model that the mask does not name are frozen entirely (``others="freeze"``, the contract
 "only masked-in coordinates train") or left alone (``others="train"``).
 
@@ -491,9 +496,8 @@ class GradientMask:
         self._steps = 0  # after_step calls since attach
         self._groups: list[tuple[dict, list[_Frozen]]] = []  # (param group, its masked tensors)
         self._zeroed: list[tuple[dict, Any]] = []  # (param group, weight_decay) zeroed for the current step
-        self._zero: int | None = (
-            None  # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
-        )
+        # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
+        self._zero: int | None = None
         self._ds_optimizer: Any = None
 
     @property
