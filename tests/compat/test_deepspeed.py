@@ -113,3 +113,11 @@ def test_gradient_mask_callback_with_bf16_and_offload(ranks, stage):
     zero_force_ds_cpu_optimizer=false); the write-back reaches them through the same public accessors."""
     assert_held(ranks, stage, "offload")
     assert ranks[0][f"zero{stage}"]["offload"]["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("stage", _stages("gradient_mask", variant="resume_from_checkpoint"))
+def test_gradient_mask_callback_resumed(ranks, stage):
+    """Saved at step 2 (DeepSpeed's own checkpoint shards), resumed by a fresh model and Trainer: still held, and
+    the resumed run ends bit-identical to the uninterrupted one (so the checkpoint was really loaded)."""
+    assert_held(ranks, stage, "resumed")
+    assert all(r[f"zero{stage}"]["resumed"]["equals_uninterrupted"] for r in ranks)

@@ -9,6 +9,7 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``grad_only``: the same with ``freeze="grad"`` (hooks only, no write-back): weight decay must move frozen
   coordinates there, or the write-back above is not what holds them;
 * ``unlearning``: ``SaliencyUnlearningCallback`` with a precomputed mask, the same checks;
+* ``resumed``: ``GradientMaskCallback`` resumed from a checkpoint saved at step 2 (DeepSpeed's own shards);
 * ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU, and
   bf16 mixed precision (a bf16 module, fp32 masters);
 * refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``): the message.
@@ -77,8 +78,8 @@ def training_args(out, stage, offload=False, **kw):
     return T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                max_steps=3, learning_rate=5e-2, weight_decay=0.1, max_grad_norm=0.5,
                                optim="adamw_torch", use_cpu=True, report_to=[], logging_strategy="no",
-                               save_strategy="no", disable_tqdm=True, seed=0,
-                               deepspeed=ds_config(stage, offload), **kw)  # fmt: skip
+                               disable_tqdm=True, seed=0, deepspeed=ds_config(stage, offload),
+                               **{"save_strategy": "no", **kw})  # fmt: skip
 
 
 def tiny(stage):
@@ -124,8 +125,20 @@ def compare(trainer, index, initial, mask) -> dict:
             "state_keys": keys, "dtype": str(now.dtype)}  # fmt: skip
 
 
-def train(out, stage, make_callback, dataset, collator=None, offload=False):
-    args = training_args(out, stage, offload)
+def gather(index) -> dict[str, torch.Tensor]:
+    """The module's full weights (collective)."""
+    out = {}
+    for name, p in index.items():
+        with deepspeed.zero.GatheredParameters([p]):
+            out[name] = p.detach().clone()
+    return out
+
+
+def train(out, stage, make_callback, dataset, collator=None, offload=False, resume=False):
+    """Train 3 steps; ``resume``: save checkpoint-2 on the way, then a fresh model and Trainer resume from it."""
+    args = training_args(
+        out, stage, offload, **({"save_strategy": "steps", "save_steps": 2} if resume else {})
+    )
     if stage == 3:
         deepspeed.init_distributed(dist_backend="gloo")
     model = tiny(stage)
@@ -137,12 +150,22 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False):
     trainer = T.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[cb])
     try:
         trainer.train()
+        if resume:  # DeepSpeed loads the module, masters and optimizer state before the callback attaches
+            uninterrupted = gather(index)
+            args = training_args(
+                out, stage, offload
+            )  # fresh: accelerate builds one DeepSpeed plugin per args
+            model = tiny(stage)
+            index = ParamIndex(model)
+            trainer = T.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                callbacks=[make_callback(mask)])  # fmt: skip
+            trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     except RuntimeError as e:
-        import traceback
-
-        traceback.print_exc()
         return {"status": "error", "message": str(e)}
     result = compare(trainer, index, initial, mask)
+    if resume:  # the resumed run ends where the uninterrupted one did: checkpoint-2 was really loaded
+        now = gather(index)
+        result["equals_uninterrupted"] = all(torch.equal(now[n], uninterrupted[n]) for n in now)
     result.update(
         status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage
     )
@@ -182,6 +205,7 @@ def main():
             "grad_only": train(os.path.join(where, "go"), stage, grad_only, data),
             "unlearning": train(os.path.join(where, "un"), stage, unlearn, tagged, TaggedCollator()),
             "offload": train(os.path.join(where, "off"), stage, GradientMaskCallback, data, offload=True),
+            "resumed": train(os.path.join(where, "res"), stage, GradientMaskCallback, data, resume=True),
         }
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
