@@ -82,9 +82,17 @@ SETUPS = {  # column title, how the tests select it
         "bf16 on GPU",
         "`TrainingArguments(bf16=True)` on a CUDA device; runs only where one exists.",
     ),
-    "deepspeed": (
-        "DeepSpeed",
-        "`TrainingArguments(deepspeed=...)` or a DeepSpeed launch (`ACCELERATE_USE_DEEPSPEED=true`).",
+    "zero1": (
+        "DeepSpeed ZeRO-1",
+        "`TrainingArguments(deepspeed={'zero_optimization': {'stage': 1}, ...}, use_cpu=True, "
+        "optim='adamw_torch')`, `torchrun --nproc_per_node 2`, `DS_ACCELERATOR=cpu` (gloo); frozen coordinates "
+        "are compared on the module weights, the fp32 master weights and the Adam state of both ranks.",
+    ),
+    "zero2": ("DeepSpeed ZeRO-2", "As ZeRO-1, with `'stage': 2` (gradients partitioned too)."),
+    "zero3": (
+        "DeepSpeed ZeRO-3",
+        "As ZeRO-1, with `'stage': 3` (parameters partitioned too; `deepspeed.init_distributed(dist_backend="
+        "'gloo')` before the model is built); module weights compared gathered.",
     ),
     "fsdp1": ("FSDP1", "`TrainingArguments(fsdp='full_shard', fsdp_config={'version': 1})`."),
     "trl": (

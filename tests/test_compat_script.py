@@ -34,7 +34,7 @@ def test_cells_notes_and_gaps(tmp_path):
         _case(
             "no",
             "gradient_mask",
-            "deepspeed",
+            "zero2",
             compat_error="X does not support DeepSpeed. Use DDP.",
             compat_expect="error",
         ),

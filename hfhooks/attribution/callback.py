@@ -71,7 +71,14 @@ class AttributionAlignmentCallback(TrainerCallback):
         return {f: getattr(self.config, f) for f in _FIELDS}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        refuse_unsupported(args, "AttributionAlignmentCallback", model=model)
+        refuse_unsupported(
+            args,
+            "AttributionAlignmentCallback",
+            model=model,
+            deepspeed="its penalty differentiates an attribution (torch.autograd.grad with create_graph=True) "
+            "inside the forward, a second pass through the model that ZeRO-3's parameter gather / release hooks "
+            "and ZeRO-1/2's gradient partitioning are not built for; no DeepSpeed run has verified it",
+        )
         if has_fused_lm_head(model):
             raise ValueError(
                 "AttributionAlignmentCallback aligns attributions of classification logits [batch, classes], but "

@@ -8,9 +8,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from hfhooks.freeze.config import GradientMaskConfig
+from hfhooks.freeze.deepspeed import require_zero
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.mask import ParamMask
-from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import refuse_step_in_backward, refuse_unsupported, uses_deepspeed
 from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, save_mask
 
 __all__ = ["GradientMaskCallback"]
@@ -55,7 +56,9 @@ class GradientMaskCallback(TrainerCallback):
         self.enforcer: GradientMask | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model)
+        refuse_unsupported(args, "GradientMaskCallback", fsdp2=True, model=model, deepspeed=True)
+        if uses_deepspeed(args):
+            require_zero(model, "GradientMaskCallback")
         refuse_step_in_backward(args, "GradientMaskCallback", optimizer)
         saved = load_mask(args, state, "GradientMaskCallback", self.resume_from, config=self.config)
         if saved is not None:
@@ -65,6 +68,12 @@ class GradientMaskCallback(TrainerCallback):
         self.enforcer = GradientMask(model, self.mask, config=self.config).attach(optimizer)
         if self.enforcer.finite is not None:  # name the Trainer's step in the non-finite warning
             self.enforcer.finite.step_offset = state.global_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # DeepSpeed stepped inside backward (accelerate's backward ends each accumulation window with
+        # engine.step()); the Trainer's optimizer.step() is a no-op there, so the write-back runs now.
+        if self.enforcer is not None and self.enforcer.zero_stage:
+            self.enforcer.after_step()
 
     def on_save(self, args, state, control, model=None, **kwargs):
         save_mask(args, state, "GradientMaskCallback", self.mask, model=model, config=self.config)

@@ -14,6 +14,11 @@ for two years. :class:`GradientMask` closes every path:
    groups (no weight decay, no state, less optimizer work), restoring the groups on :meth:`detach`;
 4. ``freeze="grad"`` only masks gradients (weight decay and momentum may still move masked coordinates).
 
+Under DeepSpeed ZeRO-1/2/3 the optimizer steps fp32 master copies inside ``backward``: the hooks of 1. still
+mask the gradients, and :meth:`GradientMask.after_step` (called by the callbacks after each DeepSpeed step) writes
+the frozen values back into the module's weights and the masters and zeroes their optimizer state (see
+:mod:`hfhooks.freeze.deepspeed`).
+
 Parameters of the model that the mask does not name are frozen entirely (``others="freeze"``, the contract
 "only masked-in coordinates train") or left alone (``others="train"``).
 
@@ -45,6 +50,7 @@ from torch import nn
 
 from hfhooks.core.hooks import FiniteMonitor, HookSet
 from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.freeze import deepspeed as ds
 from hfhooks.freeze.config import GradientMaskConfig
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.freeze.weight_decay import WeightDecay, decay_is_emulable
@@ -212,9 +218,10 @@ class _Frozen:
             stop = min(n, start + step)
             yield flat[start:stop], bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
 
-    def _drop_bool(self) -> torch.Tensor:
-        """Frozen coordinates of the local tensor as a full bool tensor (transient; the rare paths only)."""
-        p = _local(self.param)
+    def _drop_bool(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Frozen coordinates of the local tensor (or of ``like``, a full-size stand-in: DeepSpeed's masters) as a
+        full bool tensor (transient; the rare paths only)."""
+        p = _local(self.param) if like is None else like
         if self.kind == "element":
             return bits_as_bytes(self.bits, p.numel()).view(torch.bool).logical_not().reshape(p.shape)
         return (self.keep == 0).expand(p.shape)
@@ -354,6 +361,30 @@ class _Frozen:
             p.index_copy_(0 if self.kind == "row" else 1, self.idx, saved)
 
     @torch.no_grad()
+    def put_frozen_(self, t: torch.Tensor) -> None:
+        """Write the values kept at attach into the frozen coordinates of ``t``, a full tensor shaped like the
+        parameter in any floating dtype (DeepSpeed's fp32 masters: an upcast, exact)."""
+        values = self.values.to(t.dtype)
+        if self.kind == "element":
+            t.masked_scatter_(self._drop_bool(t), values)
+        elif self.kind == "all":
+            t.copy_(values)
+        else:
+            t.index_copy_(0 if self.kind == "row" else 1, self.idx, values)
+
+    @torch.no_grad()
+    def count_moved(self, t: torch.Tensor) -> int:
+        """How many frozen coordinates of ``t`` (full, shaped like the parameter) differ from the values kept at
+        attach, compared in ``t``'s dtype."""
+        if self.kind == "element":
+            now = t[self._drop_bool(t)]
+        elif self.kind == "all":
+            now = t
+        else:
+            now = t.index_select(0 if self.kind == "row" else 1, self.idx)
+        return int((bit_view(now.contiguous()) != bit_view(self.values.to(t.dtype))).sum())
+
+    @torch.no_grad()
     def zero_state(self, state: dict) -> None:
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == self.param.shape:  # not Adam's "step"
@@ -488,10 +519,21 @@ class GradientMask:
         self._groups: list[tuple[dict, list[_Frozen]]] = []  # (param group, its masked tensors)
         self._zeroed: list[tuple[dict, Any]] = []  # (param group, weight_decay) zeroed for the current step
         self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
+        # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
+        self._zero: int | None = None
+        self._ds_optimizer: Any = None
 
     @property
     def attached(self) -> bool:
         return self._hooks is not None and self._hooks.live
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage found at :meth:`attach` (``3``, or ``2`` for ZeRO-1/2), else ``None``.
+
+        DeepSpeed steps inside ``backward``, out of reach of optimizer hooks: call :meth:`after_step` after
+        every ``engine.step()`` that ends an accumulation window (:class:`~hfhooks.GradientMaskCallback` does)."""
+        return self._zero
 
     @property
     def num_hooks(self) -> int:
@@ -510,7 +552,10 @@ class GradientMask:
                 continue
             if name not in mask and self.others == "train":
                 continue
-            target = _Frozen.build(name, param, mask)
+            with ds.gathered([param]):  # ZeRO-3: the full values, one tensor at a time
+                target = _Frozen.build(name, param, mask)
+                if target is not None and self._zero:
+                    target.remember(optimizer_known=False)  # what the masters and the module get back
             if target is not None:
                 frozen.append(target)
         return frozen
@@ -526,6 +571,12 @@ class GradientMask:
         if self.attached:
             raise RuntimeError("GradientMask is already attached; call detach() first.")
         optimizer = optimizer if optimizer is not None else self.optimizer
+        self._zero = ds.zero_stage(self.model)
+        if self._zero and self.freeze == "groups":
+            raise ValueError(
+                "GradientMask(freeze='groups') cannot edit DeepSpeed's flattened param groups; use freeze='hard' "
+                "(the default), which holds frozen coordinates bit-identical under ZeRO-1/2/3."
+            )
         self._frozen = self._targets()
         self._hooks = hooks = HookSet(self, self.model)
         self._steps = 0
@@ -541,7 +592,13 @@ class GradientMask:
         trainable = [
             p for _, p in ParamIndex(self.model).items() if p.requires_grad and id(p) not in frozen_whole
         ]
-        self.finite = FiniteMonitor(trainable, "GradientMask") if self.check_finite else None
+        # ZeRO-3 parameters are empty placeholders between forwards: nothing there to check for NaN / inf
+        check_finite = self.check_finite and self._zero != 3
+        self.finite = FiniteMonitor(trainable, "GradientMask") if check_finite else None
+        if self._zero:
+            self._ds_optimizer = optimizer  # DeepSpeed steps inside backward: after_step() writes back
+            self._zero_state_each_step = not _state_stays_zero(ds.torch_optimizer(optimizer))
+            return self
         if optimizer is not None:
             opt = innermost_optimizer(optimizer)
             self._optimizer = opt
@@ -653,6 +710,12 @@ class GradientMask:
         """Restore frozen coordinates (and zero their optimizer state). Called automatically when attached
         with an optimizer in ``hard`` / ``groups`` mode."""
         self._steps += 1
+        if self._zero:
+            if self.freeze != "grad":
+                self._write_back_zero(states=self._steps == 1 or self._zero_state_each_step)
+            if self.finite is not None:
+                self.finite.check()
+            return
         self._restore_weight_decay()
         reattach(self._detached)  # the parts stepped alone before the step (see _wrap_step)
         self._detached = {}
@@ -664,6 +727,48 @@ class GradientMask:
                 self._zero_all_state()
         if self.finite is not None:  # after the restore: a NaN on a frozen coordinate is undone, not reported
             self.finite.check()
+
+    @torch.no_grad()
+    def _write_back_zero(self, states: bool) -> None:
+        """DeepSpeed: put the frozen values back into the module's parameters and the fp32 masters, and zero
+        the frozen coordinates of the optimizer state (``states``: after the first step, which creates it, and
+        after every step of an optimizer whose state a zero gradient does not keep at zero).
+
+        Both writes are needed: the step updates the masters and copies them into the module's parameters, and
+        the next step starts from the masters. Collective (every rank runs it, in the same order).
+        """
+        keys = ds.optimizer_state_keys(self._ds_optimizer) if states else []
+        for target in self._frozen:
+            with ds.gathered([target.param], modify=True):
+                target.restore()  # the module's parameter (ZeRO-3: gathered; rank 0's write is kept)
+            master = ds.full_master(target.param)
+            if master is None:
+                continue
+            target.put_frozen_(master)
+            ds.set_full_master(target.param, master)
+            for key in keys:
+                state = ds.full_optimizer_state(target.param, key)
+                target._mask_(state)
+                ds.set_full_optimizer_state(target.param, state, key)
+
+    @torch.no_grad()
+    def _moved_zero(self) -> dict[str, int]:
+        """DeepSpeed: frozen coordinates that differ from their values at attach in the gathered module
+        parameters and the fp32 masters, and non-zero frozen optimizer state, per tensor (collective)."""
+        out: dict[str, int] = {}
+        keys = ds.optimizer_state_keys(self._ds_optimizer) if self.freeze != "grad" else []
+        for t in self._frozen:
+            with ds.gathered([t.param]):
+                out[t.name] = t.count_moved(t.param.data)
+            master = ds.full_master(t.param)
+            if master is not None:
+                out[f"{t.name} (fp32 master)"] = t.count_moved(master)
+                for key in keys:
+                    state = ds.full_optimizer_state(t.param, key)
+                    nonzero = int(state.count_nonzero())
+                    t._mask_(state)  # what is left non-zero lies on trainable coordinates
+                    out[f"{t.name} ({key})"] = nonzero - int(state.count_nonzero())
+        return {k: v for k, v in out.items() if v}
 
     def _zero_all_state(self) -> None:
         if self._optimizer is None:
@@ -684,7 +789,12 @@ class GradientMask:
                     opt.state.pop(p, None)
 
     def moved(self) -> dict[str, int]:
-        """``{name: number of frozen coordinates that changed since attach}`` for tensors where any did."""
+        """``{name: number of frozen coordinates that changed since attach}`` for tensors where any did.
+
+        Under DeepSpeed also the fp32 masters (``"<name> (fp32 master)"``) and the frozen optimizer state
+        (``"<name> (exp_avg)"``: non-zero entries); a collective there, which every rank must call."""
+        if self._zero:
+            return self._moved_zero()
         out = {t.name: t.moved() for t in self._frozen}
         return {k: v for k, v in out.items() if v}
 

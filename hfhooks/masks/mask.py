@@ -401,9 +401,12 @@ class ParamMask(HubMixin):
             raise UnknownParameterError(f"Mask does not fit this model{more}. {detail}{origin}")
         for name, entry in self._entries.items():
             param = index.param(name)
-            if tuple(param.shape) != entry.shape:
+            shape = tuple(
+                getattr(param, "ds_shape", param.shape)
+            )  # DeepSpeed ZeRO-3: .shape is a placeholder
+            if shape != entry.shape:
                 raise ValueError(
-                    f"Mask shape mismatch for {name!r}: mask {entry.shape}, model {tuple(param.shape)}. "
+                    f"Mask shape mismatch for {name!r}: mask {entry.shape}, model {shape}. "
                     "The mask was computed on a different model configuration."
                 )
             resolved[index.canonical(name)] = param

@@ -94,6 +94,10 @@ class LayerRestorationCallback(TrainerCallback):
             model=model,
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
+            deepspeed="it rewrites the module's weights at train end and the checkpoint's model files at each "
+            "save, while DeepSpeed keeps the fp32 master weights and its own checkpoint shards (global_step*/, "
+            "what a resumed run loads), which would keep the unrestored layers (and ZeRO-3 partitions the "
+            "module's weights across ranks)",
         )
         if getattr(args, "push_to_hub", False):
             self._check_push(args)

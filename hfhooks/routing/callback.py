@@ -76,7 +76,14 @@ class GradientRoutingCallback(TrainerCallback):
         self._given_mask = dedicated is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "GradientRoutingCallback", model=model)
+        refuse_unsupported(
+            args,
+            "GradientRoutingCallback",
+            model=model,
+            deepspeed="it routes each micro-batch's gradients (forget vs retain) and holds non-routed "
+            "coordinates around the optimizer step, while DeepSpeed accumulates gradients in its own partitioned "
+            "buffers and steps fp32 master weights inside backward; routing has not been ported to that",
+        )
         refuse_lossless_outputs(args, "GradientRoutingCallback", model, per_example=True)
         if (
             self.strict or self.level == "param"

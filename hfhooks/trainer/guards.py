@@ -14,6 +14,7 @@ __all__ = [
     "refuse_lossless_outputs",
     "refuse_step_in_backward",
     "refuse_unsupported",
+    "uses_deepspeed",
 ]
 
 _TRUE = ("1", "true", "yes")
@@ -55,33 +56,48 @@ def _has_fsdp1_wrapper(model: Any) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in modules)
 
 
+def uses_deepspeed(args: Any) -> bool:
+    """True if ``args`` (TrainingArguments) or ``accelerate launch --use_deepspeed`` select DeepSpeed."""
+    return (
+        bool(getattr(args, "deepspeed", None))
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE
+    )
+
+
 def has_dtensors(model: Any) -> bool:
     """True if any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel)."""
     return model is not None and any(is_dtensor(p) for p in model.parameters())
 
 
 def refuse_unsupported(
-    args: Any, what: str, fsdp2: bool = False, instead: str | None = None, model: Any = None
+    args: Any,
+    what: str,
+    fsdp2: bool = False,
+    instead: str | None = None,
+    model: Any = None,
+    deepspeed: bool | str = False,
 ) -> None:
     """Raise ``RuntimeError`` naming the alternative if ``args`` (TrainingArguments) selects an engine ``what``
-    cannot serve: DeepSpeed, FSDP1, or FSDP2 unless ``fsdp2=True``.
+    cannot serve: DeepSpeed unless ``deepspeed=True`` (ZeRO-1/2/3, with or without offload; a string is the
+    reason given when it is refused), FSDP1, or FSDP2 unless ``fsdp2=True``.
 
-    Under DeepSpeed the optimizer steps inside ``backward`` and ``p.grad`` is ``None`` in callbacks, so gradient
-    edits made there never reach the weights. FSDP1 flattens parameters, so per-parameter masks and hooks do
+    Under DeepSpeed the optimizer steps inside ``backward``, ``p.grad`` is ``None`` in callbacks and the
+    optimizer steps fp32 master copies of the weights, so gradient edits and weight writes made there never
+    reach the weights unless the callback writes the masters too (see :mod:`hfhooks.freeze.deepspeed`). FSDP1 flattens parameters, so per-parameter masks and hooks do
     not line up with what the optimizer sees. FSDP2 keeps parameters per tensor (sharded DTensors), which
     callbacks whose core handles DTensors support; a ``model`` whose parameters are DTensors counts as FSDP2
     even when ``args`` does not say so. ``instead`` replaces the suggested alternative.
     """
     ddp = "Train with DDP (torchrun --nproc_per_node N your_script.py) or a single process instead."
     instead = instead or ddp
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
-        "1",
-        "true",
-    ):
-        raise RuntimeError(
-            f"{what} does not support DeepSpeed: it steps the optimizer inside backward and keeps gradients "
-            f"partitioned, so gradient edits made from callbacks would silently do nothing. {instead}"
+    if uses_deepspeed(args):
+        if deepspeed is True:
+            return
+        why = deepspeed or (
+            "DeepSpeed steps the optimizer inside backward on partitioned fp32 master copies of the weights, "
+            f"outside what {what} reads and writes"
         )
+        raise RuntimeError(f"{what} does not support DeepSpeed: {why}. {instead}")
     version = fsdp_version(args, model)
     if version is None and has_dtensors(model):
         version = 2  # sharded with fully_shard by the user, outside TrainingArguments

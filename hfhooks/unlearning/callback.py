@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from hfhooks.core.data import TaggedCollator
 from hfhooks.core.params import ParamIndex
+from hfhooks.freeze.deepspeed import require_zero
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
@@ -23,6 +24,7 @@ from hfhooks.trainer.guards import (
     refuse_lossless_outputs,
     refuse_step_in_backward,
     refuse_unsupported,
+    uses_deepspeed,
 )
 from hfhooks.trainer.state import (
     CallbackStateError,
@@ -139,7 +141,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
         return mask
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model)
+        refuse_unsupported(args, "SaliencyUnlearningCallback", fsdp2=True, model=model, deepspeed=True)
         refuse_step_in_backward(args, "SaliencyUnlearningCallback", optimizer)
         refuse_lossless_outputs(args, "SaliencyUnlearningCallback", model, per_example=True, loss="per_token")
         if self.objective.name == "random_labels" and has_fused_lm_head(model):
@@ -163,6 +165,16 @@ class SaliencyUnlearningCallback(TrainerCallback):
                 "must be global). Compute the mask first — this callback under DDP or one process with "
                 "save_mask=..., or hfhooks.compute_saliency + ParamMask.from_scores — and pass mask=... here."
             )
+        if not restored and self.mask is None and uses_deepspeed(args):
+            raise RuntimeError(
+                "SaliencyUnlearningCallback cannot score saliency under DeepSpeed: the saliency pass runs its own "
+                "backward through the model, outside the engine, whose ZeRO hooks would reduce those gradients "
+                "into the engine's partitioned buffers (ZeRO-3 also holds each weight as a partition), so the "
+                "scores would not be the full gradients and the engine's gradient state would be left "
+                "dirty. Compute the mask first — this "
+                "callback under DDP or one process with save_mask=..., or hfhooks.compute_saliency + "
+                "ParamMask.from_scores — and pass mask=... here (a precomputed mask trains under ZeRO-1/2/3)."
+            )
         if not restored:
             if self.mask is None:
                 self.mask = self._compute_mask(model)
@@ -175,8 +187,15 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     model, self.forget, self.collate, self.batch_size, self.progress
                 )
                 self._own_reference = True
+        if uses_deepspeed(args):
+            require_zero(model, "SaliencyUnlearningCallback")
         self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # DeepSpeed stepped inside backward; the hard freeze writes the frozen coordinates back now
+        if self.freezer is not None and self.freezer.zero_stage:
+            self.freezer.after_step()
 
     _OWNER = "SaliencyUnlearningCallback"
 

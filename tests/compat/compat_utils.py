@@ -51,7 +51,8 @@ from hfhooks.routing.router import FORGET, RETAIN
 CALLBACKS = ("gradient_mask", "routing", "unlearning", "attribution", "restoration")
 """Matrix rows (marker ``callback=``)."""
 
-SETUPS = ("single", "peft", "ddp", "fsdp2", "compile", "grad_ckpt", "bf16", "gpu_bf16", "deepspeed", "fsdp1")
+SETUPS = ("single", "peft", "ddp", "fsdp2", "compile", "grad_ckpt", "bf16", "gpu_bf16", "zero1", "zero2", "zero3",
+          "fsdp1")  # fmt: skip
 """Matrix columns (marker ``setup=``)."""
 
 COMPILE_BACKEND = "aot_eager"
@@ -558,9 +559,12 @@ def scenario_routing_mixed(setup: str, out: Path, **extra: Any) -> dict[str, Any
     }
 
 
-def torchrun_once(tmp_path_factory: Any, script: Path, name: str, timeout: int = 500) -> list[dict]:
-    """Both ranks' JSON results of ``torchrun --nproc_per_node 2 script --out DIR``: one launch per test session,
-    shared by pytest-xdist workers through a file lock (the launch is the slow part)."""
+def torchrun_once(
+    tmp_path_factory: Any, script: Path, name: str, timeout: int = 500, env: dict[str, str] | None = None
+) -> list[dict]:
+    """Both ranks' JSON results of ``torchrun --nproc_per_node 2 script --out DIR`` (``env``: extra environment):
+    one launch per test session, shared by pytest-xdist workers through a file lock (the launch is the slow
+    part)."""
     import json
     import os
     import subprocess
@@ -578,7 +582,7 @@ def torchrun_once(tmp_path_factory: Any, script: Path, name: str, timeout: int =
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
                    "--out", str(shared)]  # fmt: skip
-            env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+            env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         return [json.loads((shared / f"rank{r}.json").read_text()) for r in (0, 1)]

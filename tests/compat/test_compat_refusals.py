@@ -1,9 +1,9 @@
 """The ✗ cells of the compatibility matrix: setups a callback cannot serve raise an error naming the alternative.
 
-DeepSpeed is not installed here (and the Trainer cannot even be built without it), so the DeepSpeed cells
-call the callback's ``on_train_begin`` with real ``TrainingArguments`` and the environment accelerate sets for
-a DeepSpeed launch (``ACCELERATE_USE_DEEPSPEED=true``), or ``args.deepspeed`` set; FSDP1 likewise (the
-Trainer refuses FSDP outside a distributed launch). The remaining refusals run inside a real Trainer.
+The DeepSpeed messages are also checked where DeepSpeed is not installed (the ZeRO cells come from real runs in
+test_deepspeed.py): the callback's ``on_train_begin`` gets real ``TrainingArguments`` and the environment
+accelerate sets for a DeepSpeed launch (``ACCELERATE_USE_DEEPSPEED=true``), or ``args.deepspeed`` set; FSDP1
+cells likewise (the Trainer refuses FSDP outside a distributed launch). The remaining refusals run inside a real Trainer.
 """
 
 from __future__ import annotations
@@ -75,16 +75,36 @@ def _cells(setup: str):
     ]
 
 
-@pytest.mark.parametrize("name", _cells("deepspeed"))
-def test_deepspeed_is_refused(name, request, tmp_path, monkeypatch):
+# DeepSpeed without DeepSpeed installed: the arguments select it, the model carries no ZeRO bookkeeping. The
+# ZeRO-1/2/3 cells of the matrix come from real runs (test_deepspeed.py); these check every message here too.
+_DEEPSPEED_REFUSAL = {
+    "gradient_mask": r"^GradientMaskCallback does not support DeepSpeed without ZeRO-1/2/3: .*stage to 1, 2 or 3, "
+    r"or train with DDP",
+    "unlearning": r"^SaliencyUnlearningCallback cannot score saliency under DeepSpeed: .*pass mask=",
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_deepspeed_refusals_say_why_and_what_to_use(name, tmp_path, monkeypatch):
+    expected = _DEEPSPEED_REFUSAL.get(name, rf"^{NAMES[name]} does not support DeepSpeed: .*(DDP|restore)")
     args = training_args(tmp_path, "single")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
-    with refused(request, RuntimeError, rf"^{NAMES[name]} does not support DeepSpeed: .*(DDP|restore)"):
+    with pytest.raises(RuntimeError, match=expected):
         _begin(name, args)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     object.__setattr__(args, "deepspeed", "ds_zero2.json")  # TrainingArguments(deepspeed=...)
-    with pytest.raises(RuntimeError, match=rf"^{NAMES[name]} does not support DeepSpeed"):
+    with pytest.raises(RuntimeError, match=expected):
         _begin(name, args)
+
+
+def test_deepspeed_unlearning_with_a_mask_needs_zero(tmp_path, monkeypatch):
+    model, args = llama(), training_args(tmp_path, "single")  # built before the launch's environment is set
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cb = SaliencyUnlearningCallback(lm_rows(4), mask=random_mask(model), progress=False)
+    with pytest.raises(
+        RuntimeError, match=r"^SaliencyUnlearningCallback does not support DeepSpeed without ZeRO"
+    ):
+        cb.on_train_begin(args, T.TrainerState(), T.TrainerControl(), model=model)
 
 
 @pytest.mark.parametrize("name", _cells("fsdp1"))

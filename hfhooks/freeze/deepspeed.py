@@ -1,0 +1,173 @@
+"""DeepSpeed ZeRO-1/2/3: where a parameter's values live, for the hard freeze.
+
+Under ZeRO a parameter's value lives in three places, and a frozen coordinate must hold in all of them:
+
+* the module's own parameter (ZeRO-1/2: a full replica on every rank; ZeRO-3: one partition per rank, gathered
+  for forward / backward);
+* the fp32 master weights the optimizer steps (partitioned across ranks in every stage);
+* the optimizer state of the masters (``exp_avg``, ``exp_avg_sq``…), partitioned like them.
+
+DeepSpeed steps the optimizer inside ``backward`` (``engine.step()``, called by accelerate's ``backward`` at the
+end of each accumulation window), so a torch optimizer step hook never sees it; and the masters are not the
+module's parameters, so writing the module's parameters alone is undone by the next step, and writing the
+masters alone leaves the module's parameters stepped until the next step overwrites them. Gradient tensor hooks
+(``p.register_hook``) fire during ``backward`` in all three stages — under ZeRO-3 with the full gradient — so
+masking gradients works as without DeepSpeed; weight decay then still moves the frozen coordinates, which are
+written back after each step, in the masters and in the module.
+
+Values are read and written through DeepSpeed's public accessors (``deepspeed.utils.safe_get/set_full_fp32_param``
+and ``safe_get/set_full_optimizer_state``, ``deepspeed.zero.GatheredParameters``); two private names are touched,
+each where it is needed and said why: the tags DeepSpeed puts on parameters (``ds_id``, ``_hp_mapping``) to tell
+the stage, and the re-link of the optimizer state in :func:`optimizer_state_keys`. ``deepspeed`` is imported only
+when a model is found to be managed by it. Verified with deepspeed 0.19.8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "full_master",
+    "full_optimizer_state",
+    "full_shape",
+    "gathered",
+    "is_zero3",
+    "optimizer_state_keys",
+    "require_zero",
+    "set_full_master",
+    "set_full_optimizer_state",
+    "torch_optimizer",
+    "zero_stage",
+]
+
+
+def zero_stage(model: nn.Module | None) -> int | None:
+    """``3`` if ``model``'s parameters are partitioned by DeepSpeed ZeRO-3, ``2`` if they are managed by a
+    ZeRO-1/2 (or bf16) DeepSpeed optimizer (its fp32 masters linked to them), else ``None``.
+
+    Read from the parameters themselves (DeepSpeed tags them), so it holds for a model trained by a ``Trainer``
+    or by a hand-written loop over ``deepspeed.initialize``; ZeRO-1 and ZeRO-2 are served alike (``2``).
+    """
+    if model is None:
+        return None
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            return 3
+        if hasattr(p, "_hp_mapping"):  # set on every parameter (None where this rank holds no fragment)
+            return 2
+    return None
+
+
+def require_zero(model: nn.Module | None, what: str) -> int:
+    """The ZeRO stage of ``model`` (see :func:`zero_stage`) when DeepSpeed is selected; ``RuntimeError`` if its
+    parameters carry no ZeRO bookkeeping (ZeRO stage 0, or an fp16 / plain engine), where the optimizer steps
+    master copies hfhooks cannot reach or is not what the Trainer's hooks see."""
+    stage = zero_stage(model)
+    if stage is None:
+        raise RuntimeError(
+            f"{what} does not support DeepSpeed without ZeRO-1/2/3: the model's parameters carry no ZeRO "
+            "partitioning (zero_optimization.stage 0, or the engine is not built yet), so the weights the "
+            "optimizer steps cannot be reached to hold frozen coordinates. Set zero_optimization.stage to 1, 2 "
+            "or 3, or train with DDP (torchrun --nproc_per_node N your_script.py)."
+        )
+    return stage
+
+
+def is_zero3(param: torch.Tensor) -> bool:
+    """True for a parameter partitioned by ZeRO-3 (its ``.data`` is an empty placeholder outside a gather)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's real shape (ZeRO-3 keeps it in ``ds_shape``; ``param.shape`` is empty there)."""
+    return param.ds_shape if is_zero3(param) else param.shape
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Within the block, ZeRO-3 parameters hold their full values (a collective: every rank must enter);
+    ``modify=True`` keeps what the block writes (rank 0's values, broadcast and re-partitioned on exit).
+    Parameters not partitioned by ZeRO-3 pass through untouched."""
+    params = [p for p in params if is_zero3(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def full_master(param: nn.Parameter) -> torch.Tensor | None:
+    """The full fp32 master weight of ``param`` (a collective: every rank must call it), shaped like the
+    parameter; ``None`` for a parameter the optimizer does not hold."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(param)
+    return None if value is None else value.reshape(full_shape(param))
+
+
+def set_full_master(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write this rank's partition of ``param``'s fp32 master weight from the full ``value`` (local)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value)
+
+
+def _chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and what it wraps (accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch optimizer)."""
+    chain, seen = [], set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer that steps inside ``optimizer`` (accelerate's wrapper, DeepSpeed's ZeRO optimizer)."""
+    torch_opts = [o for o in _chain(optimizer) if isinstance(o, torch.optim.Optimizer)]
+    return torch_opts[-1] if torch_opts else None
+
+
+def optimizer_state_keys(optimizer: Any) -> list[str]:
+    """The per-coordinate state keys (``exp_avg``…) of the torch optimizer inside a DeepSpeed ZeRO optimizer
+    (``optimizer`` may be accelerate's wrapper, DeepSpeed's ZeRO optimizer or the torch optimizer).
+
+    ZeRO-1/2 link each parameter to its slice of the optimizer state after the first step, but only for the
+    param groups whose state exists by then — with two groups (the Trainer's decay / no-decay split) the second
+    one is left unlinked, and ``safe_get_full_optimizer_state`` raises for its parameters. The link is
+    therefore redone here, once the state exists (DeepSpeed's own ``_lazy_init_hp_params_optimizer_state``).
+    """
+    chain = _chain(optimizer)
+    for opt in chain:
+        if getattr(opt, "_hp_optimizer_states_linked", None) is not None and any(
+            getattr(o, "state", None) for o in chain
+        ):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+    opt = torch_optimizer(optimizer)
+    keys: set[str] = set()
+    for state in (opt.state if opt is not None else {}).values():
+        keys.update(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return sorted(keys)
+
+
+def full_optimizer_state(param: nn.Parameter, key: str) -> torch.Tensor | None:
+    """The full optimizer state ``key`` of ``param``'s master (a collective), shaped like the parameter."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    value = safe_get_full_optimizer_state(param, key)
+    return None if value is None else value.reshape(full_shape(param))
+
+
+def set_full_optimizer_state(param: nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """Write this rank's partition of ``param``'s optimizer state ``key`` from the full ``value`` (local)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    safe_set_full_optimizer_state(param, value, key)
