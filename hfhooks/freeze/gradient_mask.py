@@ -99,9 +99,8 @@ _PART_BYTES = PART_BYTES  # tensor bytes stepped together when the step is wrapp
 
 def _gather_frozen(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The entries of the flat integer tensor ``bits`` where the 0/1 bytes ``keep`` are 0, compactly."""
-    if (
-        bits.device.type == "cpu"
-    ):  # numpy's compress: 4x faster than masked_select on CPU (8 M int16: 43 vs 184 ms)
+    # numpy's compress: 4x faster than masked_select on CPU (8 M int16: 43 vs 184 ms)
+    if bits.device.type == "cpu":
         return torch.from_numpy(np.compress(keep.numpy() == 0, bits.numpy()))
     return bits.masked_select(keep.view(torch.bool).logical_not())
 
