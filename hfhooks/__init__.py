@@ -81,6 +81,7 @@ _EXPORTS: dict[str, str] = {
     "forget_retain_dataset": "hfhooks.unlearning.objectives",
     "installed_hooks": "hfhooks.core.hooks",
     "layer_of": "hfhooks.core.blocks",
+    "load_gguf": "hfhooks.io.gguf",
     "load_logit_bias": "hfhooks.routing.ablation",
     "load_recipe": "hfhooks.merging",
     "merge": "hfhooks.merging",
@@ -95,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "routing_labels": "hfhooks.routing.router",
     "salun": "hfhooks.unlearning.objectives",
     "search_restoration": "hfhooks.restoration.search",
+    "smollm2_path": "hfhooks.io.gguf",
     "tall_masks": "hfhooks.diffs",
     "tensor_fingerprint": "hfhooks.diffs",
     "topk_masks": "hfhooks.masks.topk",
@@ -169,6 +171,7 @@ __all__ = [
     "forget_retain_dataset",
     "installed_hooks",
     "layer_of",
+    "load_gguf",
     "load_logit_bias",
     "load_recipe",
     "merge",
@@ -183,6 +186,7 @@ __all__ = [
     "routing_labels",
     "salun",
     "search_restoration",
+    "smollm2_path",
     "tall_masks",
     "tensor_fingerprint",
     "topk_masks",
@@ -231,6 +235,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.io.artifacts import ArtifactError, model_fingerprint
     from hfhooks.io.checkpoints import Checkpoint, CheckpointError
     from hfhooks.io.edit import edit_checkpoint
+    from hfhooks.io.gguf import load_gguf, smollm2_path
     from hfhooks.io.hub import HubError
     from hfhooks.masks.mask import MaskFileError, ParamMask
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency
