@@ -92,7 +92,8 @@ def crc_prompts(
         alphabet = _CLASSES.get(cls, cls)
         if len(alphabet) < 2:
             raise ValueError(f"Class {cls!r} needs at least two characters.")
-        lo, hi = set_size[0], min(set_size[1], len(alphabet))
+        hi = min(set_size[1], len(alphabet))
+        lo = min(set_size[0], hi)  # a class smaller than the set size lists all its characters
         for _ in range(n):
             k = int(torch.randint(lo, hi + 1, (1,), generator=g))
             chars = [alphabet[i] for i in torch.randperm(len(alphabet), generator=g)[:k].tolist()]
