@@ -273,7 +273,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     add_write_options(restore)
     restore.set_defaults(func=run_restore)
+    _add_search_parser(sub)
 
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     search = sub.add_parser(
         "search-restore",
         help="find which layers to restore (CRC proxy over contiguous ranges, coarse to fine)",

@@ -448,18 +448,24 @@ def search_restoration(
     )
     soups = [r for r in rows if r["kind"] == "soup" and r["eligible"]]
     best_soup = max(soups, key=lambda r: r[objective]) if soups else None
-    notes = []
-    if best["validity"] < min_validity:
-        notes.append(
-            f"the selected candidate ({_candidate(best)}) has validity {best['validity']:.3f} < "
-            f"min_validity={min_validity:g}: the prompts hardly elicit an allowed character, so diversity among "
-            "them means little and neither does the selection. Put the prompts in the post-training format "
-            "(chat template, answer prefix) or pass your own."
-        )
-        warnings.warn(notes[-1], UserWarning, stacklevel=2)
+    notes = _low_validity(best, min_validity)
     return RestorationSearch(
         rows, best, best_soup, (constraint, objective, threshold), n, time.perf_counter() - t0, notes
     )
+
+
+def _low_validity(best: Mapping[str, Any], min_validity: float) -> list[str]:
+    """The warning (issued, and returned for ``result.warnings``) when the selection's validity is too low."""
+    if best["validity"] >= min_validity:
+        return []
+    note = (
+        f"the selected candidate ({_candidate(best)}) has validity {best['validity']:.3f} < "
+        f"min_validity={min_validity:g}: the prompts hardly elicit an allowed character, so diversity among "
+        "them means little and neither does the selection. Put the prompts in the post-training format "
+        "(chat template, answer prefix) or pass your own."
+    )
+    warnings.warn(note, UserWarning, stacklevel=3)
+    return [note]
 
 
 def _width(max_width: int | float | None, n: int) -> int:
