@@ -42,7 +42,8 @@ def narrow_sft(model, tok, steps: int, seed: int = 0) -> None:
     alphabets = ["abcdefghijklmnopqrstuvwxyz", "0123456789"]
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
     model.train()
-    for _ in range(steps):
+    t0 = time.perf_counter()
+    for step in range(steps):
         batch = []
         for _ in range(8):
             alphabet = alphabets[int(torch.randint(2, (1,), generator=g))]
@@ -62,6 +63,11 @@ def narrow_sft(model, tok, steps: int, seed: int = 0) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step % 10 == 9:
+            print(
+                f"  step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     model.eval()
     print(f"narrow SFT: {steps} steps, last loss {loss.item():.3f}")
 
@@ -71,6 +77,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when the output is a file
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_search_restore_"))
     print(
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}"
