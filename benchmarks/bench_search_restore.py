@@ -117,7 +117,10 @@ def main() -> int:
     if proc.returncode:
         print(proc.stderr)
         return 1
-    result = json.loads(proc.stdout)
+    # some environments' imports log a line on stdout (DeepSpeed's accelerator probe): the JSON starts at "{"
+    result = json.loads(
+        proc.stdout[proc.stdout.index("\n{") + 1 :] if not proc.stdout.startswith("{") else proc.stdout
+    )
     rows, best = result["rows"], result["best"]
     post = next(r for r in rows if r["kind"] == "post")
     base_row = next(r for r in rows if r["kind"] == "base")
