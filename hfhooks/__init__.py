@@ -92,6 +92,7 @@ _EXPORTS: dict[str, str] = {
     "lm_reference": "hfhooks.unlearning.lm_evaluation",
     "lm_relearn_attack": "hfhooks.unlearning.lm_evaluation",
     "lm_unlearning_metrics": "hfhooks.unlearning.lm_evaluation",
+    "load_gguf": "hfhooks.io.gguf",
     "load_logit_bias": "hfhooks.routing.ablation",
     "load_recipe": "hfhooks.merging",
     "merge": "hfhooks.merging",
@@ -112,6 +113,7 @@ _EXPORTS: dict[str, str] = {
     "routing_labels": "hfhooks.routing.router",
     "salun": "hfhooks.unlearning.objectives",
     "search_restoration": "hfhooks.restoration.search",
+    "smollm2_path": "hfhooks.io.gguf",
     "tall_masks": "hfhooks.diffs",
     "tensor_fingerprint": "hfhooks.diffs",
     "topk_masks": "hfhooks.masks.topk",
@@ -201,6 +203,7 @@ __all__ = [
     "lm_reference",
     "lm_relearn_attack",
     "lm_unlearning_metrics",
+    "load_gguf",
     "load_logit_bias",
     "load_recipe",
     "merge",
@@ -221,6 +224,7 @@ __all__ = [
     "routing_labels",
     "salun",
     "search_restoration",
+    "smollm2_path",
     "tall_masks",
     "tensor_fingerprint",
     "topk_masks",
@@ -273,6 +277,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from hfhooks.io.artifacts import ArtifactError, model_fingerprint
     from hfhooks.io.checkpoints import Checkpoint, CheckpointError
     from hfhooks.io.edit import edit_checkpoint
+    from hfhooks.io.gguf import load_gguf, smollm2_path
     from hfhooks.io.hub import HubError
     from hfhooks.masks.mask import MaskFileError, ParamMask
     from hfhooks.masks.saliency import SCORES, Scores, compute_saliency

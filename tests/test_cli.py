@@ -222,7 +222,7 @@ def test_search_restore(capsys, tmp_path):
         tok.save_pretrained(tmp_path / name)
     code, out, _ = run(
         capsys, "search-restore", tmp_path / "post", tmp_path / "base", "--n", "4", "--answer-prefix", "",
-        "--soup", "5", "--plot", tmp_path / "p.png", "--csv", tmp_path / "t.csv", "--restore-to", tmp_path / "best", "-q",
+        "--soup", "5", "--max-width", "3", "--plot", tmp_path / "p.png", "--csv", tmp_path / "t.csv", "--restore-to", tmp_path / "best", "-q",
     )  # fmt: skip
     assert code == 0 and "selected" in out and "6 ranges, 5 soups, 8 prompts" in out
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "t.csv").read_text().count(
@@ -246,6 +246,8 @@ def test_search_restore(capsys, tmp_path):
         "",
         "--soup",
         "0",
+        "--max-width",
+        "3",
         "--json",
         "-q",
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from collections.abc import Sequence
 
 from hfhooks.cli.common import (
@@ -96,6 +98,7 @@ def _load_prompts(args: argparse.Namespace, tokenizer):
             chat=args.chat,
             seed=args.seed,
         )
+    prefix = " " if args.answer_prefix is None else args.answer_prefix
     prompts = []
     with open(args.prompts, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -112,10 +115,7 @@ def _load_prompts(args: argparse.Namespace, tokenizer):
                     valid = [
                         tok[0]
                         for c in row["valid"]
-                        if len(
-                            tok := tokenizer(args.answer_prefix + c, add_special_tokens=False)["input_ids"]
-                        )
-                        == 1
+                        if len(tok := tokenizer(prefix + c, add_special_tokens=False)["input_ids"]) == 1
                     ]
                 prompts.append(
                     CRCPrompt(tuple(map(int, ids)), tuple(map(int, valid)), str(row.get("label", "")))
@@ -161,16 +161,23 @@ def run_search(args: argparse.Namespace) -> int:
         tokenizer = None
     prompts = _load_prompts(args, tokenizer)
     progress = progress_enabled(args)
-    result = search_restoration(
-        post,
-        base,
-        prompts,
-        threshold=args.threshold,
-        soup=args.soup,
-        batch_size=args.batch_size,
-        progress=progress,
-    )
+    with warnings.catch_warnings():  # the low-validity warning is printed below as one stderr line
+        warnings.filterwarnings("ignore", "the selected candidate", UserWarning)
+        result = search_restoration(
+            post,
+            base,
+            prompts,
+            threshold=args.threshold,
+            soup=args.soup,
+            max_width=args.max_width,
+            stride=args.stride,
+            min_validity=args.min_validity,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
     best = result.best
+    for message in result.warnings:
+        print(f"warning: {message}", file=sys.stderr)
     lines = _search_summary(result, len(prompts), args)
     emit(
         args,
@@ -219,6 +226,16 @@ def _search_summary(result, n_prompts: int, args: argparse.Namespace) -> list[st
     return lines
 
 
+def _width(text: str) -> int | float:
+    """``--max-width``: an int (layers) or a fraction in (0, 1)."""
+    value = float(text)
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: a number of layers ≥ 1 or a fraction in (0, 1)")
+
+
 def _add_restore_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", action="store_true", help="also restore the input embeddings")
     p.add_argument("--final-norm", action="store_true", help="also restore the final norm")
@@ -256,11 +273,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     add_write_options(restore)
     restore.set_defaults(func=run_restore)
+    _add_search_parser(sub)
 
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     search = sub.add_parser(
         "search-restore",
-        help="find which layers to restore (CRC proxy over every contiguous range)",
-        description="Score every contiguous range [s, e) of restored layers with the Constrained-Random-"
+        help="find which layers to restore (CRC proxy over contiguous ranges, coarse to fine)",
+        description="Score contiguous ranges [s, e) of restored layers (at most --max-width wide; on a grid of "
+        "step --stride, then every range near the best) with the Constrained-Random-"
         "Character proxy (validity = probability mass on the allowed characters; diversity = entropy over "
         "them, renormalised), one forward pass per prompt batch, no generation. Select the range with the "
         "highest diversity among those keeping validity ≥ THRESHOLD × the post-trained model's, and compare "
@@ -270,14 +291,39 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     search.add_argument("post", help="the post-trained checkpoint directory (with its tokenizer)")
     search.add_argument("base", help="the pre-trained checkpoint directory")
     search.add_argument("--prompts", help="JSONL prompts: {input_ids, valid} or {prompt, valid: [chars]}")
-    search.add_argument("--n", type=int, default=20, help="generated prompts per class (default 20)")
+    search.add_argument(
+        "--n", type=int, default=10, help="generated prompts per class (default 10; the paper used 20)"
+    )
     search.add_argument("--classes", default="letters,digits", help="prompt classes (or literal alphabets)")
-    search.add_argument("--answer-prefix", default=" ", help="text before the answer character (default ' ')")
-    search.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    search.add_argument(
+        "--answer-prefix", help="text before the answer character (default: '' in a chat, else ' ')"
+    )
+    search.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="wrap prompts in the tokenizer's chat template (default: when it has one)",
+    )
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--threshold", type=float, default=0.9, help="validity floor, × post-trained (0.9)")
     search.add_argument(
-        "--soup", type=int, default=21, help="interpolation points for the baseline (0 = none)"
+        "--soup", type=int, default=11, help="interpolation points for the baseline (default 11; 0 = none)"
+    )
+    search.add_argument(
+        "--max-width",
+        type=_width,
+        default=0.5,
+        help="widest range: layers, or a fraction of them (default 0.5: half the layers, rounded up)",
+    )
+    search.add_argument(
+        "--stride",
+        type=int,
+        help="coarse grid step, refined around the best range (default round(layers / 10); 1 = every range)",
+    )
+    search.add_argument(
+        "--min-validity",
+        type=float,
+        default=0.1,
+        help="warn when the selection's validity is below this (default 0.1)",
     )
     search.add_argument("--batch-size", type=int, default=64)
     search.add_argument(

@@ -10,9 +10,14 @@ copied, so the 36 ranges of an 8-layer model cost 36 batched forwards.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,8 @@ _CLASSES = {
 
 
 _TEMPLATE = "Pick one character at random from this set: {chars}. Reply with the character only.\nAnswer:"
+# in a chat the assistant's turn is the answer: no "Answer:" cue, and no space before the character
+_CHAT_TEMPLATE = "Pick one character at random from this set: {chars}. Reply with the character only."
 
 
 def crc_prompts(
@@ -54,47 +61,86 @@ def crc_prompts(
     n: int = 20,
     classes: Sequence[str] = ("letters", "digits"),
     set_size: tuple[int, int] = (3, 8),
-    template: str = _TEMPLATE,
-    answer_prefix: str = " ",
-    chat: bool = False,
+    template: str | None = None,
+    answer_prefix: str | None = None,
+    chat: bool | None = None,
     seed: int = 0,
     separator: str = ", ",
 ) -> list[CRCPrompt]:
     """``n`` CRC prompts per class (letters, digits, or any string of characters), as in the SLR paper.
 
     Each prompt lists a random subset of the class's characters (joined by ``separator`` into ``template``'s
-    ``{chars}``); its valid tokens are the tokens of ``answer_prefix + c`` for each listed ``c`` (characters
-    that do not encode to a single token are skipped).
-    With ``chat=True`` the prompt goes through the tokenizer's chat template.
+    ``{chars}``); its valid tokens are the tokens of ``answer_prefix + c`` for each listed ``c``. Tokens that all
+    the answers of a prompt share go into the prompt instead (SmolLM2 encodes ``" 7"`` as ``" "``, ``"7"``: the
+    space is the prompt's last token and ``"7"`` the answer); a character whose answer is still not one token is
+    left out of the valid set, with a warning, and a class left with no prompt is a warning too.
+
+    ``chat`` (default: whether the tokenizer has a chat template) puts the prompt in a user turn of the chat
+    template, followed by the assistant's generation prompt — an instruct model then answers the question instead
+    of continuing it. ``answer_prefix`` defaults to ``""`` in a chat, ``" "`` otherwise; ``template`` to a
+    question without (chat) or with a trailing ``Answer:`` cue.
     """
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    elif chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat=True but the tokenizer has no chat template; pass chat=False.")
+    template = template if template is not None else (_CHAT_TEMPLATE if chat else _TEMPLATE)
+    prefix = answer_prefix if answer_prefix is not None else ("" if chat else " ")
     g = torch.Generator().manual_seed(seed)
-    out = []
+    out, dropped = [], {}
     for cls in classes:
         alphabet = _CLASSES.get(cls, cls)
         if len(alphabet) < 2:
             raise ValueError(f"Class {cls!r} needs at least two characters.")
-        lo, hi = set_size[0], min(set_size[1], len(alphabet))
+        hi = min(set_size[1], len(alphabet))
+        lo = min(set_size[0], hi)  # a class smaller than the set size lists all its characters
         for _ in range(n):
             k = int(torch.randint(lo, hi + 1, (1,), generator=g))
             chars = [alphabet[i] for i in torch.randperm(len(alphabet), generator=g)[:k].tolist()]
-            text = template.format(chars=separator.join(chars))
-            if chat:
-                ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-                )
-                ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
-            else:
-                ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            valid = []
-            for c in chars:
-                tok = tokenizer(answer_prefix + c, add_special_tokens=False)["input_ids"]
-                if len(tok) == 1:
-                    valid.append(tok[0])
+            ids = _encode_prompt(tokenizer, template.format(chars=separator.join(chars)), chat)
+            shared, valid = _answer_tokens(tokenizer, prefix, chars)
+            dropped.setdefault(cls, set()).update(c for c in chars if c not in valid)
             if valid:
-                out.append(CRCPrompt(tuple(int(i) for i in ids), tuple(sorted(set(valid))), cls))
+                ids = [*ids, *shared]
+                out.append(CRCPrompt(tuple(int(i) for i in ids), tuple(sorted(set(valid.values()))), cls))
     if not out:
         raise ValueError("No prompt has a single-token answer; try answer_prefix='' or another tokenizer.")
+    for cls, chars in dropped.items():
+        if chars:
+            kept = sum(p.label == cls for p in out)
+            warnings.warn(
+                f"crc_prompts: the answers {sorted(chars)} of class {cls!r} (answer_prefix={prefix!r}) are not "
+                f"one token after the tokens they share and were left out of the valid sets; {kept} prompts of "
+                f"{cls!r} remain" + ("" if kept else " — the class is dropped") + ".",
+                UserWarning,
+                stacklevel=2,
+            )
     return out
+
+
+def _encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
+def _answer_tokens(tokenizer: Any, prefix: str, chars: Sequence[str]) -> tuple[list[int], dict[str, int]]:
+    """The tokens every answer ``prefix + c`` starts with, and each character's one remaining token."""
+    encoded = {c: list(tokenizer(prefix + c, add_special_tokens=False)["input_ids"]) for c in chars}
+    seqs = [e for e in encoded.values() if e]
+    shared: list[int] = []
+    if seqs:
+        for column in zip(*seqs):
+            if len(set(column)) > 1:
+                break
+            shared.append(column[0])
+        # each answer keeps at least its last token
+        shared = shared[: min(len(e) for e in seqs) - 1]
+    valid = {c: e[len(shared)] for c, e in encoded.items() if len(e) == len(shared) + 1}
+    return shared, valid
 
 
 @dataclass(frozen=True)
@@ -106,44 +152,74 @@ class CRCScore:
     diversity_norm: float
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A left-padded batch of prompts, ready for the model, and the mask of its valid tokens."""
+
+    input_ids: torch.Tensor
+    kwargs: dict[str, Any]
+    valid: list[list[int]]
+
+
+def _encode(batch: Sequence[CRCPrompt], model: nn.Module) -> _Batch:
+    param = next(model.parameters())
+    width = max(len(p.input_ids) for p in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    attn = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
+        attn[i, width - len(p.input_ids) :] = 1
+    kwargs: dict[str, Any] = {"attention_mask": attn.to(param.device)}
+    if attn.min() == 0:
+        kwargs["position_ids"] = ((attn.cumsum(-1) - 1).clamp(min=0)).to(param.device)
+    accepted = inspect.signature(unwrap_model(model).forward).parameters
+    if "use_cache" in accepted:  # no KV cache to build: one forward per batch, no generation
+        kwargs["use_cache"] = False
+    # only the last position's logits are needed: skip the LM head elsewhere (a quarter of a small LM's compute)
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in accepted:
+            kwargs[name] = 1
+            break
+    return _Batch(ids.to(param.device), kwargs, [list(p.valid) for p in batch])
+
+
+def _batch_scores(model: nn.Module, batch: _Batch) -> torch.Tensor:
+    """``(prompts, 3)``: validity, entropy and normalised entropy of each prompt of ``batch``."""
+    logits = model(input_ids=batch.input_ids, **batch.kwargs).logits[:, -1, :].float()
+    probs = torch.softmax(logits, dim=-1).cpu()
+    valid = torch.zeros_like(probs, dtype=torch.bool)
+    for i, v in enumerate(batch.valid):
+        valid[i, v] = True
+    mass = (probs * valid).sum(-1)
+    q = torch.where(valid, probs, torch.zeros_like(probs)) / mass.clamp_min(1e-30)[:, None]
+    ent = -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
+    size = valid.sum(-1).float()
+    norm = torch.where(size > 1, ent / torch.log(size.clamp_min(2)), torch.zeros_like(ent))
+    return torch.stack([mass, ent, norm], dim=1)
+
+
+def _mean_score(per_prompt: Sequence[torch.Tensor]) -> CRCScore:
+    v, h, hn = torch.cat(list(per_prompt)).mean(0).tolist()
+    return CRCScore(float(v), float(h), float(hn))
+
+
 def crc_scores(model: nn.Module, prompts: Sequence[CRCPrompt], batch_size: int = 64) -> CRCScore:
     """Validity ``V = Σ_{t∈valid} p(t|x)`` and diversity ``H`` = entropy of ``p`` restricted to the valid set and
     renormalised, averaged over prompts; one forward pass per batch (left-padded), no generation."""
     if not prompts:
         raise ValueError("crc_scores needs at least one prompt.")
-    param = next(model.parameters())
     was_training = model.training
     model.eval()
-    vs, hs, hn = [], [], []
     try:
         with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                width = max(len(p.input_ids) for p in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                attn = torch.zeros(len(batch), width, dtype=torch.long)
-                for i, p in enumerate(batch):
-                    ids[i, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
-                    attn[i, width - len(p.input_ids) :] = 1
-                pos = (attn.cumsum(-1) - 1).clamp(min=0)
-                kwargs = {"attention_mask": attn.to(param.device)}
-                if attn.min() == 0:
-                    kwargs["position_ids"] = pos.to(param.device)
-                logits = model(input_ids=ids.to(param.device), **kwargs).logits[:, -1, :].float()
-                probs = torch.softmax(logits, dim=-1).cpu()
-                valid = torch.zeros_like(probs, dtype=torch.bool)
-                for i, p in enumerate(batch):
-                    valid[i, list(p.valid)] = True
-                mass = (probs * valid).sum(-1)
-                q = torch.where(valid, probs, torch.zeros_like(probs)) / mass.clamp_min(1e-30)[:, None]
-                ent = -(q * torch.log(q.clamp_min(1e-30))).sum(-1)
-                size = valid.sum(-1).float()
-                vs.append(mass)
-                hs.append(ent)
-                hn.append(torch.where(size > 1, ent / torch.log(size.clamp_min(2)), torch.zeros_like(ent)))
+            return _mean_score(
+                [
+                    _batch_scores(model, _encode(prompts[i : i + batch_size], model))
+                    for i in range(0, len(prompts), batch_size)
+                ]
+            )
     finally:
         model.train(was_training)
-    return CRCScore(float(torch.cat(vs).mean()), float(torch.cat(hs).mean()), float(torch.cat(hn).mean()))
 
 
 # -- the search -------------------------------------------------------------------------------------------------
@@ -162,6 +238,7 @@ class RestorationSearch:
     rule: tuple[str, str, float]
     num_layers: int
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def post(self) -> dict[str, Any]:
@@ -293,11 +370,14 @@ def search_restoration(
     rule: tuple[str, str] = ("validity", "diversity"),
     threshold: float = 0.9,
     soup: int = 21,
-    max_width: int | None = None,
+    max_width: int | float | None = None,
+    stride: int | None = None,
+    min_validity: float = 0.1,
+    reuse: bool = True,
     batch_size: int = 64,
     progress: bool = True,
 ) -> RestorationSearch:
-    """Score every contiguous range ``[s, e)`` of restored layers and pick one.
+    """Score contiguous ranges ``[s, e)`` of restored layers and pick one.
 
     Rule: among the candidates whose ``rule[0]`` column (validity) is ≥ ``threshold`` × the post-trained
     model's, take the one with the highest ``rule[1]`` (diversity); the post-trained model itself is a
@@ -305,6 +385,15 @@ def search_restoration(
     may stand in for either side of the rule (e.g. ``rule=("quality", "diversity")``). ``soup`` α values
     (0 = post-trained … 1 = base) score the interpolation baseline (``soup=0`` skips it). Neither model is
     changed (layers are swapped by reference and put back).
+
+    Candidates: ranges at most ``max_width`` layers wide (an int, or a fraction of the layer count; ``None``:
+    all). ``stride`` > 1 searches coarse to fine: first the ranges whose ends lie on a grid of step ``stride``,
+    then every range within ``stride − 1`` layers of the best coarse one at both ends (default: ``round(L / 10)``,
+    so up to 14 layers every range is scored). ``reuse`` skips recomputing what a range shares with others: layers
+    before ``s`` are the post-trained model's, and ``[s, e)`` shares its base layers with the widest range from
+    ``s`` (their outputs on each batch are kept and replayed), so a range costs the ``L − e`` layers after it.
+    A selection whose validity is below ``min_validity`` is a ``UserWarning`` (also in ``result.warnings``): the
+    prompts then hardly elicit an allowed character and the diversity among them means little.
     """
     import time
 
@@ -315,51 +404,211 @@ def search_restoration(
     n = len(post_blocks)
     if len(base_blocks) != n:
         raise ValueError(f"post has {n} layers but base has {len(base_blocks)}.")
+    width = _width(max_width, n)
+    stride = max(1, round(n / 10)) if stride is None else stride
+    if stride < 1:
+        raise ValueError(f"stride={stride} must be ≥ 1.")
+    stride = min(stride, width)
     container = unwrap_model(post).get_submodule(post_blocks.path)
-    originals = list(container)
+    swap = _Swap(post, container, list(container), list(base_blocks.modules), reuse)
+    batches = [_encode(prompts[i : i + batch_size], post) for i in range(0, len(prompts), batch_size)]
     constraint, objective = rule
 
     def score(model: nn.Module, **row: Any) -> dict[str, Any]:
-        s = crc_scores(model, prompts, batch_size)
-        out = {**row, "validity": s.validity, "diversity": s.diversity, "diversity_norm": s.diversity_norm}
-        if metric is not None:
-            m = metric(model)
-            out.update(
-                {"metric": float(m)} if isinstance(m, int | float) else {k: float(v) for k, v in m.items()}
-            )
-        return out
+        with _evaluating(model):
+            return _row(_mean_score([_batch_scores(model, b) for b in batches]), row, metric, model)
 
-    ranges = [
-        (s, e) for s in range(n) for e in range(s + 1, n + 1) if max_width is None or e - s <= max_width
-    ]
     rows = [score(post, kind="post", start=None, end=None, alpha=0.0)]
     rows.append(score(base, kind="base", start=None, end=None, alpha=1.0))
-    bar = tqdm(total=len(ranges) + soup, desc="restoration search", disable=not progress, leave=False)
-    try:
-        for s, e in ranges:
-            for i in range(n):
-                container[i] = base_blocks.modules[i] if s <= i < e else originals[i]
-            rows.append(score(post, kind="range", start=s, end=e, alpha=None))
-            bar.update()
-    finally:
-        for i in range(n):
-            container[i] = originals[i]
-    if soup:
-        rows.extend(_soup_rows(post, base, soup, score, bar))
-    bar.close()
     for key in (constraint, objective):
         if key not in rows[0]:
             raise KeyError(f"rule column {key!r} is not a score; columns: {sorted(rows[0])}.")
     floor = threshold * rows[0][constraint]
+    coarse = _grid_ranges(n, width, stride)
+    bar = tqdm(total=len(coarse) + soup, desc="restoration search", disable=not progress, leave=False)
+    rows.extend(swap.rows(coarse, batches, metric, bar))
+    if stride > 1:
+        ranges = [r for r in rows if r["kind"] == "range"]
+        eligible = [r for r in ranges if r[constraint] >= floor]
+        center = (
+            max(eligible, key=lambda r: r[objective])
+            if eligible
+            else max(ranges, key=lambda r: r[constraint])
+        )
+        fine = _neighbours((center["start"], center["end"]), n, width, stride, set(coarse))
+        bar.total += len(fine)
+        rows.extend(swap.rows(fine, batches, metric, bar))
+    if soup:
+        rows.extend(_soup_rows(post, base, soup, score, bar))
+    bar.close()
     for r in rows:
         r["eligible"] = bool(r[constraint] >= floor)
-    candidates = [r for r in rows if r["kind"] in ("post", "range") and r["eligible"]]
-    best = max(candidates, key=lambda r: r[objective])
+    best = max(
+        (r for r in rows if r["kind"] in ("post", "range") and r["eligible"]), key=lambda r: r[objective]
+    )
     soups = [r for r in rows if r["kind"] == "soup" and r["eligible"]]
     best_soup = max(soups, key=lambda r: r[objective]) if soups else None
+    notes = _low_validity(best, min_validity)
     return RestorationSearch(
-        rows, best, best_soup, (constraint, objective, threshold), n, time.perf_counter() - t0
+        rows, best, best_soup, (constraint, objective, threshold), n, time.perf_counter() - t0, notes
     )
+
+
+def _low_validity(best: Mapping[str, Any], min_validity: float) -> list[str]:
+    """The warning (issued, and returned for ``result.warnings``) when the selection's validity is too low."""
+    if best["validity"] >= min_validity:
+        return []
+    note = (
+        f"the selected candidate ({_candidate(best)}) has validity {best['validity']:.3f} < "
+        f"min_validity={min_validity:g}: the prompts hardly elicit an allowed character, so diversity among "
+        "them means little and neither does the selection. Put the prompts in the post-training format "
+        "(chat template, answer prefix) or pass your own."
+    )
+    warnings.warn(note, UserWarning, stacklevel=3)
+    return [note]
+
+
+def _width(max_width: int | float | None, n: int) -> int:
+    """``max_width`` in layers: ``None`` = all, an int, or a float in (0, 1] = that fraction of ``n`` (rounded up)."""
+    if max_width is None:
+        return n
+    if isinstance(max_width, float) and 0 < max_width <= 1:
+        return max(1, math.ceil(max_width * n))
+    if isinstance(max_width, int) and max_width >= 1:
+        return min(max_width, n)
+    raise ValueError(f"max_width={max_width!r}: pass a number of layers ≥ 1 or a fraction in (0, 1].")
+
+
+def _grid_ranges(n: int, width: int, stride: int) -> list[tuple[int, int]]:
+    points = sorted({*range(0, n, stride), n})
+    return [(s, e) for s in points for e in points if s < e and e - s <= width]
+
+
+def _neighbours(
+    center: tuple[int, int], n: int, width: int, stride: int, done: set[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    s0, e0 = center
+    return [
+        (s, e)
+        for s in range(max(0, s0 - stride + 1), min(n, s0 + stride))
+        for e in range(max(s + 1, e0 - stride + 1), min(n, e0 + stride - 1) + 1)
+        if e - s <= width and (s, e) not in done
+    ]
+
+
+def _row(
+    s: CRCScore, row: dict[str, Any], metric: Callable[[nn.Module], Any] | None, model: nn.Module
+) -> dict[str, Any]:
+    out = {**row, "validity": s.validity, "diversity": s.diversity, "diversity_norm": s.diversity_norm}
+    if metric is not None:
+        m = metric(model)
+        out.update(
+            {"metric": float(m)} if isinstance(m, int | float) else {k: float(v) for k, v in m.items()}
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _detached(out: Any) -> Any:
+    """A copy of a layer's output (tensors cloned: a later layer may not change what is replayed)."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, tuple | list):
+        return type(out)(_detached(o) for o in out)
+    return out
+
+
+class _Stand(nn.Module):
+    """Stands in for a decoder layer: returns its known output on the current batch (``replay``), or runs it and
+    hands a copy of the output to ``record``. Other attributes are the layer's (models read some, e.g. the
+    attention type)."""
+
+    def __init__(self, layer: nn.Module, replay: Any = None, record: Callable[[Any], None] | None = None):
+        super().__init__()
+        self.layer = layer
+        self.replay, self.record = replay, record
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.replay is not None:
+            return self.replay
+        out = self.layer(*args, **kwargs)
+        self.record(_detached(out))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(self.layer, name)
+
+
+class _Swap:
+    """Scores ranges by swapping base layers into ``post``'s layer container (by reference), batch by batch."""
+
+    def __init__(self, post: nn.Module, container: Any, originals: list, base: list, reuse: bool):
+        self.post, self.container, self.originals, self.base, self.reuse = (
+            post,
+            container,
+            originals,
+            base,
+            reuse,
+        )
+
+    def rows(self, ranges: list[tuple[int, int]], batches: list[_Batch], metric: Any, bar: Any) -> list[dict]:
+        """One row per range: its CRC scores (and ``metric`` columns); the layers are put back afterwards."""
+        n, scores = len(self.originals), {r: [] for r in ranges}
+        starts: dict[int, list[int]] = {}
+        for s, e in ranges:
+            starts.setdefault(s, []).append(e)
+        try:
+            with _evaluating(self.post):
+                for k, batch in enumerate(batches):
+                    post_out: dict[int, Any] = {}
+                    if self.reuse:  # record the post-trained layers' outputs on this batch
+                        self._set([_Stand(m, record=functools.partial(post_out.__setitem__, i)) for i, m in
+                                   enumerate(self.originals)])  # fmt: skip
+                        _batch_scores(self.post, batch)
+                    for s, ends in starts.items():
+                        base_out: dict[int, Any] = {}
+                        for j, e in enumerate(sorted(ends, reverse=True)):  # the widest first: it records
+                            self._set([self._layer(i, s, e, post_out, base_out, j == 0) for i in range(n)])
+                            scores[(s, e)].append(_batch_scores(self.post, batch))
+                            bar.update(k == len(batches) - 1)
+            rows = []
+            for s, e in ranges:
+                self._set([self.base[i] if s <= i < e else self.originals[i] for i in range(n)])
+                row = dict(kind="range", start=s, end=e, alpha=None)
+                rows.append(_row(_mean_score(scores[(s, e)]), row, metric, self.post))
+            return rows
+        finally:
+            self._set(self.originals)
+
+    def _layer(self, i: int, s: int, e: int, post_out: dict, base_out: dict, widest: bool) -> nn.Module:
+        if i >= e:
+            return self.originals[i]
+        if not self.reuse:
+            return self.base[i] if i >= s else self.originals[i]
+        if i < s:
+            return _Stand(self.originals[i], replay=post_out[i])
+        if widest:
+            return _Stand(self.base[i], record=functools.partial(base_out.__setitem__, i))
+        return _Stand(self.base[i], replay=base_out[i])
+
+    def _set(self, layers: Sequence[nn.Module]) -> None:
+        for i, m in enumerate(layers):
+            self.container[i] = m
 
 
 def _soup_rows(
