@@ -291,3 +291,29 @@ def test_every_documented_command_line_parses():
             parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"{doc}: `hfhooks {args}` does not parse")
+
+
+def test_json_output_is_clean_with_deepspeed_installed(tmp_path):
+    """DeepSpeed announces its accelerator on stdout at first import (accelerate imports it to unwrap models):
+    the CLI's --json output must still parse, run as a user runs it (no DS_ACCELERATOR in the environment)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed: nothing prints")
+    base = make_model("llama", num_hidden_layers=2)
+    post = make_model("llama", seed=5, num_hidden_layers=2)
+    tok = char_tokenizer()
+    for name, model in (("base", base), ("post", post)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "hfhooks", "search-restore", str(tmp_path / "post"), str(tmp_path / "base"),
+         "--n", "2", "--answer-prefix", "", "--soup", "3", "--json", "-q"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "best" in json.loads(res.stdout)

@@ -13,6 +13,7 @@ inside its ``run_*`` function, so ``hfhooks --help`` and every ``--help`` start 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    # DeepSpeed, when installed, prints its accelerator choice to stdout at its first import (accelerate imports
+    # it to unwrap models), which would corrupt --json output. The CLI never runs DeepSpeed: name an accelerator
+    # for the command, and put the environment back after it (main() may run inside someone's process).
+    named = "DS_ACCELERATOR" in os.environ
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return int(args.func(args) or EXIT_OK)
     except KeyboardInterrupt:
@@ -78,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         print(f"hfhooks: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if not named:
+            os.environ.pop("DS_ACCELERATOR", None)
 
 
 if __name__ == "__main__":
