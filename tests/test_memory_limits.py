@@ -99,3 +99,22 @@ def test_a_loaded_mask_holds_at_most_twice_its_file_size(tmp_path):
     for result in (loaded | loaded, loaded & ~loaded, loaded - loaded):
         assert _storage_bytes(_held_by(result)) <= 2 * size
     assert loaded == mask and (loaded - mask).density() == 0.0 and (loaded | ~loaded).density() == 1.0
+
+
+def test_finite_monitor_norms_half_precision_tensors_in_slices(monkeypatch):
+    """Half-precision tensors are normed slice by slice (a whole-tensor float32 norm upcasts the tensor: 126 MB
+    for a 32000 x 1024 bf16 embedding); a NaN / inf in any slice is still found, in the right tensor."""
+    import hfhooks.core.hooks as hooks_module
+    from hfhooks.core.hooks import FiniteMonitor
+
+    monkeypatch.setattr(hooks_module, "_NORM_SLICE", 16)
+    big, small, full = torch.randn(100).bfloat16(), torch.randn(5).half(), torch.randn(40)
+    monitor = FiniteMonitor([big, small, full], "test")
+    seen = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: seen.append(len(ts)) or real(ts, *a, **k))
+    assert monitor._finite([big, small, full]).tolist() == [True, True, True]
+    assert seen == [7 + 1 + 1]  # 100 bf16 elements in 7 slices; fp16 below the slice size; fp32 whole
+    big[97] = float("nan")  # the last slice
+    full[3] = float("inf")
+    assert monitor._finite([big, small, full]).tolist() == [False, True, False]

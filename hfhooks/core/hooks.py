@@ -299,6 +299,9 @@ def remove_hooks(model: nn.Module) -> int:
     return removed
 
 
+_NORM_SLICE = 1 << 22  # elements per slice when FiniteMonitor norms a half-precision tensor
+
+
 class FiniteMonitor:
     """Warn once when parameters turn non-finite after an optimizer step (a NaN/inf loss or gradient makes every
     trainable weight NaN, and the Trainer's ``logging_nan_inf_filter`` hides the loss).
@@ -336,8 +339,23 @@ class FiniteMonitor:
     def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
         # The L2 norm is non-finite iff an element is (accumulated in float32, so bf16/fp16 tensors cannot
         # overflow it; a float32 tensor would need elements ~1e19). Measured 10x faster than max|x| on CPU.
-        norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32)
-        return torch.isfinite(torch.stack(norms))
+        # A bf16/fp16 tensor is upcast whole for its norm (126 MB for a 32000 x 1024 bf16 embedding, measured),
+        # so large contiguous ones are normed in slices of _NORM_SLICE elements: one slice's copy at a time.
+        pieces, owner = [], []
+        for i, t in enumerate(tensors):
+            t = t.detach()
+            if t.numel() > _NORM_SLICE and t.is_contiguous() and t.element_size() < 4:
+                parts = t.view(-1).split(_NORM_SLICE)
+            else:
+                parts = (t,)
+            pieces.extend(parts)
+            owner.extend([i] * len(parts))
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)))
+        if len(pieces) == len(tensors):
+            return ok
+        broken = torch.zeros(len(tensors), dtype=torch.int32, device=ok.device)
+        broken.index_add_(0, torch.tensor(owner, device=ok.device), (~ok).to(torch.int32))
+        return broken == 0
 
     def check(self) -> None:
         """Call after each optimizer step."""
