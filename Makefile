@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,docs,benchmarks,oracles,trl,deepspeed]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev,docs,benchmarks,oracles,trl,deepspeed,llm]"
 	touch $@
 
 install: $(BIN)/.installed
