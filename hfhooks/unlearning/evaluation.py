@@ -29,6 +29,7 @@ __all__ = [
     "METRICS",
     "average_gap",
     "mia_efficacy",
+    "rank_and_world",
     "relearn_attack",
     "true_class_confidence",
     "unlearning_metrics",
@@ -37,7 +38,8 @@ __all__ = [
 METRICS = ("UA", "RA", "TA", "MIA")
 
 
-def _dist() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` group, else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -52,7 +54,7 @@ def true_class_confidence(
     Runs in eval mode (restored after); under ``torch.distributed`` each rank scores a strided shard and the
     results are gathered.
     """
-    rank, world = _dist()
+    rank, world = rank_and_world()
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
     collate = collate or TaggedCollator().base
     device = next(model.parameters()).device

@@ -26,7 +26,7 @@ from torch import nn
 from hfhooks.masks.saliency import model_state_preserved
 from hfhooks.unlearning import lm_metrics as M
 from hfhooks.unlearning.config import LMUnlearningEvalConfig
-from hfhooks.unlearning.evaluation import relearn_attack
+from hfhooks.unlearning.evaluation import rank_and_world, relearn_attack
 
 __all__ = [
     "MIA_ATTACKS",
@@ -40,7 +40,6 @@ __all__ = [
     "lm_unlearning_metrics",
     "mia_scores",
     "qa_batch",
-    "rank_and_world",
     "rouge_scores",
     "sharded_map",
     "truth_ratios",
@@ -50,13 +49,6 @@ __all__ = [
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the initialised ``torch.distributed`` group, else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def sharded_map(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
