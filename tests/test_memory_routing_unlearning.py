@@ -181,6 +181,27 @@ def test_saliency_keeps_one_fp32_buffer_per_scored_parameter_only():
     assert all(p.grad is None for p in model.parameters())  # every gradient was folded and freed
 
 
+def test_saliency_folds_a_bf16_gradient_without_an_fp32_copy_of_it(monkeypatch):
+    """On CPU an in-place fp32 += bf16 first copies the whole gradient to fp32 (TensorIterator promotes CPU
+    inputs by copying them); the fold works in slices, so no upcast is as large as a scored gradient."""
+    import hfhooks.masks.saliency as saliency
+
+    monkeypatch.setattr(saliency, "_FOLD_SLICE", 64)
+    model = make_model("llama").to(torch.bfloat16)
+    index = ParamIndex(model)
+    ids = random_input_ids(4, 6)
+    loader = [{"input_ids": ids[i : i + 2], "labels": ids[i : i + 2]} for i in (0, 2)]
+    with torch.profiler.profile(profile_memory=True) as prof:
+        scores = compute_saliency(model, loader, progress=False)
+    upcasts = [e.cpu_memory_usage for e in prof.events() if e.name == "aten::_to_copy"]
+    sizes = {4 * index.param(n).numel() for n in scores}  # an fp32 copy of one whole gradient
+    assert not [u for u in upcasts if u in sizes and u > 4 * 64], "a whole gradient was upcast"
+    # the same scores as folding each gradient whole in fp32
+    monkeypatch.setattr(saliency, "_FOLD_SLICE", 1 << 30)
+    whole = compute_saliency(model, loader, progress=False)
+    assert all(torch.equal(scores[n], whole[n]) for n in scores)
+
+
 def _npo_data(n=4):
     ids = random_input_ids(2 * n, 7)
     forget = [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
