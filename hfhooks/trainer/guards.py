@@ -8,6 +8,7 @@ from typing import Any
 from hfhooks.core.params import is_dtensor
 
 __all__ = [
+    "deepspeed_zero_stage",
     "fsdp_version",
     "has_dtensors",
     "has_fused_lm_head",
@@ -62,6 +63,29 @@ def uses_deepspeed(args: Any) -> bool:
         bool(getattr(args, "deepspeed", None))
         or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE
     )
+
+
+def deepspeed_zero_stage(args: Any, model: Any = None) -> int | None:
+    """The DeepSpeed ZeRO stage in use (``0``–``3``), ``None`` without DeepSpeed.
+
+    Read from ``args.hf_deepspeed_config`` (what ``TrainingArguments(deepspeed=...)`` parses), then from what
+    ``accelerate launch --use_deepspeed --zero_stage N`` exports (``ACCELERATE_DEEPSPEED_ZERO_STAGE``); a
+    ``model`` whose parameters DeepSpeed has partitioned (tagged ``ds_id`` by ``zero.Init`` or the engine) is
+    ZeRO-3 whatever the arguments say.
+    """
+    if (
+        model is not None
+        and hasattr(model, "parameters")
+        and any(hasattr(p, "ds_id") for p in model.parameters())
+    ):
+        return 3
+    if not uses_deepspeed(args):
+        return None
+    config = getattr(args, "hf_deepspeed_config", None)
+    stage = config.get_value("zero_optimization.stage") if config is not None else None
+    if stage is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage not in (None, "", "auto") else 0
 
 
 def has_dtensors(model: Any) -> bool:

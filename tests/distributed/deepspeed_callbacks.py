@@ -21,6 +21,8 @@ the model is built (the Trainer's own setup comes too late for ``zero.Init``).
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (by transformers' integration)
 
@@ -38,9 +40,13 @@ from hfhooks import (
     ParamMask,
     SaliencyUnlearningCallback,
     TaggedCollator,
+    TaggedDataset,
     forget_retain_dataset,
 )
 from hfhooks.freeze.deepspeed import optimizer_state_keys
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "compat"))
+from compat_utils import ListData, bert, rationale_rows  # tests/compat is not a package
 
 VOCAB = 48
 
@@ -182,6 +188,89 @@ def refused(out, stage, callback):
     return {"status": "trained without error"}
 
 
+# -- AttributionAlignmentCallback ------------------------------------------------------------------------------
+_ATTRIBUTION_DDP: dict = {}  # the DDP reference runs (stage-independent): trained once, on first use
+
+
+def _attribution_run(out, weight, deepspeed_stage=None):
+    """Train the tiny BERT classifier 2 steps with the alignment term (``weight``) under DDP (no stage) or
+    ZeRO-``deepspeed_stage``; return the gathered weights, the logged terms and the hooks left."""
+    kw = {"deepspeed": ds_config(deepspeed_stage)} if deepspeed_stage else {"ddp_backend": "gloo"}
+    args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                               max_steps=2, learning_rate=5e-2, weight_decay=0.1, max_grad_norm=0.5,
+                               optim="adamw_torch", use_cpu=True, report_to=[], logging_steps=1,
+                               disable_tqdm=True, seed=0, save_strategy="no", **kw)  # fmt: skip
+    if deepspeed_stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = bert()
+    cb = AttributionAlignmentCallback(
+        "grad_x_input", prior="rationale", weight=weight, special_token_ids=[0, 2, 3]
+    )
+    data = TaggedDataset(ListData(rationale_rows()), tags=["rationale"])
+    trainer = T.Trainer(
+        model=model, args=args, train_dataset=data, data_collator=TaggedCollator(), callbacks=[cb]
+    )
+    trainer.train()
+    terms = [h["align/term"] for h in trainer.state.log_history if "align/term" in h]
+    hooks = hooks_left(model) + cb.alignment.num_hooks
+    return gather(ParamIndex(model)), terms, hooks, cb.alignment._checked
+
+
+def attribution(out, stage):
+    """``AttributionAlignmentCallback`` (grad_x_input, double backprop) under ZeRO-``stage`` against the same
+    run under DDP: the largest weight difference, next to the penalty's own effect (DDP with λ=1 vs λ=0)."""
+    if not _ATTRIBUTION_DDP:
+        _ATTRIBUTION_DDP["with"] = _attribution_run(os.path.join(out, "ddp1"), 1.0)
+        _ATTRIBUTION_DDP["without"] = _attribution_run(os.path.join(out, "ddp0"), 0.0)
+    ref, ref_terms = _ATTRIBUTION_DDP["with"][:2]
+    plain = _ATTRIBUTION_DDP["without"][0]
+    try:
+        weights, terms, hooks, checked = _attribution_run(os.path.join(out, "ds"), 1.0, stage)
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    return {"status": "ok", "terms": terms, "ddp_terms": ref_terms, "hooks_left": hooks, "checked": checked,
+            "max_diff_vs_ddp": max(float((weights[n] - ref[n]).abs().max()) for n in ref),
+            "penalty_effect": max(float((plain[n] - ref[n]).abs().max()) for n in ref)}  # fmt: skip
+
+
+def add_input_gradient_penalty(model):
+    """Hooks that add the squared input gradient of the logits to the loss, taken inside the model's forward
+    (torch.autograd.grad with create_graph=True, as attribution alignment does): double backprop without hfhooks.
+
+    Inside the forward, i.e. before DeepSpeed's engine puts its backward hooks on the outputs it returns (a
+    torch.autograd.grad through those would run the engine's backward epilogue, a gradient reduction)."""
+    site = {}
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: site.update(out=o))
+
+    def penalize(module, args, kwargs, out):
+        (g,) = torch.autograd.grad(out.logits.sum(), site["out"], create_graph=True)
+        out.loss = out.loss + g.pow(2).sum()
+        return out
+
+    model.register_forward_hook(penalize, with_kwargs=True)
+
+
+def double_backprop(out, stage):
+    """The reason attribution alignment refuses ZeRO-3, shown without hfhooks: a stock Trainer whose loss
+    differentiates an input gradient (torch.autograd.grad(create_graph=True) in the forward), under ZeRO-``stage``."""
+    args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=1, optim="adamw_torch",
+                               use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True,
+                               save_strategy="no", deepspeed=ds_config(stage))  # fmt: skip
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = bert()
+    add_input_gradient_penalty(model)
+    rows = [{k: v for k, v in r.items() if k != "rationale"} for r in rationale_rows()]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no double backward (any engine)
+            T.Trainer(model=model, args=args, train_dataset=ListData(rows)).train()
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    return {"status": "ok"}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -210,7 +299,8 @@ def main():
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
         r["routing"] = refused(where, stage, GradientRoutingCallback(mlp_units=4, heads=1))
-        r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
+        r["attribution"] = attribution(os.path.join(where, "attr"), stage)
+        r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
         r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
