@@ -188,6 +188,85 @@ def refused(out, stage, callback):
     return {"status": "trained without error"}
 
 
+# -- LayerRestorationCallback -----------------------------------------------------------------------------------
+def masters(index) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights (collective)."""
+    return {n: safe_get_full_fp32_param(p).reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape).clone()
+            for n, p in index.items()}  # fmt: skip
+
+
+def differ(a: dict, b: dict, names) -> int:
+    """Coordinates of ``names`` whose bits differ between ``a`` and ``b`` (``b`` cast to ``a``'s dtype)."""
+    return sum(int((bits(a[n]) != bits(b[n].to(a[n].dtype))).sum()) for n in names)
+
+
+def _restoration_setup(out, stage, **kw):
+    args = training_args(out, stage, **kw)
+    args.max_steps = 2
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny(stage)
+    index = ParamIndex(model)
+    return args, model, index, gather(index)
+
+
+def restoration(out, stage, data):
+    """``mode="inplace"``, ``when=("save", "train_end")``: layer 0 restored to the initial weights at the save of
+    checkpoint-2 (the last step) and at train end. Reports the coordinates of layer 0 that differ from the
+    reference in the gathered module and in the fp32 masters (both fp32 here: compared bit for bit), layer 1's
+    trained coordinates; then a fresh Trainer (no callback) resumes from checkpoint-2, which only loads it (no
+    step is left): layer 0 must come back restored in the module and the masters (DeepSpeed's shards were
+    rewritten), every other tensor as trained."""
+    args, model, index, initial = _restoration_setup(out, stage, save_strategy="steps", save_steps=2)
+    layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
+    rest = [n for n in index.names() if n not in layer0]
+    cb = LayerRestorationCallback(dict(initial), "0:1", when=("save", "train_end"))
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    live, master = gather(index), masters(index)
+    result = {"status": "ok", "zero": trainer.accelerator.deepspeed_plugin.zero_stage, "hooks_left": hooks_left(model),
+              "module_layer0": differ(live, initial, layer0), "master_layer0": differ(master, initial, layer0),
+              "others_trained": differ(live, initial, rest), "master_vs_module_others": differ(master, live, rest)}  # fmt: skip
+    ckpt = os.path.join(out, "checkpoint-2")
+    files = os.path.join(ckpt, "model.safetensors")
+    if args.should_save and os.path.exists(files):  # ZeRO-3 saves DeepSpeed's shards alone (no gather option)
+        from safetensors.torch import load_file
+
+        saved = load_file(files)
+        result["files_layer0"] = differ(saved, initial, layer0)
+        result["files_others_vs_live"] = differ(saved, live, rest)
+    args = training_args(out, stage)
+    args.max_steps = 2
+    model = tiny(stage)
+    index = ParamIndex(model)
+    trainer = T.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=ckpt)
+    now, now_master = gather(index), masters(index)
+    result.update(resumed_module_layer0=differ(now, initial, layer0), resumed_master_layer0=differ(now_master, initial, layer0),
+                  resumed_others_vs_trained=differ(now, live, rest), resumed_master_others=differ(now_master, master, rest))  # fmt: skip
+    return result
+
+
+def restoration_variant(out, stage, data):
+    """``mode="variant"`` at train end: ``<output_dir>/restored/`` holds layer 0 restored and the rest as
+    trained, while the live model (module and masters) keeps its training."""
+    args, model, index, initial = _restoration_setup(out, stage)
+    layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
+    rest = [n for n in index.names() if n not in layer0]
+    cb = LayerRestorationCallback(dict(initial), "0:1", mode="variant")
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    live, master = gather(index), masters(index)
+    result = {"status": "ok", "hooks_left": hooks_left(model), "live_layer0_trained": differ(live, initial, layer0),
+              "master_vs_module": differ(master, live, index.names())}  # fmt: skip
+    if args.should_save:
+        from safetensors.torch import load_file
+
+        saved = load_file(os.path.join(out, "restored", "model.safetensors"))
+        result.update(variant_layer0=differ(saved, initial, layer0), variant_others_vs_live=differ(saved, live, rest))
+    return result
+
+
 # -- AttributionAlignmentCallback ------------------------------------------------------------------------------
 _ATTRIBUTION_DDP: dict = {}  # the DDP reference runs (stage-independent): trained once, on first use
 
@@ -301,7 +380,8 @@ def main():
         r["routing"] = refused(where, stage, GradientRoutingCallback(mlp_units=4, heads=1))
         r["attribution"] = attribution(os.path.join(where, "attr"), stage)
         r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
-        r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
+        r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
+        r["restoration_variant"] = restoration_variant(os.path.join(where, "restv"), stage, data)
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
