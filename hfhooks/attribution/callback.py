@@ -31,7 +31,11 @@ _ZERO3_REASON = (
     "finds them released (empty) and fails with a shape error, for double-backprop and first-order methods "
     "alike"
 )
-_ZERO3_INSTEAD = (
+_ZERO0_REASON = (
+    "only ZeRO-1 and ZeRO-2 are verified, and this run's stage is 0 or could not be read (from "
+    "TrainingArguments(deepspeed=...), ACCELERATE_DEEPSPEED_ZERO_STAGE, or the model's parameters)"
+)
+_ZERO12_INSTEAD = (
     "ZeRO-1 and ZeRO-2 (full parameters on every rank) are supported: set zero_optimization.stage to 1 or 2, or "
     "train with DDP (torchrun --nproc_per_node N your_script.py)."
 )
@@ -54,8 +58,8 @@ class AttributionAlignmentCallback(TrainerCallback):
     reentrant checkpointing breaks ``torch.autograd.grad``. With it, methods that need double backprop keep SDPA's
     math kernel for the whole step, so that the backward's recomputation matches the forward.
 
-    DeepSpeed: ZeRO-1 and ZeRO-2 are supported (the penalty's gradients equal those of a DDP run); ZeRO-3 is
-    refused: it gathers each module's partitioned parameters only around that module's own forward and
+    DeepSpeed: ZeRO-1 and ZeRO-2 are supported (the weights trained equal those of a DDP run); ZeRO-3 is
+    refused (and stage 0, unverified): it gathers each module's partitioned parameters only around that module's own forward and
     backward, and the training backward through the attribution's graph finds them released.
 
     ``torch_compile=True`` works with ``torch_compile_backend="eager"`` only: AOTAutograd backends (``inductor``,
@@ -92,14 +96,14 @@ class AttributionAlignmentCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # ZeRO-1/2 keep full parameters and reduce gradients from AccumulateGrad hooks, which the attribution's
-        # torch.autograd.grad (taken w.r.t. the site, not the parameters) never runs; ZeRO-3 cannot (see reason)
-        zero3 = deepspeed_zero_stage(args, model) == 3
+        # torch.autograd.grad (taken w.r.t. the site, inside the forward) never runs; ZeRO-3 cannot (see reason)
+        stage = deepspeed_zero_stage(args, model)
         refuse_unsupported(
             args,
             "AttributionAlignmentCallback",
             model=model,
-            deepspeed=_ZERO3_REASON if zero3 else True,
-            instead=_ZERO3_INSTEAD if zero3 else None,
+            deepspeed=True if stage in (1, 2) else _ZERO3_REASON if stage == 3 else _ZERO0_REASON,
+            instead=_ZERO12_INSTEAD if stage in (0, 3) else None,
         )
         if has_fused_lm_head(model):
             raise ValueError(

@@ -66,26 +66,27 @@ def uses_deepspeed(args: Any) -> bool:
 
 
 def deepspeed_zero_stage(args: Any, model: Any = None) -> int | None:
-    """The DeepSpeed ZeRO stage in use (``0``–``3``), ``None`` without DeepSpeed.
+    """The DeepSpeed ZeRO stage in use (``0``–``3``; ``0`` also where it cannot be told), ``None`` without
+    DeepSpeed.
 
-    Read from ``args.hf_deepspeed_config`` (what ``TrainingArguments(deepspeed=...)`` parses), then from what
-    ``accelerate launch --use_deepspeed --zero_stage N`` exports (``ACCELERATE_DEEPSPEED_ZERO_STAGE``); a
-    ``model`` whose parameters DeepSpeed has partitioned (tagged ``ds_id`` by ``zero.Init`` or the engine) is
-    ZeRO-3 whatever the arguments say.
+    A ``model`` whose parameters DeepSpeed has partitioned (tagged ``ds_id`` by ``zero.Init`` or the engine) is
+    ZeRO-3 whatever the arguments say. Otherwise the stage is read from ``args.hf_deepspeed_config`` (what
+    ``TrainingArguments(deepspeed=...)`` parses), then from what ``accelerate launch --use_deepspeed
+    --zero_stage N`` exports (``ACCELERATE_DEEPSPEED_ZERO_STAGE``); failing both, parameters linked to ZeRO-1/2
+    fp32 masters (tagged ``_hp_mapping`` once the engine is built) give ``2``.
     """
-    if (
-        model is not None
-        and hasattr(model, "parameters")
-        and any(hasattr(p, "ds_id") for p in model.parameters())
-    ):
+    params = list(model.parameters()) if model is not None and hasattr(model, "parameters") else []
+    if any(hasattr(p, "ds_id") for p in params):
         return 3
     if not uses_deepspeed(args):
         return None
     config = getattr(args, "hf_deepspeed_config", None)
     stage = config.get_value("zero_optimization.stage") if config is not None else None
-    if stage is None:
+    if stage in (None, "", "auto"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage not in (None, "", "auto") else 0
+    if stage not in (None, "", "auto") and int(stage) > 0:
+        return int(stage)
+    return 2 if any(hasattr(p, "_hp_mapping") for p in params) else 0
 
 
 def has_dtensors(model: Any) -> bool:

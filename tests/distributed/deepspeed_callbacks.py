@@ -263,7 +263,9 @@ def restoration_variant(out, stage, data):
         from safetensors.torch import load_file
 
         saved = load_file(os.path.join(out, "restored", "model.safetensors"))
-        result.update(variant_layer0=differ(saved, initial, layer0), variant_others_vs_live=differ(saved, live, rest))
+        result.update(
+            variant_layer0=differ(saved, initial, layer0), variant_others_vs_live=differ(saved, live, rest)
+        )
     return result
 
 
