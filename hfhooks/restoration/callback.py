@@ -63,6 +63,10 @@ class LayerRestorationCallback(TrainerCallback):
     ``trainer.push_to_hub()`` uploads after training is the live model) and, unless ``hub_strategy="end"``,
     ``"save"`` too (the checkpoints pushed during training); other combinations are refused at train start.
 
+    DeepSpeed ZeRO-1/2/3: the live model is restored in the module's parameters and the fp32 master weights, and
+    each checkpoint's DeepSpeed shards (``global_step*/``, what a resume loads) are rewritten with the restored
+    layers (``mode="inplace"``); the optimizer state is kept. See :mod:`hfhooks.restoration.deepspeed`.
+
     Example::
 
         trainer = Trainer(model=model, args=args, train_dataset=ds,
@@ -92,7 +96,14 @@ class LayerRestorationCallback(TrainerCallback):
         self.resume_from: ResumeFrom = c.resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        refuse_unsupported(args, "LayerRestorationCallback", model=model, deepspeed=True)
+        refuse_unsupported(
+            args,
+            "LayerRestorationCallback",
+            model=model,
+            instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
+            "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
+            deepspeed=True,  # ZeRO-1/2/3: the masters and DeepSpeed's shards too (hfhooks.restoration.deepspeed)
+        )
         self._zero = require_zero(model, _OWNER) if uses_deepspeed(args) else None
         if self._zero is not None and "save" in self.when:
             self._check_zero_saves(args)
@@ -186,7 +197,7 @@ class LayerRestorationCallback(TrainerCallback):
         if "save" not in self.when or not args.should_save or not self._training:
             return  # trainer.push_to_hub() after training: on_train_end already restored the live model
         ckpt = self._checkpoint(args, state)
-        if ckpt.is_dir() and ckpt.resolve() not in self._restored:
+        if ckpt.is_dir() and ckpt.resolve() not in self._restored and self._has_model_files(ckpt):
             self._restore_checkpoint(ckpt)
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):

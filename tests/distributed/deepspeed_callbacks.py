@@ -294,22 +294,28 @@ def _attribution_run(out, weight, deepspeed_stage=None):
     trainer.train()
     terms = [h["align/term"] for h in trainer.state.log_history if "align/term" in h]
     hooks = hooks_left(model) + cb.alignment.num_hooks
-    return gather(ParamIndex(model)), terms, hooks, cb.alignment._checked
+    zero = trainer.accelerator.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
+    return gather(ParamIndex(model)), terms, hooks, cb.alignment._checked, zero
+
+
+def attribution_reference(out):
+    """The DDP runs ``attribution`` compares with (λ=1 and λ=0), trained before any DeepSpeed run: accelerate's
+    process-wide state keeps DeepSpeed selected once a DeepSpeed Trainer has run."""
+    _ATTRIBUTION_DDP["with"] = _attribution_run(os.path.join(out, "ddp1"), 1.0)
+    _ATTRIBUTION_DDP["without"] = _attribution_run(os.path.join(out, "ddp0"), 0.0)
 
 
 def attribution(out, stage):
     """``AttributionAlignmentCallback`` (grad_x_input, double backprop) under ZeRO-``stage`` against the same
     run under DDP: the largest weight difference, next to the penalty's own effect (DDP with λ=1 vs λ=0)."""
-    if not _ATTRIBUTION_DDP:
-        _ATTRIBUTION_DDP["with"] = _attribution_run(os.path.join(out, "ddp1"), 1.0)
-        _ATTRIBUTION_DDP["without"] = _attribution_run(os.path.join(out, "ddp0"), 0.0)
-    ref, ref_terms = _ATTRIBUTION_DDP["with"][:2]
+    ref, ref_terms, _, _, ref_zero = _ATTRIBUTION_DDP["with"]
     plain = _ATTRIBUTION_DDP["without"][0]
     try:
-        weights, terms, hooks, checked = _attribution_run(os.path.join(out, "ds"), 1.0, stage)
+        weights, terms, hooks, checked, zero = _attribution_run(os.path.join(out, "ds"), 1.0, stage)
     except RuntimeError as e:
         return {"status": "error", "message": str(e)}
     return {"status": "ok", "terms": terms, "ddp_terms": ref_terms, "hooks_left": hooks, "checked": checked,
+            "zero": zero, "reference_zero": ref_zero,
             "max_diff_vs_ddp": max(float((weights[n] - ref[n]).abs().max()) for n in ref),
             "penalty_effect": max(float((plain[n] - ref[n]).abs().max()) for n in ref)}  # fmt: skip
 
@@ -368,6 +374,7 @@ def main():
         return GradientMaskCallback(mask, freeze="grad")
 
     results = {}
+    attribution_reference(os.path.join(out, "attribution_ddp"))
     for stage in map(int, a.stages.split(",")):
         where = os.path.join(out, f"zero{stage}")
         results[f"zero{stage}"] = r = {
