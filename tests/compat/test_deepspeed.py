@@ -3,7 +3,8 @@
 One ``torchrun --nproc_per_node 2`` launch trains every case under the three stages in turn
 (tests/distributed/deepspeed_callbacks.py, ~40 s on two CPU cores); each test checks one case on both ranks.
 Supported: frozen coordinates moved = 0 in the gathered module weights and in the fp32 master weights, zero Adam
-state on them, trained coordinates changed, hooks left = 0. Unsupported: the error says why and names the
+state on them, trained coordinates changed, hooks left = 0; restored layers equal the reference in the module,
+the masters and what a resumed run loads; the attribution penalty trains as under DDP. Unsupported: the error says why and names the
 alternative. Skipped where DeepSpeed is not installed (``pip install 'hfhooks[deepspeed]'``).
 """
 
@@ -163,6 +164,23 @@ def test_layer_restoration(ranks, stage):
     main = ranks[0][f"zero{stage}"]["restoration"]
     if stage != 3:
         assert main["files_layer0"] == 0 and main["files_others_vs_live"] == 0, main
+
+
+@pytest.mark.parametrize(
+    "stage", _stages("restoration", variant="bf16, offload_optimizer (ZeRO-3: and offload_param) to CPU")
+)
+def test_layer_restoration_with_bf16_and_offload(ranks, stage):
+    """As above with a bf16 module and fp32 masters in DeepSpeed's CPU buffers: layer 0 is the reference cast to
+    bf16 in the module and the reference itself (fp32) in the masters, bit for bit, after training and after
+    the resume."""
+    for rank, results in enumerate(ranks):
+        r = results[f"zero{stage}"]["restoration_offload"]
+        assert r["status"] == "ok", (rank, r)
+        assert r["dtype"] == "torch.bfloat16" and r["zero"] == stage, r
+        assert r["module_layer0"] == 0 and r["master_layer0"] == 0, r
+        assert r["others_trained"] > 0 and r["master_vs_module_others"] == 0 and r["hooks_left"] == 0, r
+        assert r["resumed_module_layer0"] == 0 and r["resumed_master_layer0"] == 0, r
+        assert r["resumed_others_vs_trained"] == 0 and r["resumed_master_others"] == 0, r
 
 
 @pytest.mark.parametrize("stage", _stages("restoration", variant="mode='variant'"))

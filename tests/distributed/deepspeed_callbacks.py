@@ -12,7 +12,11 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``resumed``: ``GradientMaskCallback`` resumed from a checkpoint saved at step 2 (DeepSpeed's own shards);
 * ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU, and
   bf16 mixed precision (a bf16 module, fp32 masters);
-* refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``): the message.
+* ``restoration`` / ``restoration_offload`` (bf16 + offload) / ``restoration_variant``: ``LayerRestorationCallback``
+  (layer 0 back to the initial weights): module, fp32 masters, checkpoint files and a resumed run's weights;
+* ``attribution``: ``AttributionAlignmentCallback`` against the same run under DDP (ZeRO-3: the refusal), and
+  ``double_backprop``: the ZeRO-3 failure the refusal cites, shown with a stock Trainer (no hfhooks);
+* refusals (``unlearning_scoring``, ``routing``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
@@ -200,8 +204,8 @@ def differ(a: dict, b: dict, names) -> int:
     return sum(int((bits(a[n]) != bits(b[n].to(a[n].dtype))).sum()) for n in names)
 
 
-def _restoration_setup(out, stage, **kw):
-    args = training_args(out, stage, **kw)
+def _restoration_setup(out, stage, offload=False, **kw):
+    args = training_args(out, stage, offload, **kw)
     args.max_steps = 2
     if stage == 3:
         deepspeed.init_distributed(dist_backend="gloo")
@@ -210,14 +214,15 @@ def _restoration_setup(out, stage, **kw):
     return args, model, index, gather(index)
 
 
-def restoration(out, stage, data):
+def restoration(out, stage, data, offload=False):
     """``mode="inplace"``, ``when=("save", "train_end")``: layer 0 restored to the initial weights at the save of
     checkpoint-2 (the last step) and at train end. Reports the coordinates of layer 0 that differ from the
     reference in the gathered module and in the fp32 masters (both fp32 here: compared bit for bit), layer 1's
     trained coordinates; then a fresh Trainer (no callback) resumes from checkpoint-2, which only loads it (no
     step is left): layer 0 must come back restored in the module and the masters (DeepSpeed's shards were
-    rewritten), every other tensor as trained."""
-    args, model, index, initial = _restoration_setup(out, stage, save_strategy="steps", save_steps=2)
+    rewritten), every other tensor as trained. ``offload``: a bf16 module (compared with the reference cast to
+    bf16) and fp32 masters in DeepSpeed's CPU buffers (compared with the reference, fp32, bit for bit)."""
+    args, model, index, initial = _restoration_setup(out, stage, offload, save_strategy="steps", save_steps=2)
     layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
     rest = [n for n in index.names() if n not in layer0]
     cb = LayerRestorationCallback(dict(initial), "0:1", when=("save", "train_end"))
@@ -226,7 +231,8 @@ def restoration(out, stage, data):
     live, master = gather(index), masters(index)
     result = {"status": "ok", "zero": trainer.accelerator.deepspeed_plugin.zero_stage, "hooks_left": hooks_left(model),
               "module_layer0": differ(live, initial, layer0), "master_layer0": differ(master, initial, layer0),
-              "others_trained": differ(live, initial, rest), "master_vs_module_others": differ(master, live, rest)}  # fmt: skip
+              "others_trained": differ(live, initial, rest), "master_vs_module_others": differ(live, master, rest),
+              "dtype": str(live[layer0[0]].dtype)}  # fmt: skip
     ckpt = os.path.join(out, "checkpoint-2")
     files = os.path.join(ckpt, "model.safetensors")
     if args.should_save and os.path.exists(files):  # ZeRO-3 saves DeepSpeed's shards alone (no gather option)
@@ -235,7 +241,7 @@ def restoration(out, stage, data):
         saved = load_file(files)
         result["files_layer0"] = differ(saved, initial, layer0)
         result["files_others_vs_live"] = differ(saved, live, rest)
-    args = training_args(out, stage)
+    args = training_args(out, stage, offload)
     args.max_steps = 2
     model = tiny(stage)
     index = ParamIndex(model)
@@ -258,7 +264,7 @@ def restoration_variant(out, stage, data):
     trainer.train()
     live, master = gather(index), masters(index)
     result = {"status": "ok", "hooks_left": hooks_left(model), "live_layer0_trained": differ(live, initial, layer0),
-              "master_vs_module": differ(master, live, index.names())}  # fmt: skip
+              "master_vs_module": differ(live, master, index.names())}  # fmt: skip
     if args.should_save:
         from safetensors.torch import load_file
 
@@ -391,6 +397,7 @@ def main():
         r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
         r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
         r["restoration_variant"] = restoration_variant(os.path.join(where, "restv"), stage, data)
+        r["restoration_offload"] = restoration(os.path.join(where, "resto"), stage, data, offload=True)
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
