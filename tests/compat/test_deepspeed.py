@@ -1,7 +1,7 @@
 """ZeRO-1/2/3 columns of the compatibility matrix: a stock Trainer under DeepSpeed (gloo, ``DS_ACCELERATOR=cpu``).
 
 One ``torchrun --nproc_per_node 2`` launch trains every case under the three stages in turn
-(tests/distributed/deepspeed_callbacks.py, ~40 s on two CPU cores); each test checks one case on both ranks.
+(tests/distributed/deepspeed_callbacks.py, ~2 min on two loaded CPU cores); each test checks one case on both ranks.
 Supported: frozen coordinates moved = 0 in the gathered module weights and in the fp32 master weights, zero Adam
 state on them, trained coordinates changed, hooks left = 0; restored layers equal the reference in the module,
 the masters and what a resumed run loads; the attribution penalty trains as under DDP. Unsupported: the error says why and names the
