@@ -29,6 +29,12 @@ __all__ = ["LayerRestorationCallback"]
 _OWNER = "LayerRestorationCallback"
 
 
+def _gathers_16bit(args) -> bool:
+    """ZeRO-3's ``stage3_gather_16bit_weights_on_model_save``: whether ``save_model`` writes model files."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    return bool(config and config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save"))
+
+
 class LayerRestorationCallback(TrainerCallback):
     """Selective layer restoration wired into ``Trainer.train()`` (see :func:`hfhooks.restore_layers`).
 
@@ -152,13 +158,7 @@ class LayerRestorationCallback(TrainerCallback):
 
     def _check_zero_saves(self, args) -> None:
         """DeepSpeed: refuse checkpoint restorations that could not reach every copy of the weights."""
-        config = getattr(args, "hf_deepspeed_config", None)
-        gather = (
-            config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save")
-            if config
-            else None
-        )
-        if self.mode == "variant" and self._zero == 3 and not gather:
+        if self.mode == "variant" and self._zero == 3 and not _gathers_16bit(args):
             raise ValueError(
                 "LayerRestorationCallback(mode='variant', when='save') under ZeRO-3 needs the checkpoint's model "
                 "files, which the Trainer writes only with zero_optimization.stage3_gather_16bit_weights_on_model_save"
@@ -209,12 +209,18 @@ class LayerRestorationCallback(TrainerCallback):
                 )
             elif args.should_save and ckpt.resolve() not in self._restored and self._has_model_files(ckpt):
                 self._restore_checkpoint(ckpt)
-            if self._zero is not None and self.mode == "inplace" and not args.save_only_model:
+            if self._zero is not None and self.mode == "inplace" and self._saves_shards(args):
                 # DeepSpeed's own shards are what a resumed run loads (collective: every rank)
                 restore_shards(ckpt, model, optimizer, self.reference, self.layers,
                                self._touchable(model), self.options, main=args.should_save)  # fmt: skip
         # after an in-place edit of the checkpoint
         save_state(args, state, _OWNER, meta=self._settings(), config=self.config)
+
+    def _saves_shards(self, args) -> bool:
+        """Whether the Trainer writes DeepSpeed's shards (global_step*/) into checkpoints: unless
+        save_only_model=True — but ZeRO-3 without stage3_gather_16bit_weights_on_model_save writes them even then,
+        in place of the model files. Read from the arguments, so every rank decides alike (a collective follows)."""
+        return not args.save_only_model or (self._zero == 3 and not _gathers_16bit(args))
 
     def _has_model_files(self, ckpt: Path) -> bool:
         """Under ZeRO-3 without stage3_gather_16bit_weights_on_model_save the Trainer writes DeepSpeed's shards

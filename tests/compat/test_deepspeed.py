@@ -183,6 +183,21 @@ def test_layer_restoration_with_bf16_and_offload(ranks, stage):
         assert r["resumed_others_vs_trained"] == 0 and r["resumed_master_others"] == 0, r
 
 
+@pytest.mark.compat(
+    callback="restoration", setup="zero3", variant="save_only_model: DeepSpeed's shards alone"
+)
+def test_layer_restoration_of_shards_only_checkpoints(ranks):
+    """ZeRO-3 without stage3_gather_16bit_weights_on_model_save, save_only_model=True: checkpoints hold DeepSpeed's
+    shards alone; consolidated by DeepSpeed's zero_to_fp32, layer 0 is the reference and the rest the trained
+    fp32 masters, bit for bit, while the live run keeps its training."""
+    for rank, results in enumerate(ranks):
+        r = results["zero3"]["restoration_shards_only"]
+        assert r["status"] == "ok" and not r["model_files"], (rank, r)
+        assert r["live_layer0_trained"] > 0 and r["master_vs_module"] == 0, r
+    main = ranks[0]["zero3"]["restoration_shards_only"]
+    assert main["shards_layer0"] == 0 and main["shards_others_vs_masters"] == 0, main
+
+
 @pytest.mark.parametrize("stage", _stages("restoration", variant="mode='variant'"))
 def test_layer_restoration_variant(ranks, stage):
     """mode='variant' at train end: <output_dir>/restored/ has layer 0 restored and the rest as trained; the

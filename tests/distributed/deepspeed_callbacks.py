@@ -253,6 +253,33 @@ def restoration(out, stage, data, offload=False):
     return result
 
 
+def restoration_shards_only(out, stage, data):
+    """ZeRO-3 with ``save_only_model=True`` and no ``stage3_gather_16bit_weights_on_model_save``: the Trainer
+    writes DeepSpeed's shards alone (no model files, no optimizer.pt); ``when="save"`` must restore layer 0 in
+    them. Read back with DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` (what zero_to_fp32.py
+    consolidates): layer 0 is the reference, the rest the trained masters; the live run keeps its training."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args, model, index, initial = _restoration_setup(out, stage, save_strategy="steps", save_steps=2,
+                                                     save_only_model=True)  # fmt: skip
+    layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
+    rest = [n for n in index.names() if n not in layer0]
+    cb = LayerRestorationCallback(dict(initial), "0:1", when="save")
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    live, master = gather(index), masters(index)
+    ckpt = os.path.join(out, "checkpoint-2")
+    result = {"status": "ok", "model_files": os.path.exists(os.path.join(ckpt, "model.safetensors")),
+              "live_layer0_trained": differ(live, initial, layer0), "master_vs_module": differ(live, master, rest)}  # fmt: skip
+    torch.distributed.barrier()
+    if args.should_save:
+        saved = get_fp32_state_dict_from_zero_checkpoint(ckpt)
+        result.update(
+            shards_layer0=differ(saved, initial, layer0), shards_others_vs_masters=differ(saved, master, rest)
+        )
+    return result
+
+
 def restoration_variant(out, stage, data):
     """``mode="variant"`` at train end: ``<output_dir>/restored/`` holds layer 0 restored and the rest as
     trained, while the live model (module and masters) keeps its training."""
@@ -398,6 +425,8 @@ def main():
         r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
         r["restoration_variant"] = restoration_variant(os.path.join(where, "restv"), stage, data)
         r["restoration_offload"] = restoration(os.path.join(where, "resto"), stage, data, offload=True)
+        if stage == 3:
+            r["restoration_shards_only"] = restoration_shards_only(os.path.join(where, "rests"), stage, data)
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
