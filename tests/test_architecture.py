@@ -258,7 +258,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "attribution": {"core", "trainer"},
     "unlearning": {"core", "masks", "freeze", "trainer"},
     "routing": {"core", "io", "masks", "freeze", "trainer"},
-    "restoration": {"core", "io", "masks", "diffs", "trainer"},
+    "restoration": {"core", "io", "masks", "diffs", "freeze", "trainer"},
     "merging": {"core", "io", "masks", "diffs"},
     "cli": {"core", "io", "masks", *METHODS},
 }

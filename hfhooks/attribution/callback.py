@@ -11,7 +11,12 @@ from hfhooks.attribution.alignment import AttributionAlignment
 from hfhooks.attribution.config import AlignmentConfig
 from hfhooks.attribution.methods import needs_double_backprop
 from hfhooks.core.hooks import FiniteMonitor
-from hfhooks.trainer.guards import has_fused_lm_head, refuse_lossless_outputs, refuse_unsupported
+from hfhooks.trainer.guards import (
+    deepspeed_zero_stage,
+    has_fused_lm_head,
+    refuse_lossless_outputs,
+    refuse_unsupported,
+)
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
 from hfhooks.trainer.state import ResumeFrom, load_state, save_state
 
@@ -19,6 +24,21 @@ __all__ = ["AttributionAlignmentCallback"]
 
 _OWNER = "AttributionAlignmentCallback"
 _FIELDS = tuple(f for f in AlignmentConfig.__dataclass_fields__ if f != "resume_from")
+_ZERO3_REASON = (
+    "under ZeRO-3 (verified with deepspeed 0.19.8) the attribution's gradient is a second graph through the model "
+    "(torch.autograd.grad inside the forward), and ZeRO-3 gathers each module's partitioned parameters only "
+    "around that module's own forward and backward: the training backward through the attribution's graph "
+    "finds them released (empty) and fails with a shape error, for double-backprop and first-order methods "
+    "alike"
+)
+_ZERO0_REASON = (
+    "only ZeRO-1 and ZeRO-2 are verified, and this run's stage is 0 or could not be read (from "
+    "TrainingArguments(deepspeed=...), ACCELERATE_DEEPSPEED_ZERO_STAGE, or the model's parameters)"
+)
+_ZERO12_INSTEAD = (
+    "ZeRO-1 and ZeRO-2 (full parameters on every rank) are supported: set zero_optimization.stage to 1 or 2, or "
+    "train with DDP (torchrun --nproc_per_node N your_script.py)."
+)
 
 
 class AttributionAlignmentCallback(TrainerCallback):
@@ -37,6 +57,10 @@ class AttributionAlignmentCallback(TrainerCallback):
     Gradient checkpointing must be non-reentrant (``gradient_checkpointing_kwargs={"use_reentrant": False}``):
     reentrant checkpointing breaks ``torch.autograd.grad``. With it, methods that need double backprop keep SDPA's
     math kernel for the whole step, so that the backward's recomputation matches the forward.
+
+    DeepSpeed: ZeRO-1 and ZeRO-2 are supported (the weights trained equal those of a DDP run); ZeRO-3 is
+    refused (and stage 0, unverified): it gathers each module's partitioned parameters only around that module's own forward and
+    backward, and the training backward through the attribution's graph finds them released.
 
     ``torch_compile=True`` works with ``torch_compile_backend="eager"`` only: AOTAutograd backends (``inductor``,
     ``aot_eager``…) hide the embedding output inside the compiled graph, so no attribution can be taken there;
@@ -71,13 +95,15 @@ class AttributionAlignmentCallback(TrainerCallback):
         return {f: getattr(self.config, f) for f in _FIELDS}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # ZeRO-1/2 keep full parameters and reduce gradients from AccumulateGrad hooks, which the attribution's
+        # torch.autograd.grad (taken w.r.t. the site, inside the forward) never runs; ZeRO-3 cannot (see reason)
+        stage = deepspeed_zero_stage(args, model)
         refuse_unsupported(
             args,
             "AttributionAlignmentCallback",
             model=model,
-            deepspeed="its penalty differentiates an attribution (torch.autograd.grad with create_graph=True) "
-            "inside the forward, a second pass through the model that ZeRO-3's parameter gather / release hooks "
-            "and ZeRO-1/2's gradient partitioning are not built for; no DeepSpeed run has verified it",
+            deepspeed=True if stage in (1, 2) else _ZERO3_REASON if stage == 3 else _ZERO0_REASON,
+            instead=_ZERO12_INSTEAD if stage in (0, 3) else None,
         )
         if has_fused_lm_head(model):
             raise ValueError(

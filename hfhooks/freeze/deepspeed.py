@@ -42,6 +42,7 @@ __all__ = [
     "set_full_master",
     "set_full_optimizer_state",
     "torch_optimizer",
+    "zero_optimizer",
     "zero_stage",
 ]
 
@@ -133,6 +134,15 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The torch optimizer that steps inside ``optimizer`` (accelerate's wrapper, DeepSpeed's ZeRO optimizer)."""
     torch_opts = [o for o in _chain(optimizer) if isinstance(o, torch.optim.Optimizer)]
     return torch_opts[-1] if torch_opts else None
+
+
+def zero_optimizer(optimizer: Any) -> Any | None:
+    """DeepSpeed's ZeRO optimizer inside ``optimizer`` (accelerate's wrapper, or itself): the one whose
+    ``state_dict()`` DeepSpeed writes into its checkpoint shards; ``None`` if there is none."""
+    for opt in _chain(optimizer):
+        if type(opt).__module__.startswith("deepspeed.") and callable(getattr(opt, "state_dict", None)):
+            return opt
+    return None
 
 
 def optimizer_state_keys(optimizer: Any) -> list[str]:

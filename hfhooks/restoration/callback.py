@@ -12,18 +12,27 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME
 
 from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex
+from hfhooks.freeze.deepspeed import gathered, require_zero
 from hfhooks.io.artifacts import model_fingerprint
 from hfhooks.restoration.config import RestorationConfig
+from hfhooks.restoration.deepspeed import restore_live, restore_shards
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
-from hfhooks.trainer.guards import refuse_unsupported
+from hfhooks.trainer.guards import refuse_unsupported, uses_deepspeed
 from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["LayerRestorationCallback"]
 
 _OWNER = "LayerRestorationCallback"
+
+
+def _gathers_16bit(args) -> bool:
+    """ZeRO-3's ``stage3_gather_16bit_weights_on_model_save``: whether ``save_model`` writes model files."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    return bool(config and config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save"))
 
 
 class LayerRestorationCallback(TrainerCallback):
@@ -60,6 +69,10 @@ class LayerRestorationCallback(TrainerCallback):
     ``trainer.push_to_hub()`` uploads after training is the live model) and, unless ``hub_strategy="end"``,
     ``"save"`` too (the checkpoints pushed during training); other combinations are refused at train start.
 
+    DeepSpeed ZeRO-1/2/3: the live model is restored in the module's parameters and the fp32 master weights, and
+    each checkpoint's DeepSpeed shards (``global_step*/``, what a resume loads) are rewritten with the restored
+    layers (``mode="inplace"``); the optimizer state is kept. See :mod:`hfhooks.restoration.deepspeed`.
+
     Example::
 
         trainer = Trainer(model=model, args=args, train_dataset=ds,
@@ -85,6 +98,7 @@ class LayerRestorationCallback(TrainerCallback):
         self.reports: list[RestoreReport] = []
         self._restored: set[Path] = set()  # checkpoints already edited (at on_push_begin, before on_save)
         self._training = False
+        self._zero: int | None = None  # the DeepSpeed ZeRO stage (2 for ZeRO-1/2), None without DeepSpeed
         self.resume_from: ResumeFrom = c.resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -94,11 +108,11 @@ class LayerRestorationCallback(TrainerCallback):
             model=model,
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
-            deepspeed="it rewrites the module's weights at train end and the checkpoint's model files at each "
-            "save, while DeepSpeed keeps the fp32 master weights and its own checkpoint shards (global_step*/, "
-            "what a resumed run loads), which would keep the unrestored layers (and ZeRO-3 partitions the "
-            "module's weights across ranks)",
+            deepspeed=True,  # ZeRO-1/2/3: the masters and DeepSpeed's shards too (hfhooks.restoration.deepspeed)
         )
+        self._zero = require_zero(model, _OWNER) if uses_deepspeed(args) else None
+        if self._zero is not None and "save" in self.when:
+            self._check_zero_saves(args)
         if getattr(args, "push_to_hub", False):
             self._check_push(args)
         saved = load_state(args, state, _OWNER, self.resume_from, config=self.config)  # checks the config
@@ -142,6 +156,38 @@ class LayerRestorationCallback(TrainerCallback):
                 "restored directory yourself (huggingface_hub.upload_folder)."
             )
 
+    def _check_zero_saves(self, args) -> None:
+        """DeepSpeed: refuse checkpoint restorations that could not reach every copy of the weights."""
+        if self.mode == "variant" and self._zero == 3 and not _gathers_16bit(args):
+            raise ValueError(
+                "LayerRestorationCallback(mode='variant', when='save') under ZeRO-3 needs the checkpoint's model "
+                "files, which the Trainer writes only with zero_optimization.stage3_gather_16bit_weights_on_model_save"
+                "=true (else it saves DeepSpeed's partitioned shards alone). Set it in the DeepSpeed config, or "
+                "use when='train_end'."
+            )
+        strategy = str(
+            getattr(getattr(args, "hub_strategy", None), "value", getattr(args, "hub_strategy", ""))
+        )
+        if getattr(args, "push_to_hub", False) and strategy in ("checkpoint", "all_checkpoints"):
+            raise ValueError(
+                f"LayerRestorationCallback under DeepSpeed with push_to_hub=True and hub_strategy={strategy!r}: the "
+                "Trainer uploads the checkpoint folder, DeepSpeed's shards included, before on_save, where only the "
+                "main process runs, while the shards are restored at on_save by every rank. Use "
+                "hub_strategy='every_save' or 'end' (model files only, restored before the upload)."
+            )
+
+    def _touchable(self, model) -> dict[str, torch.nn.Parameter]:
+        """The parameters restoration may touch: those of the chosen layers, and the non-layer ones if
+        embeddings / final_norm / lm_head are asked for."""
+        index, blocks = ParamIndex(model), find_layers(model)
+        chosen = set(parse_layers(self.layers, len(blocks)))
+        extra = any(self.options.values())
+        return {
+            n: p
+            for n, p in index.items()
+            if layer_of(n, blocks) in chosen or (extra and layer_of(n, blocks) is None)
+        }
+
     def _checkpoint(self, args, state) -> Path:
         return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
@@ -151,20 +197,37 @@ class LayerRestorationCallback(TrainerCallback):
         if "save" not in self.when or not args.should_save or not self._training:
             return  # trainer.push_to_hub() after training: on_train_end already restored the live model
         ckpt = self._checkpoint(args, state)
-        if ckpt.is_dir() and ckpt.resolve() not in self._restored:
+        if ckpt.is_dir() and ckpt.resolve() not in self._restored and self._has_model_files(ckpt):
             self._restore_checkpoint(ckpt)
 
-    def on_save(self, args, state, control, **kwargs):
-        if "save" in self.when and args.should_save:
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if "save" in self.when:
             ckpt = self._checkpoint(args, state)
-            if not ckpt.is_dir():
+            if args.should_save and not ckpt.is_dir():
                 warnings.warn(
                     f"LayerRestorationCallback: {ckpt} was not found; nothing restored.", stacklevel=2
                 )
-            elif ckpt.resolve() not in self._restored:
+            elif args.should_save and ckpt.resolve() not in self._restored and self._has_model_files(ckpt):
                 self._restore_checkpoint(ckpt)
+            if self._zero is not None and self.mode == "inplace" and self._saves_shards(args):
+                # DeepSpeed's own shards are what a resumed run loads (collective: every rank)
+                restore_shards(ckpt, model, optimizer, self.reference, self.layers,
+                               self._touchable(model), self.options, main=args.should_save)  # fmt: skip
         # after an in-place edit of the checkpoint
         save_state(args, state, _OWNER, meta=self._settings(), config=self.config)
+
+    def _saves_shards(self, args) -> bool:
+        """Whether the Trainer writes DeepSpeed's shards (global_step*/) into checkpoints: unless
+        save_only_model=True — but ZeRO-3 without stage3_gather_16bit_weights_on_model_save writes them even then,
+        in place of the model files. Read from the arguments, so every rank decides alike (a collective follows)."""
+        return not args.save_only_model or (self._zero == 3 and not _gathers_16bit(args))
+
+    def _has_model_files(self, ckpt: Path) -> bool:
+        """Under ZeRO-3 without stage3_gather_16bit_weights_on_model_save the Trainer writes DeepSpeed's shards
+        alone (no model files; they are restored by restore_shards); otherwise the model files must be there."""
+        if self._zero != 3:
+            return True
+        return any((ckpt / f).is_file() for f in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME))
 
     def _restore_checkpoint(self, ckpt: Path) -> None:
         out = ckpt if self.mode == "inplace" else ckpt / self.variant
@@ -187,19 +250,24 @@ class LayerRestorationCallback(TrainerCallback):
         if "train_end" not in self.when or model is None:
             return
         if self.mode == "inplace":
-            self.reports.append(
-                restore_layers(model, self.reference, self.layers, adapters=self.adapters, **self.options)
-            )
+            if self._zero is not None:  # the module's weights and the fp32 masters (ZeRO-3: gathered)
+                report = restore_live(model, self.reference, self.layers, self._touchable(model), self.adapters,
+                                      self.options)  # fmt: skip
+            else:
+                report = restore_layers(
+                    model, self.reference, self.layers, adapters=self.adapters, **self.options
+                )
+            self.reports.append(report)
             return
-        # variant: restore, save a copy, then put the trained weights back (only what restoration touches)
-        index, blocks = ParamIndex(model), find_layers(model)
-        chosen = set(parse_layers(self.layers, len(blocks)))
-        extra = any(self.options.values())
-        before = {  # only what restoration can touch: the chosen layers (and the non-layer tensors if asked)
-            n: p.detach().clone()
-            for n, p in index.items()
-            if layer_of(n, blocks) in chosen or (extra and layer_of(n, blocks) is None)
-        }
+        # variant: restore, save a copy, then put the trained weights back (only what restoration touches).
+        # Under ZeRO-3 the whole model is gathered meanwhile, as save_model does with
+        # stage3_gather_16bit_weights_on_model_save; the masters are not touched.
+        with gathered(model.parameters() if self._zero == 3 else ()):
+            self.reports.append(self._save_variant(args, model))
+
+    def _save_variant(self, args, model) -> RestoreReport:
+        index = ParamIndex(model)
+        before = {n: p.detach().clone() for n, p in self._touchable(model).items()}
         report = restore_layers(model, self.reference, self.layers, adapters="zero", **self.options)
         try:
             if args.should_save:
@@ -210,4 +278,4 @@ class LayerRestorationCallback(TrainerCallback):
             with torch.no_grad():
                 for n, value in before.items():
                     index.param(n).copy_(value)
-        self.reports.append(report)
+        return report

@@ -8,6 +8,7 @@ from typing import Any
 from hfhooks.core.params import is_dtensor
 
 __all__ = [
+    "deepspeed_zero_stage",
     "fsdp_version",
     "has_dtensors",
     "has_fused_lm_head",
@@ -62,6 +63,30 @@ def uses_deepspeed(args: Any) -> bool:
         bool(getattr(args, "deepspeed", None))
         or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE
     )
+
+
+def deepspeed_zero_stage(args: Any, model: Any = None) -> int | None:
+    """The DeepSpeed ZeRO stage in use (``0``–``3``; ``0`` also where it cannot be told), ``None`` without
+    DeepSpeed.
+
+    A ``model`` whose parameters DeepSpeed has partitioned (tagged ``ds_id`` by ``zero.Init`` or the engine) is
+    ZeRO-3 whatever the arguments say. Otherwise the stage is read from ``args.hf_deepspeed_config`` (what
+    ``TrainingArguments(deepspeed=...)`` parses), then from what ``accelerate launch --use_deepspeed
+    --zero_stage N`` exports (``ACCELERATE_DEEPSPEED_ZERO_STAGE``); failing both, parameters linked to ZeRO-1/2
+    fp32 masters (tagged ``_hp_mapping`` once the engine is built) give ``2``.
+    """
+    params = list(model.parameters()) if model is not None and hasattr(model, "parameters") else []
+    if any(hasattr(p, "ds_id") for p in params):
+        return 3
+    if not uses_deepspeed(args):
+        return None
+    config = getattr(args, "hf_deepspeed_config", None)
+    stage = config.get_value("zero_optimization.stage") if config is not None else None
+    if stage in (None, "", "auto"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage not in (None, "", "auto") and int(stage) > 0:
+        return int(stage)
+    return 2 if any(hasattr(p, "_hp_mapping") for p in params) else 0
 
 
 def has_dtensors(model: Any) -> bool:

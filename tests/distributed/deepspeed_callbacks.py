@@ -12,7 +12,11 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``resumed``: ``GradientMaskCallback`` resumed from a checkpoint saved at step 2 (DeepSpeed's own shards);
 * ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU, and
   bf16 mixed precision (a bf16 module, fp32 masters);
-* refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``): the message.
+* ``restoration`` / ``restoration_offload`` (bf16 + offload) / ``restoration_variant``: ``LayerRestorationCallback``
+  (layer 0 back to the initial weights): module, fp32 masters, checkpoint files and a resumed run's weights;
+* ``attribution``: ``AttributionAlignmentCallback`` against the same run under DDP (ZeRO-3: the refusal), and
+  ``double_backprop``: the ZeRO-3 failure the refusal cites, shown with a stock Trainer (no hfhooks);
+* refusals (``unlearning_scoring``, ``routing``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
@@ -21,6 +25,8 @@ the model is built (the Trainer's own setup comes too late for ``zero.Init``).
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (by transformers' integration)
 
@@ -38,9 +44,13 @@ from hfhooks import (
     ParamMask,
     SaliencyUnlearningCallback,
     TaggedCollator,
+    TaggedDataset,
     forget_retain_dataset,
 )
 from hfhooks.freeze.deepspeed import optimizer_state_keys
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "compat"))
+from compat_utils import ListData, bert, rationale_rows  # tests/compat is not a package
 
 VOCAB = 48
 
@@ -182,6 +192,205 @@ def refused(out, stage, callback):
     return {"status": "trained without error"}
 
 
+# -- LayerRestorationCallback -----------------------------------------------------------------------------------
+def masters(index) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights (collective)."""
+    return {n: safe_get_full_fp32_param(p).reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape).clone()
+            for n, p in index.items()}  # fmt: skip
+
+
+def differ(a: dict, b: dict, names) -> int:
+    """Coordinates of ``names`` whose bits differ between ``a`` and ``b`` (``b`` cast to ``a``'s dtype)."""
+    return sum(int((bits(a[n]) != bits(b[n].to(a[n].dtype))).sum()) for n in names)
+
+
+def _restoration_setup(out, stage, offload=False, **kw):
+    args = training_args(out, stage, offload, **kw)
+    args.max_steps = 2
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny(stage)
+    index = ParamIndex(model)
+    return args, model, index, gather(index)
+
+
+def restoration(out, stage, data, offload=False):
+    """``mode="inplace"``, ``when=("save", "train_end")``: layer 0 restored to the initial weights at the save of
+    checkpoint-2 (the last step) and at train end. Reports the coordinates of layer 0 that differ from the
+    reference in the gathered module and in the fp32 masters (both fp32 here: compared bit for bit), layer 1's
+    trained coordinates; then a fresh Trainer (no callback) resumes from checkpoint-2, which only loads it (no
+    step is left): layer 0 must come back restored in the module and the masters (DeepSpeed's shards were
+    rewritten), every other tensor as trained. ``offload``: a bf16 module (compared with the reference cast to
+    bf16) and fp32 masters in DeepSpeed's CPU buffers (compared with the reference, fp32, bit for bit)."""
+    args, model, index, initial = _restoration_setup(out, stage, offload, save_strategy="steps", save_steps=2)
+    layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
+    rest = [n for n in index.names() if n not in layer0]
+    cb = LayerRestorationCallback(dict(initial), "0:1", when=("save", "train_end"))
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    live, master = gather(index), masters(index)
+    result = {"status": "ok", "zero": trainer.accelerator.deepspeed_plugin.zero_stage, "hooks_left": hooks_left(model),
+              "module_layer0": differ(live, initial, layer0), "master_layer0": differ(master, initial, layer0),
+              "others_trained": differ(live, initial, rest), "master_vs_module_others": differ(live, master, rest),
+              "dtype": str(live[layer0[0]].dtype)}  # fmt: skip
+    ckpt = os.path.join(out, "checkpoint-2")
+    files = os.path.join(ckpt, "model.safetensors")
+    if args.should_save and os.path.exists(files):  # ZeRO-3 saves DeepSpeed's shards alone (no gather option)
+        from safetensors.torch import load_file
+
+        saved = load_file(files)
+        result["files_layer0"] = differ(saved, initial, layer0)
+        result["files_others_vs_live"] = differ(saved, live, rest)
+    args = training_args(out, stage, offload)
+    args.max_steps = 2
+    model = tiny(stage)
+    index = ParamIndex(model)
+    trainer = T.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=ckpt)
+    now, now_master = gather(index), masters(index)
+    result.update(resumed_module_layer0=differ(now, initial, layer0), resumed_master_layer0=differ(now_master, initial, layer0),
+                  resumed_others_vs_trained=differ(now, live, rest), resumed_master_others=differ(now_master, master, rest))  # fmt: skip
+    return result
+
+
+def restoration_shards_only(out, stage, data):
+    """ZeRO-3 with ``save_only_model=True`` and no ``stage3_gather_16bit_weights_on_model_save``: the Trainer
+    writes DeepSpeed's shards alone (no model files, no optimizer.pt); ``when="save"`` must restore layer 0 in
+    them. Read back with DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` (what zero_to_fp32.py
+    consolidates): layer 0 is the reference, the rest the trained masters; the live run keeps its training."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args, model, index, initial = _restoration_setup(out, stage, save_strategy="steps", save_steps=2,
+                                                     save_only_model=True)  # fmt: skip
+    layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
+    rest = [n for n in index.names() if n not in layer0]
+    cb = LayerRestorationCallback(dict(initial), "0:1", when="save")
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    live, master = gather(index), masters(index)
+    ckpt = os.path.join(out, "checkpoint-2")
+    result = {"status": "ok", "model_files": os.path.exists(os.path.join(ckpt, "model.safetensors")),
+              "live_layer0_trained": differ(live, initial, layer0), "master_vs_module": differ(live, master, rest)}  # fmt: skip
+    torch.distributed.barrier()
+    if args.should_save:
+        saved = get_fp32_state_dict_from_zero_checkpoint(ckpt)
+        result.update(
+            shards_layer0=differ(saved, initial, layer0), shards_others_vs_masters=differ(saved, master, rest)
+        )
+    return result
+
+
+def restoration_variant(out, stage, data):
+    """``mode="variant"`` at train end: ``<output_dir>/restored/`` holds layer 0 restored and the rest as
+    trained, while the live model (module and masters) keeps its training."""
+    args, model, index, initial = _restoration_setup(out, stage)
+    layer0 = [n for n in index.names() if n.startswith("model.layers.0.")]
+    rest = [n for n in index.names() if n not in layer0]
+    cb = LayerRestorationCallback(dict(initial), "0:1", mode="variant")
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    live, master = gather(index), masters(index)
+    result = {"status": "ok", "hooks_left": hooks_left(model), "live_layer0_trained": differ(live, initial, layer0),
+              "master_vs_module": differ(live, master, index.names())}  # fmt: skip
+    if args.should_save:
+        from safetensors.torch import load_file
+
+        saved = load_file(os.path.join(out, "restored", "model.safetensors"))
+        result.update(
+            variant_layer0=differ(saved, initial, layer0), variant_others_vs_live=differ(saved, live, rest)
+        )
+    return result
+
+
+# -- AttributionAlignmentCallback ------------------------------------------------------------------------------
+_ATTRIBUTION_DDP: dict = {}  # the DDP reference runs (stage-independent): trained once, on first use
+
+
+def _attribution_run(out, weight, deepspeed_stage=None):
+    """Train the tiny BERT classifier 2 steps with the alignment term (``weight``) under DDP (no stage) or
+    ZeRO-``deepspeed_stage``; return the gathered weights, the logged terms and the hooks left."""
+    kw = {"deepspeed": ds_config(deepspeed_stage)} if deepspeed_stage else {"ddp_backend": "gloo"}
+    args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                               max_steps=2, learning_rate=5e-2, weight_decay=0.1, max_grad_norm=0.5,
+                               optim="adamw_torch", use_cpu=True, report_to=[], logging_steps=1,
+                               disable_tqdm=True, seed=0, save_strategy="no", **kw)  # fmt: skip
+    if deepspeed_stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = bert()
+    cb = AttributionAlignmentCallback(
+        "grad_x_input", prior="rationale", weight=weight, special_token_ids=[0, 2, 3]
+    )
+    data = TaggedDataset(ListData(rationale_rows()), tags=["rationale"])
+    trainer = T.Trainer(
+        model=model, args=args, train_dataset=data, data_collator=TaggedCollator(), callbacks=[cb]
+    )
+    trainer.train()
+    terms = [h["align/term"] for h in trainer.state.log_history if "align/term" in h]
+    hooks = hooks_left(model) + cb.alignment.num_hooks
+    zero = trainer.accelerator.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
+    return gather(ParamIndex(model)), terms, hooks, cb.alignment._checked, zero
+
+
+def attribution_reference(out):
+    """The DDP runs ``attribution`` compares with (λ=1 and λ=0), trained before any DeepSpeed run: accelerate's
+    process-wide state keeps DeepSpeed selected once a DeepSpeed Trainer has run."""
+    _ATTRIBUTION_DDP["with"] = _attribution_run(os.path.join(out, "ddp1"), 1.0)
+    _ATTRIBUTION_DDP["without"] = _attribution_run(os.path.join(out, "ddp0"), 0.0)
+
+
+def attribution(out, stage):
+    """``AttributionAlignmentCallback`` (grad_x_input, double backprop) under ZeRO-``stage`` against the same
+    run under DDP: the largest weight difference, next to the penalty's own effect (DDP with λ=1 vs λ=0)."""
+    ref, ref_terms, _, _, ref_zero = _ATTRIBUTION_DDP["with"]
+    plain = _ATTRIBUTION_DDP["without"][0]
+    try:
+        weights, terms, hooks, checked, zero = _attribution_run(os.path.join(out, "ds"), 1.0, stage)
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    return {"status": "ok", "terms": terms, "ddp_terms": ref_terms, "hooks_left": hooks, "checked": checked,
+            "zero": zero, "reference_zero": ref_zero,
+            "max_diff_vs_ddp": max(float((weights[n] - ref[n]).abs().max()) for n in ref),
+            "penalty_effect": max(float((plain[n] - ref[n]).abs().max()) for n in ref)}  # fmt: skip
+
+
+def add_input_gradient_penalty(model):
+    """Hooks that add the squared input gradient of the logits to the loss, taken inside the model's forward
+    (torch.autograd.grad with create_graph=True, as attribution alignment does): double backprop without hfhooks.
+
+    Inside the forward, i.e. before DeepSpeed's engine puts its backward hooks on the outputs it returns (a
+    torch.autograd.grad through those would run the engine's backward epilogue, a gradient reduction)."""
+    site = {}
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: site.update(out=o))
+
+    def penalize(module, args, kwargs, out):
+        (g,) = torch.autograd.grad(out.logits.sum(), site["out"], create_graph=True)
+        out.loss = out.loss + g.pow(2).sum()
+        return out
+
+    model.register_forward_hook(penalize, with_kwargs=True)
+
+
+def double_backprop(out, stage):
+    """The reason attribution alignment refuses ZeRO-3, shown without hfhooks: a stock Trainer whose loss
+    differentiates an input gradient (torch.autograd.grad(create_graph=True) in the forward), under ZeRO-``stage``."""
+    args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=1, optim="adamw_torch",
+                               use_cpu=True, report_to=[], logging_strategy="no", disable_tqdm=True,
+                               save_strategy="no", deepspeed=ds_config(stage))  # fmt: skip
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = bert()
+    add_input_gradient_penalty(model)
+    rows = [{k: v for k, v in r.items() if k != "rationale"} for r in rationale_rows()]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no double backward (any engine)
+            T.Trainer(model=model, args=args, train_dataset=ListData(rows)).train()
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    return {"status": "ok"}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -198,6 +407,7 @@ def main():
         return GradientMaskCallback(mask, freeze="grad")
 
     results = {}
+    attribution_reference(os.path.join(out, "attribution_ddp"))
     for stage in map(int, a.stages.split(",")):
         where = os.path.join(out, f"zero{stage}")
         results[f"zero{stage}"] = r = {
@@ -210,8 +420,13 @@ def main():
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
         r["routing"] = refused(where, stage, GradientRoutingCallback(mlp_units=4, heads=1))
-        r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
-        r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
+        r["attribution"] = attribution(os.path.join(where, "attr"), stage)
+        r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
+        r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
+        r["restoration_variant"] = restoration_variant(os.path.join(where, "restv"), stage, data)
+        r["restoration_offload"] = restoration(os.path.join(where, "resto"), stage, data, offload=True)
+        if stage == 3:
+            r["restoration_shards_only"] = restoration_shards_only(os.path.join(where, "rests"), stage, data)
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
