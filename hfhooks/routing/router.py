@@ -41,6 +41,7 @@ from torch import nn
 from hfhooks.core.data import pop_kwargs_hook
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.params import ParamIndex, is_dtensor
+from hfhooks.freeze import deepspeed as ds
 from hfhooks.freeze.gradient_mask import innermost_optimizer
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.masks.mask import ParamMask
@@ -120,9 +121,10 @@ class _Target:
         kept = grad.index_select(self.axis, self.dedicated)
         return torch.zeros_like(grad).index_copy_(self.axis, self.dedicated, kept)
 
-    def snapshot(self, dedicated: bool | None) -> _Snapshot:
-        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered."""
-        p = self.param.detach()
+    def snapshot(self, dedicated: bool | None, values: torch.Tensor | None = None) -> _Snapshot:
+        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered;
+        taken from ``values`` (e.g. the full fp32 master weight under DeepSpeed) instead of the parameter."""
+        p = self.param.detach() if values is None else values
         if dedicated is None:
             return _Snapshot(self.param, None, None, p.clone())
         if self.axis is None:
@@ -143,12 +145,26 @@ class _Snapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
+        self.put_(self.param.data)
+
+    @torch.no_grad()
+    def put_(self, tensor: torch.Tensor) -> None:
+        """Write the held values into ``tensor`` (the parameter, or a full master weight shaped like it)."""
         if self.where is None:
-            self.param.data.copy_(self.values)
+            tensor.copy_(self.values)
         elif self.axis is None:
-            self.param.data.masked_scatter_(self.where, self.values)
+            tensor.masked_scatter_(self.where, self.values)
         else:
-            self.param.data.index_copy_(self.axis, self.where, self.values)
+            tensor.index_copy_(self.axis, self.where, self.values)
+
+    @torch.no_grad()
+    def restore_master(self) -> None:
+        """DeepSpeed: write the held values into this rank's partition of the fp32 master weight (a collective).
+        DeepSpeed copies the masters into the module's parameters after the step, so those follow."""
+        master = ds.full_master(self.param)
+        if master is not None:
+            self.put_(master)
+            ds.set_full_master(self.param, master)
 
     def nbytes(self) -> int:
         extra = self.where.numel() * self.where.element_size() if self.where is not None else 0
@@ -215,6 +231,8 @@ class Router:
         self._snapshot: list[_Snapshot] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
+        self._zero: int | None = None  # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
+        self._fresh = False  # a training forward ran since the last step's snapshot (DeepSpeed, see _before_step)
 
     @property
     def num_hooks(self) -> int:
@@ -241,6 +259,7 @@ class Router:
                 "(or router.attach(opt)); strict=False asks for the leaky behaviour explicitly."
             )
         index = ParamIndex(self.model)
+        self._zero = ds.zero_stage(self.model)
         sharded = [n for n, p in index.items() if is_dtensor(p)]
         if (
             sharded
@@ -282,7 +301,15 @@ class Router:
         for site in self._sites:
             hooks.forward_pre_hook(site.module, self._site_hook(site))
         if optimizer is not None:
-            opt = innermost_optimizer(optimizer)
+            # DeepSpeed steps the torch optimizer it wraps inside backward, on the fp32 masters, once per param
+            # group (ZeRO-3: sub-group); the wrappers around it step nothing, so the step hooks go on it.
+            opt = ds.torch_optimizer(optimizer) if self._zero else innermost_optimizer(optimizer)
+            if opt is None:
+                raise ValueError(
+                    f"Router found no torch optimizer inside {type(optimizer).__name__} (a DeepSpeed engine "
+                    "with its own optimizer implementation?): strict routing needs its step hooks. Use a torch "
+                    "optimizer (TrainingArguments(optim='adamw_torch')), or strict=False."
+                )
             self._optimizer = opt
             # torch passes the step's own (self, *args): the optimizer comes first
             hooks.step_pre_hook(opt, lambda _opt, args, kwargs: self._before_step(args[1:], kwargs))
@@ -297,6 +324,7 @@ class Router:
             self._hooks = None
         self._targets.clear()
         self._sites.clear()
+        self._snapshot = []
         self._labels = None
 
     def __enter__(self) -> Router:
@@ -313,6 +341,7 @@ class Router:
         if not self.model.training:
             self._labels, self._mode = None, UNLABELLED  # evaluation: labels are dropped, no routing
             return
+        self._fresh = True
         if labels is None:
             self._labels, self._mode = None, UNLABELLED
             self.counts["unlabelled (no labels passed)"] += 1
@@ -404,6 +433,12 @@ class Router:
             )
 
     def _before_step(self, args: tuple = (), kwargs: dict | None = None) -> None:
+        if self._zero:
+            # DeepSpeed calls the torch optimizer's step once per param group (sub-group): the first call of a
+            # step (the first since a training forward) takes the snapshot for all of them.
+            if not self._fresh:
+                return
+            self._fresh = False
         self.steps += 1
         if self.steps == 1:
             self.check_labels_arrived()
@@ -422,7 +457,19 @@ class Router:
             for t in self._targets
             if t.dedicated is not None or (only_forget and not t.shared_on_forget)
         ]
+        if self._zero:
+            self._snapshot_masters(kept)
+            return
         self._wrap_step(kept, args, kwargs or {})
+
+    def _snapshot_masters(self, kept: list[tuple[_Target, bool | None]]) -> None:
+        """DeepSpeed: hold what this step must not change from the fp32 masters the optimizer steps (their
+        full values, a collective: every rank takes the same snapshot). The module's parameters are copied from
+        the masters after the step, so restoring the masters (:meth:`_after_step`) restores them too."""
+        for target, dedicated in kept:
+            master = ds.full_master(target.param)
+            if master is not None:  # None: a parameter the optimizer does not step
+                self._snapshot.append(target.snapshot(dedicated, master))
 
     def _wrap_step(self, kept: list[tuple[_Target, bool | None]], args: tuple, kwargs: dict) -> None:
         """Snapshot what this step must not change: part by part, each part stepped alone right away (one
@@ -461,9 +508,21 @@ class Router:
         return {m for m, f in zip(order, flags.tolist()) if f}
 
     def _after_step(self) -> None:
+        if self._zero:
+            # after each param group's step (the others' masters are unchanged: writing them back is a no-op);
+            # the snapshot is kept for the step's later groups, until the next step or end_step()
+            for snap in self._snapshot:
+                snap.restore_master()
+            return
         self._restore_snapshot()
         reattach(self._detached)  # the parts stepped alone before the step (see _wrap_step)
         self._detached = {}
+
+    def end_step(self) -> None:
+        """DeepSpeed: drop the values held for the step that just ended (memory only: the next step replaces
+        them). Call after ``engine.step()``; :class:`~hfhooks.GradientRoutingCallback` does."""
+        if self._zero:
+            self._snapshot = []
 
     def _restore_snapshot(self) -> None:
         for snap in self._snapshot:

@@ -81,6 +81,8 @@ _DEEPSPEED_REFUSAL = {
     "gradient_mask": r"^GradientMaskCallback does not support DeepSpeed without ZeRO-1/2/3: .*stage to 1, 2 or 3, "
     r"or train with DDP",
     "unlearning": r"^SaliencyUnlearningCallback cannot score saliency under DeepSpeed: .*pass mask=",
+    "routing": r"^GradientRoutingCallback does not support DeepSpeed without ZeRO-1/2/3: .*stage to 1, 2 or 3, "
+    r"or train with DDP",
 }
 
 

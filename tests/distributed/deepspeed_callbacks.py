@@ -12,7 +12,13 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
 * ``resumed``: ``GradientMaskCallback`` resumed from a checkpoint saved at step 2 (DeepSpeed's own shards);
 * ``offload``: ``GradientMaskCallback`` with ``offload_optimizer`` (ZeRO-3: and ``offload_param``) to CPU, and
   bf16 mixed precision (a bf16 module, fp32 masters);
-* refusals (``unlearning_scoring``, ``routing``, ``attribution``, ``restoration``): the message.
+* ``routing_forget`` / ``routing_retain``: ``GradientRoutingCallback`` (strict, parameter level, its default
+  dedicated mask) on forget-only / retain-only data; this rank reports the coordinates those steps must hold
+  (forget: the shared ones, retain: the dedicated ones) that moved in the gathered module weights and in the fp32
+  masters, the others that changed, the micro-batches the router counted and the hooks left;
+  ``routing_leaky``: forget-only with ``strict=False``: weight decay must move shared coordinates there, or the
+  strict runs hold them by accident;
+* refusals (``unlearning_scoring``, ``attribution``, ``restoration``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
@@ -30,6 +36,8 @@ import transformers as T
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from hfhooks import (
+    FORGET,
+    RETAIN,
     AttributionAlignmentCallback,
     GradientMaskCallback,
     GradientRoutingCallback,
@@ -38,6 +46,7 @@ from hfhooks import (
     ParamMask,
     SaliencyUnlearningCallback,
     TaggedCollator,
+    TaggedDataset,
     forget_retain_dataset,
 )
 from hfhooks.freeze.deepspeed import optimizer_state_keys
@@ -172,6 +181,50 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False, resu
     return result
 
 
+def train_routing(out, stage, mode, strict=True):
+    """Train 3 steps (2 micro-batches each) on data routed ``mode`` ("forget" / "retain") with the callback's
+    default dedicated mask (under ZeRO-3 built from the partitioned model's real shapes)."""
+    args = training_args(out, stage)
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny(stage)
+    index = ParamIndex(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        initial = {n: p.detach().clone() for n, p in index.items()}
+    data = Data()
+    label = {"forget": FORGET, "retain": RETAIN}[mode]
+    tagged = TaggedDataset([data[i] for i in range(len(data))], tags={"routing": [label] * len(data)})
+    cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict)
+    trainer = T.Trainer(model=model, args=args, train_dataset=tagged, data_collator=TaggedCollator(), callbacks=[cb])
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    # forward pre-hooks hfhooks left (DeepSpeed's own ZeRO-3 hooks stay on the modules)
+    ours = sum(getattr(h, "__module__", "").startswith("hfhooks") for m in model.modules()
+               for h in m._forward_pre_hooks.values())  # fmt: skip
+    keys = optimizer_state_keys(trainer.optimizer)
+    moved = master_moved = changed = state_nonzero = 0
+    for name, p in index.items():
+        shape = initial[name].shape
+        dedicated = cb.dedicated[name] if name in cb.dedicated else torch.zeros(shape, dtype=torch.bool)
+        held = ~dedicated if mode == "forget" else dedicated  # what a step of that mode must not change
+        with deepspeed.zero.GatheredParameters([p]):
+            now = p.detach().clone()
+        master = safe_get_full_fp32_param(p).reshape(shape)
+        then = initial[name]
+        moved += int((bits(now[held]) != bits(then[held])).sum())
+        master_moved += int((bits(master[held]) != bits(then[held].float())).sum())
+        changed += int((now[~held] != then[~held]).sum())
+        for key in keys:  # zero gradient on every step: zero Adam state, or the gradient hooks missed DeepSpeed
+            state_nonzero += int(safe_get_full_optimizer_state(p, key).reshape(shape)[held].count_nonzero())
+    return {"status": "ok", "moved": moved, "master_moved": master_moved, "changed": changed,
+            "state_keys": keys, "state_nonzero": state_nonzero,
+            "held": sum(int(cb.dedicated[n].sum()) for n in cb.dedicated), "counts": dict(cb.router.counts),
+            "steps": cb.router.steps, "hooks_left": hooks_left(model) + cb.router.num_hooks + ours,
+            "zero": trainer.accelerator.deepspeed_plugin.zero_stage}  # fmt: skip
+
+
 def refused(out, stage, callback):
     """What the callback says at train begin under this DeepSpeed setup (the Trainer's arguments)."""
     args = training_args(out, stage)
@@ -209,7 +262,9 @@ def main():
         }
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
-        r["routing"] = refused(where, stage, GradientRoutingCallback(mlp_units=4, heads=1))
+        r["routing_forget"] = train_routing(os.path.join(where, "rf"), stage, "forget")
+        r["routing_retain"] = train_routing(os.path.join(where, "rr"), stage, "retain")
+        r["routing_leaky"] = train_routing(os.path.join(where, "rl"), stage, "forget", strict=False)
         r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
         r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
     rank = int(os.environ["RANK"])
