@@ -1,0 +1,43 @@
+"""Gradient routing's pieces that DeepSpeed ZeRO-3 changes, checked in one process (the trained runs under ZeRO-1/2/3
+are in tests/compat/test_deepspeed.py).
+
+ZeRO-3 replaces every parameter's data by an empty placeholder between forwards and keeps the real shape in
+``ds_shape``; the callback builds its default dedicated mask at ``on_train_begin``, when the model is partitioned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from hfhooks import ParamIndex, dedicated_mask
+
+
+def partitioned_like_zero3(model: torch.nn.Module) -> torch.nn.Module:
+    """What ``deepspeed.zero.Init`` leaves on each parameter outside a gather: empty data, the shape in ds_shape."""
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0, dtype=p.dtype)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_default_dedicated_mask_of_a_zero3_model_is_the_full_models(arch):
+    full = dedicated_mask(make_model(arch), mlp_units=4, heads=1)
+    placeholder = partitioned_like_zero3(make_model(arch))
+    mask = dedicated_mask(placeholder, mlp_units=4, heads=1)
+    assert sorted(mask) == sorted(full)
+    for name in full:
+        assert mask.granularity(name) == full.granularity(name), name
+        assert torch.equal(mask[name], full[name]), name
+    mask.validate(ParamIndex(placeholder))  # fits the model it was built on
+
+
+def test_param_index_reports_the_real_shape_of_a_zero3_parameter():
+    model = partitioned_like_zero3(make_model("llama"))
+    index = ParamIndex(model)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert index.param(name).shape == (0,)  # the placeholder
+    assert index.info(name).shape == index.param(name).ds_shape
+    assert index.shapes()[name] == tuple(index.param(name).ds_shape)
