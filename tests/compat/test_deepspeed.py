@@ -120,6 +120,18 @@ def test_routing_callback(ranks, stage):
     assert ranks[0][f"zero{stage}"]["routing_forget"]["changed"] == r["held"], "a dedicated coordinate never trained"
 
 
+@pytest.mark.parametrize(
+    "stage", _stages("routing", variant="bf16, offload_optimizer (ZeRO-3: and offload_param) to CPU")
+)
+def test_routing_callback_with_bf16_and_offload(ranks, stage):
+    """A bf16 module with fp32 masters in DeepSpeed's CPU buffers: forget-only strict steps still hold every shared
+    coordinate in both."""
+    r = routed(ranks, stage, "routing_offload")
+    assert r["dtype"] == "torch.bfloat16"
+    assert r["moved"] == 0 and r["master_moved"] == 0, r
+    assert r["changed"] > 0, "nothing trained: the test would pass vacuously"
+
+
 @pytest.mark.parametrize("stage", STAGES, ids=[f"zero{s}" for s in STAGES])
 def test_routing_without_strict_weight_decay_moves_shared_coordinates(ranks, stage):
     """strict=False (the gradient hooks alone): weight decay moves the shared coordinates of forget-only steps, in

@@ -17,7 +17,8 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   (forget: the shared ones, retain: the dedicated ones) that moved in the gathered module weights and in the fp32
   masters, the others that changed, the micro-batches the router counted and the hooks left;
   ``routing_leaky``: forget-only with ``strict=False``: weight decay must move shared coordinates there, or the
-  strict runs hold them by accident;
+  strict runs hold them by accident; ``routing_offload``: forget-only, strict, with bf16 and the offload of
+  ``offload`` below;
 * refusals (``unlearning_scoring``, ``attribution``, ``restoration``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
@@ -181,10 +182,10 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False, resu
     return result
 
 
-def train_routing(out, stage, mode, strict=True):
+def train_routing(out, stage, mode, strict=True, offload=False):
     """Train 3 steps (2 micro-batches each) on data routed ``mode`` ("forget" / "retain") with the callback's
     default dedicated mask (under ZeRO-3 built from the partitioned model's real shapes)."""
-    args = training_args(out, stage)
+    args = training_args(out, stage, offload)
     if stage == 3:
         deepspeed.init_distributed(dist_backend="gloo")
     model = tiny(stage)
@@ -212,7 +213,7 @@ def train_routing(out, stage, mode, strict=True):
         with deepspeed.zero.GatheredParameters([p]):
             now = p.detach().clone()
         master = safe_get_full_fp32_param(p).reshape(shape)
-        then = initial[name]
+        then = initial[name].to(now.dtype)  # bf16: the engine casts the module, and builds the masters from it
         moved += int((bits(now[held]) != bits(then[held])).sum())
         master_moved += int((bits(master[held]) != bits(then[held].float())).sum())
         changed += int((now[~held] != then[~held]).sum())
@@ -222,7 +223,7 @@ def train_routing(out, stage, mode, strict=True):
             "state_keys": keys, "state_nonzero": state_nonzero,
             "held": sum(int(cb.dedicated[n].sum()) for n in cb.dedicated), "counts": dict(cb.router.counts),
             "steps": cb.router.steps, "hooks_left": hooks_left(model) + cb.router.num_hooks + ours,
-            "zero": trainer.accelerator.deepspeed_plugin.zero_stage}  # fmt: skip
+            "zero": trainer.accelerator.deepspeed_plugin.zero_stage, "dtype": str(now.dtype)}  # fmt: skip
 
 
 def refused(out, stage, callback):
@@ -265,6 +266,7 @@ def main():
         r["routing_forget"] = train_routing(os.path.join(where, "rf"), stage, "forget")
         r["routing_retain"] = train_routing(os.path.join(where, "rr"), stage, "retain")
         r["routing_leaky"] = train_routing(os.path.join(where, "rl"), stage, "forget", strict=False)
+        r["routing_offload"] = train_routing(os.path.join(where, "ro"), stage, "forget", offload=True)
         r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
         r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
     rank = int(os.environ["RANK"])
