@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_model
 
-from hfhooks import ParamIndex, dedicated_mask
+from hfhooks import ParamIndex, Router, dedicated_mask
 
 
 def partitioned_like_zero3(model: torch.nn.Module) -> torch.nn.Module:
@@ -41,3 +41,29 @@ def test_param_index_reports_the_real_shape_of_a_zero3_parameter():
     assert index.param(name).shape == (0,)  # the placeholder
     assert index.info(name).shape == index.param(name).ds_shape
     assert index.shapes()[name] == tuple(index.param(name).ds_shape)
+
+
+class EngineOptimizer:
+    """Stands for a DeepSpeed ZeRO optimizer around an optimizer DeepSpeed implements without a torch step."""
+
+    optimizer = None
+
+
+def zero12_tagged(model: torch.nn.Module) -> torch.nn.Module:
+    """What a ZeRO-1/2 engine leaves on every parameter (its link to the fp32 master fragment)."""
+    for p in model.parameters():
+        p._hp_mapping = None
+    return model
+
+
+def test_strict_routing_under_deepspeed_refuses_an_optimizer_without_a_torch_step():
+    model = zero12_tagged(make_model("llama"))
+    router = Router(model, dedicated_mask(model, mlp_units=4), strict=True)
+    with pytest.raises(ValueError, match=r"found no torch optimizer inside DeepSpeed's EngineOptimizer"):
+        router.attach(EngineOptimizer())
+    assert router.num_hooks == 0 and not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(p._backward_hooks for p in model.parameters())
+    # the leaky mode holds nothing around the step: it attaches, without step hooks
+    leaky = Router(model, dedicated_mask(model, mlp_units=4), strict=False).attach(EngineOptimizer())
+    assert leaky.num_hooks > 0
+    leaky.detach()

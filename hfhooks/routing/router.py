@@ -24,6 +24,11 @@ that mode must not change are restored, which needs the optimizer (``Router(...,
 ``attach(opt)``). The leaky behaviour of the reference code must be asked for by name: ``strict=False``.
 A first optimizer step that no routing label reached raises before the optimizer changes anything.
 
+Under DeepSpeed ZeRO-1/2/3 the gradient hooks see each micro-batch's full gradient as without it, and the step
+hooks go on the torch optimizer DeepSpeed steps inside ``backward`` (once per param group): the snapshot is taken
+from, and restored into, the fp32 master weights through :mod:`hfhooks.freeze.deepspeed`; DeepSpeed copies the
+masters into the module's parameters after the step.
+
 The dedicated mask itself, and what is done with it after training (:func:`~hfhooks.routing.ablation.ablate`,
 :func:`~hfhooks.routing.ablation.calibrate_logits`), live in :mod:`hfhooks.routing.ablation`.
 """
@@ -231,8 +236,12 @@ class Router:
         self._snapshot: list[_Snapshot] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
-        self._zero: int | None = None  # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
-        self._fresh = False  # a training forward ran since the last step's snapshot (DeepSpeed, see _before_step)
+        self._zero: int | None = (
+            None  # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
+        )
+        self._fresh = (
+            False  # a training forward ran since the last step's snapshot (DeepSpeed, see _before_step)
+        )
 
     @property
     def num_hooks(self) -> int:
@@ -293,6 +302,7 @@ class Router:
             raise ValueError(
                 "The dedicated mask has no consumer (down/output projection) slices: nothing to route in the forward."
             )
+        opt = self._stepping_optimizer(optimizer)
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
@@ -300,22 +310,33 @@ class Router:
             hooks.tensor_hook(target.param, self._grad_hook(target))
         for site in self._sites:
             hooks.forward_pre_hook(site.module, self._site_hook(site))
-        if optimizer is not None:
-            # DeepSpeed steps the torch optimizer it wraps inside backward, on the fp32 masters, once per param
-            # group (ZeRO-3: sub-group); the wrappers around it step nothing, so the step hooks go on it.
-            opt = ds.torch_optimizer(optimizer) if self._zero else innermost_optimizer(optimizer)
-            if opt is None:
-                raise ValueError(
-                    f"Router found no torch optimizer inside {type(optimizer).__name__} (a DeepSpeed engine "
-                    "with its own optimizer implementation?): strict routing needs its step hooks. Use a torch "
-                    "optimizer (TrainingArguments(optim='adamw_torch')), or strict=False."
-                )
+        if opt is not None:
             self._optimizer = opt
             # torch passes the step's own (self, *args): the optimizer comes first
             hooks.step_pre_hook(opt, lambda _opt, args, kwargs: self._before_step(args[1:], kwargs))
             if self.strict:
                 hooks.step_post_hook(opt, lambda *_: self._after_step())
         return self
+
+    def _stepping_optimizer(self, optimizer: Any) -> torch.optim.Optimizer | None:
+        """The torch optimizer whose step the router hooks: inside accelerate's wrapper, or, under DeepSpeed, the
+        one DeepSpeed's ZeRO optimizer steps inside ``backward`` on the fp32 masters, once per param group
+        (ZeRO-3: sub-group) — the wrappers around it step nothing there."""
+        if optimizer is None:
+            return None
+        if not self._zero:
+            return innermost_optimizer(optimizer)
+        opt = ds.torch_optimizer(optimizer)
+        if opt is None and self.strict and self.level == "param":
+            self._targets.clear()
+            self._sites.clear()
+            raise ValueError(
+                f"Router(strict=True) found no torch optimizer inside DeepSpeed's {type(optimizer).__name__}: "
+                "its step hooks are what hold the coordinates a forget (retain) step must not change. Use a "
+                "torch optimizer (e.g. TrainingArguments(optim='adamw_torch')), or strict=False for the leaky "
+                "behaviour."
+            )
+        return opt
 
     def detach(self) -> None:
         """Remove every hook this router installed."""

@@ -114,10 +114,14 @@ def test_routing_callback(ranks, stage):
     for key, mode in (("routing_forget", "forget"), ("routing_retain", "retain")):
         r = routed(ranks, stage, key)
         assert r["counts"] == {mode: 6}, r["counts"]
-        assert r["moved"] == 0, f"{r['moved']} coordinates a {mode} step must hold moved in the module weights"
+        assert r["moved"] == 0, (
+            f"{r['moved']} coordinates a {mode} step must hold moved in the module weights"
+        )
         assert r["master_moved"] == 0, f"{r['master_moved']} moved in the fp32 masters"
         assert r["changed"] > 0, "nothing trained: the test would pass vacuously"
-    assert ranks[0][f"zero{stage}"]["routing_forget"]["changed"] == r["held"], "a dedicated coordinate never trained"
+    assert ranks[0][f"zero{stage}"]["routing_forget"]["changed"] == r["held"], (
+        "a dedicated coordinate never trained"
+    )
 
 
 @pytest.mark.parametrize(

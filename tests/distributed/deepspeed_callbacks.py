@@ -196,7 +196,9 @@ def train_routing(out, stage, mode, strict=True, offload=False):
     label = {"forget": FORGET, "retain": RETAIN}[mode]
     tagged = TaggedDataset([data[i] for i in range(len(data))], tags={"routing": [label] * len(data)})
     cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict)
-    trainer = T.Trainer(model=model, args=args, train_dataset=tagged, data_collator=TaggedCollator(), callbacks=[cb])
+    trainer = T.Trainer(
+        model=model, args=args, train_dataset=tagged, data_collator=TaggedCollator(), callbacks=[cb]
+    )
     try:
         trainer.train()
     except RuntimeError as e:
@@ -213,11 +215,13 @@ def train_routing(out, stage, mode, strict=True, offload=False):
         with deepspeed.zero.GatheredParameters([p]):
             now = p.detach().clone()
         master = safe_get_full_fp32_param(p).reshape(shape)
-        then = initial[name].to(now.dtype)  # bf16: the engine casts the module, and builds the masters from it
+        # bf16: the engine casts the module, and builds the masters from it
+        then = initial[name].to(now.dtype)
         moved += int((bits(now[held]) != bits(then[held])).sum())
         master_moved += int((bits(master[held]) != bits(then[held].float())).sum())
         changed += int((now[~held] != then[~held]).sum())
-        for key in keys:  # zero gradient on every step: zero Adam state, or the gradient hooks missed DeepSpeed
+        # zero gradient on every step: zero Adam state, or the gradient hooks did not reach DeepSpeed
+        for key in keys:
             state_nonzero += int(safe_get_full_optimizer_state(p, key).reshape(shape)[held].count_nonzero())
     return {"status": "ok", "moved": moved, "master_moved": master_moved, "changed": changed,
             "state_keys": keys, "state_nonzero": state_nonzero,
