@@ -18,7 +18,7 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   masters, the others that changed, the micro-batches the router counted and the hooks left;
   ``routing_leaky``: forget-only with ``strict=False``: weight decay must move shared coordinates there, or the
   strict runs hold them by accident; ``routing_offload``: forget-only, strict, with bf16 and the offload of
-  ``offload`` below;
+  ``offload`` below; ``routing_resumed``: forget-only, strict, resumed from checkpoint-2 (as ``resumed`` below);
 * refusals (``unlearning_scoring``, ``attribution``, ``restoration``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
@@ -182,10 +182,12 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False, resu
     return result
 
 
-def train_routing(out, stage, mode, strict=True, offload=False):
+def train_routing(out, stage, mode, strict=True, offload=False, resume=False):
     """Train 3 steps (2 micro-batches each) on data routed ``mode`` ("forget" / "retain") with the callback's
-    default dedicated mask (under ZeRO-3 built from the partitioned model's real shapes)."""
-    args = training_args(out, stage, offload)
+    default dedicated mask (under ZeRO-3 built from the partitioned model's real shapes); ``resume``: save
+    checkpoint-2 on the way, then a fresh model, callback and Trainer resume from it."""
+    saving = {"save_strategy": "steps", "save_steps": 2} if resume else {}
+    args = training_args(out, stage, offload, **saving)
     if stage == 3:
         deepspeed.init_distributed(dist_backend="gloo")
     model = tiny(stage)
@@ -201,12 +203,21 @@ def train_routing(out, stage, mode, strict=True, offload=False):
     )
     try:
         trainer.train()
+        if resume:  # the callback restores its dedicated mask and counters from checkpoint-2
+            uninterrupted = gather(index)
+            model = tiny(stage)
+            index = ParamIndex(model)
+            cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict)
+            trainer = T.Trainer(model=model, args=training_args(out, stage, offload), train_dataset=tagged,
+                                data_collator=TaggedCollator(), callbacks=[cb])  # fmt: skip
+            trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     except RuntimeError as e:
         return {"status": "error", "message": str(e)}
     # forward pre-hooks hfhooks left (DeepSpeed's own ZeRO-3 hooks stay on the modules)
     ours = sum(getattr(h, "__module__", "").startswith("hfhooks") for m in model.modules()
                for h in m._forward_pre_hooks.values())  # fmt: skip
     keys = optimizer_state_keys(trainer.optimizer)
+    result = {}
     moved = master_moved = changed = state_nonzero = 0
     for name, p in index.items():
         shape = initial[name].shape
@@ -223,7 +234,10 @@ def train_routing(out, stage, mode, strict=True, offload=False):
         # zero gradient on every step: zero Adam state, or the gradient hooks did not reach DeepSpeed
         for key in keys:
             state_nonzero += int(safe_get_full_optimizer_state(p, key).reshape(shape)[held].count_nonzero())
-    return {"status": "ok", "moved": moved, "master_moved": master_moved, "changed": changed,
+    if resume:  # the resumed run ends where the uninterrupted one did: checkpoint-2 was really loaded
+        ended = gather(index)
+        result["equals_uninterrupted"] = all(torch.equal(ended[n], uninterrupted[n]) for n in ended)
+    return result | {"status": "ok", "moved": moved, "master_moved": master_moved, "changed": changed,
             "state_keys": keys, "state_nonzero": state_nonzero,
             "held": sum(int(cb.dedicated[n].sum()) for n in cb.dedicated), "counts": dict(cb.router.counts),
             "steps": cb.router.steps, "hooks_left": hooks_left(model) + cb.router.num_hooks + ours,
@@ -271,6 +285,7 @@ def main():
         r["routing_retain"] = train_routing(os.path.join(where, "rr"), stage, "retain")
         r["routing_leaky"] = train_routing(os.path.join(where, "rl"), stage, "forget", strict=False)
         r["routing_offload"] = train_routing(os.path.join(where, "ro"), stage, "forget", offload=True)
+        r["routing_resumed"] = train_routing(os.path.join(where, "rs"), stage, "forget", resume=True)
         r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
         r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
     rank = int(os.environ["RANK"])
