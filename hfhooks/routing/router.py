@@ -236,12 +236,10 @@ class Router:
         self._snapshot: list[_Snapshot] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
-        self._zero: int | None = (
-            None  # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
-        )
-        self._fresh = (
-            False  # a training forward ran since the last step's snapshot (DeepSpeed, see _before_step)
-        )
+        # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
+        self._zero: int | None = None
+        # a training forward ran since the last step's snapshot (DeepSpeed, see _before_step)
+        self._fresh = False
 
     @property
     def num_hooks(self) -> int:
