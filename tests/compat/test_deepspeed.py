@@ -149,6 +149,15 @@ def test_routing_callback_resumed(ranks, stage):
     assert r["equals_uninterrupted"]
 
 
+@pytest.mark.parametrize("stage", _stages("routing", variant="level='activation'"))
+def test_routing_callback_activation_level(ranks, stage):
+    """Activation-level routing (forward pre-hooks on the dedicated units' consumers) on retain-only data: no
+    gradient reaches a dedicated coordinate (their Adam state stays zero, checked by routed()), the rest trains."""
+    r = routed(ranks, stage, "routing_activation")
+    assert r["counts"] == {"retain": 6}, r["counts"]
+    assert r["changed"] > 0, "nothing trained: the test would pass vacuously"
+
+
 @pytest.mark.parametrize("stage", STAGES, ids=[f"zero{s}" for s in STAGES])
 def test_routing_without_strict_weight_decay_moves_shared_coordinates(ranks, stage):
     """strict=False (the gradient hooks alone): weight decay moves the shared coordinates of forget-only steps, in

@@ -19,6 +19,8 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   ``routing_leaky``: forget-only with ``strict=False``: weight decay must move shared coordinates there, or the
   strict runs hold them by accident; ``routing_offload``: forget-only, strict, with bf16 and the offload of
   ``offload`` below; ``routing_resumed``: forget-only, strict, resumed from checkpoint-2 (as ``resumed`` below);
+  ``routing_activation``: retain-only at ``level="activation"`` (the forward pre-hooks route: no gradient, so no
+  Adam state, may reach a dedicated coordinate);
 * refusals (``unlearning_scoring``, ``attribution``, ``restoration``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
@@ -182,7 +184,7 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False, resu
     return result
 
 
-def train_routing(out, stage, mode, strict=True, offload=False, resume=False):
+def train_routing(out, stage, mode, strict=True, offload=False, resume=False, level="param"):
     """Train 3 steps (2 micro-batches each) on data routed ``mode`` ("forget" / "retain") with the callback's
     default dedicated mask (under ZeRO-3 built from the partitioned model's real shapes); ``resume``: save
     checkpoint-2 on the way, then a fresh model, callback and Trainer resume from it."""
@@ -197,7 +199,7 @@ def train_routing(out, stage, mode, strict=True, offload=False, resume=False):
     data = Data()
     label = {"forget": FORGET, "retain": RETAIN}[mode]
     tagged = TaggedDataset([data[i] for i in range(len(data))], tags={"routing": [label] * len(data)})
-    cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict)
+    cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict, level=level)
     trainer = T.Trainer(
         model=model, args=args, train_dataset=tagged, data_collator=TaggedCollator(), callbacks=[cb]
     )
@@ -286,6 +288,9 @@ def main():
         r["routing_leaky"] = train_routing(os.path.join(where, "rl"), stage, "forget", strict=False)
         r["routing_offload"] = train_routing(os.path.join(where, "ro"), stage, "forget", offload=True)
         r["routing_resumed"] = train_routing(os.path.join(where, "rs"), stage, "forget", resume=True)
+        r["routing_activation"] = train_routing(
+            os.path.join(where, "ra"), stage, "retain", level="activation"
+        )
         r["attribution"] = refused(where, stage, AttributionAlignmentCallback())
         r["restoration"] = refused(where, stage, LayerRestorationCallback({}, "0:1"))
     rank = int(os.environ["RANK"])
