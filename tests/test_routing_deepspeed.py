@@ -67,3 +67,36 @@ def test_strict_routing_under_deepspeed_refuses_an_optimizer_without_a_torch_ste
     leaky = Router(model, dedicated_mask(model, mlp_units=4), strict=False).attach(EngineOptimizer())
     assert leaky.num_hooks > 0
     leaky.detach()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_master_fragment_selection_matches_the_dense_mask(arch):
+    """Strict routing under DeepSpeed holds coordinates in this rank's flat fragment of each fp32 master (ZeRO-3:
+    an equal padded chunk of every parameter; ZeRO-1/2: any span): the fragment's selection must be the dense
+    mask's, for row (Llama), column (GPT-2 Conv1D) and element (Qwen2 biases) entries, padding included."""
+    model = make_model(arch)
+    mask = dedicated_mask(model, mlp_units=4, heads=1)
+    router = Router(model, mask, strict=False).attach()
+    g = torch.Generator().manual_seed(0)
+    kinds = set()
+    for target, (name, param) in zip(router._targets, ParamIndex(model).items(), strict=True):
+        dense = mask[name].reshape(-1) if name in mask else torch.zeros(param.numel(), dtype=torch.bool)
+        kinds.add(mask.granularity(name) if name in mask else "none")
+        for _ in range(3):
+            start = int(torch.randint(0, param.numel(), (1,), generator=g))
+            n = int(
+                torch.randint(1, param.numel() + 8, (1,), generator=g)
+            )  # may run past the end (ZeRO-3 padding)
+            inside = torch.arange(start, start + n) < param.numel()
+            want = torch.zeros(n, dtype=torch.bool)
+            want[inside] = dense[start : start + int(inside.sum())]
+            if target.dedicated is not None:
+                assert torch.equal(target._flat_selection(True, start, n, param.device), want), name
+                assert torch.equal(target._flat_selection(False, start, n, param.device), inside & ~want), (
+                    name
+                )
+            assert torch.equal(target._flat_selection(None, start, n, param.device), inside), name
+    router.detach()
+    assert kinds >= {"row" if arch != "gpt2" else "column", "none"}
+    if arch == "qwen2":
+        assert "element" in kinds

@@ -25,9 +25,9 @@ that mode must not change are restored, which needs the optimizer (``Router(...,
 A first optimizer step that no routing label reached raises before the optimizer changes anything.
 
 Under DeepSpeed ZeRO-1/2/3 the gradient hooks see each micro-batch's full gradient as without it, and the step
-hooks go on the torch optimizer DeepSpeed steps inside ``backward`` (once per param group): the snapshot is taken
-from, and restored into, the fp32 master weights through :mod:`hfhooks.freeze.deepspeed`; DeepSpeed copies the
-masters into the module's parameters after the step.
+hooks go on the torch optimizer DeepSpeed steps inside ``backward`` (once per param group): each rank takes the
+snapshot from, and restores it into, its own fragments of the fp32 master weights (:mod:`hfhooks.freeze.deepspeed`);
+DeepSpeed copies the masters into the module's parameters after the step.
 
 The dedicated mask itself, and what is done with it after training (:func:`~hfhooks.routing.ablation.ablate`,
 :func:`~hfhooks.routing.ablation.calibrate_logits`), live in :mod:`hfhooks.routing.ablation`.
@@ -35,6 +35,7 @@ The dedicated mask itself, and what is done with it after training (:func:`~hfho
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -126,10 +127,9 @@ class _Target:
         kept = grad.index_select(self.axis, self.dedicated)
         return torch.zeros_like(grad).index_copy_(self.axis, self.dedicated, kept)
 
-    def snapshot(self, dedicated: bool | None, values: torch.Tensor | None = None) -> _Snapshot:
-        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered;
-        taken from ``values`` (e.g. the full fp32 master weight under DeepSpeed) instead of the parameter."""
-        p = self.param.detach() if values is None else values
+    def snapshot(self, dedicated: bool | None) -> _Snapshot:
+        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered."""
+        p = self.param.detach()
         if dedicated is None:
             return _Snapshot(self.param, None, None, p.clone())
         if self.axis is None:
@@ -137,6 +137,59 @@ class _Target:
             return _Snapshot(self.param, None, frozen, p[frozen])
         index = self.dedicated if dedicated else self.shared
         return _Snapshot(self.param, self.axis, index, p.index_select(self.axis, index))
+
+    def master_snapshot(self, dedicated: bool | None) -> _MasterSnapshot | None:
+        """DeepSpeed: like :meth:`snapshot`, from this rank's fragment of the fp32 master weight (local: each rank
+        holds only its own fragment's values); ``None`` where this rank holds no fragment."""
+        found = ds.local_master(self.param)
+        if found is None:
+            return None
+        fragment, start = found
+        where = self._flat_selection(dedicated, start, fragment.numel(), fragment.device)
+        return _MasterSnapshot(self.param, where, fragment[where].clone())
+
+    def _flat_selection(
+        self, dedicated: bool | None, start: int, n: int, device: torch.device
+    ) -> torch.Tensor:
+        """Which of the flattened parameter's elements ``start .. start + n`` (a master fragment, padded past
+        the end under ZeRO-3) are the dedicated (True), shared (False) or any (None) coordinates."""
+        shape = ds.full_shape(self.param)
+        flat = torch.arange(start, start + n, device=device)
+        inside = flat < math.prod(shape)
+        if dedicated is None:
+            return inside
+        flat = flat.clamp_(max=math.prod(shape) - 1)
+        if self.axis is None:  # element mask of the parameter's shape
+            chosen = self.dedicated.to(device).reshape(-1)[flat]
+        else:  # the row (axis 0) / column (axis 1) each element lies in, looked up in the dedicated rows / columns
+            inner = math.prod(shape[self.axis + 1 :])
+            vector = torch.zeros(shape[self.axis], dtype=torch.bool, device=device)
+            vector[self.dedicated.to(device)] = True
+            chosen = vector[(flat // inner) % shape[self.axis]]
+        return inside & (chosen if dedicated else ~chosen)
+
+
+@dataclass
+class _MasterSnapshot:
+    """DeepSpeed: the values one optimizer step must not change in this rank's fragment of an fp32 master weight,
+    and where they lie in it (a bool over the fragment)."""
+
+    param: nn.Parameter
+    where: torch.Tensor
+    values: torch.Tensor
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the held values back into the master fragment (local). DeepSpeed copies the masters into the
+        module's parameters after the step, so those follow."""
+        found = ds.local_master(self.param)
+        if found is not None:
+            fragment = found[0]
+            fragment.masked_scatter_(self.where, self.values)
+            ds.set_local_master(self.param, fragment)
+
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.where.nbytes
 
 
 @dataclass
@@ -150,26 +203,12 @@ class _Snapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        self.put_(self.param.data)
-
-    @torch.no_grad()
-    def put_(self, tensor: torch.Tensor) -> None:
-        """Write the held values into ``tensor`` (the parameter, or a full master weight shaped like it)."""
         if self.where is None:
-            tensor.copy_(self.values)
+            self.param.data.copy_(self.values)
         elif self.axis is None:
-            tensor.masked_scatter_(self.where, self.values)
+            self.param.data.masked_scatter_(self.where, self.values)
         else:
-            tensor.index_copy_(self.axis, self.where, self.values)
-
-    @torch.no_grad()
-    def restore_master(self) -> None:
-        """DeepSpeed: write the held values into this rank's partition of the fp32 master weight (a collective).
-        DeepSpeed copies the masters into the module's parameters after the step, so those follow."""
-        master = ds.full_master(self.param)
-        if master is not None:
-            self.put_(master)
-            ds.set_full_master(self.param, master)
+            self.param.data.index_copy_(self.axis, self.where, self.values)
 
     def nbytes(self) -> int:
         extra = self.where.numel() * self.where.element_size() if self.where is not None else 0
@@ -233,7 +272,7 @@ class Router:
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
         self._sites: list[_Site] = []
-        self._snapshot: list[_Snapshot] = []
+        self._snapshot: list[_Snapshot | _MasterSnapshot] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
         # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
@@ -482,13 +521,13 @@ class Router:
         self._wrap_step(kept, args, kwargs or {})
 
     def _snapshot_masters(self, kept: list[tuple[_Target, bool | None]]) -> None:
-        """DeepSpeed: hold what this step must not change from the fp32 masters the optimizer steps (their
-        full values, a collective: every rank takes the same snapshot). The module's parameters are copied from
-        the masters after the step, so restoring the masters (:meth:`_after_step`) restores them too."""
+        """DeepSpeed: hold what this step must not change from this rank's fragments of the fp32 masters the
+        optimizer steps (each rank its own: no collective, 1/world of the values). The module's parameters are
+        copied from the masters after the step, so restoring the masters (:meth:`_after_step`) restores them."""
         for target, dedicated in kept:
-            master = ds.full_master(target.param)
-            if master is not None:  # None: a parameter the optimizer does not step
-                self._snapshot.append(target.snapshot(dedicated, master))
+            snap = target.master_snapshot(dedicated)
+            if snap is not None:  # None: no fragment on this rank
+                self._snapshot.append(snap)
 
     def _wrap_step(self, kept: list[tuple[_Target, bool | None]], args: tuple, kwargs: dict) -> None:
         """Snapshot what this step must not change: part by part, each part stepped alone right away (one
@@ -531,7 +570,7 @@ class Router:
             # after each param group's step (the others' masters are unchanged: writing them back is a no-op);
             # the snapshot is kept for the step's later groups, until the next step or end_step()
             for snap in self._snapshot:
-                snap.restore_master()
+                snap.restore()
             return
         self._restore_snapshot()
         reattach(self._detached)  # the parts stepped alone before the step (see _wrap_step)
