@@ -146,7 +146,10 @@ class _Target:
             return None
         fragment, start = found
         where = self._flat_selection(dedicated, start, fragment.numel(), fragment.device)
-        return _MasterSnapshot(self.param, where, fragment[where].clone())
+        values = fragment[where].clone()
+        if values.numel() * 8 < where.numel():  # few held (a retain step's dedicated slices): int64 positions
+            where = where.nonzero().flatten()
+        return _MasterSnapshot(self.param, where, values)
 
     def _flat_selection(
         self, dedicated: bool | None, start: int, n: int, device: torch.device
@@ -172,7 +175,7 @@ class _Target:
 @dataclass
 class _MasterSnapshot:
     """DeepSpeed: the values one optimizer step must not change in this rank's fragment of an fp32 master weight,
-    and where they lie in it (a bool over the fragment)."""
+    and where they lie in it (a bool over the fragment, or int64 positions where they are few)."""
 
     param: nn.Parameter
     where: torch.Tensor
@@ -185,7 +188,10 @@ class _MasterSnapshot:
         found = ds.local_master(self.param)
         if found is not None:
             fragment = found[0]
-            fragment.masked_scatter_(self.where, self.values)
+            if self.where.dtype == torch.bool:
+                fragment.masked_scatter_(self.where, self.values)
+            else:
+                fragment.index_copy_(0, self.where, self.values)
             ds.set_local_master(self.param, fragment)
 
     def nbytes(self) -> int:
