@@ -114,7 +114,7 @@ def mlp_unit_slices(model: nn.Module | ParamIndex, layer: int, units: int | Sequ
     cons = [_weight(index, c) for c in consumers]
     fused = producers[0].endswith("mlp.gate_up_proj")
     name0, mod0 = prod[0]
-    width = index.param(name0).shape[1 if _is_conv1d(mod0) else 0] // (2 if fused else 1)
+    width = index.info(name0).shape[1 if _is_conv1d(mod0) else 0] // (2 if fused else 1)
     idx = _units(units, width, "MLP units")
     out: Slices = {}
     for name, mod in prod:
@@ -178,7 +178,7 @@ def attention_head_slices(
         found = [_weight(index, f"{prefix}.{p}") for p in (q, k, v, o)]
         if any(x is None for x in found):
             continue
-        d = head_dim or index.param(found[0][0]).shape[0] // n_q
+        d = head_dim or index.info(found[0][0]).shape[0] // n_q
         out: Slices = {}
         with_bias(out, found[0][0], 0, _spans(q_heads, d))
         with_bias(out, found[1][0], 0, _spans(kv_heads, d))
@@ -188,7 +188,7 @@ def attention_head_slices(
     fused = _weight(index, f"{prefix}.attn.c_attn")  # GPT-2: Conv1D (H, 3H), columns [q | k | v]
     proj = _weight(index, f"{prefix}.attn.c_proj")
     if fused and proj:
-        hidden = index.param(fused[0]).shape[0]
+        hidden = index.info(fused[0]).shape[0]
         d = head_dim or hidden // n_q
         cols = torch.cat([_spans(q_heads, d, off) for off in (0, hidden, 2 * hidden)])
         with_bias(out := {}, fused[0], 1 if _is_conv1d(fused[1]) else 0, cols)
@@ -197,7 +197,7 @@ def attention_head_slices(
     fused = _weight(index, f"{prefix}.attention.query_key_value")  # GPT-NeoX: rows [h: q_h|k_h|v_h]
     proj = _weight(index, f"{prefix}.attention.dense")
     if fused and proj:
-        d = head_dim or index.param(fused[0]).shape[0] // (3 * n_q)
+        d = head_dim or index.info(fused[0]).shape[0] // (3 * n_q)
         with_bias(out := {}, fused[0], 0, _spans(q_heads, 3 * d))
         out[proj[0]] = (1, _spans(q_heads, d))
         return out

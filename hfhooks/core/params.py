@@ -72,7 +72,8 @@ class ParamInfo:
 
     @property
     def shape(self) -> torch.Size:
-        return self.param.shape
+        """The parameter's real shape (DeepSpeed ZeRO-3 keeps it in ``ds_shape``: ``.shape`` is a placeholder)."""
+        return getattr(self.param, "ds_shape", self.param.shape)
 
 
 class ParamIndex:
@@ -161,7 +162,7 @@ class ParamIndex:
             yield name, info.param
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(i.param.shape) for n, i in self._infos.items()}
+        return {n: tuple(i.shape) for n, i in self._infos.items()}
 
     def unknown_message(self, name: str) -> str:
         """The error message for an unknown parameter name, with the closest known names as hints."""

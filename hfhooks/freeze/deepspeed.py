@@ -37,10 +37,12 @@ __all__ = [
     "full_shape",
     "gathered",
     "is_zero3",
+    "local_master",
     "optimizer_state_keys",
     "require_zero",
     "set_full_master",
     "set_full_optimizer_state",
+    "set_local_master",
     "torch_optimizer",
     "zero_optimizer",
     "zero_stage",
@@ -118,6 +120,40 @@ def set_full_master(param: nn.Parameter, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
 
     safe_set_full_fp32_param(param, value)
+
+
+def local_master(param: nn.Parameter) -> tuple[torch.Tensor, int] | None:
+    """This rank's fragment of ``param``'s fp32 master weight, flat, and where it starts in the flattened
+    parameter; ``None`` where this rank holds none (ZeRO-1/2) or the optimizer does not hold the parameter.
+    Local (no collective). Write changes back with :func:`set_local_master`.
+
+    ZeRO-3 partitions every parameter across the ranks in equal padded chunks of ``param.ds_tensor.ds_numel``
+    (``deepspeed.utils.safe_get_local_fp32_param``); ZeRO-1/2 partition the flat buffer of a param group, so a
+    parameter lies on one rank or a few, where DeepSpeed links its fragment (the private ``_hp_mapping``, as in
+    :func:`zero_stage`: ZeRO-1/2 have no public per-rank accessor).
+    """
+    if is_zero3(param):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        fragment = safe_get_local_fp32_param(param)
+        if fragment is None:
+            return None
+        rank = torch.distributed.get_rank(group=param.ds_process_group)
+        return fragment.view(-1), rank * param.ds_tensor.ds_numel
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.hp_fragment.view(-1), mapping.lp_fragment_address.start
+
+
+def set_local_master(param: nn.Parameter, fragment: torch.Tensor) -> None:
+    """Write this rank's fragment of ``param``'s fp32 master weight from ``fragment`` (as returned by
+    :func:`local_master`, then changed). ZeRO-3 may hand out a copy (an optimizer offloaded to another device):
+    it is copied back; ZeRO-1/2's fragment is the master itself, written in place already."""
+    if is_zero3(param):
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, fragment)
 
 
 def _chain(optimizer: Any) -> list[Any]:

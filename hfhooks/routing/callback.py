@@ -8,11 +8,17 @@ from typing import Any
 from transformers import TrainerCallback
 
 from hfhooks.core.hooks import FiniteMonitor
+from hfhooks.freeze.deepspeed import require_zero
 from hfhooks.masks.mask import ParamMask
 from hfhooks.routing.ablation import DEDICATED_SEMANTICS, check_dedicated, dedicated_mask
 from hfhooks.routing.config import RoutingConfig
 from hfhooks.routing.router import Router
-from hfhooks.trainer.guards import refuse_lossless_outputs, refuse_step_in_backward, refuse_unsupported
+from hfhooks.trainer.guards import (
+    refuse_lossless_outputs,
+    refuse_step_in_backward,
+    refuse_unsupported,
+    uses_deepspeed,
+)
 from hfhooks.trainer.reporting import add_to_logs, report_before_integrations
 from hfhooks.trainer.state import ResumeFrom, check_same_mask, load_mask, load_state, save_mask, save_state
 
@@ -76,14 +82,10 @@ class GradientRoutingCallback(TrainerCallback):
         self._given_mask = dedicated is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_unsupported(
-            args,
-            "GradientRoutingCallback",
-            model=model,
-            deepspeed="it routes each micro-batch's gradients (forget vs retain) and holds non-routed "
-            "coordinates around the optimizer step, while DeepSpeed accumulates gradients in its own partitioned "
-            "buffers and steps fp32 master weights inside backward; routing has not been ported to that",
-        )
+        # DeepSpeed ZeRO-1/2/3: gradient hooks see each micro-batch's full gradient, and strict routing holds
+        # the fp32 masters around the step of the torch optimizer DeepSpeed wraps (see hfhooks.routing.router)
+        refuse_unsupported(args, _OWNER, model=model, deepspeed=True)
+        zero = require_zero(model, _OWNER) if uses_deepspeed(args) else None
         refuse_lossless_outputs(args, "GradientRoutingCallback", model, per_example=True)
         if (
             self.strict or self.level == "param"
@@ -112,11 +114,17 @@ class GradientRoutingCallback(TrainerCallback):
         self.router.counts.update(counts)
         self.router.attach(optimizer)
         # a NaN/inf loss turns every trainable weight non-finite and the Trainer's console shows loss 0.0: warn
-        self._finite = FiniteMonitor.for_model(model, _OWNER, state.global_step)
+        # (not under ZeRO-3, whose parameters are empty placeholders between forwards: nothing there to check)
+        self._finite = FiniteMonitor.for_model(model, _OWNER, state.global_step) if zero != 3 else None
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._finite is not None:
             self._finite.check()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # DeepSpeed stepped inside backward: the snapshot it held for that step is no longer needed
+        if self.router is not None:
+            self.router.end_step()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Before the first step changes anything (the router's optimizer pre-hook checks too, for loops

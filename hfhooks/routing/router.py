@@ -24,12 +24,18 @@ that mode must not change are restored, which needs the optimizer (``Router(...,
 ``attach(opt)``). The leaky behaviour of the reference code must be asked for by name: ``strict=False``.
 A first optimizer step that no routing label reached raises before the optimizer changes anything.
 
+Under DeepSpeed ZeRO-1/2/3 the gradient hooks see each micro-batch's full gradient as without it, and the step
+hooks go on the torch optimizer DeepSpeed steps inside ``backward`` (once per param group): each rank takes the
+snapshot from, and restores it into, its own fragments of the fp32 master weights (:mod:`hfhooks.freeze.deepspeed`);
+DeepSpeed copies the masters into the module's parameters after the step.
+
 The dedicated mask itself, and what is done with it after training (:func:`~hfhooks.routing.ablation.ablate`,
 :func:`~hfhooks.routing.ablation.calibrate_logits`), live in :mod:`hfhooks.routing.ablation`.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +47,7 @@ from torch import nn
 from hfhooks.core.data import pop_kwargs_hook
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.params import ParamIndex, is_dtensor
+from hfhooks.freeze import deepspeed as ds
 from hfhooks.freeze.gradient_mask import innermost_optimizer
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.masks.mask import ParamMask
@@ -131,6 +138,65 @@ class _Target:
         index = self.dedicated if dedicated else self.shared
         return _Snapshot(self.param, self.axis, index, p.index_select(self.axis, index))
 
+    def master_snapshot(self, dedicated: bool | None) -> _MasterSnapshot | None:
+        """DeepSpeed: like :meth:`snapshot`, from this rank's fragment of the fp32 master weight (local: each rank
+        holds only its own fragment's values); ``None`` where this rank holds no fragment."""
+        found = ds.local_master(self.param)
+        if found is None:
+            return None
+        fragment, start = found
+        where = self._flat_selection(dedicated, start, fragment.numel(), fragment.device)
+        values = fragment[where].clone()
+        if values.numel() * 8 < where.numel():  # few held (a retain step's dedicated slices): int64 positions
+            where = where.nonzero().flatten()
+        return _MasterSnapshot(self.param, where, values)
+
+    def _flat_selection(
+        self, dedicated: bool | None, start: int, n: int, device: torch.device
+    ) -> torch.Tensor:
+        """Which of the flattened parameter's elements ``start .. start + n`` (a master fragment, padded past
+        the end under ZeRO-3) are the dedicated (True), shared (False) or any (None) coordinates."""
+        shape = ds.full_shape(self.param)
+        flat = torch.arange(start, start + n, device=device)
+        inside = flat < math.prod(shape)
+        if dedicated is None:
+            return inside
+        flat = flat.clamp_(max=math.prod(shape) - 1)
+        if self.axis is None:  # element mask of the parameter's shape
+            chosen = self.dedicated.to(device).reshape(-1)[flat]
+        else:  # the row (axis 0) / column (axis 1) each element lies in, looked up in the dedicated rows / columns
+            inner = math.prod(shape[self.axis + 1 :])
+            vector = torch.zeros(shape[self.axis], dtype=torch.bool, device=device)
+            vector[self.dedicated.to(device)] = True
+            chosen = vector[(flat // inner) % shape[self.axis]]
+        return inside & (chosen if dedicated else ~chosen)
+
+
+@dataclass
+class _MasterSnapshot:
+    """DeepSpeed: the values one optimizer step must not change in this rank's fragment of an fp32 master weight,
+    and where they lie in it (a bool over the fragment, or int64 positions where they are few)."""
+
+    param: nn.Parameter
+    where: torch.Tensor
+    values: torch.Tensor
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the held values back into the master fragment (local). DeepSpeed copies the masters into the
+        module's parameters after the step, so those follow."""
+        found = ds.local_master(self.param)
+        if found is not None:
+            fragment = found[0]
+            if self.where.dtype == torch.bool:
+                fragment.masked_scatter_(self.where, self.values)
+            else:
+                fragment.index_copy_(0, self.where, self.values)
+            ds.set_local_master(self.param, fragment)
+
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.where.nbytes
+
 
 @dataclass
 class _Snapshot:
@@ -212,9 +278,13 @@ class Router:
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
         self._sites: list[_Site] = []
-        self._snapshot: list[_Snapshot] = []
+        self._snapshot: list[_Snapshot | _MasterSnapshot] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._detached: dict[nn.Parameter, torch.Tensor] = {}  # grads of the parts already stepped this step
+        # DeepSpeed ZeRO stage (3, or 2 for ZeRO-1/2), see hfhooks.freeze.deepspeed
+        self._zero: int | None = None
+        # a training forward ran since the last step's snapshot (DeepSpeed, see _before_step)
+        self._fresh = False
 
     @property
     def num_hooks(self) -> int:
@@ -241,6 +311,7 @@ class Router:
                 "(or router.attach(opt)); strict=False asks for the leaky behaviour explicitly."
             )
         index = ParamIndex(self.model)
+        self._zero = ds.zero_stage(self.model)
         sharded = [n for n, p in index.items() if is_dtensor(p)]
         if (
             sharded
@@ -274,6 +345,7 @@ class Router:
             raise ValueError(
                 "The dedicated mask has no consumer (down/output projection) slices: nothing to route in the forward."
             )
+        opt = self._stepping_optimizer(optimizer)
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
@@ -281,14 +353,33 @@ class Router:
             hooks.tensor_hook(target.param, self._grad_hook(target))
         for site in self._sites:
             hooks.forward_pre_hook(site.module, self._site_hook(site))
-        if optimizer is not None:
-            opt = innermost_optimizer(optimizer)
+        if opt is not None:
             self._optimizer = opt
             # torch passes the step's own (self, *args): the optimizer comes first
             hooks.step_pre_hook(opt, lambda _opt, args, kwargs: self._before_step(args[1:], kwargs))
             if self.strict:
                 hooks.step_post_hook(opt, lambda *_: self._after_step())
         return self
+
+    def _stepping_optimizer(self, optimizer: Any) -> torch.optim.Optimizer | None:
+        """The torch optimizer whose step the router hooks: inside accelerate's wrapper, or, under DeepSpeed, the
+        one DeepSpeed's ZeRO optimizer steps inside ``backward`` on the fp32 masters, once per param group
+        (ZeRO-3: sub-group) — the wrappers around it step nothing there."""
+        if optimizer is None:
+            return None
+        if not self._zero:
+            return innermost_optimizer(optimizer)
+        opt = ds.torch_optimizer(optimizer)
+        if opt is None and self.strict and self.level == "param":
+            self._targets.clear()
+            self._sites.clear()
+            raise ValueError(
+                f"Router(strict=True) found no torch optimizer inside DeepSpeed's {type(optimizer).__name__}: "
+                "its step hooks are what hold the coordinates a forget (retain) step must not change. Use a "
+                "torch optimizer (e.g. TrainingArguments(optim='adamw_torch')), or strict=False for the leaky "
+                "behaviour."
+            )
+        return opt
 
     def detach(self) -> None:
         """Remove every hook this router installed."""
@@ -297,6 +388,7 @@ class Router:
             self._hooks = None
         self._targets.clear()
         self._sites.clear()
+        self._snapshot = []
         self._labels = None
 
     def __enter__(self) -> Router:
@@ -313,6 +405,7 @@ class Router:
         if not self.model.training:
             self._labels, self._mode = None, UNLABELLED  # evaluation: labels are dropped, no routing
             return
+        self._fresh = True
         if labels is None:
             self._labels, self._mode = None, UNLABELLED
             self.counts["unlabelled (no labels passed)"] += 1
@@ -404,6 +497,12 @@ class Router:
             )
 
     def _before_step(self, args: tuple = (), kwargs: dict | None = None) -> None:
+        if self._zero:
+            # DeepSpeed calls the torch optimizer's step once per param group (sub-group): the first call of a
+            # step (the first since a training forward) takes the snapshot for all of them.
+            if not self._fresh:
+                return
+            self._fresh = False
         self.steps += 1
         if self.steps == 1:
             self.check_labels_arrived()
@@ -422,7 +521,19 @@ class Router:
             for t in self._targets
             if t.dedicated is not None or (only_forget and not t.shared_on_forget)
         ]
+        if self._zero:
+            self._snapshot_masters(kept)
+            return
         self._wrap_step(kept, args, kwargs or {})
+
+    def _snapshot_masters(self, kept: list[tuple[_Target, bool | None]]) -> None:
+        """DeepSpeed: hold what this step must not change from this rank's fragments of the fp32 masters the
+        optimizer steps (each rank its own: no collective, 1/world of the values). The module's parameters are
+        copied from the masters after the step, so restoring the masters (:meth:`_after_step`) restores them."""
+        for target, dedicated in kept:
+            snap = target.master_snapshot(dedicated)
+            if snap is not None:  # None: no fragment on this rank
+                self._snapshot.append(snap)
 
     def _wrap_step(self, kept: list[tuple[_Target, bool | None]], args: tuple, kwargs: dict) -> None:
         """Snapshot what this step must not change: part by part, each part stepped alone right away (one
@@ -461,9 +572,21 @@ class Router:
         return {m for m, f in zip(order, flags.tolist()) if f}
 
     def _after_step(self) -> None:
+        if self._zero:
+            # after each param group's step (the others' masters are unchanged: writing them back is a no-op);
+            # the snapshot is kept for the step's later groups, until the next step or end_step()
+            for snap in self._snapshot:
+                snap.restore()
+            return
         self._restore_snapshot()
         reattach(self._detached)  # the parts stepped alone before the step (see _wrap_step)
         self._detached = {}
+
+    def end_step(self) -> None:
+        """DeepSpeed: drop the values held for the step that just ended (memory only: the next step replaces
+        them). Call after ``engine.step()``; :class:`~hfhooks.GradientRoutingCallback` does."""
+        if self._zero:
+            self._snapshot = []
 
     def _restore_snapshot(self) -> None:
         for snap in self._snapshot:

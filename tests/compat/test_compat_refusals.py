@@ -85,6 +85,8 @@ _DEEPSPEED_REFUSAL = {
     r"or train with DDP",
     "attribution": r"^AttributionAlignmentCallback does not support DeepSpeed: only ZeRO-1 and ZeRO-2 are verified.*"
     r"set zero_optimization.stage to 1 or 2, or train with DDP",
+    "routing": r"^GradientRoutingCallback does not support DeepSpeed without ZeRO-1/2/3: .*stage to 1, 2 or 3, "
+    r"or train with DDP",
 }
 
 

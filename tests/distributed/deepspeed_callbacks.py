@@ -16,7 +16,16 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   (layer 0 back to the initial weights): module, fp32 masters, checkpoint files and a resumed run's weights;
 * ``attribution``: ``AttributionAlignmentCallback`` against the same run under DDP (ZeRO-3: the refusal), and
   ``double_backprop``: the ZeRO-3 failure the refusal cites, shown with a stock Trainer (no hfhooks);
-* refusals (``unlearning_scoring``, ``routing``): the message.
+* ``routing_forget`` / ``routing_retain``: ``GradientRoutingCallback`` (strict, parameter level, its default
+  dedicated mask) on forget-only / retain-only data; this rank reports the coordinates those steps must hold
+  (forget: the shared ones, retain: the dedicated ones) that moved in the gathered module weights and in the fp32
+  masters, the others that changed, the micro-batches the router counted and the hooks left;
+  ``routing_leaky``: forget-only with ``strict=False``: weight decay must move shared coordinates there, or the
+  strict runs hold them by accident; ``routing_offload``: forget-only, strict, with bf16 and the offload of
+  ``offload`` below; ``routing_resumed``: forget-only, strict, resumed from checkpoint-2 (as ``resumed`` below);
+  ``routing_activation``: retain-only at ``level="activation"`` (the forward pre-hooks route: no gradient, so no
+  Adam state, may reach a dedicated coordinate);
+* refusals (``unlearning_scoring``): the message.
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
@@ -36,6 +45,8 @@ import transformers as T
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from hfhooks import (
+    FORGET,
+    RETAIN,
     AttributionAlignmentCallback,
     GradientMaskCallback,
     GradientRoutingCallback,
@@ -180,6 +191,68 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False, resu
         status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage
     )
     return result
+
+
+def train_routing(out, stage, mode, strict=True, offload=False, resume=False, level="param"):
+    """Train 3 steps (2 micro-batches each) on data routed ``mode`` ("forget" / "retain") with the callback's
+    default dedicated mask (under ZeRO-3 built from the partitioned model's real shapes); ``resume``: save
+    checkpoint-2 on the way, then a fresh model, callback and Trainer resume from it."""
+    saving = {"save_strategy": "steps", "save_steps": 2} if resume else {}
+    args = training_args(out, stage, offload, **saving)
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny(stage)
+    index = ParamIndex(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        initial = {n: p.detach().clone() for n, p in index.items()}
+    data = Data()
+    label = {"forget": FORGET, "retain": RETAIN}[mode]
+    tagged = TaggedDataset([data[i] for i in range(len(data))], tags={"routing": [label] * len(data)})
+    cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict, level=level)
+    trainer = T.Trainer(
+        model=model, args=args, train_dataset=tagged, data_collator=TaggedCollator(), callbacks=[cb]
+    )
+    try:
+        trainer.train()
+        if resume:  # the callback restores its dedicated mask and counters from checkpoint-2
+            uninterrupted = gather(index)
+            model = tiny(stage)
+            index = ParamIndex(model)
+            cb = GradientRoutingCallback(mlp_units=4, heads=1, strict=strict)
+            trainer = T.Trainer(model=model, args=training_args(out, stage, offload), train_dataset=tagged,
+                                data_collator=TaggedCollator(), callbacks=[cb])  # fmt: skip
+            trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    # forward pre-hooks hfhooks left (DeepSpeed's own ZeRO-3 hooks stay on the modules)
+    ours = sum(getattr(h, "__module__", "").startswith("hfhooks") for m in model.modules()
+               for h in m._forward_pre_hooks.values())  # fmt: skip
+    keys = optimizer_state_keys(trainer.optimizer)
+    result = {}
+    moved = master_moved = changed = state_nonzero = 0
+    for name, p in index.items():
+        shape = initial[name].shape
+        dedicated = cb.dedicated[name] if name in cb.dedicated else torch.zeros(shape, dtype=torch.bool)
+        held = ~dedicated if mode == "forget" else dedicated  # what a step of that mode must not change
+        with deepspeed.zero.GatheredParameters([p]):
+            now = p.detach().clone()
+        master = safe_get_full_fp32_param(p).reshape(shape)
+        # bf16: the engine casts the module, and builds the masters from it
+        then = initial[name].to(now.dtype)
+        moved += int((bits(now[held]) != bits(then[held])).sum())
+        master_moved += int((bits(master[held]) != bits(then[held].float())).sum())
+        changed += int((now[~held] != then[~held]).sum())
+        # zero gradient on every step: zero Adam state, or the gradient hooks did not reach DeepSpeed
+        for key in keys:
+            state_nonzero += int(safe_get_full_optimizer_state(p, key).reshape(shape)[held].count_nonzero())
+    if resume:  # the resumed run ends where the uninterrupted one did: checkpoint-2 was really loaded
+        ended = gather(index)
+        result["equals_uninterrupted"] = all(torch.equal(ended[n], uninterrupted[n]) for n in ended)
+    return result | {"status": "ok", "moved": moved, "master_moved": master_moved, "changed": changed,
+            "state_keys": keys, "state_nonzero": state_nonzero,
+            "held": sum(int(cb.dedicated[n].sum()) for n in cb.dedicated), "counts": dict(cb.router.counts),
+            "steps": cb.router.steps, "hooks_left": hooks_left(model) + cb.router.num_hooks + ours,
+            "zero": trainer.accelerator.deepspeed_plugin.zero_stage, "dtype": str(now.dtype)}  # fmt: skip
 
 
 def refused(out, stage, callback):
@@ -419,7 +492,6 @@ def main():
         }
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
-        r["routing"] = refused(where, stage, GradientRoutingCallback(mlp_units=4, heads=1))
         r["attribution"] = attribution(os.path.join(where, "attr"), stage)
         r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
         r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
@@ -427,6 +499,14 @@ def main():
         r["restoration_offload"] = restoration(os.path.join(where, "resto"), stage, data, offload=True)
         if stage == 3:
             r["restoration_shards_only"] = restoration_shards_only(os.path.join(where, "rests"), stage, data)
+        r["routing_forget"] = train_routing(os.path.join(where, "rf"), stage, "forget")
+        r["routing_retain"] = train_routing(os.path.join(where, "rr"), stage, "retain")
+        r["routing_leaky"] = train_routing(os.path.join(where, "rl"), stage, "forget", strict=False)
+        r["routing_offload"] = train_routing(os.path.join(where, "ro"), stage, "forget", offload=True)
+        r["routing_resumed"] = train_routing(os.path.join(where, "rs"), stage, "forget", resume=True)
+        r["routing_activation"] = train_routing(
+            os.path.join(where, "ra"), stage, "retain", level="activation"
+        )
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
