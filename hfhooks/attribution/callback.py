@@ -75,6 +75,7 @@ class AttributionAlignmentCallback(TrainerCallback):
             args,
             "AttributionAlignmentCallback",
             model=model,
+            fsdp2=True,  # FSDP2: see alignment._gathered_through_backward
             deepspeed="its penalty differentiates an attribution (torch.autograd.grad with create_graph=True) "
             "inside the forward, a second pass through the model that ZeRO-3's parameter gather / release hooks "
             "and ZeRO-1/2's gradient partitioning are not built for; no DeepSpeed run has verified it",

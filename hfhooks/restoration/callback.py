@@ -18,7 +18,7 @@ from hfhooks.core.params import ParamIndex
 from hfhooks.io.artifacts import model_fingerprint
 from hfhooks.restoration.config import RestorationConfig
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
-from hfhooks.trainer.guards import refuse_unsupported
+from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_unsupported
 from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["LayerRestorationCallback"]
@@ -85,6 +85,7 @@ class LayerRestorationCallback(TrainerCallback):
         self.reports: list[RestoreReport] = []
         self._restored: set[Path] = set()  # checkpoints already edited (at on_push_begin, before on_save)
         self._training = False
+        self._sharded = False  # FSDP2 (set at train begin)
         self.resume_from: ResumeFrom = c.resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -92,6 +93,7 @@ class LayerRestorationCallback(TrainerCallback):
             args,
             "LayerRestorationCallback",
             model=model,
+            fsdp2=True,  # FSDP2: DTensor-aware copies; checkpoint restores: see _check_fsdp2_save
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
             deepspeed="it rewrites the module's weights at train end and the checkpoint's model files at each "
@@ -99,6 +101,9 @@ class LayerRestorationCallback(TrainerCallback):
             "what a resumed run loads), which would keep the unrestored layers (and ZeRO-3 partitions the "
             "module's weights across ranks)",
         )
+        self._sharded = fsdp_version(args, model) == 2 or has_dtensors(model)
+        if self._sharded and "save" in self.when:
+            self._check_fsdp2_save(args)
         if getattr(args, "push_to_hub", False):
             self._check_push(args)
         saved = load_state(args, state, _OWNER, self.resume_from, config=self.config)  # checks the config
@@ -119,6 +124,29 @@ class LayerRestorationCallback(TrainerCallback):
         else:  # {name: tensor}: its names and shapes
             ref = {"tensors": sorted((k, list(v.shape)) for k, v in dict(ref).items())}
         return {"reference": ref, "layers": repr(self.layers)}
+
+    def _check_fsdp2_save(self, args) -> None:
+        """Under FSDP2 the Trainer writes each checkpoint's weights twice: ``model.safetensors`` (only with
+        ``state_dict_type="FULL_STATE_DICT"``, the Trainer's default) and accelerate's own
+        ``pytorch_model_fsdp.bin`` / ``pytorch_model_fsdp_0/``, which is what ``resume_from_checkpoint`` loads."""
+        config = getattr(args, "fsdp_config", None) or {}
+        default = "FULL_STATE_DICT" if getattr(args, "fsdp", None) else os.environ.get("FSDP_STATE_DICT_TYPE")
+        kind = str(config.get("state_dict_type", default or "SHARDED_STATE_DICT")).upper()
+        if self.mode == "inplace":
+            raise RuntimeError(
+                "LayerRestorationCallback(mode='inplace', when=...'save'...) does not support FSDP2: it restores "
+                "a checkpoint's model.safetensors, but a run resumed from that checkpoint under FSDP loads "
+                "accelerate's pytorch_model_fsdp.bin (or pytorch_model_fsdp_0/), which keeps the trained layers. "
+                "Use mode='variant' (a restored copy in <checkpoint>/<variant>/), when='train_end', or restore a "
+                "checkpoint afterwards: hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED."
+            )
+        if "FULL_STATE_DICT" not in kind:
+            raise RuntimeError(
+                f"LayerRestorationCallback(when=...'save'...) under FSDP2 with state_dict_type={kind!r}: the "
+                "Trainer then writes no model.safetensors into its checkpoints (only sharded "
+                "pytorch_model_fsdp_0/), so there is nothing to restore. Pass TrainingArguments(fsdp_config="
+                "{..., 'state_dict_type': 'FULL_STATE_DICT'}), or use when='train_end'."
+            )
 
     def _check_push(self, args) -> None:
         strategy = str(getattr(getattr(args, "hub_strategy", None), "value", args.hub_strategy))
@@ -202,8 +230,11 @@ class LayerRestorationCallback(TrainerCallback):
         }
         report = restore_layers(model, self.reference, self.layers, adapters="zero", **self.options)
         try:
-            if args.should_save:
-                out = Path(args.output_dir) / self.variant
+            out = Path(args.output_dir) / self.variant
+            if self._sharded:  # every rank gathers its shards (a collective); the saving ones write
+                if _save_gathered(model, out, args):
+                    report.path = out
+            elif args.should_save:
                 model.save_pretrained(out)
                 report.path = out
         finally:
@@ -211,3 +242,16 @@ class LayerRestorationCallback(TrainerCallback):
                 for n, value in before.items():
                     index.param(n).copy_(value)
         self.reports.append(report)
+
+
+def _save_gathered(model: torch.nn.Module, out: Path, args) -> bool:
+    """Save a sharded (FSDP2) model's full weights to ``out``; call on every rank. True where it was written."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # gathered to CPU on rank 0 only, unless each node's main process saves (save_on_each_node)
+    on_rank0 = not getattr(args, "save_on_each_node", False)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_rank0))
+    if not args.should_save:
+        return False
+    model.save_pretrained(out, state_dict=state)
+    return True
