@@ -136,10 +136,11 @@ class AttributionAlignment:
         if self.method == "integrated_gradients" and any(is_dtensor(p) for p in self.model.parameters()):
             raise RuntimeError(
                 "AttributionAlignment(method='integrated_gradients') does not support FSDP2 (fully_shard): its "
-                f"{self.steps} re-runs of the model inside each training forward re-enter the sharded root module, "
-                "and FSDP2's backward then reads parameters it has already freed (a segfault, measured with "
-                "torch 2.13). Use method='grad_x_input' or 'input_gradient' (double backprop, supported under "
-                "FSDP2), or train with DDP."
+                f"{self.steps} re-runs of the model inside each training forward run the sharded modules' "
+                "forward hooks again within one training step, which FSDP2's backward is not built for: the "
+                "training backward then crashes the process (a segfault, measured with torch 2.13). Use "
+                "method='grad_x_input' or 'input_gradient' (double backprop, supported under FSDP2), or train "
+                "with DDP."
             )
         self._loss.attach()  # first: its pre-hook pops the tags before _open copies the kwargs
         self._hooks = HookSet(self, self.model)

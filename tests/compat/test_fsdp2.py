@@ -76,23 +76,78 @@ def test_routing_is_refused(ranks, record_property):
     )
 
 
-@pytest.mark.compat(callback="attribution", setup="fsdp2", expect="error")
-def test_attribution_is_refused(ranks, record_property):
+@pytest.mark.compat(callback="attribution", setup="fsdp2")
+def test_attribution_penalty_acts(ranks):
+    """The callback trains a fully_shard-ed classifier: the penalty pulls the logged term below the same run's
+    term without it (λ = 0), hooks left 0."""
+    for rank, results in enumerate(ranks):
+        on, off = results["attribution"], results["attribution_unweighted"]
+        assert on["status"] == "ok" and off["status"] == "ok", (rank, on, off)
+        assert on["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+        assert on["hooks_left"] == 0 and off["hooks_left"] == 0
+        assert (
+            on["terms"][0] == off["terms"][0]
+        )  # same model, same batch: the runs differ by the penalty only
+        assert on["terms"][-1] < 0.75 * off["terms"][-1], (on["terms"], off["terms"])
+
+
+def test_attribution_gradients_match_a_single_process(ranks):
+    """loss + λ·term backpropagated through fully_shard-ed modules (double backprop for grad_x_input and
+    input_gradient) gives the unsharded model's gradients: FSDP2 would otherwise reshard (free) the gathered
+    parameters inside the attribution's own backward, which the term's graph still reads."""
+    for results in ranks:
+        r = results["attribution_gradients"]
+        assert r["status"] == "ok", r
+        for method, rel in r["worst_relative_difference"].items():
+            assert rel < 1e-5, (method, rel)
+
+
+@pytest.mark.compat(callback="attribution", setup="fsdp2", variant="integrated gradients", expect="error")
+def test_attribution_refuses_integrated_gradients(ranks, record_property):
     assert_refused(
         ranks,
-        "attribution",
-        "AttributionAlignmentCallback does not support FSDP2",
-        "Train with DDP",
+        "attribution_integrated_gradients",
+        "does not support FSDP2",
+        "method='grad_x_input'",
         record=record_property,
     )
 
 
-@pytest.mark.compat(callback="restoration", setup="fsdp2", expect="error")
-def test_restoration_is_refused(ranks, record_property):
+@pytest.mark.compat(callback="restoration", setup="fsdp2")
+def test_restoration_restores_sharded_layers(ranks):
+    """At train end the restored layer equals the reference bit for bit on every rank (in place, and in the
+    variant copy written from the gathered shards), the other layers trained, hooks left 0."""
+    for rank, results in enumerate(ranks):
+        r = results["restoration"]
+        for mode in ("inplace", "variant"):
+            m = r[mode]
+            assert m["status"] == "ok", (rank, mode, m)
+            assert m["restored"] > 0 and m["restored_bitwise"], (rank, mode, m)
+            assert m["others_trained"] > 0, "nothing trained: the test would pass vacuously"
+            assert m["hooks_left"] == 0
+            assert m["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+        assert r["variant_live_layer0_trained"], "mode='variant' restored the live model"
+        assert r["variant_layers_above_match_live"], "the variant copy lost the trained layers"
+
+
+@pytest.mark.compat(
+    callback="restoration", setup="fsdp2", variant="checkpoints in place (when='save')", expect="error"
+)
+def test_restoration_refuses_in_place_checkpoint_restores(ranks, record_property):
     assert_refused(
         ranks,
-        "restoration",
-        "LayerRestorationCallback does not support FSDP2",
-        "hfhooks restore",
+        "restoration_checkpoints",
+        "pytorch_model_fsdp.bin",
+        "mode='variant'",
         record=record_property,
     )
+
+
+def test_fsdp_resume_loads_the_file_that_in_place_restores_miss(ranks):
+    """The refusal's reason is real: with a checkpoint written as the Trainer does under FSDP2, restoring
+    model.safetensors in place leaves what a resumed run loads (accelerate's pytorch_model_fsdp.bin) trained."""
+    for results in ranks:
+        r = results["restoration_resume_file"]
+        assert "model.safetensors" in r["files"] and "pytorch_model_fsdp.bin" in r["files"], r
+        assert r["safetensors_restored"], r
+        assert not r["resumed_restored"], r

@@ -351,6 +351,7 @@ def main():
     results["routing"] = run_refused("routing", out, GradientRoutingCallback(mlp_units=4, heads=1))
     results["attribution_gradients"] = attribution_gradients()
     results["attribution"] = run_attribution(out, weight=5.0)
+    results["attribution_unweighted"] = run_attribution(out, weight=0.0)  # the same run without the penalty
     results["attribution_integrated_gradients"] = run_refused(
         "attribution_ig", out, AttributionAlignmentCallback("integrated_gradients", prior="rationale")
     )
