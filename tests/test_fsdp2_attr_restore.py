@@ -124,7 +124,9 @@ def test_alignment_callback_accepts_fsdp2(tmp_path):
 
 def test_restoration_callback_under_fsdp2_refuses_only_in_place_checkpoint_restores(tmp_path):
     model, state, control = tiny_llama(), T.TrainerState(), T.TrainerControl()
-    LayerRestorationCallback(tiny_llama(), "0:1").on_train_begin(_fsdp2_args(tmp_path), state, control, model=model)
+    LayerRestorationCallback(tiny_llama(), "0:1").on_train_begin(
+        _fsdp2_args(tmp_path), state, control, model=model
+    )
     LayerRestorationCallback(tiny_llama(), "0:1", when="save", mode="variant").on_train_begin(
         _fsdp2_args(tmp_path), state, control, model=model
     )
