@@ -113,6 +113,16 @@ def test_attribution_refuses_integrated_gradients(ranks, record_property):
     )
 
 
+def test_integrated_gradients_under_fsdp2_crashes_without_the_refusal(ranks):
+    """The refusal's reason is real: with it switched off, a training step of integrated-gradients alignment on a
+    fully_shard-ed classifier kills the process with SIGSEGV; the same step unsharded completes."""
+    r = ranks[0]["attribution_ig_crash"]
+    assert r["status"] == "ok", r
+    assert "unsharded ok" in r["stdout"], r
+    assert "sharded ok" not in r["stdout"].replace("unsharded ok", ""), r
+    assert r["returncode"] == -11, r  # SIGSEGV
+
+
 @pytest.mark.compat(callback="restoration", setup="fsdp2")
 def test_restoration_restores_sharded_layers(ranks):
     """At train end the restored layer equals the reference bit for bit on every rank (in place, and in the

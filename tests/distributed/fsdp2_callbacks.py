@@ -320,10 +320,33 @@ def fsdp_resume_reads_its_own_file(out, lm_batches):
             "files": sorted(os.listdir(ckpt))}  # fmt: skip
 
 
+def start_ig_crash_demo():
+    """Rank 0 starts tests/distributed/fsdp2_ig_crash.py (a process of its own: it is expected to segfault) while
+    the other cases run."""
+    import subprocess
+    import sys
+
+    if int(os.environ["RANK"]) != 0:
+        return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "LOCAL_"))}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_ig_crash.py")
+    return subprocess.Popen([sys.executable, script], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+
+
+def finish_ig_crash_demo(proc):
+    if proc is None:
+        return {"status": "rank 0 only"}
+    stdout, _ = proc.communicate(timeout=300)
+    return {"status": "ok", "returncode": proc.returncode, "stdout": stdout}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     out = parser.parse_args().out
+    ig_crash = start_ig_crash_demo()
     results = {"gradient_mask_core": plain_loop()}
 
     def gm(mask):
@@ -355,6 +378,7 @@ def main():
     results["attribution_integrated_gradients"] = run_refused(
         "attribution_ig", out, AttributionAlignmentCallback("integrated_gradients", prior="rationale")
     )
+    results["attribution_ig_crash"] = finish_ig_crash_demo(ig_crash)
     results["restoration"] = run_restoration(out, lm_batches)
     results["restoration_checkpoints"] = run_refused(
         "restoration_ckpt", out, LayerRestorationCallback(tiny(), "0:1", when=("save", "train_end"))
