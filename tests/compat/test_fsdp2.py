@@ -153,11 +153,24 @@ def test_restoration_refuses_in_place_checkpoint_restores(ranks, record_property
     )
 
 
+@pytest.mark.compat(
+    callback="restoration", setup="fsdp2", variant="checkpoints, mode='variant' (when='save')"
+)
+def test_restoration_writes_restored_variants_of_fsdp2_checkpoints(ranks):
+    """A checkpoint laid out as the Trainer writes it under FSDP2 (model.safetensors + pytorch_model_fsdp.bin):
+    on_save with mode="variant" writes <checkpoint>/restored/ with layer 0 from the reference, the rest trained."""
+    for results in ranks:
+        r = results["restoration_resume_file"]
+        assert r["checkpoint_trained"], r
+        assert r["variant_restored"] and r["variant_keeps_other_layers"], r
+
+
 def test_fsdp_resume_loads_the_file_that_in_place_restores_miss(ranks):
     """The refusal's reason is real: with a checkpoint written as the Trainer does under FSDP2, restoring
     model.safetensors in place leaves what a resumed run loads (accelerate's pytorch_model_fsdp.bin) trained."""
     for results in ranks:
         r = results["restoration_resume_file"]
         assert "model.safetensors" in r["files"] and "pytorch_model_fsdp.bin" in r["files"], r
+        assert r["checkpoint_trained"], "layer 0 did not train: the test would pass vacuously"
         assert r["safetensors_restored"], r
         assert not r["resumed_restored"], r

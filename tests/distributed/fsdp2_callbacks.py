@@ -307,6 +307,14 @@ def fsdp_resume_reads_its_own_file(out, lm_batches):
         model.save_pretrained(ckpt, state_dict=state)  # what Trainer.save_model writes
     save_fsdp_model(plugin, acc, model, ckpt)  # what Trainer._save_checkpoint writes for resuming
     dist.barrier()
+    # what is supported instead: mode="variant" at each save writes a restored copy next to the checkpoint
+    variant = LayerRestorationCallback(reference, "0:1", when="save", mode="variant")
+    args, state = fsdp2_args(os.path.join(out, "resume")), T.TrainerState()
+    variant.on_train_begin(args, state, T.TrainerControl(), model=model)
+    state.global_step = 1  # the step checkpoint-1 was saved at
+    variant.on_save(args, state, T.TrainerControl(), model=model)
+    dist.barrier()
+    copy = T.LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "restored"))
     if rank == 0:
         restore_layers(ckpt, reference, "0:1", out=ckpt, overwrite=True, progress=False)
     dist.barrier()
@@ -315,7 +323,12 @@ def fsdp_resume_reads_its_own_file(out, lm_batches):
     load_fsdp_model(plugin, acc, resumed, ckpt)  # what Trainer._load_from_checkpoint does under FSDP
     name = "model.layers.0.mlp.up_proj.weight"
     ref = reference.get_parameter(name)
-    return {"safetensors_restored": torch.equal(saved.get_parameter(name), ref),
+    trained = full(model.get_parameter(name))
+    return {"variant_restored": torch.equal(copy.get_parameter(name), ref),
+            "variant_keeps_other_layers": torch.equal(copy.get_parameter(name.replace(".0.", ".1.")),
+                                                      full(model.get_parameter(name.replace(".0.", ".1.")))),
+            "checkpoint_trained": not torch.equal(trained, ref),
+            "safetensors_restored": torch.equal(saved.get_parameter(name), ref),
             "resumed_restored": torch.equal(full(resumed.get_parameter(name)), ref),
             "files": sorted(os.listdir(ckpt))}  # fmt: skip
 
