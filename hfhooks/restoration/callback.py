@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex
+from hfhooks.diffs.source import WeightSource
 from hfhooks.io.artifacts import model_fingerprint
 from hfhooks.restoration.config import RestorationConfig
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
@@ -127,25 +128,18 @@ class LayerRestorationCallback(TrainerCallback):
 
     def _check_fsdp2_save(self, args) -> None:
         """Under FSDP2 the Trainer writes each checkpoint's weights twice: ``model.safetensors`` (only with
-        ``state_dict_type="FULL_STATE_DICT"``, the Trainer's default) and accelerate's own
-        ``pytorch_model_fsdp.bin`` / ``pytorch_model_fsdp_0/``, which is what ``resume_from_checkpoint`` loads."""
+        ``state_dict_type="FULL_STATE_DICT"``, the Trainer's default) and accelerate's ``pytorch_model_fsdp.bin``
+        (``pytorch_model_fsdp_0/``, sharded, otherwise), which is what ``resume_from_checkpoint`` loads."""
         config = getattr(args, "fsdp_config", None) or {}
         default = "FULL_STATE_DICT" if getattr(args, "fsdp", None) else os.environ.get("FSDP_STATE_DICT_TYPE")
         kind = str(config.get("state_dict_type", default or "SHARDED_STATE_DICT")).upper()
-        if self.mode == "inplace":
-            raise RuntimeError(
-                "LayerRestorationCallback(mode='inplace', when=...'save'...) does not support FSDP2: it restores "
-                "a checkpoint's model.safetensors, but a run resumed from that checkpoint under FSDP loads "
-                "accelerate's pytorch_model_fsdp.bin (or pytorch_model_fsdp_0/), which keeps the trained layers. "
-                "Use mode='variant' (a restored copy in <checkpoint>/<variant>/), when='train_end', or restore a "
-                "checkpoint afterwards: hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED."
-            )
         if "FULL_STATE_DICT" not in kind:
             raise RuntimeError(
                 f"LayerRestorationCallback(when=...'save'...) under FSDP2 with state_dict_type={kind!r}: the "
-                "Trainer then writes no model.safetensors into its checkpoints (only sharded "
-                "pytorch_model_fsdp_0/), so there is nothing to restore. Pass TrainingArguments(fsdp_config="
-                "{..., 'state_dict_type': 'FULL_STATE_DICT'}), or use when='train_end'."
+                "Trainer then writes no model.safetensors into its checkpoints, only the sharded "
+                "pytorch_model_fsdp_0/ (torch.distributed.checkpoint), which this callback does not edit. Pass "
+                "TrainingArguments(fsdp_config={..., 'state_dict_type': 'FULL_STATE_DICT'}), or use "
+                "when='train_end'."
             )
 
     def _check_push(self, args) -> None:
@@ -207,6 +201,8 @@ class LayerRestorationCallback(TrainerCallback):
             progress=False,
             **self.options,
         )
+        if self._sharded and self.mode == "inplace":
+            _restore_fsdp_file(ckpt, self.reference, report.restored)
         self._restored.add(ckpt.resolve())
         self.reports.append(report)
 
@@ -255,3 +251,43 @@ def _save_gathered(model: torch.nn.Module, out: Path, args) -> bool:
         return False
     model.save_pretrained(out, state_dict=state)
     return True
+
+
+FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # accelerate's FSDP_MODEL_NAME: what an FSDP run resumes from
+
+
+def _restore_fsdp_file(ckpt: Path, reference: Any, names: list[str]) -> None:
+    """Restore ``names`` in the checkpoint's ``pytorch_model_fsdp.bin`` too, atomically.
+
+    Under FSDP (``state_dict_type="FULL_STATE_DICT"``) ``resume_from_checkpoint`` loads this full state dict
+    (accelerate's ``load_fsdp_model``), not ``model.safetensors``: restoring only the latter would let a resumed
+    run continue from the unrestored layers. The file is a ``torch.save``-d dict; tensors are written in place
+    in a copy-on-write memory map, so tied weights (one storage) follow, and the new file replaces the old one
+    only once fully written.
+    """
+    path = ckpt / FSDP_FULL_FILE
+    if not path.is_file():
+        raise RuntimeError(
+            f"LayerRestorationCallback: {ckpt} has no {FSDP_FULL_FILE}, the file an FSDP run resumes from, so "
+            "a resumed run would load unrestored layers. Save with TrainingArguments(fsdp_config={..., "
+            "'state_dict_type': 'FULL_STATE_DICT'}), or use mode='variant'."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise RuntimeError(
+            f"LayerRestorationCallback: {path} lacks {len(missing)} restored tensor(s), e.g. {missing[0]!r}: "
+            "it was not written from this model; nothing in it was changed."
+        )
+    source = WeightSource(reference)
+    with torch.no_grad():
+        for n in names:
+            state[n].copy_(source.get(n).to(state[n].dtype))
+    tmp = path.with_name(f".{path.name}.hfhooks-partial")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -140,37 +140,34 @@ def test_restoration_restores_sharded_layers(ranks):
         assert r["variant_layers_above_match_live"], "the variant copy lost the trained layers"
 
 
-@pytest.mark.compat(
-    callback="restoration", setup="fsdp2", variant="checkpoints in place (when='save')", expect="error"
-)
-def test_restoration_refuses_in_place_checkpoint_restores(ranks, record_property):
-    assert_refused(
-        ranks,
-        "restoration_checkpoints",
-        "pytorch_model_fsdp.bin",
-        "mode='variant'",
-        record=record_property,
-    )
+@pytest.mark.compat(callback="restoration", setup="fsdp2", variant="checkpoints in place (when='save')")
+def test_restoration_restores_fsdp2_checkpoints_in_place(ranks):
+    """mode="inplace" at each save restores both files the Trainer writes under FSDP2: model.safetensors and
+    pytorch_model_fsdp.bin, so a run resumed from the checkpoint (load_fsdp_model) continues from the restored
+    layer, with the other layers as trained."""
+    for results in ranks:
+        r = results["restoration_checkpoints"]
+        assert r["checkpoint_trained"], "layer 0 did not train: the test would pass vacuously"
+        assert r["inplace_safetensors_restored"] and r["inplace_resumed_restored"], r
+        assert r["inplace_resumed_keeps_other_layers"], r
+        assert "pytorch_model_fsdp.bin" in r["files"] and not any("partial" in f for f in r["files"]), r
 
 
 @pytest.mark.compat(
     callback="restoration", setup="fsdp2", variant="checkpoints, mode='variant' (when='save')"
 )
 def test_restoration_writes_restored_variants_of_fsdp2_checkpoints(ranks):
-    """A checkpoint laid out as the Trainer writes it under FSDP2 (model.safetensors + pytorch_model_fsdp.bin):
-    on_save with mode="variant" writes <checkpoint>/restored/ with layer 0 from the reference, the rest trained."""
+    """on_save with mode="variant" writes <checkpoint>/restored/: layer 0 from the reference, the rest trained."""
     for results in ranks:
-        r = results["restoration_resume_file"]
+        r = results["restoration_checkpoints"]
         assert r["checkpoint_trained"], r
         assert r["variant_restored"] and r["variant_keeps_other_layers"], r
 
 
-def test_fsdp_resume_loads_the_file_that_in_place_restores_miss(ranks):
-    """The refusal's reason is real: with a checkpoint written as the Trainer does under FSDP2, restoring
-    model.safetensors in place leaves what a resumed run loads (accelerate's pytorch_model_fsdp.bin) trained."""
+def test_fsdp_resume_loads_pytorch_model_fsdp_bin(ranks):
+    """Why in-place restores rewrite pytorch_model_fsdp.bin too: restoring model.safetensors alone leaves what a
+    resumed FSDP run loads trained."""
     for results in ranks:
-        r = results["restoration_resume_file"]
-        assert "model.safetensors" in r["files"] and "pytorch_model_fsdp.bin" in r["files"], r
-        assert r["checkpoint_trained"], "layer 0 did not train: the test would pass vacuously"
-        assert r["safetensors_restored"], r
-        assert not r["resumed_restored"], r
+        r = results["restoration_checkpoints"]
+        assert r["safetensors_only_restored"], r
+        assert not r["safetensors_only_resumed_restored"], r

@@ -284,11 +284,12 @@ def run_restoration(out, lm_batches):
     return results
 
 
-def fsdp_resume_reads_its_own_file(out, lm_batches):
-    """Why checkpoint restores in place are refused under FSDP2: the Trainer writes model.safetensors
-    (Trainer.save_model, FULL_STATE_DICT) *and* accelerate's pytorch_model_fsdp.bin (save_fsdp_model), and a
-    resumed run loads the latter (load_fsdp_model). Restoring model.safetensors in place leaves what a resume
-    loads trained."""
+def restoration_checkpoints(out, lm_batches):
+    """LayerRestorationCallback(when="save") on checkpoints laid out as the Trainer writes them under FSDP2
+    (FULL_STATE_DICT): model.safetensors (Trainer.save_model) *and* accelerate's pytorch_model_fsdp.bin
+    (save_fsdp_model), the file a resumed run loads (load_fsdp_model). checkpoint-1: restoring model.safetensors
+    alone (restore_layers) leaves what a resume loads trained — why the callback restores both; then
+    mode="variant" writes checkpoint-1/restored/. checkpoint-2: mode="inplace" — a resume loads restored layers."""
     from types import SimpleNamespace
 
     from accelerate import FullyShardedDataParallelPlugin
@@ -300,37 +301,59 @@ def fsdp_resume_reads_its_own_file(out, lm_batches):
                           wait_for_everyone=dist.barrier)  # fmt: skip
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
     reference, model = tiny(), shard(tiny())
-    drive(T.TrainerCallback(), model, lm_batches[:1], os.path.join(out, "resume"))
-    ckpt = os.path.join(out, "resume", "checkpoint-1")
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        model.save_pretrained(ckpt, state_dict=state)  # what Trainer.save_model writes
-    save_fsdp_model(plugin, acc, model, ckpt)  # what Trainer._save_checkpoint writes for resuming
-    dist.barrier()
-    # what is supported instead: mode="variant" at each save writes a restored copy next to the checkpoint
-    variant = LayerRestorationCallback(reference, "0:1", when="save", mode="variant")
-    args, state = fsdp2_args(os.path.join(out, "resume")), T.TrainerState()
-    variant.on_train_begin(args, state, T.TrainerControl(), model=model)
-    state.global_step = 1  # the step checkpoint-1 was saved at
-    variant.on_save(args, state, T.TrainerControl(), model=model)
-    dist.barrier()
-    copy = T.LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "restored"))
-    if rank == 0:
-        restore_layers(ckpt, reference, "0:1", out=ckpt, overwrite=True, progress=False)
-    dist.barrier()
-    saved = T.LlamaForCausalLM.from_pretrained(ckpt)
-    resumed = shard(tiny())
-    load_fsdp_model(plugin, acc, resumed, ckpt)  # what Trainer._load_from_checkpoint does under FSDP
+    where = os.path.join(out, "resume")
+    drive(T.TrainerCallback(), model, lm_batches[:1], where)
+
+    def checkpoint(step):  # what Trainer._save_checkpoint writes under FSDP2
+        ckpt = os.path.join(where, f"checkpoint-{step}")
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            model.save_pretrained(ckpt, state_dict=state)  # Trainer.save_model
+        save_fsdp_model(plugin, acc, model, ckpt)  # for resuming
+        dist.barrier()
+        return ckpt
+
+    def resumed(ckpt):  # what Trainer._load_from_checkpoint does under FSDP
+        fresh = shard(tiny())
+        load_fsdp_model(plugin, acc, fresh, ckpt)
+        return full(fresh.get_parameter(name))
+
+    def on_save(cb, step):
+        args, state = fsdp2_args(where), T.TrainerState()
+        cb.on_train_begin(args, state, T.TrainerControl(), model=model)
+        state.global_step = step
+        cb.on_save(args, state, T.TrainerControl(), model=model)
+        dist.barrier()
+
     name = "model.layers.0.mlp.up_proj.weight"
-    ref = reference.get_parameter(name)
-    trained = full(model.get_parameter(name))
-    return {"variant_restored": torch.equal(copy.get_parameter(name), ref),
-            "variant_keeps_other_layers": torch.equal(copy.get_parameter(name.replace(".0.", ".1.")),
-                                                      full(model.get_parameter(name.replace(".0.", ".1.")))),
-            "checkpoint_trained": not torch.equal(trained, ref),
-            "safetensors_restored": torch.equal(saved.get_parameter(name), ref),
-            "resumed_restored": torch.equal(full(resumed.get_parameter(name)), ref),
-            "files": sorted(os.listdir(ckpt))}  # fmt: skip
+    ref, above = reference.get_parameter(name), name.replace(".0.", ".1.")
+    ckpt1, ckpt2 = checkpoint(1), checkpoint(2)
+    on_save(LayerRestorationCallback(reference, "0:1", when="save", mode="variant"), 1)
+    copy = T.LlamaForCausalLM.from_pretrained(os.path.join(ckpt1, "restored"))
+    if rank == 0:
+        restore_layers(ckpt1, reference, "0:1", out=ckpt1, overwrite=True, progress=False)
+    dist.barrier()
+    on_save(LayerRestorationCallback(reference, "0:1", when="save"), 2)
+    saved2 = T.LlamaForCausalLM.from_pretrained(ckpt2)
+    return {"checkpoint_trained": not torch.equal(full(model.get_parameter(name)), ref),
+            "variant_restored": torch.equal(copy.get_parameter(name), ref),
+            "variant_keeps_other_layers": torch.equal(copy.get_parameter(above), full(model.get_parameter(above))),
+            "safetensors_only_restored": torch.equal(T.LlamaForCausalLM.from_pretrained(ckpt1).get_parameter(name),
+                                                     ref),
+            "safetensors_only_resumed_restored": torch.equal(resumed(ckpt1), ref),
+            "inplace_safetensors_restored": torch.equal(saved2.get_parameter(name), ref),
+            "inplace_resumed_restored": torch.equal(resumed(ckpt2), ref),
+            "inplace_resumed_keeps_other_layers": torch.equal(
+                full(load_into_fresh(plugin, acc, ckpt2).get_parameter(above)), full(model.get_parameter(above))),
+            "files": sorted(os.listdir(ckpt2))}  # fmt: skip
+
+
+def load_into_fresh(plugin, acc, ckpt):
+    from accelerate.utils import load_fsdp_model
+
+    fresh = shard(tiny())
+    load_fsdp_model(plugin, acc, fresh, ckpt)
+    return fresh
 
 
 def start_ig_crash_demo():
@@ -393,10 +416,7 @@ def main():
     )
     results["attribution_ig_crash"] = finish_ig_crash_demo(ig_crash)
     results["restoration"] = run_restoration(out, lm_batches)
-    results["restoration_checkpoints"] = run_refused(
-        "restoration_ckpt", out, LayerRestorationCallback(tiny(), "0:1", when=("save", "train_end"))
-    )
-    results["restoration_resume_file"] = fsdp_resume_reads_its_own_file(out, lm_batches)
+    results["restoration_checkpoints"] = restoration_checkpoints(out, lm_batches)
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
