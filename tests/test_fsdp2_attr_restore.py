@@ -122,19 +122,57 @@ def test_alignment_callback_accepts_fsdp2(tmp_path):
     assert cb.alignment.num_hooks == 0
 
 
-def test_restoration_callback_under_fsdp2_refuses_only_in_place_checkpoint_restores(tmp_path):
+def test_restoration_callback_under_fsdp2_refuses_only_sharded_checkpoints(tmp_path):
     model, state, control = tiny_llama(), T.TrainerState(), T.TrainerControl()
-    LayerRestorationCallback(tiny_llama(), "0:1").on_train_begin(
-        _fsdp2_args(tmp_path), state, control, model=model
-    )
-    LayerRestorationCallback(tiny_llama(), "0:1", when="save", mode="variant").on_train_begin(
-        _fsdp2_args(tmp_path), state, control, model=model
-    )
-    with pytest.raises(RuntimeError, match="pytorch_model_fsdp.bin.*mode='variant'"):
-        LayerRestorationCallback(tiny_llama(), "0:1", when="save").on_train_begin(
-            _fsdp2_args(tmp_path), state, control, model=model
-        )
-    with pytest.raises(RuntimeError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
-        LayerRestorationCallback(tiny_llama(), "0:1", when="save", mode="variant").on_train_begin(
-            _fsdp2_args(tmp_path, state_dict_type="SHARDED_STATE_DICT"), state, control, model=model
-        )
+    for when, mode in (("train_end", "inplace"), ("save", "inplace"), ("save", "variant")):
+        cb = LayerRestorationCallback(tiny_llama(), "0:1", when=when, mode=mode)
+        cb.on_train_begin(_fsdp2_args(tmp_path), state, control, model=model)
+    for mode in ("inplace", "variant"):
+        with pytest.raises(RuntimeError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
+            LayerRestorationCallback(tiny_llama(), "0:1", when="save", mode=mode).on_train_begin(
+                _fsdp2_args(tmp_path, state_dict_type="SHARDED_STATE_DICT"), state, control, model=model
+            )
+
+
+def _fsdp_checkpoint(model, ckpt):
+    """A checkpoint as the Trainer writes it under FSDP2 with FULL_STATE_DICT: model.safetensors and
+    accelerate's pytorch_model_fsdp.bin (a torch.save-d full state dict, tied weights sharing one storage)."""
+    model.save_pretrained(ckpt)
+    torch.save(model.state_dict(), ckpt / "pytorch_model_fsdp.bin")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_in_place_checkpoint_restore_under_fsdp2_rewrites_what_a_resume_loads(tmp_path, arch):
+    from conftest import make_model
+
+    reference, trained = make_model(arch), make_model(arch, seed=1)
+    ckpt = tmp_path / "checkpoint-1"
+    _fsdp_checkpoint(trained, ckpt)
+    tied = arch == "gpt2"  # GPT-2 ties the LM head to the input embeddings: restore both, or neither
+    cb = LayerRestorationCallback(reference, "0:1", when="save", embeddings=tied, lm_head=tied)
+    args, state = _fsdp2_args(tmp_path), T.TrainerState()
+    cb.on_train_begin(args, state, T.TrainerControl(), model=trained)
+    state.global_step = 1
+    cb.on_save(args, state, T.TrainerControl(), model=trained)
+    resumed = torch.load(ckpt / "pytorch_model_fsdp.bin", weights_only=True)
+    restored = set(cb.reports[-1].restored)
+    assert restored and sorted(p.name for p in ckpt.iterdir() if "partial" in p.name) == []
+    for name, value in resumed.items():
+        if name in restored:
+            assert torch.equal(value, reference.state_dict()[name]), name
+        elif name == "lm_head.weight" and tied:  # the tied alias follows its embedding
+            assert torch.equal(value, reference.state_dict()["transformer.wte.weight"]), name
+        else:
+            assert torch.equal(value, trained.state_dict()[name]), name
+
+
+def test_in_place_checkpoint_restore_under_fsdp2_needs_the_fsdp_file(tmp_path):
+    reference, trained = tiny_llama(), tiny_llama()
+    ckpt = tmp_path / "checkpoint-1"
+    trained.save_pretrained(ckpt)  # no pytorch_model_fsdp.bin: a resume could not load restored layers
+    cb = LayerRestorationCallback(reference, "0:1", when="save")
+    args, state = _fsdp2_args(tmp_path), T.TrainerState()
+    cb.on_train_begin(args, state, T.TrainerControl(), model=trained)
+    state.global_step = 1
+    with pytest.raises(RuntimeError, match="has no pytorch_model_fsdp.bin"):
+        cb.on_save(args, state, T.TrainerControl(), model=trained)
