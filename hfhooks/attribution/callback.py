@@ -42,6 +42,9 @@ class AttributionAlignmentCallback(TrainerCallback):
     ``aot_eager``…) hide the embedding output inside the compiled graph, so no attribution can be taken there;
     the callback refuses them with that alternative.
 
+    FSDP2 (``fully_shard``) works for every method but ``integrated_gradients`` (refused): while the term is
+    built the sharded modules stay gathered until their backward (see docs/attribution.md).
+
     Options: ``method`` (may be given first, positionally) and the other fields of
     :class:`~hfhooks.AlignmentConfig` — pass ``config=AlignmentConfig(...)`` or the same fields as keywords. They
     are validated when the callback is built.

@@ -50,6 +50,10 @@ class LayerRestorationCallback(TrainerCallback):
     Resuming: the config and the reference's identity and layers are saved with every checkpoint and a resumed
     run with other settings, or from a checkpoint without them, raises.
 
+    FSDP2 (``fully_shard``): each rank restores its shards; ``mode="variant"`` gathers the weights to save them;
+    in-place checkpoint restores also rewrite ``pytorch_model_fsdp.bin``, what an FSDP run resumes from
+    (``state_dict_type="FULL_STATE_DICT"``, the Trainer's default; sharded checkpoints are refused).
+
     Checkpoint edits stream shard by shard (bounded memory) and run on the processes that save
     (``args.should_save``: the main process, or each node's with ``save_on_each_node``); the live model is
     restored on every process. Each edit's :class:`~hfhooks.restoration.restore.RestoreReport` is kept in
