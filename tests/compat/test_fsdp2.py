@@ -80,8 +80,21 @@ def test_routing_is_refused(ranks, record_property):
 def test_attribution_penalty_acts(ranks):
     """The callback trains a fully_shard-ed classifier: the penalty pulls the logged term below the same run's
     term without it (λ = 0), hooks left 0."""
+    check_penalty_acts(ranks, "attribution")
+
+
+@pytest.mark.compat(
+    callback="attribution", setup="fsdp2", variant="first order, reusing the training backward"
+)
+def test_attribution_first_order_penalty_acts(ranks):
+    check_penalty_acts(ranks, "attribution_first_order")
+    for results in ranks:
+        assert results["attribution_first_order"]["reused"] > 0, "the training backward was never reused"
+
+
+def check_penalty_acts(ranks: list[dict], key: str) -> None:
     for rank, results in enumerate(ranks):
-        on, off = results["attribution"], results["attribution_unweighted"]
+        on, off = results[key], results[f"{key}_unweighted"]
         assert on["status"] == "ok" and off["status"] == "ok", (rank, on, off)
         assert on["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
         assert on["hooks_left"] == 0 and off["hooks_left"] == 0

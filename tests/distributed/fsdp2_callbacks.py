@@ -229,16 +229,16 @@ class RecordingAlignment(AttributionAlignmentCallback):
         return super().on_step_end(args, state, control, **kwargs)
 
 
-def run_attribution(out, weight):
+def run_attribution(out, weight, method="grad_x_input"):
     model = shard(tiny_classifier())
     model.train()
-    cb = RecordingAlignment("grad_x_input", prior="rationale", weight=weight, special_token_ids=[0])
+    cb = RecordingAlignment(method, prior="rationale", weight=weight, special_token_ids=[0])
     cb.terms = []
     batches = [[rationale_batch(0), rationale_batch(4)]] * 4  # the same batch: the term must fall
-    drive(cb, model, batches, os.path.join(out, f"attribution{weight}"))
+    drive(cb, model, batches, os.path.join(out, f"attribution_{method}_{weight}"))
     dtensors = sum(isinstance(p, DTensor) for p in model.parameters())
     return {"status": "ok", "terms": cb.terms, "hooks_left": hooks_left(model) + cb.alignment.num_hooks,
-            "dtensor_params": dtensors}  # fmt: skip
+            "dtensor_params": dtensors, "reused": cb.alignment.reused}  # fmt: skip
 
 
 # -- layer restoration ----------------------------------------------------------------------------------------
@@ -411,6 +411,9 @@ def main():
     results["attribution_gradients"] = attribution_gradients()
     results["attribution"] = run_attribution(out, weight=5.0)
     results["attribution_unweighted"] = run_attribution(out, weight=0.0)  # the same run without the penalty
+    # first order: after the first term, ∂s/∂e is read from the training backward (reuse_backward)
+    results["attribution_first_order"] = run_attribution(out, 5.0, "grad_x_input_first_order")
+    results["attribution_first_order_unweighted"] = run_attribution(out, 0.0, "grad_x_input_first_order")
     results["attribution_integrated_gradients"] = run_refused(
         "attribution_ig", out, AttributionAlignmentCallback("integrated_gradients", prior="rationale")
     )
