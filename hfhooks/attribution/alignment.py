@@ -28,6 +28,7 @@ from hfhooks.attribution.priors import AlignmentContext, ColumnPrior, pool_words
 from hfhooks.attribution.sites import AttributionSite
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.loss_hooks import LossHook, count_items
+from hfhooks.core.params import is_dtensor
 
 __all__ = ["AttributionAlignment"]
 
@@ -132,6 +133,15 @@ class AttributionAlignment:
     def attach(self) -> AttributionAlignment:
         if self._hooks is not None:
             raise RuntimeError("AttributionAlignment is already attached.")
+        if self.method == "integrated_gradients" and any(is_dtensor(p) for p in self.model.parameters()):
+            raise RuntimeError(
+                "AttributionAlignment(method='integrated_gradients') does not support FSDP2 (fully_shard): its "
+                f"{self.steps} re-runs of the model inside each training forward run the sharded modules' "
+                "forward hooks again within one training step, which FSDP2's backward is not built for: the "
+                "training backward then crashes the process (a segfault, measured with torch 2.13). Use "
+                "method='grad_x_input' or 'input_gradient' (double backprop, supported under FSDP2), or train "
+                "with DDP."
+            )
         self._loss.attach()  # first: its pre-hook pops the tags before _open copies the kwargs
         self._hooks = HookSet(self, self.model)
         self._hooks.forward_pre_hook(self.model, self._open, "attribution site", with_kwargs=True)
@@ -205,33 +215,40 @@ class AttributionAlignment:
             self._close()
             return None
         try:
-            inputs = self._loss.inputs
-            if self.reuse_backward and self._checked and self._can_reuse(outputs, labels, cap.tensor):
-                self._defer(outputs, labels, tags, inputs, cap.tensor)
-                return None  # the term's gradient is added in the backward, at the site
-            attentions = outputs.get("attentions") if hasattr(outputs, "get") else None
-            try:
-                attr = compute_attribution(
-                    self.method, outputs["logits"], cap.tensor, labels, self.target, self.score, attentions,
-                    self.site.query_positions(inputs), self._rerun, self.steps, create_graph=True,
-                )  # fmt: skip
-            except RuntimeError as e:
-                if "not have been used in the graph" in str(e) and _is_compiled(self.model):
-                    raise RuntimeError(
-                        "Attribution alignment cannot take attributions from a model compiled with an AOTAutograd "
-                        "backend (inductor, aot_eager): the embedding output is compiled away. Compile with "
-                        "backend='eager' (torch.compile(model, backend='eager') or TrainingArguments("
-                        "torch_compile_backend='eager')), or train uncompiled."
-                    ) from e
-                raise
-            term = self._distance(attr, outputs, labels, tags, inputs, cap.tensor)
-            if self.check_gradient and not self._checked:
-                self._verify_gradient(term)
-            self._checked = True
-            self._count(term, outputs)
-            return self.weight * term
+            with _gathered_through_backward(self.model):
+                return self._term_of(cap, outputs, labels, tags)
         finally:
             self._close()
+
+    def _term_of(
+        self, cap: Any, outputs: Any, labels: torch.Tensor | None, tags: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """The weighted term of this forward (``None`` when it is deferred to the backward)."""
+        inputs = self._loss.inputs
+        if self.reuse_backward and self._checked and self._can_reuse(outputs, labels, cap.tensor):
+            self._defer(outputs, labels, tags, inputs, cap.tensor)
+            return None  # the term's gradient is added in the backward, at the site
+        attentions = outputs.get("attentions") if hasattr(outputs, "get") else None
+        try:
+            attr = compute_attribution(
+                self.method, outputs["logits"], cap.tensor, labels, self.target, self.score, attentions,
+                self.site.query_positions(inputs), self._rerun, self.steps, create_graph=True,
+            )  # fmt: skip
+        except RuntimeError as e:
+            if "not have been used in the graph" in str(e) and _is_compiled(self.model):
+                raise RuntimeError(
+                    "Attribution alignment cannot take attributions from a model compiled with an AOTAutograd "
+                    "backend (inductor, aot_eager): the embedding output is compiled away. Compile with "
+                    "backend='eager' (torch.compile(model, backend='eager') or TrainingArguments("
+                    "torch_compile_backend='eager')), or train uncompiled."
+                ) from e
+            raise
+        term = self._distance(attr, outputs, labels, tags, inputs, cap.tensor)
+        if self.check_gradient and not self._checked:
+            self._verify_gradient(term)
+        self._checked = True
+        self._count(term, outputs)
+        return self.weight * term
 
     def _distance(self, attr, outputs, labels, tags, inputs, site) -> torch.Tensor:
         """D(reduced attribution, prior) over the valid positions of the sampled rows."""
@@ -372,6 +389,44 @@ class AttributionAlignment:
         self.stats = {"terms": 0, "term_sum": 0.0, "loss_sum": 0.0}
         total = loss + self.weight * term
         return {"align/term": term, "align/share": (self.weight * term / total) if total else 0.0}
+
+
+@contextlib.contextmanager
+def _gathered_through_backward(model: nn.Module):
+    """Under FSDP2, keep the parameters gathered through the backward passes taken inside the forward.
+
+    The term differentiates an attribution that is itself a gradient: its graph holds the gathered (unsharded)
+    parameters that the attribution's backward used. FSDP2 reshards a module after its backward (its
+    post-backward hook, and the root's final callback, fire inside ``torch.autograd.grad`` too), which frees
+    that storage; the training backward then reads freed memory (a segfault on CPU, measured; see
+    tests/distributed/fsdp2_callbacks.py). Holding the gathered parameters until the training backward, whose
+    own post-backward hooks reshard as usual, keeps the graph valid and costs one module's gathered
+    parameters per module until then — what ``reshard_after_forward=False`` costs anyway.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        FSDPModule = ()
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [_reshards_after_backward(m) for m in modules]
+    for m in modules:
+        m.set_reshard_after_backward(False, recurse=False)
+        m.unshard()  # a module resharded after its forward: the term's graph reaches inside it (attention)
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, before, strict=True):
+            m.set_reshard_after_backward(flag, recurse=False)
+
+
+def _reshards_after_backward(module: nn.Module) -> bool:
+    """FSDP2's ``reshard_after_backward`` of ``module`` (torch has a setter, no getter: read its param groups;
+    ``True``, the default, if their layout changes)."""
+    try:
+        groups = module._get_fsdp_state()._fsdp_param_groups
+    except AttributeError:
+        return True
+    return all(getattr(g, "reshard_after_backward", True) for g in groups)
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -66,6 +66,9 @@ class AttributionAlignmentCallback(TrainerCallback):
     ``aot_eager``…) hide the embedding output inside the compiled graph, so no attribution can be taken there;
     the callback refuses them with that alternative.
 
+    FSDP2 (``fully_shard``) works for every method but ``integrated_gradients`` (refused): while the term is
+    built the sharded modules stay gathered until their backward (see docs/attribution.md).
+
     Options: ``method`` (may be given first, positionally) and the other fields of
     :class:`~hfhooks.AlignmentConfig` — pass ``config=AlignmentConfig(...)`` or the same fields as keywords. They
     are validated when the callback is built.
@@ -102,6 +105,7 @@ class AttributionAlignmentCallback(TrainerCallback):
             args,
             "AttributionAlignmentCallback",
             model=model,
+            fsdp2=True,  # FSDP2: see alignment._gathered_through_backward
             deepspeed=True if stage in (1, 2) else _ZERO3_REASON if stage == 3 else _ZERO0_REASON,
             instead=_ZERO12_INSTEAD if stage in (0, 3) else None,
         )

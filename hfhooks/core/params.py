@@ -35,6 +35,7 @@ __all__ = [
     "UnknownParameterError",
     "bit_view",
     "canonical_name",  # re-exported from hfhooks.core.names
+    "copy_full_",
     "is_dtensor",
     "unwrap_model",  # re-exported from hfhooks.core.names
 ]
@@ -51,6 +52,23 @@ def bit_view(t: torch.Tensor) -> torch.Tensor:
 def is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (FSDP2 ``fully_shard`` or tensor parallel), without importing DTensor."""
     return type(t).__name__ == "DTensor"
+
+
+def copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full-size ``value`` into ``param`` in place (call under ``torch.no_grad()``).
+
+    A DTensor parameter (FSDP2 ``fully_shard``, tensor parallel) gets its local shard overwritten with this
+    rank's slice of ``value``, cut locally (``src_data_rank=None``: no communication, so each rank may call it
+    on its own; every rank must pass the same ``value``). ``value`` is cast to the parameter's dtype and device.
+    """
+    value = value.to(device=param.device, dtype=param.dtype)
+    if not is_dtensor(param):
+        param.copy_(value)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    param.to_local().copy_(local)
 
 
 class UnknownParameterError(KeyError):

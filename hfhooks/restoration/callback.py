@@ -16,12 +16,13 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 
 from hfhooks.core.blocks import find_layers, layer_of
 from hfhooks.core.params import ParamIndex
+from hfhooks.diffs.source import WeightSource
 from hfhooks.freeze.deepspeed import gathered, require_zero
 from hfhooks.io.artifacts import model_fingerprint
 from hfhooks.restoration.config import RestorationConfig
 from hfhooks.restoration.deepspeed import restore_live, restore_shards
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
-from hfhooks.trainer.guards import refuse_unsupported, uses_deepspeed
+from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_unsupported, uses_deepspeed
 from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
 
 __all__ = ["LayerRestorationCallback"]
@@ -57,6 +58,10 @@ class LayerRestorationCallback(TrainerCallback):
 
     Resuming: the config and the reference's identity and layers are saved with every checkpoint and a resumed
     run with other settings, or from a checkpoint without them, raises.
+
+    FSDP2 (``fully_shard``): each rank restores its shards; ``mode="variant"`` gathers the weights to save them;
+    in-place checkpoint restores also rewrite ``pytorch_model_fsdp.bin``, what an FSDP run resumes from
+    (``state_dict_type="FULL_STATE_DICT"``, the Trainer's default; sharded checkpoints are refused).
 
     Checkpoint edits stream shard by shard (bounded memory) and run on the processes that save
     (``args.should_save``: the main process, or each node's with ``save_on_each_node``); the live model is
@@ -99,6 +104,7 @@ class LayerRestorationCallback(TrainerCallback):
         self._restored: set[Path] = set()  # checkpoints already edited (at on_push_begin, before on_save)
         self._training = False
         self._zero: int | None = None  # the DeepSpeed ZeRO stage (2 for ZeRO-1/2), None without DeepSpeed
+        self._sharded = False  # FSDP2 (set at train begin)
         self.resume_from: ResumeFrom = c.resume_from
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -106,6 +112,7 @@ class LayerRestorationCallback(TrainerCallback):
             args,
             "LayerRestorationCallback",
             model=model,
+            fsdp2=True,  # FSDP2: DTensor-aware copies; checkpoint restores: see _check_fsdp2_save
             instead="Train with DDP or a single process, or restore the saved checkpoint afterwards: "
             "hfhooks restore CHECKPOINT BASE --layers 4:8 -o RESTORED.",
             deepspeed=True,  # ZeRO-1/2/3: the masters and DeepSpeed's shards too (hfhooks.restoration.deepspeed)
@@ -113,6 +120,9 @@ class LayerRestorationCallback(TrainerCallback):
         self._zero = require_zero(model, _OWNER) if uses_deepspeed(args) else None
         if self._zero is not None and "save" in self.when:
             self._check_zero_saves(args)
+        self._sharded = fsdp_version(args, model) == 2 or has_dtensors(model)
+        if self._sharded and "save" in self.when:
+            self._check_fsdp2_save(args)
         if getattr(args, "push_to_hub", False):
             self._check_push(args)
         saved = load_state(args, state, _OWNER, self.resume_from, config=self.config)  # checks the config
@@ -133,6 +143,22 @@ class LayerRestorationCallback(TrainerCallback):
         else:  # {name: tensor}: its names and shapes
             ref = {"tensors": sorted((k, list(v.shape)) for k, v in dict(ref).items())}
         return {"reference": ref, "layers": repr(self.layers)}
+
+    def _check_fsdp2_save(self, args) -> None:
+        """Under FSDP2 the Trainer writes each checkpoint's weights twice: ``model.safetensors`` (only with
+        ``state_dict_type="FULL_STATE_DICT"``, the Trainer's default) and accelerate's ``pytorch_model_fsdp.bin``
+        (``pytorch_model_fsdp_0/``, sharded, otherwise), which is what ``resume_from_checkpoint`` loads."""
+        config = getattr(args, "fsdp_config", None) or {}
+        default = "FULL_STATE_DICT" if getattr(args, "fsdp", None) else os.environ.get("FSDP_STATE_DICT_TYPE")
+        kind = str(config.get("state_dict_type", default or "SHARDED_STATE_DICT")).upper()
+        if "FULL_STATE_DICT" not in kind:
+            raise RuntimeError(
+                f"LayerRestorationCallback(when=...'save'...) under FSDP2 with state_dict_type={kind!r}: the "
+                "Trainer then writes no model.safetensors into its checkpoints, only the sharded "
+                "pytorch_model_fsdp_0/ (torch.distributed.checkpoint), which this callback does not edit. Pass "
+                "TrainingArguments(fsdp_config={..., 'state_dict_type': 'FULL_STATE_DICT'}), or use "
+                "when='train_end'."
+            )
 
     def _check_push(self, args) -> None:
         strategy = str(getattr(getattr(args, "hub_strategy", None), "value", args.hub_strategy))
@@ -242,6 +268,8 @@ class LayerRestorationCallback(TrainerCallback):
             progress=False,
             **self.options,
         )
+        if self._sharded and self.mode == "inplace":
+            _restore_fsdp_file(ckpt, self.reference, report.restored)
         self._restored.add(ckpt.resolve())
         self.reports.append(report)
 
@@ -270,8 +298,11 @@ class LayerRestorationCallback(TrainerCallback):
         before = {n: p.detach().clone() for n, p in self._touchable(model).items()}
         report = restore_layers(model, self.reference, self.layers, adapters="zero", **self.options)
         try:
-            if args.should_save:
-                out = Path(args.output_dir) / self.variant
+            out = Path(args.output_dir) / self.variant
+            if self._sharded:  # every rank gathers its shards (a collective); the saving ones write
+                if _save_gathered(model, out, args):
+                    report.path = out
+            elif args.should_save:
                 model.save_pretrained(out)
                 report.path = out
         finally:
@@ -279,3 +310,56 @@ class LayerRestorationCallback(TrainerCallback):
                 for n, value in before.items():
                     index.param(n).copy_(value)
         return report
+
+
+def _save_gathered(model: torch.nn.Module, out: Path, args) -> bool:
+    """Save a sharded (FSDP2) model's full weights to ``out``; call on every rank. True where it was written."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # gathered to CPU on rank 0 only, unless each node's main process saves (save_on_each_node)
+    on_rank0 = not getattr(args, "save_on_each_node", False)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_rank0))
+    if not args.should_save:
+        return False
+    model.save_pretrained(out, state_dict=state)
+    return True
+
+
+FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # accelerate's FSDP_MODEL_NAME: what an FSDP run resumes from
+
+
+def _restore_fsdp_file(ckpt: Path, reference: Any, names: list[str]) -> None:
+    """Restore ``names`` in the checkpoint's ``pytorch_model_fsdp.bin`` too, atomically.
+
+    Under FSDP (``state_dict_type="FULL_STATE_DICT"``) ``resume_from_checkpoint`` loads this full state dict
+    (accelerate's ``load_fsdp_model``), not ``model.safetensors``: restoring only the latter would let a resumed
+    run continue from the unrestored layers. The file is a ``torch.save``-d dict; tensors are written in place
+    in a copy-on-write memory map, so tied weights (one storage) follow, and the new file replaces the old one
+    only once fully written.
+    """
+    path = ckpt / FSDP_FULL_FILE
+    if not path.is_file():
+        raise RuntimeError(
+            f"LayerRestorationCallback: {ckpt} has no {FSDP_FULL_FILE}, the file an FSDP run resumes from, so "
+            "a resumed run would load unrestored layers. Save with TrainingArguments(fsdp_config={..., "
+            "'state_dict_type': 'FULL_STATE_DICT'}), or use mode='variant'."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise RuntimeError(
+            f"LayerRestorationCallback: {path} lacks {len(missing)} restored tensor(s), e.g. {missing[0]!r}: "
+            "it was not written from this model; nothing in it was changed."
+        )
+    source = WeightSource(reference)
+    with torch.no_grad():
+        for n in names:
+            state[n].copy_(source.get(n).to(state[n].dtype))
+    tmp = path.with_name(f".{path.name}.hfhooks-partial")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

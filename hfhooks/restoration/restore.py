@@ -38,7 +38,7 @@ from torch import nn
 
 from hfhooks.core.blocks import find_layers
 from hfhooks.core.names import canonical_name, match_name, unwrap_model
-from hfhooks.core.params import ParamIndex, UnknownParameterError
+from hfhooks.core.params import ParamIndex, UnknownParameterError, copy_full_
 from hfhooks.diffs.source import WeightSource
 from hfhooks.io.checkpoints import Checkpoint, layer_map, parse_layers
 from hfhooks.io.edit import edit_checkpoint
@@ -242,8 +242,7 @@ def _restore_model(
             )
     with torch.no_grad():
         for n in wanted:
-            p = index.param(n)
-            p.copy_(ref.get(n).to(device=p.device, dtype=p.dtype))
+            copy_full_(index.param(n), ref.get(n))  # a sharded (FSDP2) parameter: this rank's slice
     report = RestoreReport(chosen, wanted)
     for name, layer in in_range:
         if adapters == "zero":

@@ -17,6 +17,7 @@ import transformers as T
 from torch.distributed.tensor import DTensor
 
 from hfhooks import (
+    AttributionAlignment,
     AttributionAlignmentCallback,
     GradientMask,
     GradientMaskCallback,
@@ -26,7 +27,9 @@ from hfhooks import (
     ParamMask,
     SaliencyUnlearningCallback,
     TaggedCollator,
+    TaggedDataset,
     forget_retain_dataset,
+    restore_layers,
 )
 
 VOCAB = 48
@@ -170,10 +173,216 @@ def plain_loop():
             "hooks_left": hooks_left(model) + gm.num_hooks}  # fmt: skip
 
 
+# -- attribution alignment ------------------------------------------------------------------------------------
+def tiny_classifier():
+    torch.manual_seed(0)  # same init on every rank
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0,
+                        attn_implementation="eager")  # fmt: skip
+    return T.LlamaForSequenceClassification(cfg)
+
+
+def rationale_batch(start, n=4):
+    """``n`` examples with a 0/1 rationale over their first 4 tokens (the prior), as TaggedCollator batches them."""
+    data = Data()
+    rows = [{"input_ids": data.ids[i], "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": torch.tensor(i % 2), "rationale": (torch.arange(10) < 4).float()}
+            for i in range(start, start + n)]  # fmt: skip
+    tagged = TaggedDataset(rows, tags=["rationale"])
+    return TaggedCollator()([tagged[i] for i in range(n)])
+
+
+def attribution_gradients():
+    """One backward of loss + λ·term through a fully_shard-ed classifier vs. the same model unsharded, for each
+    method supported under FSDP2: the gathered gradients must match (both ranks see the same batch, so FSDP's
+    averaged gradient is the single-process one)."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    batch, worst = rationale_batch(0), {}
+    for method in ("grad_x_input", "input_gradient", "grad_x_input_first_order", "attention"):
+        model = tiny_classifier()
+        ref = copy.deepcopy(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        for m in (model, ref):
+            m.train()
+            with AttributionAlignment(m, method, prior="rationale", weight=10.0, special_token_ids=[0]) as al:
+                m(**batch)["loss"].backward()
+                assert al.pop_stats()["align/term"] > 0
+        rel = 0.0
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            rel = max(rel, float((full(p.grad) - q.grad).abs().max() / (q.grad.abs().max() + 1e-12)))
+        worst[method] = rel
+    return {"status": "ok", "worst_relative_difference": worst}
+
+
+class RecordingAlignment(AttributionAlignmentCallback):
+    """Records the logged term of each step (what on_log would put into the Trainer's logs)."""
+
+    terms: list
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.terms.append(self.alignment.pop_stats().get("align/term"))
+        return super().on_step_end(args, state, control, **kwargs)
+
+
+def run_attribution(out, weight, method="grad_x_input"):
+    model = shard(tiny_classifier())
+    model.train()
+    cb = RecordingAlignment(method, prior="rationale", weight=weight, special_token_ids=[0])
+    cb.terms = []
+    batches = [[rationale_batch(0), rationale_batch(4)]] * 4  # the same batch: the term must fall
+    drive(cb, model, batches, os.path.join(out, f"attribution_{method}_{weight}"))
+    dtensors = sum(isinstance(p, DTensor) for p in model.parameters())
+    return {"status": "ok", "terms": cb.terms, "hooks_left": hooks_left(model) + cb.alignment.num_hooks,
+            "dtensor_params": dtensors, "reused": cb.alignment.reused}  # fmt: skip
+
+
+# -- layer restoration ----------------------------------------------------------------------------------------
+def layer0(model):
+    return {n: full(p).clone() for n, p in ParamIndex(model).items()}
+
+
+def run_restoration(out, lm_batches):
+    """Train a fully_shard-ed model with LayerRestorationCallback(reference, "0:1") (train end, in place; then
+    mode="variant"): layer 0 must equal the reference bit for bit on every rank, the rest must have trained."""
+    results = {}
+    for mode in ("inplace", "variant"):
+        reference = tiny()  # the initial weights (same seed)
+        model = shard(tiny())
+        cb = LayerRestorationCallback(reference, "0:1", mode=mode)
+        where = os.path.join(out, f"restore_{mode}")
+        drive(cb, model, lm_batches, where)
+        now, ref = layer0(model), dict(ParamIndex(reference).items())
+        if mode == "variant":  # the live model keeps the trained weights; the copy on disk is restored
+            dist.barrier()
+            saved = T.LlamaForCausalLM.from_pretrained(os.path.join(where, "restored"))
+            now, live = dict(ParamIndex(saved).items()), now
+            results["variant_live_layer0_trained"] = any(
+                not torch.equal(live[n], ref[n]) for n in live if n.startswith("model.layers.0.")
+            )
+            results["variant_layers_above_match_live"] = all(
+                torch.equal(now[n].detach(), live[n]) for n in live if not n.startswith("model.layers.0.")
+            )
+        restored = [n for n in now if n.startswith("model.layers.0.")]
+        results[mode] = {
+            "status": "ok",
+            "restored_bitwise": all(
+                torch.equal(now[n].detach().view(torch.int32), ref[n].detach().view(torch.int32))
+                for n in restored
+            ),
+            "restored": len(restored),
+            "others_trained": sum(
+                not torch.equal(now[n].detach(), ref[n].detach()) for n in now if n not in restored
+            ),
+            "hooks_left": hooks_left(model),
+            "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+        }
+    return results
+
+
+def restoration_checkpoints(out, lm_batches):
+    """LayerRestorationCallback(when="save") on checkpoints laid out as the Trainer writes them under FSDP2
+    (FULL_STATE_DICT): model.safetensors (Trainer.save_model) *and* accelerate's pytorch_model_fsdp.bin
+    (save_fsdp_model), the file a resumed run loads (load_fsdp_model). checkpoint-1: restoring model.safetensors
+    alone (restore_layers) leaves what a resume loads trained — why the callback restores both; then
+    mode="variant" writes checkpoint-1/restored/. checkpoint-2: mode="inplace" — a resume loads restored layers."""
+    from types import SimpleNamespace
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import load_fsdp_model, save_fsdp_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    acc = SimpleNamespace(process_index=rank, num_processes=world, is_fsdp2=True, is_main_process=rank == 0,
+                          wait_for_everyone=dist.barrier)  # fmt: skip
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
+    reference, model = tiny(), shard(tiny())
+    where = os.path.join(out, "resume")
+    drive(T.TrainerCallback(), model, lm_batches[:1], where)
+
+    def checkpoint(step):  # what Trainer._save_checkpoint writes under FSDP2
+        ckpt = os.path.join(where, f"checkpoint-{step}")
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            model.save_pretrained(ckpt, state_dict=state)  # Trainer.save_model
+        save_fsdp_model(plugin, acc, model, ckpt)  # for resuming
+        dist.barrier()
+        return ckpt
+
+    def resumed(ckpt):  # what Trainer._load_from_checkpoint does under FSDP
+        fresh = shard(tiny())
+        load_fsdp_model(plugin, acc, fresh, ckpt)
+        return full(fresh.get_parameter(name))
+
+    def on_save(cb, step):
+        args, state = fsdp2_args(where), T.TrainerState()
+        cb.on_train_begin(args, state, T.TrainerControl(), model=model)
+        state.global_step = step
+        cb.on_save(args, state, T.TrainerControl(), model=model)
+        dist.barrier()
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    ref, above = reference.get_parameter(name), name.replace(".0.", ".1.")
+    ckpt1, ckpt2 = checkpoint(1), checkpoint(2)
+    on_save(LayerRestorationCallback(reference, "0:1", when="save", mode="variant"), 1)
+    copy = T.LlamaForCausalLM.from_pretrained(os.path.join(ckpt1, "restored"))
+    if rank == 0:
+        restore_layers(ckpt1, reference, "0:1", out=ckpt1, overwrite=True, progress=False)
+    dist.barrier()
+    on_save(LayerRestorationCallback(reference, "0:1", when="save"), 2)
+    saved2 = T.LlamaForCausalLM.from_pretrained(ckpt2)
+    return {"checkpoint_trained": not torch.equal(full(model.get_parameter(name)), ref),
+            "variant_restored": torch.equal(copy.get_parameter(name), ref),
+            "variant_keeps_other_layers": torch.equal(copy.get_parameter(above), full(model.get_parameter(above))),
+            "safetensors_only_restored": torch.equal(T.LlamaForCausalLM.from_pretrained(ckpt1).get_parameter(name),
+                                                     ref),
+            "safetensors_only_resumed_restored": torch.equal(resumed(ckpt1), ref),
+            "inplace_safetensors_restored": torch.equal(saved2.get_parameter(name), ref),
+            "inplace_resumed_restored": torch.equal(resumed(ckpt2), ref),
+            "inplace_resumed_keeps_other_layers": torch.equal(
+                full(load_into_fresh(plugin, acc, ckpt2).get_parameter(above)), full(model.get_parameter(above))),
+            "files": sorted(os.listdir(ckpt2))}  # fmt: skip
+
+
+def load_into_fresh(plugin, acc, ckpt):
+    from accelerate.utils import load_fsdp_model
+
+    fresh = shard(tiny())
+    load_fsdp_model(plugin, acc, fresh, ckpt)
+    return fresh
+
+
+def start_ig_crash_demo():
+    """Rank 0 starts tests/distributed/fsdp2_ig_crash.py (a process of its own: it is expected to segfault) while
+    the other cases run."""
+    import subprocess
+    import sys
+
+    if int(os.environ["RANK"]) != 0:
+        return None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "LOCAL_"))}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_ig_crash.py")
+    return subprocess.Popen([sys.executable, script], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+
+
+def finish_ig_crash_demo(proc):
+    if proc is None:
+        return {"status": "rank 0 only"}
+    stdout, _ = proc.communicate(timeout=300)
+    return {"status": "ok", "returncode": proc.returncode, "stdout": stdout}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     out = parser.parse_args().out
+    ig_crash = start_ig_crash_demo()
     results = {"gradient_mask_core": plain_loop()}
 
     def gm(mask):
@@ -199,8 +408,18 @@ def main():
         "unlearn_scoring", out, SaliencyUnlearningCallback(forget, progress=False)
     )
     results["routing"] = run_refused("routing", out, GradientRoutingCallback(mlp_units=4, heads=1))
-    results["attribution"] = run_refused("attribution", out, AttributionAlignmentCallback())
-    results["restoration"] = run_refused("restoration", out, LayerRestorationCallback({}, "0:1"))
+    results["attribution_gradients"] = attribution_gradients()
+    results["attribution"] = run_attribution(out, weight=5.0)
+    results["attribution_unweighted"] = run_attribution(out, weight=0.0)  # the same run without the penalty
+    # first order: after the first term, ∂s/∂e is read from the training backward (reuse_backward)
+    results["attribution_first_order"] = run_attribution(out, 5.0, "grad_x_input_first_order")
+    results["attribution_first_order_unweighted"] = run_attribution(out, 0.0, "grad_x_input_first_order")
+    results["attribution_integrated_gradients"] = run_refused(
+        "attribution_ig", out, AttributionAlignmentCallback("integrated_gradients", prior="rationale")
+    )
+    results["attribution_ig_crash"] = finish_ig_crash_demo(ig_crash)
+    results["restoration"] = run_restoration(out, lm_batches)
+    results["restoration_checkpoints"] = restoration_checkpoints(out, lm_batches)
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
