@@ -79,6 +79,7 @@ class GradientRoutingCallback(TrainerCallback):
         refuse_unsupported(
             args,
             "GradientRoutingCallback",
+            fsdp2=True,  # gradients routed on FSDP2's full parameters, strict steps held on the local shards
             model=model,
             deepspeed="it routes each micro-batch's gradients (forget vs retain) and holds non-routed "
             "coordinates around the optimizer step, while DeepSpeed accumulates gradients in its own partitioned "

@@ -40,7 +40,7 @@ from torch import nn
 
 from hfhooks.core.data import pop_kwargs_hook
 from hfhooks.core.hooks import HookSet
-from hfhooks.core.params import ParamIndex, is_dtensor
+from hfhooks.core.params import ParamIndex, fsdp2_unsharded_params, is_dtensor, local_tensor, shard_like
 from hfhooks.freeze.gradient_mask import innermost_optimizer
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
 from hfhooks.masks.mask import ParamMask
@@ -85,6 +85,12 @@ class _Target:
     applied with ``index_fill`` / ``index_select`` / ``index_copy_``: never expanded to the parameter's shape,
     which would cost 1 byte per element (≈ 6.5 GB at 7B). Element masks (biases, hand-built masks) keep their
     bool tensor of the parameter's shape, which is what the mask stores anyway.
+
+    Under FSDP2 two tensors play the parameter's part: gradients are routed on ``grad_param``, the full
+    parameter FSDP2 computes with (each micro-batch's full gradient, before ranks are averaged), so
+    ``dedicated`` / ``shared`` index the full shape; a strict step holds coordinates of ``param``, the sharded
+    DTensor the optimizer steps, on this rank's shard, which ``local_dedicated`` / ``local_shared`` index.
+    Elsewhere both pairs are the same tensors.
     """
 
     param: nn.Parameter
@@ -92,25 +98,51 @@ class _Target:
     axis: int | None = None  # row (0) / column (1) mask; None: element mask, or no dedicated coordinates
     dedicated: torch.Tensor | None = None  # axis: long indices; element: bool of the param's shape; else None
     shared: torch.Tensor | None = None  # axis: long indices of the other rows / columns
+    grad_param: torch.Tensor | None = None  # where the gradient hook goes (default: param)
+    local_dedicated: torch.Tensor | None = None  # dedicated / shared on this rank's shard (default: the same)
+    local_shared: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.grad_param is None:
+            self.grad_param = self.param
+        if self.local_dedicated is None:
+            self.local_dedicated, self.local_shared = self.dedicated, self.shared
 
     @classmethod
-    def build(cls, param: nn.Parameter, mask: ParamMask, name: str, shared_on_forget: bool) -> _Target:
+    def build(
+        cls,
+        param: nn.Parameter,
+        mask: ParamMask,
+        name: str,
+        shared_on_forget: bool,
+        grad_param: torch.Tensor | None = None,
+    ) -> _Target:
         if name not in mask:
-            return cls(param, shared_on_forget)
+            return cls(param, shared_on_forget, grad_param=grad_param)
         gran = mask.granularity(name)
+        local = _local_mask(mask, name, param) if is_dtensor(param) else None
         if gran == "element":
-            return cls(param, shared_on_forget, dedicated=mask[name].to(param.device))
+            dedicated = mask[name].to(param.device)
+            return cls(param, shared_on_forget, dedicated=dedicated, grad_param=grad_param, local_dedicated=local)
         vector = mask.vector(name).to(param.device)
-        return cls(
+        target = cls(
             param,
             shared_on_forget,
             axis=0 if gran == "row" else 1,
             dedicated=vector.nonzero().flatten(),
             shared=(~vector).nonzero().flatten(),
+            grad_param=grad_param,
         )
+        if local is not None:  # this rank's rows (FSDP2 shards dim 0) / all its columns, as index vectors
+            along = local.movedim(target.axis, 0).reshape(local.shape[target.axis], -1).any(dim=1)
+            target.local_dedicated, target.local_shared = (
+                along.nonzero().flatten(),
+                (~along).nonzero().flatten(),
+            )
+        return target
 
     def zero_grad_of(self, grad: torch.Tensor, dedicated: bool) -> torch.Tensor:
-        """``grad`` with the dedicated (``dedicated=True``) or the shared coordinates set to zero."""
+        """``grad`` (full shape) with the dedicated (``dedicated=True``) or the shared coordinates set to zero."""
         if self.axis is None:
             return grad.masked_fill(self.dedicated if dedicated else ~self.dedicated, 0)
         if dedicated:  # a few rows/columns to zero
@@ -121,20 +153,29 @@ class _Target:
         return torch.zeros_like(grad).index_copy_(self.axis, self.dedicated, kept)
 
     def snapshot(self, dedicated: bool | None) -> _Snapshot:
-        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered."""
-        p = self.param.detach()
+        """The current values of the dedicated (True), shared (False) or all (None) coordinates of this rank's
+        tensor (the local shard under FSDP2), gathered."""
+        p = local_tensor(self.param.detach())
         if dedicated is None:
             return _Snapshot(self.param, None, None, p.clone())
         if self.axis is None:
-            frozen = self.dedicated if dedicated else ~self.dedicated
+            frozen = self.local_dedicated if dedicated else ~self.local_dedicated
             return _Snapshot(self.param, None, frozen, p[frozen])
-        index = self.dedicated if dedicated else self.shared
+        index = self.local_dedicated if dedicated else self.local_shared
         return _Snapshot(self.param, self.axis, index, p.index_select(self.axis, index))
+
+
+def _local_mask(mask: ParamMask, name: str, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``mask[name]`` (bool, the local shard's shape). The full-shape bool tensor exists
+    only here, once per sharded parameter when the router attaches: what it costs is one byte per element of
+    the largest parameter, for a moment."""
+    return shard_like(mask[name].to(param.device).contiguous(), param)
 
 
 @dataclass
 class _Snapshot:
-    """Values one optimizer step must not change, gathered (only those coordinates), and where they go back."""
+    """Values one optimizer step must not change, gathered (only those coordinates), and where they go back
+    (into this rank's tensor: the local shard of a DTensor)."""
 
     param: nn.Parameter
     axis: int | None  # index_copy_ along this axis; None: masked_scatter_ (element mask) or a whole tensor
@@ -143,12 +184,13 @@ class _Snapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
+        data = local_tensor(self.param.data)
         if self.where is None:
-            self.param.data.copy_(self.values)
+            data.copy_(self.values)
         elif self.axis is None:
-            self.param.data.masked_scatter_(self.where, self.values)
+            data.masked_scatter_(self.where, self.values)
         else:
-            self.param.data.index_copy_(self.axis, self.where, self.values)
+            data.index_copy_(self.axis, self.where, self.values)
 
     def nbytes(self) -> int:
         extra = self.where.numel() * self.where.element_size() if self.where is not None else 0
@@ -241,14 +283,7 @@ class Router:
                 "(or router.attach(opt)); strict=False asks for the leaky behaviour explicitly."
             )
         index = ParamIndex(self.model)
-        sharded = [n for n, p in index.items() if is_dtensor(p)]
-        if (
-            sharded
-        ):  # tensor hooks never fire on FSDP2's sharded parameters: routing would silently do nothing
-            raise NotImplementedError(
-                f"{sharded[0]} is a DTensor (FSDP2 / tensor parallel): gradient routing does not support sharded "
-                "parameters yet. Train with DDP (torchrun --nproc_per_node N) or a single process."
-            )
+        full = self._full_params(index)
         self.dedicated = self.dedicated.canonical(index)  # tied-weight aliases act on the shared tensor
         resolved = self.dedicated.validate(index)
         frozen = [n for n, p in resolved.items() if not p.requires_grad]
@@ -261,7 +296,9 @@ class Router:
         shared = set(index.select(self.shared_on_forget)) if self.shared_on_forget else set()
         for name, param in index.items():
             if param.requires_grad:
-                self._targets.append(_Target.build(param, self.dedicated, name, name in shared))
+                self._targets.append(
+                    _Target.build(param, self.dedicated, name, name in shared, full.get(param))
+                )
         for name in self.dedicated:
             gran = self.dedicated.granularity(name)
             module = index.info(name).module
@@ -278,7 +315,7 @@ class Router:
         self.steps = 0
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
         for target in self._targets:
-            hooks.tensor_hook(target.param, self._grad_hook(target))
+            hooks.tensor_hook(target.grad_param, self._grad_hook(target))
         for site in self._sites:
             hooks.forward_pre_hook(site.module, self._site_hook(site))
         if optimizer is not None:
@@ -289,6 +326,24 @@ class Router:
             if self.strict:
                 hooks.step_post_hook(opt, lambda *_: self._after_step())
         return self
+
+    def _full_params(self, index: ParamIndex) -> dict[nn.Parameter, nn.Parameter]:
+        """Under FSDP2, the full parameter each sharded one computes with (its gradient hooks go there: see
+        :class:`_Target`); empty for unsharded models. Raises for DTensors FSDP2 does not manage (tensor
+        parallel), whose gradient hooks would never fire."""
+        sharded = [(n, p) for n, p in index.items() if is_dtensor(p)]
+        if not sharded:
+            return {}
+        full = fsdp2_unsharded_params(self.model)  # collective: every rank attaches at train begin
+        for name, param in sharded:
+            if param.requires_grad and (param not in full or is_dtensor(full[param])):
+                raise NotImplementedError(
+                    f"{name} is a DTensor that FSDP2's fully_shard does not turn into a full tensor for the "
+                    "forward (tensor parallel, or FSDP2 on top of it): gradient routing needs each "
+                    "micro-batch's full gradient, so it supports FSDP2 alone. Train with FSDP2 "
+                    "(fully_shard), DDP (torchrun --nproc_per_node N) or a single process."
+                )
+        return full
 
     def detach(self) -> None:
         """Remove every hook this router installed."""
@@ -436,7 +491,7 @@ class Router:
         def before(part: list[tuple[_Target, bool | None]]) -> None:
             self._snapshot = [t.snapshot(dedicated) for t, dedicated in part]
 
-        parts = split_by_size(kept, lambda k: k[0].param.numel() * k[0].param.element_size(), PART_BYTES)
+        parts = split_by_size(kept, lambda k: local_tensor(k[0].param).nbytes, PART_BYTES)
         self._detached = step_in_parts(
             self._optimizer,
             step,
@@ -473,10 +528,11 @@ class Router:
     def held_bytes(self) -> dict[str, int]:
         """Bytes of tensor storage the router holds: ``masks`` (index vectors / element masks) and
         ``snapshot`` (the values a strict step restores; non-zero only between the step's pre- and post-hook)."""
-        masks = sum(
-            t.numel() * t.element_size()
+        held = {
+            id(t): t
             for target in self._targets
-            for t in (target.dedicated, target.shared)
+            for t in (target.dedicated, target.shared, target.local_dedicated, target.local_shared)
             if t is not None
-        )
+        }
+        masks = sum(t.numel() * t.element_size() for t in held.values())
         return {"masks": masks, "snapshot": sum(s.nbytes() for s in self._snapshot)}
