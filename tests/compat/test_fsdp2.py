@@ -87,6 +87,21 @@ def test_routing_strict_on_sharded_parameters(ranks):
     assert ranks[0]["routing"]["digest"] == ranks[1]["routing"]["digest"], "the ranks' weights differ"
 
 
+def test_routing_core_at_the_activation_level_in_a_plain_loop(ranks):
+    """``with Router(model, mask, level="activation", optimizer=opt)`` around the sharded model, labels mixed
+    inside every micro-batch: the forward hooks see full activations, so the result equals one process training
+    the full model on both ranks' micro-batches."""
+    for rank, results in enumerate(ranks):
+        r = results["routing_core_activation"]
+        assert r["status"] == "ok", (rank, r)
+        assert r["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+        assert r["counts"]["forget"] and r["counts"]["retain"], r["counts"]
+        assert r["changed"] > 0
+        assert r["max_diff_vs_reference"] < 1e-4, r["max_diff_vs_reference"]
+        assert r["hooks_left"] == 0
+    assert ranks[0]["routing_core_activation"]["digest"] == ranks[1]["routing_core_activation"]["digest"]
+
+
 @pytest.mark.compat(callback="attribution", setup="fsdp2", expect="error")
 def test_attribution_is_refused(ranks, record_property):
     assert_refused(

@@ -162,7 +162,7 @@ class Recorder:
 
 
 def gathered(model):
-    return {n: full(p).clone() for n, p in ParamIndex(model).items()}
+    return {n: full(p).detach().clone() for n, p in ParamIndex(model).items()}
 
 
 def routing_batches(rank):
@@ -216,6 +216,47 @@ def run_routing(out):
     r["moved_vs_start"] = sum(int((final[n] != states[0][n]).sum()) for n in final)
     r["digest"] = float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))
     return r
+
+
+def routing_plain_loop():
+    """The core ``Router`` at the activation level (labels mixed inside every micro-batch) as a context manager in
+    a plain loop over the sharded model, against one process training the full model on both ranks' data."""
+    from hfhooks import Router, dedicated_mask
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ids = Data().ids
+    labels = torch.tensor([1, 0, -1, 0])
+
+    def micro(step, k, r):
+        rows = ids[step * 8 + r * 4 + k * 2 :][:2]
+        return {"input_ids": rows, "labels": rows, "routing": labels[(step + k + r) % 3 :][:2]}
+
+    def train(model, mask, batches):
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
+        with Router(model, mask, level="activation", optimizer=opt) as router:
+            for pair in batches:
+                for batch in pair:
+                    (model(**batch).loss / len(pair)).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+                opt.zero_grad()
+            counts = dict(router.counts)
+        return router, counts
+
+    reference = tiny()
+    mask = dedicated_mask(reference, None, 4, 1)
+    train(reference, mask, [[micro(s, k, r) for r in range(world) for k in (0, 1)] for s in range(3)])
+    model = shard(tiny())
+    initial = gathered(model)
+    router, counts = train(model, mask, [[micro(s, k, rank) for k in (0, 1)] for s in range(3)])
+    final, ref = gathered(model), gathered(reference)
+    unsharded = fsdp2_unsharded_params(model)
+    return {"status": "ok", "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+            "counts": counts, "changed": sum(int((final[n] != initial[n]).sum()) for n in final),
+            "max_diff_vs_reference": max(float((final[n] - ref[n]).abs().max()) for n in final),
+            "hooks_left": hooks_left(model) + router.num_hooks
+            + sum(len(p._backward_hooks or {}) for p in unsharded.values()),
+            "digest": float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))}  # fmt: skip
 
 
 def plain_loop():
@@ -272,6 +313,7 @@ def main():
         "unlearn_scoring", out, SaliencyUnlearningCallback(forget, progress=False)
     )
     results["routing"] = run_routing(out)
+    results["routing_core_activation"] = routing_plain_loop()
     results["attribution"] = run_refused("attribution", out, AttributionAlignmentCallback())
     results["restoration"] = run_refused("restoration", out, LayerRestorationCallback({}, "0:1"))
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
