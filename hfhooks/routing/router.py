@@ -24,6 +24,13 @@ that mode must not change are restored, which needs the optimizer (``Router(...,
 ``attach(opt)``). The leaky behaviour of the reference code must be asked for by name: ``strict=False``.
 A first optimizer step that no routing label reached raises before the optimizer changes anything.
 
+Under DDP the masks act on each rank's micro-batch before the all-reduce. Under FSDP2 (``fully_shard``) the
+sharded DTensor parameters only ever receive the reduce-scattered, accumulated gradient, so the gradient hooks
+go on the full parameters FSDP2 computes with (:func:`~hfhooks.core.params.fsdp2_unsharded_params`): each
+micro-batch is routed whole, on its rank, before ranks are averaged, exactly as one process would; activation
+sites see full activations; strict steps hold coordinates of each rank's local shard. Modes are united across
+ranks before a strict step (see :meth:`Router._sync_modes`), so every rank holds the same coordinates.
+
 The dedicated mask itself, and what is done with it after training (:func:`~hfhooks.routing.ablation.ablate`,
 :func:`~hfhooks.routing.ablation.calibrate_logits`), live in :mod:`hfhooks.routing.ablation`.
 """
@@ -123,7 +130,9 @@ class _Target:
         local = _local_mask(mask, name, param) if is_dtensor(param) else None
         if gran == "element":
             dedicated = mask[name].to(param.device)
-            return cls(param, shared_on_forget, dedicated=dedicated, grad_param=grad_param, local_dedicated=local)
+            return cls(
+                param, shared_on_forget, dedicated=dedicated, grad_param=grad_param, local_dedicated=local
+            )
         vector = mask.vector(name).to(param.device)
         target = cls(
             param,

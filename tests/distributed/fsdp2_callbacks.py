@@ -189,7 +189,7 @@ def run_routing(out):
     reference_model = tiny()
     expected = dedicated_mask(reference_model, None, 4, 1)
     reference = GradientRoutingCallback(expected)  # the same data, all ranks' micro-batches in one process
-    drive(reference, reference_model, [sum((b[s] for b in per_rank), []) for s in range(4)], out + "/ref")
+    drive(reference, reference_model, [[mb for b in per_rank for mb in b[s]] for s in range(4)], out + "/ref")
     model = shard(tiny())
     cb = GradientRoutingCallback(mlp_units=4, heads=1)
     recorder = Recorder(cb, model)

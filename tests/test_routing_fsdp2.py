@@ -1,0 +1,81 @@
+"""Gradient routing on a model sharded with FSDP2's ``fully_shard``, in one process (a single-rank gloo group).
+
+The two-rank run — row masks sliced onto each rank's shard, ranks with different modes in one step, the result
+against one process on the full model — is in the FSDP2 launch (tests/compat/test_fsdp2.py). Here: the gradient
+hooks really act on a sharded model (not only the strict restore), the hooks go away, and DTensors that FSDP2
+does not manage (tensor parallel) are refused instead of silently left unrouted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model, random_input_ids
+from torch import nn
+
+from hfhooks import FORGET, RETAIN, ParamIndex, Router, dedicated_mask, installed_hooks
+from hfhooks.core.params import fsdp2_unsharded_params
+
+pytestmark = pytest.mark.usefixtures("gloo_group")
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.full_tensor().detach().clone() for n, p in ParamIndex(model).items()}
+
+
+def _step(model, opt, ids, label):
+    routing = torch.full((ids.shape[0],), label)
+    model(input_ids=ids, labels=ids, routing=routing).loss.backward()
+    model(input_ids=ids.flip(0), labels=ids.flip(0), routing=routing).loss.backward()  # two micro-batches
+    grads = {n: p.grad.full_tensor().clone() for n, p in ParamIndex(model).items()}
+    opt.step()
+    opt.zero_grad()
+    return grads
+
+
+def test_forget_gradients_reach_only_dedicated_coordinates_of_a_sharded_model():
+    model = make_model("llama").train()  # routing acts on training forwards only
+    mask = dedicated_mask(model, mlp_units=4, heads=1)
+    model = _shard(model)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = random_input_ids(2, 6)
+    with Router(model, mask, optimizer=opt) as router:
+        assert router.num_hooks > 0
+        retain_grads = _step(model, opt, ids, RETAIN)  # every shared coordinate gets Adam momentum
+        before = _full(model)
+        forget_grads = _step(model, opt, ids, FORGET)
+        after = _full(model)
+    for n, grad in forget_grads.items():
+        ded = mask[n] if n in mask else torch.zeros_like(grad, dtype=torch.bool)
+        # the hooks masked the gradient itself (the strict restore alone would leave it whole)
+        assert not grad[~ded].any(), f"{n}: forget gradient reached shared coordinates"
+        assert not retain_grads[n][ded].any(), f"{n}: retain gradient reached dedicated coordinates"
+        assert torch.equal(after[n][~ded], before[n][~ded]), f"{n}: a forget step moved shared coordinates"
+    assert sum(int((after[n] != before[n]).sum()) for n in after) > 0, "the forget step trained nothing"
+    assert installed_hooks(model) == []
+    assert not any(p._backward_hooks for p in fsdp2_unsharded_params(model).values())
+
+
+def test_dtensors_that_fsdp2_does_not_manage_are_refused():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    model = make_model("llama")
+    mask = dedicated_mask(model, mlp_units=4, heads=1)
+    mesh = init_device_mesh("cpu", (1,))
+    proj = model.model.layers[0].mlp.up_proj
+    proj.weight = nn.Parameter(distribute_tensor(proj.weight.detach(), mesh, [Replicate()]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(NotImplementedError, match=r"up_proj\.weight is a DTensor .* supports FSDP2 alone"):
+        Router(model, mask, optimizer=opt).attach()
+    assert installed_hooks(model) == []
