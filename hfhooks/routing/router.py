@@ -128,12 +128,15 @@ class _Target:
             return cls(param, shared_on_forget, grad_param=grad_param)
         gran = mask.granularity(name)
         local = _local_mask(mask, name, param) if is_dtensor(param) else None
+        # gradients are routed where the gradient hook's tensor lives (FSDP2 with CPU offload: the compute
+        # device, while the sharded parameter, its snapshots and local indices stay on the CPU)
+        device = (grad_param if grad_param is not None else param).device
         if gran == "element":
-            dedicated = mask[name].to(param.device)
+            dedicated = mask[name].to(device)
             return cls(
                 param, shared_on_forget, dedicated=dedicated, grad_param=grad_param, local_dedicated=local
             )
-        vector = mask.vector(name).to(param.device)
+        vector = mask.vector(name).to(device)
         target = cls(
             param,
             shared_on_forget,
@@ -178,7 +181,7 @@ def _local_mask(mask: ParamMask, name: str, param: torch.Tensor) -> torch.Tensor
     """This rank's shard of ``mask[name]`` (bool, the local shard's shape). The full-shape bool tensor exists
     only here, once per sharded parameter when the router attaches: what it costs is one byte per element of
     the largest parameter, for a moment."""
-    return shard_like(mask[name].to(param.device).contiguous(), param)
+    return shard_like(mask[name].to(param.device).contiguous(), param).to(local_tensor(param).device)
 
 
 @dataclass
@@ -315,7 +318,8 @@ class Router:
                 0 if type(module).__name__ == "Conv1D" else 1
             )  # input units live on this weight axis
             if name.endswith(".weight") and gran == ("row" if consumer_axis == 0 else "column"):
-                self._sites.append(_Site(module, self.dedicated.vector(name).to(index.param(name).device)))
+                device = full.get(index.param(name), index.param(name)).device  # where activations are
+                self._sites.append(_Site(module, self.dedicated.vector(name).to(device)))
         if not self._sites:
             raise ValueError(
                 "The dedicated mask has no consumer (down/output projection) slices: nothing to route in the forward."
@@ -519,7 +523,8 @@ class Router:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return modes
         order = (FORGET, RETAIN, UNLABELLED)
-        device = self._targets[0].param.device if self._targets else torch.device("cpu")
+        # the compute device (FSDP2's full parameters): NCCL reduces no CPU tensor, even with CPU offload
+        device = self._targets[0].grad_param.device if self._targets else torch.device("cpu")
         flags = torch.tensor([int(m in modes) for m in order], dtype=torch.int32, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return {m for m, f in zip(order, flags.tolist()) if f}
