@@ -19,12 +19,17 @@ from hfhooks.core.params import fsdp2_unsharded_params
 pytestmark = pytest.mark.usefixtures("gloo_group")
 
 
-def _shard(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _shard(model: nn.Module, mixed_precision: bool = False) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # bf16 compute: the full parameters FSDP2 computes with (where the gradient hooks go) are bf16, the shards
+    # the optimizer steps fp32, gradients reduced in fp32 (an LLM run's usual policy)
+    policy = (
+        MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    )
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -42,10 +47,11 @@ def _step(model, opt, ids, label):
     return grads
 
 
-def test_forget_gradients_reach_only_dedicated_coordinates_of_a_sharded_model():
+@pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16-compute"])
+def test_forget_gradients_reach_only_dedicated_coordinates_of_a_sharded_model(mixed_precision):
     model = make_model("llama").train()  # routing acts on training forwards only
     mask = dedicated_mask(model, mlp_units=4, heads=1)
-    model = _shard(model)
+    model = _shard(model, mixed_precision)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = random_input_ids(2, 6)
