@@ -2,8 +2,9 @@
 
 The two-rank run — row masks sliced onto each rank's shard, ranks with different modes in one step, the result
 against one process on the full model — is in the FSDP2 launch (tests/compat/test_fsdp2.py). Here: the gradient
-hooks really act on a sharded model (not only the strict restore), the hooks go away, and DTensors that FSDP2
-does not manage (tensor parallel) are refused instead of silently left unrouted.
+hooks really act on a sharded model (not only the strict restore), also in bf16 compute and after a forward
+that left the root's parameters unsharded, the hooks go away, and DTensors that FSDP2 does not manage (tensor
+parallel) are refused instead of silently left unrouted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def test_forget_gradients_reach_only_dedicated_coordinates_of_a_sharded_model(mi
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = random_input_ids(2, 6)
+    with (
+        torch.no_grad()
+    ):  # a forward outside training: fully_shard leaves the root's group unsharded after it,
+        model(input_ids=ids)  # so the module attributes hold full copies the optimizer never steps
     with Router(model, mask, optimizer=opt) as router:
         assert router.num_hooks > 0
         retain_grads = _step(model, opt, ids, RETAIN)  # every shared coordinate gets Adam momentum

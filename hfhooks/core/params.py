@@ -87,15 +87,21 @@ def fsdp2_unsharded_params(model: nn.Module) -> dict[nn.Parameter, nn.Parameter]
     reduce-scattered, accumulated gradient. Found through the public ``FSDPModule.unshard()`` /
     ``reshard()`` (one parameter group at a time: peak memory is one group's full size), so this is a
     collective call: every rank must make it.
+
+    Every group is left sharded, so that the module attributes hold the sharded parameters the optimizer
+    steps: after a forward outside training, the root's group stays unsharded (``fully_shard`` does not
+    reshard the root after forward), and a parameter read from the module then would be the full copy, which
+    the optimizer never sees.
     """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch built without distributed
         return {}
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.reshard()
     pairs: dict[nn.Parameter, nn.Parameter] = {}
-    for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
+    for module in modules:
         before = dict(module.named_parameters(remove_duplicate=False))
         module.unshard()  # while unsharded, the module's attributes hold the unsharded parameters
         try:

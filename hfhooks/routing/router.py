@@ -294,8 +294,9 @@ class Router:
                 "coordinates a forget (retain) step must not change. Use Router(model, dedicated, optimizer=opt) "
                 "(or router.attach(opt)); strict=False asks for the leaky behaviour explicitly."
             )
+        full = fsdp2_unsharded_params(self.model)  # collective; leaves the module attributes sharded
         index = ParamIndex(self.model)
-        full = self._full_params(index)
+        self._check_sharded(index, full)
         self.dedicated = self.dedicated.canonical(index)  # tied-weight aliases act on the shared tensor
         resolved = self.dedicated.validate(index)
         frozen = [n for n, p in resolved.items() if not p.requires_grad]
@@ -340,23 +341,19 @@ class Router:
                 hooks.step_post_hook(opt, lambda *_: self._after_step())
         return self
 
-    def _full_params(self, index: ParamIndex) -> dict[nn.Parameter, nn.Parameter]:
-        """Under FSDP2, the full parameter each sharded one computes with (its gradient hooks go there: see
-        :class:`_Target`); empty for unsharded models. Raises for DTensors FSDP2 does not manage (tensor
-        parallel), whose gradient hooks would never fire."""
-        sharded = [(n, p) for n, p in index.items() if is_dtensor(p)]
-        if not sharded:
-            return {}
-        full = fsdp2_unsharded_params(self.model)  # collective: every rank attaches at train begin
-        for name, param in sharded:
-            if param.requires_grad and (param not in full or is_dtensor(full[param])):
+    @staticmethod
+    def _check_sharded(index: ParamIndex, full: dict[nn.Parameter, nn.Parameter]) -> None:
+        """Raise for trainable DTensors that FSDP2 does not turn into full parameters (``full``: see
+        :func:`~hfhooks.core.params.fsdp2_unsharded_params`) — tensor parallel, whose gradient hooks would never
+        fire: routing needs each micro-batch's full gradient (see :class:`_Target`)."""
+        for name, param in index.items():
+            if is_dtensor(param) and param.requires_grad and (param not in full or is_dtensor(full[param])):
                 raise NotImplementedError(
                     f"{name} is a DTensor that FSDP2's fully_shard does not turn into a full tensor for the "
                     "forward (tensor parallel, or FSDP2 on top of it): gradient routing needs each "
                     "micro-batch's full gradient, so it supports FSDP2 alone. Train with FSDP2 "
                     "(fully_shard), DDP (torchrun --nproc_per_node N) or a single process."
                 )
-        return full
 
     def detach(self) -> None:
         """Remove every hook this router installed."""
