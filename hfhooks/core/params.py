@@ -35,6 +35,7 @@ __all__ = [
     "UnknownParameterError",
     "bit_view",
     "canonical_name",  # re-exported from hfhooks.core.names
+    "fsdp2_reshard",
     "fsdp2_unsharded_params",
     "is_dtensor",
     "local_tensor",
@@ -76,6 +77,26 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
+def fsdp2_reshard(model: nn.Module) -> list[nn.Module]:
+    """Reshard every ``fully_shard``-ed module of ``model`` (public ``FSDPModule.reshard()``: local, no
+    communication) and return them (empty without FSDP2).
+
+    ``fully_shard`` does not reshard the root after forward, so after a forward outside training (an evaluation,
+    a baseline loss) the root's module attributes hold full copies whose storage FSDP2 frees and refills at will:
+    the optimizer never steps them, and reading them later may read freed memory. Whatever holds on to
+    parameters (masks, snapshots, monitors) must look after this call, when every attribute is the sharded
+    DTensor the optimizer steps.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return []
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.reshard()
+    return modules
+
+
 def fsdp2_unsharded_params(model: nn.Module) -> dict[nn.Parameter, nn.Parameter]:
     """``{sharded DTensor parameter: the full parameter FSDP2 computes with}`` for every parameter of
     ``model`` that ``fully_shard`` manages (empty for a model without FSDP2).
@@ -88,20 +109,10 @@ def fsdp2_unsharded_params(model: nn.Module) -> dict[nn.Parameter, nn.Parameter]
     ``reshard()`` (one parameter group at a time: peak memory is one group's full size), so this is a
     collective call: every rank must make it.
 
-    Every group is left sharded, so that the module attributes hold the sharded parameters the optimizer
-    steps: after a forward outside training, the root's group stays unsharded (``fully_shard`` does not
-    reshard the root after forward), and a parameter read from the module then would be the full copy, which
-    the optimizer never sees.
+    Every group is left sharded (see :func:`fsdp2_reshard`).
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return {}
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in modules:
-        module.reshard()
     pairs: dict[nn.Parameter, nn.Parameter] = {}
-    for module in modules:
+    for module in fsdp2_reshard(model):
         before = dict(module.named_parameters(remove_duplicate=False))
         module.unshard()  # while unsharded, the module's attributes hold the unsharded parameters
         try:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from hfhooks.core.hooks import FiniteMonitor, HookSet
-from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.core.params import ParamIndex, bit_view, fsdp2_reshard, is_dtensor
 from hfhooks.core.params import local_tensor as _local
 from hfhooks.core.params import shard_like as _shard_like
 from hfhooks.freeze import deepspeed as ds
@@ -576,6 +576,8 @@ class GradientMask:
                 "GradientMask(freeze='groups') cannot edit DeepSpeed's flattened param groups; use freeze='hard' "
                 "(the default), which holds frozen coordinates bit-identical under ZeRO-1/2/3."
             )
+        # FSDP2: mask the sharded parameters the optimizer steps, never the root's full copies left by a forward
+        fsdp2_reshard(self.model)
         self._frozen = self._targets()
         self._hooks = hooks = HookSet(self, self.model)
         self._steps = 0
