@@ -90,3 +90,22 @@ def test_dtensors_that_fsdp2_does_not_manage_are_refused():
     with pytest.raises(NotImplementedError, match=r"up_proj\.weight is a DTensor .* supports FSDP2 alone"):
         Router(model, mask, optimizer=opt).attach()
     assert installed_hooks(model) == []
+
+
+def test_gradient_hooks_that_never_fire_raise_before_the_step():
+    """The FSDP2 routing hooks sit on the full parameters FSDP2 reuses across all-gathers; if autograd ever
+    computed with other tensors (a torch that re-creates them, parameters replaced after attach), forget and
+    retain gradients would reach the optimizer unrouted. The step pre-hook notices and raises instead."""
+    model = make_model("llama").train()
+    mask = dedicated_mask(model, mlp_units=4, heads=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    router = Router(model, mask, optimizer=opt).attach()
+    # new Parameter objects: the hooked ones no longer take part in the forward
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    ids = random_input_ids(2, 6)
+    model(input_ids=ids, labels=ids, routing=torch.full((2,), FORGET)).loss.backward()
+    with pytest.raises(
+        RuntimeError, match="forget micro-batches, but none of the router's gradient hooks fired"
+    ):
+        opt.step()
+    assert not router.attached and installed_hooks(model) == []

@@ -262,6 +262,7 @@ class Router:
         self._labels: torch.Tensor | None = None
         self._mode: int = UNLABELLED
         self._step_modes: set[int] = set()
+        self._routed = 0  # gradient hooks that routed a forget / retain micro-batch since the last step
         self._hooks: HookSet | None = None
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
@@ -406,6 +407,7 @@ class Router:
         def route(grad: torch.Tensor) -> torch.Tensor:
             if self.level != "param" or self._mode == UNLABELLED:
                 return grad
+            self._routed += 1
             if self._mode == FORGET:
                 if target.dedicated is None:
                     return grad if target.shared_on_forget else torch.zeros_like(grad)
@@ -472,6 +474,7 @@ class Router:
         self.steps += 1
         if self.steps == 1:
             self.check_labels_arrived()
+        self._check_hooks_fired()
         if not self.strict:
             self._step_modes = set()
             return
@@ -488,6 +491,24 @@ class Router:
             if t.dedicated is not None or (only_forget and not t.shared_on_forget)
         ]
         self._wrap_step(kept, args, kwargs or {})
+
+    def _check_hooks_fired(self) -> None:
+        """Raise (after detaching), before the optimizer changes anything, if this step had forget or retain
+        micro-batches at the parameter level but none of the gradient hooks fired: their gradients would reach
+        the optimizer unrouted, e.g. because autograd computed with other tensors than the hooked ones."""
+        fired, self._routed = self._routed, 0
+        routed = sorted(m for m in self._step_modes if m in (FORGET, RETAIN))
+        if self.level != "param" or fired or not routed or not self._targets:
+            return
+        self.detach()
+        names = {FORGET: "forget", RETAIN: "retain"}
+        raise RuntimeError(
+            f"This optimizer step had {'/'.join(names[m] for m in routed)} micro-batches, but none of the "
+            "router's gradient hooks fired: autograd computed with other tensors than the parameters the router "
+            "hooked at attach, so the gradients would reach the optimizer unrouted. Were the model's parameters "
+            "replaced after attach (load_state_dict(assign=True), to_empty(), re-sharding)? Attach the Router (or "
+            "create the Trainer with the callback) once the model is final."
+        )
 
     def _wrap_step(self, kept: list[tuple[_Target, bool | None]], args: tuple, kwargs: dict) -> None:
         """Snapshot what this step must not change: part by part, each part stepped alone right away (one
