@@ -109,3 +109,23 @@ def test_gradient_hooks_that_never_fire_raise_before_the_step():
     ):
         opt.step()
     assert not router.attached and installed_hooks(model) == []
+
+
+def test_a_step_after_labelled_forwards_in_eval_mode_raises():
+    """from_pretrained returns a model in eval mode, where the router drops routing labels (evaluation): a
+    plain training loop that forgot model.train() used to step unrouted gradients without a word."""
+    model = make_model("llama")  # eval mode
+    mask = dedicated_mask(model, mlp_units=4, heads=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = random_input_ids(2, 6)
+    with Router(model, mask, optimizer=opt):
+        with torch.no_grad():  # evaluation proper: labels dropped, nothing to complain about
+            model(input_ids=ids, routing=torch.full((2,), FORGET))
+        model(input_ids=ids, labels=ids, routing=torch.full((2,), FORGET)).loss.backward()
+        with pytest.raises(RuntimeError, match=r"eval mode .* Call model\.train\(\)"):
+            opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), (
+        "the refused step moved weights"
+    )
+    assert installed_hooks(model) == []

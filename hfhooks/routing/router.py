@@ -263,6 +263,7 @@ class Router:
         self._mode: int = UNLABELLED
         self._step_modes: set[int] = set()
         self._routed = 0  # gradient hooks that routed a forget / retain micro-batch since the last step
+        self._eval_labelled = 0  # labelled forwards in eval mode with gradients enabled since the last step
         self._hooks: HookSet | None = None
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
@@ -378,6 +379,9 @@ class Router:
         labels = found.get(self.label_name)
         if not self.model.training:
             self._labels, self._mode = None, UNLABELLED  # evaluation: labels are dropped, no routing
+            # ...unless it is training by mistake (from_pretrained returns a model in eval mode): if an optimizer
+            # step follows, _check_hooks_fired raises
+            self._eval_labelled += int(labels is not None and torch.is_grad_enabled())
             return
         if labels is None:
             self._labels, self._mode = None, UNLABELLED
@@ -493,10 +497,20 @@ class Router:
         self._wrap_step(kept, args, kwargs or {})
 
     def _check_hooks_fired(self) -> None:
-        """Raise (after detaching), before the optimizer changes anything, if this step had forget or retain
-        micro-batches at the parameter level but none of the gradient hooks fired: their gradients would reach
-        the optimizer unrouted, e.g. because autograd computed with other tensors than the hooked ones."""
+        """Raise (after detaching), before the optimizer changes anything, if gradients would reach the
+        optimizer unrouted: labelled forwards ran in eval mode with gradients enabled, or this step had forget or
+        retain micro-batches at the parameter level but none of the gradient hooks fired (autograd computed with
+        other tensors than the hooked ones)."""
         fired, self._routed = self._routed, 0
+        eval_labelled, self._eval_labelled = self._eval_labelled, 0
+        if eval_labelled:
+            self.detach()
+            raise RuntimeError(
+                f"{eval_labelled} forward(s) with routing labels ran with the model in eval mode and gradients "
+                "enabled, and an optimizer step followed: routing acts on training forwards only (evaluation "
+                "drops the labels), so these gradients would reach the optimizer unrouted. Call model.train() "
+                "before training (from_pretrained returns a model in eval mode); evaluate under torch.no_grad()."
+            )
         routed = sorted(m for m in self._step_modes if m in (FORGET, RETAIN))
         if self.level != "param" or fired or not routed or not self._targets:
             return
