@@ -36,7 +36,11 @@ __all__ = [
     "bit_view",
     "canonical_name",  # re-exported from hfhooks.core.names
     "copy_full_",
+    "fsdp2_reshard",
+    "fsdp2_unsharded_params",
     "is_dtensor",
+    "local_tensor",
+    "shard_like",
     "unwrap_model",  # re-exported from hfhooks.core.names
 ]
 
@@ -62,13 +66,74 @@ def copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     on its own; every rank must pass the same ``value``). ``value`` is cast to the parameter's dtype and device.
     """
     value = value.to(device=param.device, dtype=param.dtype)
+    local_tensor(param).copy_(shard_like(value, param))
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard (same storage: writing it writes ``t``), anything
+    else itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full-size tensor laid out like ``param`` (``full`` itself for ordinary tensors).
+
+    Under FSDP2 a parameter is a DTensor sharded across ranks; a mask over it must be sharded the same way.
+    Every rank holds the same full tensor, so the slice is cut locally (``src_data_rank=None``: no
+    communication).
+    """
     if not is_dtensor(param):
-        param.copy_(value)
-        return
+        return full
     from torch.distributed.tensor import distribute_tensor
 
-    local = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
-    param.to_local().copy_(local)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def fsdp2_reshard(model: nn.Module) -> list[nn.Module]:
+    """Reshard every ``fully_shard``-ed module of ``model`` (public ``FSDPModule.reshard()``: local, no
+    communication) and return them (empty without FSDP2).
+
+    ``fully_shard`` does not reshard the root after forward, so after a forward outside training (an evaluation,
+    a baseline loss) the root's module attributes hold full copies whose storage FSDP2 frees and refills at will:
+    the optimizer never steps them, and reading them later may read freed memory. Whatever holds on to
+    parameters (masks, snapshots, monitors) must look after this call, when every attribute is the sharded
+    DTensor the optimizer steps.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return []
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.reshard()
+    return modules
+
+
+def fsdp2_unsharded_params(model: nn.Module) -> dict[nn.Parameter, nn.Parameter]:
+    """``{sharded DTensor parameter: the full parameter FSDP2 computes with}`` for every parameter of
+    ``model`` that ``fully_shard`` manages (empty for a model without FSDP2).
+
+    FSDP2 runs forward and backward on one unsharded ``nn.Parameter`` per sharded parameter, created at its
+    first all-gather and reused by every later one; autograd accumulates the *full* gradient of each
+    micro-batch there, before the reduce-scatter. A gradient hook that must see each micro-batch on its own,
+    before ranks are averaged, belongs on that tensor: the sharded parameter only ever receives the
+    reduce-scattered, accumulated gradient. Found through the public ``FSDPModule.unshard()`` /
+    ``reshard()`` (one parameter group at a time: peak memory is one group's full size), so this is a
+    collective call: every rank must make it.
+
+    Every group is left sharded (see :func:`fsdp2_reshard`).
+    """
+    pairs: dict[nn.Parameter, nn.Parameter] = {}
+    for module in fsdp2_reshard(model):
+        before = dict(module.named_parameters(remove_duplicate=False))
+        module.unshard()  # while unsharded, the module's attributes hold the unsharded parameters
+        try:
+            for name, param in module.named_parameters(remove_duplicate=False):
+                if param is not before[name] and is_dtensor(before[name]):
+                    pairs[before[name]] = param
+        finally:
+            module.reshard()
+    return pairs
 
 
 class UnknownParameterError(KeyError):

@@ -49,7 +49,9 @@ import torch
 from torch import nn
 
 from hfhooks.core.hooks import FiniteMonitor, HookSet
-from hfhooks.core.params import ParamIndex, bit_view, is_dtensor
+from hfhooks.core.params import ParamIndex, bit_view, fsdp2_reshard, is_dtensor
+from hfhooks.core.params import local_tensor as _local
+from hfhooks.core.params import shard_like as _shard_like
 from hfhooks.freeze import deepspeed as ds
 from hfhooks.freeze.config import GradientMaskConfig
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
@@ -73,24 +75,6 @@ def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
         seen.add(id(optimizer))
         optimizer = optimizer.optimizer
     return optimizer
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: a DTensor's local shard (same storage), anything else itself."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a full-size mask laid out like ``param`` (identity for ordinary tensors).
-
-    Under FSDP2 a parameter is a DTensor sharded across ranks; its mask must be sharded the same way. Every rank
-    holds the same full mask, so the slice is cut locally (``src_data_rank=None``: no communication).
-    """
-    if not is_dtensor(param):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 _CHUNK = 1 << 22  # elements unpacked at a time: bounds the transient keep mask (≤ 1 + 8 bytes an element)
@@ -610,6 +594,8 @@ class GradientMask:
                 "GradientMask(freeze='groups') cannot edit DeepSpeed's flattened param groups; use freeze='hard' "
                 "(the default), which holds frozen coordinates bit-identical under ZeRO-1/2/3."
             )
+        # FSDP2: mask the sharded parameters the optimizer steps, never the root's full copies left by a forward
+        fsdp2_reshard(self.model)
         self._frozen = self._targets()
         self._hooks = hooks = HookSet(self, self.model)
         self._steps = 0

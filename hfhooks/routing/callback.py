@@ -82,9 +82,10 @@ class GradientRoutingCallback(TrainerCallback):
         self._given_mask = dedicated is not None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # FSDP2: gradients routed on FSDP2's full parameters, strict steps held on the local shards.
         # DeepSpeed ZeRO-1/2/3: gradient hooks see each micro-batch's full gradient, and strict routing holds
         # the fp32 masters around the step of the torch optimizer DeepSpeed wraps (see hfhooks.routing.router)
-        refuse_unsupported(args, _OWNER, model=model, deepspeed=True)
+        refuse_unsupported(args, _OWNER, model=model, deepspeed=True, fsdp2=True)
         zero = require_zero(model, _OWNER) if uses_deepspeed(args) else None
         refuse_lossless_outputs(args, "GradientRoutingCallback", model, per_example=True)
         if (

@@ -24,6 +24,13 @@ that mode must not change are restored, which needs the optimizer (``Router(...,
 ``attach(opt)``). The leaky behaviour of the reference code must be asked for by name: ``strict=False``.
 A first optimizer step that no routing label reached raises before the optimizer changes anything.
 
+Under DDP the masks act on each rank's micro-batch before the all-reduce. Under FSDP2 (``fully_shard``) the
+sharded DTensor parameters only ever receive the reduce-scattered, accumulated gradient, so the gradient hooks
+go on the full parameters FSDP2 computes with (:func:`~hfhooks.core.params.fsdp2_unsharded_params`): each
+micro-batch is routed whole, on its rank, before ranks are averaged, exactly as one process would; activation
+sites see full activations; strict steps hold coordinates of each rank's local shard. Modes are united across
+ranks before a strict step (see :meth:`Router._sync_modes`), so every rank holds the same coordinates.
+
 Under DeepSpeed ZeRO-1/2/3 the gradient hooks see each micro-batch's full gradient as without it, and the step
 hooks go on the torch optimizer DeepSpeed steps inside ``backward`` (once per param group): each rank takes the
 snapshot from, and restores it into, its own fragments of the fp32 master weights (:mod:`hfhooks.freeze.deepspeed`);
@@ -46,7 +53,7 @@ from torch import nn
 
 from hfhooks.core.data import pop_kwargs_hook
 from hfhooks.core.hooks import HookSet
-from hfhooks.core.params import ParamIndex, is_dtensor
+from hfhooks.core.params import ParamIndex, fsdp2_unsharded_params, is_dtensor, local_tensor, shard_like
 from hfhooks.freeze import deepspeed as ds
 from hfhooks.freeze.gradient_mask import innermost_optimizer
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
@@ -92,6 +99,12 @@ class _Target:
     applied with ``index_fill`` / ``index_select`` / ``index_copy_``: never expanded to the parameter's shape,
     which would cost 1 byte per element (≈ 6.5 GB at 7B). Element masks (biases, hand-built masks) keep their
     bool tensor of the parameter's shape, which is what the mask stores anyway.
+
+    Under FSDP2 two tensors play the parameter's part: gradients are routed on ``grad_param``, the full
+    parameter FSDP2 computes with (each micro-batch's full gradient, before ranks are averaged), so
+    ``dedicated`` / ``shared`` index the full shape; a strict step holds coordinates of ``param``, the sharded
+    DTensor the optimizer steps, on this rank's shard, which ``local_dedicated`` / ``local_shared`` index.
+    Elsewhere both pairs are the same tensors.
     """
 
     param: nn.Parameter
@@ -99,25 +112,56 @@ class _Target:
     axis: int | None = None  # row (0) / column (1) mask; None: element mask, or no dedicated coordinates
     dedicated: torch.Tensor | None = None  # axis: long indices; element: bool of the param's shape; else None
     shared: torch.Tensor | None = None  # axis: long indices of the other rows / columns
+    grad_param: torch.Tensor | None = None  # where the gradient hook goes (default: param)
+    local_dedicated: torch.Tensor | None = None  # dedicated / shared on this rank's shard (default: the same)
+    local_shared: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.grad_param is None:
+            self.grad_param = self.param
+        if self.local_dedicated is None:
+            self.local_dedicated, self.local_shared = self.dedicated, self.shared
 
     @classmethod
-    def build(cls, param: nn.Parameter, mask: ParamMask, name: str, shared_on_forget: bool) -> _Target:
+    def build(
+        cls,
+        param: nn.Parameter,
+        mask: ParamMask,
+        name: str,
+        shared_on_forget: bool,
+        grad_param: torch.Tensor | None = None,
+    ) -> _Target:
         if name not in mask:
-            return cls(param, shared_on_forget)
+            return cls(param, shared_on_forget, grad_param=grad_param)
         gran = mask.granularity(name)
+        local = _local_mask(mask, name, param) if is_dtensor(param) else None
+        # gradients are routed where the gradient hook's tensor lives (FSDP2 with CPU offload: the compute
+        # device, while the sharded parameter, its snapshots and local indices stay on the CPU)
+        device = (grad_param if grad_param is not None else param).device
         if gran == "element":
-            return cls(param, shared_on_forget, dedicated=mask[name].to(param.device))
-        vector = mask.vector(name).to(param.device)
-        return cls(
+            dedicated = mask[name].to(device)
+            return cls(
+                param, shared_on_forget, dedicated=dedicated, grad_param=grad_param, local_dedicated=local
+            )
+        vector = mask.vector(name).to(device)
+        target = cls(
             param,
             shared_on_forget,
             axis=0 if gran == "row" else 1,
             dedicated=vector.nonzero().flatten(),
             shared=(~vector).nonzero().flatten(),
+            grad_param=grad_param,
         )
+        if local is not None:  # this rank's rows (FSDP2 shards dim 0) / all its columns, as index vectors
+            along = local.movedim(target.axis, 0).reshape(local.shape[target.axis], -1).any(dim=1)
+            target.local_dedicated, target.local_shared = (
+                along.nonzero().flatten(),
+                (~along).nonzero().flatten(),
+            )
+        return target
 
     def zero_grad_of(self, grad: torch.Tensor, dedicated: bool) -> torch.Tensor:
-        """``grad`` with the dedicated (``dedicated=True``) or the shared coordinates set to zero."""
+        """``grad`` (full shape) with the dedicated (``dedicated=True``) or the shared coordinates set to zero."""
         if self.axis is None:
             return grad.masked_fill(self.dedicated if dedicated else ~self.dedicated, 0)
         if dedicated:  # a few rows/columns to zero
@@ -128,14 +172,15 @@ class _Target:
         return torch.zeros_like(grad).index_copy_(self.axis, self.dedicated, kept)
 
     def snapshot(self, dedicated: bool | None) -> _Snapshot:
-        """The current values of the dedicated (True), shared (False) or all (None) coordinates, gathered."""
-        p = self.param.detach()
+        """The current values of the dedicated (True), shared (False) or all (None) coordinates of this rank's
+        tensor (the local shard under FSDP2), gathered."""
+        p = local_tensor(self.param.detach())
         if dedicated is None:
             return _Snapshot(self.param, None, None, p.clone())
         if self.axis is None:
-            frozen = self.dedicated if dedicated else ~self.dedicated
+            frozen = self.local_dedicated if dedicated else ~self.local_dedicated
             return _Snapshot(self.param, None, frozen, p[frozen])
-        index = self.dedicated if dedicated else self.shared
+        index = self.local_dedicated if dedicated else self.local_shared
         return _Snapshot(self.param, self.axis, index, p.index_select(self.axis, index))
 
     def master_snapshot(self, dedicated: bool | None) -> _MasterSnapshot | None:
@@ -198,9 +243,17 @@ class _MasterSnapshot:
         return self.values.nbytes + self.where.nbytes
 
 
+def _local_mask(mask: ParamMask, name: str, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``mask[name]`` (bool, the local shard's shape). The full-shape bool tensor exists
+    only here, once per sharded parameter when the router attaches: what it costs is one byte per element of
+    the largest parameter, for a moment."""
+    return shard_like(mask[name].to(param.device).contiguous(), param).to(local_tensor(param).device)
+
+
 @dataclass
 class _Snapshot:
-    """Values one optimizer step must not change, gathered (only those coordinates), and where they go back."""
+    """Values one optimizer step must not change, gathered (only those coordinates), and where they go back
+    (into this rank's tensor: the local shard of a DTensor)."""
 
     param: nn.Parameter
     axis: int | None  # index_copy_ along this axis; None: masked_scatter_ (element mask) or a whole tensor
@@ -209,12 +262,13 @@ class _Snapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
+        data = local_tensor(self.param.data)
         if self.where is None:
-            self.param.data.copy_(self.values)
+            data.copy_(self.values)
         elif self.axis is None:
-            self.param.data.masked_scatter_(self.where, self.values)
+            data.masked_scatter_(self.where, self.values)
         else:
-            self.param.data.index_copy_(self.axis, self.where, self.values)
+            data.index_copy_(self.axis, self.where, self.values)
 
     def nbytes(self) -> int:
         extra = self.where.numel() * self.where.element_size() if self.where is not None else 0
@@ -274,6 +328,8 @@ class Router:
         self._labels: torch.Tensor | None = None
         self._mode: int = UNLABELLED
         self._step_modes: set[int] = set()
+        self._routed = 0  # gradient hooks that routed a forget / retain micro-batch since the last step
+        self._eval_labelled = 0  # labelled forwards in eval mode with gradients enabled since the last step
         self._hooks: HookSet | None = None
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
@@ -310,16 +366,10 @@ class Router:
                 "coordinates a forget (retain) step must not change. Use Router(model, dedicated, optimizer=opt) "
                 "(or router.attach(opt)); strict=False asks for the leaky behaviour explicitly."
             )
+        full = fsdp2_unsharded_params(self.model)  # collective; leaves the module attributes sharded
         index = ParamIndex(self.model)
         self._zero = ds.zero_stage(self.model)
-        sharded = [n for n, p in index.items() if is_dtensor(p)]
-        if (
-            sharded
-        ):  # tensor hooks never fire on FSDP2's sharded parameters: routing would silently do nothing
-            raise NotImplementedError(
-                f"{sharded[0]} is a DTensor (FSDP2 / tensor parallel): gradient routing does not support sharded "
-                "parameters yet. Train with DDP (torchrun --nproc_per_node N) or a single process."
-            )
+        self._check_sharded(index, full)
         self.dedicated = self.dedicated.canonical(index)  # tied-weight aliases act on the shared tensor
         resolved = self.dedicated.validate(index)
         frozen = [n for n, p in resolved.items() if not p.requires_grad]
@@ -332,7 +382,9 @@ class Router:
         shared = set(index.select(self.shared_on_forget)) if self.shared_on_forget else set()
         for name, param in index.items():
             if param.requires_grad:
-                self._targets.append(_Target.build(param, self.dedicated, name, name in shared))
+                self._targets.append(
+                    _Target.build(param, self.dedicated, name, name in shared, full.get(param))
+                )
         for name in self.dedicated:
             gran = self.dedicated.granularity(name)
             module = index.info(name).module
@@ -340,7 +392,8 @@ class Router:
                 0 if type(module).__name__ == "Conv1D" else 1
             )  # input units live on this weight axis
             if name.endswith(".weight") and gran == ("row" if consumer_axis == 0 else "column"):
-                self._sites.append(_Site(module, self.dedicated.vector(name).to(index.param(name).device)))
+                device = full.get(index.param(name), index.param(name)).device  # where activations are
+                self._sites.append(_Site(module, self.dedicated.vector(name).to(device)))
         if not self._sites:
             raise ValueError(
                 "The dedicated mask has no consumer (down/output projection) slices: nothing to route in the forward."
@@ -350,7 +403,7 @@ class Router:
         self.steps = 0
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
         for target in self._targets:
-            hooks.tensor_hook(target.param, self._grad_hook(target))
+            hooks.tensor_hook(target.grad_param, self._grad_hook(target))
         for site in self._sites:
             hooks.forward_pre_hook(site.module, self._site_hook(site))
         if opt is not None:
@@ -381,6 +434,20 @@ class Router:
             )
         return opt
 
+    @staticmethod
+    def _check_sharded(index: ParamIndex, full: dict[nn.Parameter, nn.Parameter]) -> None:
+        """Raise for trainable DTensors that FSDP2 does not turn into full parameters (``full``: see
+        :func:`~hfhooks.core.params.fsdp2_unsharded_params`) — tensor parallel, whose gradient hooks would never
+        fire: routing needs each micro-batch's full gradient (see :class:`_Target`)."""
+        for name, param in index.items():
+            if is_dtensor(param) and param.requires_grad and (param not in full or is_dtensor(full[param])):
+                raise NotImplementedError(
+                    f"{name} is a DTensor that FSDP2's fully_shard does not turn into a full tensor for the "
+                    "forward (tensor parallel, or FSDP2 on top of it): gradient routing needs each "
+                    "micro-batch's full gradient, so it supports FSDP2 alone. Train with FSDP2 "
+                    "(fully_shard), DDP (torchrun --nproc_per_node N) or a single process."
+                )
+
     def detach(self) -> None:
         """Remove every hook this router installed."""
         if self._hooks is not None:
@@ -404,6 +471,9 @@ class Router:
         labels = found.get(self.label_name)
         if not self.model.training:
             self._labels, self._mode = None, UNLABELLED  # evaluation: labels are dropped, no routing
+            # ...unless it is training by mistake (from_pretrained returns a model in eval mode): if an optimizer
+            # step follows, _check_hooks_fired raises
+            self._eval_labelled += int(labels is not None and torch.is_grad_enabled())
             return
         self._fresh = True
         if labels is None:
@@ -434,6 +504,7 @@ class Router:
         def route(grad: torch.Tensor) -> torch.Tensor:
             if self.level != "param" or self._mode == UNLABELLED:
                 return grad
+            self._routed += 1
             if self._mode == FORGET:
                 if target.dedicated is None:
                     return grad if target.shared_on_forget else torch.zeros_like(grad)
@@ -506,6 +577,7 @@ class Router:
         self.steps += 1
         if self.steps == 1:
             self.check_labels_arrived()
+        self._check_hooks_fired()
         if not self.strict:
             self._step_modes = set()
             return
@@ -535,6 +607,34 @@ class Router:
             if snap is not None:  # None: no fragment on this rank
                 self._snapshot.append(snap)
 
+    def _check_hooks_fired(self) -> None:
+        """Raise (after detaching), before the optimizer changes anything, if gradients would reach the
+        optimizer unrouted: labelled forwards ran in eval mode with gradients enabled, or this step had forget or
+        retain micro-batches at the parameter level but none of the gradient hooks fired (autograd computed with
+        other tensors than the hooked ones)."""
+        fired, self._routed = self._routed, 0
+        eval_labelled, self._eval_labelled = self._eval_labelled, 0
+        if eval_labelled:
+            self.detach()
+            raise RuntimeError(
+                f"{eval_labelled} forward(s) with routing labels ran with the model in eval mode and gradients "
+                "enabled, and an optimizer step followed: routing acts on training forwards only (evaluation "
+                "drops the labels), so these gradients would reach the optimizer unrouted. Call model.train() "
+                "before training (from_pretrained returns a model in eval mode); evaluate under torch.no_grad()."
+            )
+        routed = sorted(m for m in self._step_modes if m in (FORGET, RETAIN))
+        if self.level != "param" or fired or not routed or not self._targets:
+            return
+        self.detach()
+        names = {FORGET: "forget", RETAIN: "retain"}
+        raise RuntimeError(
+            f"This optimizer step had {'/'.join(names[m] for m in routed)} micro-batches, but none of the "
+            "router's gradient hooks fired: autograd computed with other tensors than the parameters the router "
+            "hooked at attach, so the gradients would reach the optimizer unrouted. Were the model's parameters "
+            "replaced after attach (load_state_dict(assign=True), to_empty(), re-sharding)? Attach the Router (or "
+            "create the Trainer with the callback) once the model is final."
+        )
+
     def _wrap_step(self, kept: list[tuple[_Target, bool | None]], args: tuple, kwargs: dict) -> None:
         """Snapshot what this step must not change: part by part, each part stepped alone right away (one
         part's copy held at a time, see :mod:`hfhooks.freeze.stepping`) where that is sound, else all at once
@@ -547,7 +647,7 @@ class Router:
         def before(part: list[tuple[_Target, bool | None]]) -> None:
             self._snapshot = [t.snapshot(dedicated) for t, dedicated in part]
 
-        parts = split_by_size(kept, lambda k: k[0].param.numel() * k[0].param.element_size(), PART_BYTES)
+        parts = split_by_size(kept, lambda k: local_tensor(k[0].param).nbytes, PART_BYTES)
         self._detached = step_in_parts(
             self._optimizer,
             step,
@@ -566,7 +666,8 @@ class Router:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return modes
         order = (FORGET, RETAIN, UNLABELLED)
-        device = self._targets[0].param.device if self._targets else torch.device("cpu")
+        # the compute device (FSDP2's full parameters): NCCL reduces no CPU tensor, even with CPU offload
+        device = self._targets[0].grad_param.device if self._targets else torch.device("cpu")
         flags = torch.tensor([int(m in modes) for m in order], dtype=torch.int32, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return {m for m, f in zip(order, flags.tolist()) if f}
@@ -596,10 +697,11 @@ class Router:
     def held_bytes(self) -> dict[str, int]:
         """Bytes of tensor storage the router holds: ``masks`` (index vectors / element masks) and
         ``snapshot`` (the values a strict step restores; non-zero only between the step's pre- and post-hook)."""
-        masks = sum(
-            t.numel() * t.element_size()
+        held = {
+            id(t): t
             for target in self._targets
-            for t in (target.dedicated, target.shared)
+            for t in (target.dedicated, target.shared, target.local_dedicated, target.local_shared)
             if t is not None
-        )
+        }
+        masks = sum(t.numel() * t.element_size() for t in held.values())
         return {"masks": masks, "snapshot": sum(s.nbytes() for s in self._snapshot)}

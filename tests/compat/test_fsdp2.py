@@ -65,15 +65,41 @@ def test_unlearning_refuses_to_score_a_mask_under_fsdp2(ranks, record_property):
     )
 
 
-@pytest.mark.compat(callback="routing", setup="fsdp2", expect="error")
-def test_routing_is_refused(ranks, record_property):
-    assert_refused(
-        ranks,
-        "routing",
-        "GradientRoutingCallback does not support FSDP2",
-        "Train with DDP",
-        record=record_property,
-    )
+@pytest.mark.compat(callback="routing", setup="fsdp2")
+def test_routing_strict_on_sharded_parameters(ranks):
+    """Parameter-level strict routing (the callback's defaults) around the sharded model, on the gathered
+    weights of both ranks: a forget-only step moves no shared coordinate (also once Adam's momentum would move
+    them), a retain-only step no dedicated one, and each moves the others; a step where rank 0's micro-batches
+    are forget and rank 1's retain is routed per rank before FSDP2 averages them, so the result equals one process
+    training the full model on both ranks' micro-batches (a router that masked the reduced gradient, or whose
+    hooks sat on the sharded parameters, where they never fire, is off by ~0.15)."""
+    for rank, results in enumerate(ranks):
+        r = results["routing"]
+        assert r["status"] == "ok", (rank, r)
+        assert r["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+        assert r["full_params_hooked"] == r["dtensor_params"]
+        assert r["default_mask_matches"], "the default dedicated mask differs from the unsharded model's"
+        for step in ("forget", "retain", "forget_again"):
+            assert r[f"{step}_held_moved"] == 0, f"rank {rank}: {step} step moved {r[f'{step}_held_moved']}"
+            assert r[f"{step}_changed"] > 0, f"rank {rank}: the {step} step trained nothing"
+        assert r["max_diff_vs_reference"] < 1e-4, r["max_diff_vs_reference"]
+        assert r["hooks_left"] == 0
+    assert ranks[0]["routing"]["digest"] == ranks[1]["routing"]["digest"], "the ranks' weights differ"
+
+
+def test_routing_core_at_the_activation_level_in_a_plain_loop(ranks):
+    """``with Router(model, mask, level="activation", optimizer=opt)`` around the sharded model, labels mixed
+    inside every micro-batch: the forward hooks see full activations, so the result equals one process training
+    the full model on both ranks' micro-batches."""
+    for rank, results in enumerate(ranks):
+        r = results["routing_core_activation"]
+        assert r["status"] == "ok", (rank, r)
+        assert r["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+        assert r["counts"]["forget"] and r["counts"]["retain"], r["counts"]
+        assert r["changed"] > 0
+        assert r["max_diff_vs_reference"] < 1e-4, r["max_diff_vs_reference"]
+        assert r["hooks_left"] == 0
+    assert ranks[0]["routing_core_activation"]["digest"] == ranks[1]["routing_core_activation"]["digest"]
 
 
 @pytest.mark.compat(callback="attribution", setup="fsdp2")

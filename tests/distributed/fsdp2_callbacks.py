@@ -31,6 +31,7 @@ from hfhooks import (
     forget_retain_dataset,
     restore_layers,
 )
+from hfhooks.core.params import fsdp2_unsharded_params
 
 VOCAB = 48
 
@@ -146,6 +147,119 @@ def run_refused(name, out, callback):
     except RuntimeError as e:
         return {"status": "error", "message": str(e)}
     return {"status": "trained without error"}
+
+
+class Recorder:
+    """Forwards a callback's events and keeps the gathered full weights after every optimizer step."""
+
+    def __init__(self, callback, model):
+        self.callback, self.model = callback, model
+        self.states = [gathered(model)]
+
+    def __getattr__(self, name):
+        return getattr(self.callback, name)
+
+    def on_step_end(self, *args, **kwargs):
+        self.callback.on_step_end(*args, **kwargs)
+        self.states.append(gathered(self.model))
+
+
+def gathered(model):
+    return {n: full(p).detach().clone() for n, p in ParamIndex(model).items()}
+
+
+def routing_batches(rank):
+    """Label-homogeneous micro-batches of 2 (two per step): forget-only, retain-only, then forget on rank 0 while
+    rank 1 is retain (routed per rank before FSDP2 averages them), then forget-only again (Adam's momentum now
+    moves every coordinate unless the strict step holds it)."""
+    ids, modes = Data().ids, [(1, 1), (0, 0), (1, 0), (1, 1)]
+
+    def micro(step, k):
+        rows = ids[step * 8 + rank * 4 + k * 2 :][:2]
+        return {"input_ids": rows, "labels": rows, "routing": torch.full((2,), modes[step][rank])}
+
+    return [[micro(step, 0), micro(step, 1)] for step in range(len(modes))]
+
+
+def run_routing(out):
+    """GradientRoutingCallback (parameter level, strict, its default dedicated mask) around the sharded model:
+    per step, on the gathered weights, what the step's mode must not change, and the result against one process
+    training the full model on both ranks' micro-batches (FSDP2 averages ranks as that process's loss / 4 does)."""
+    from hfhooks import dedicated_mask
+
+    world = dist.get_world_size()
+    per_rank = [routing_batches(r) for r in range(world)]
+    reference_model = tiny()
+    expected = dedicated_mask(reference_model, None, 4, 1)
+    reference = GradientRoutingCallback(expected)  # the same data, all ranks' micro-batches in one process
+    drive(reference, reference_model, [[mb for b in per_rank for mb in b[s]] for s in range(4)], out + "/ref")
+    model = shard(tiny())
+    cb = GradientRoutingCallback(mlp_units=4, heads=1)
+    recorder = Recorder(cb, model)
+    drive(recorder, model, per_rank[dist.get_rank()], os.path.join(out, "routing"))
+    unsharded = fsdp2_unsharded_params(model)
+    r = {"status": "ok", "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+         "hooks_left": hooks_left(model) + cb.router.num_hooks
+         + sum(len(p._backward_hooks or {}) for p in unsharded.values()),
+         "full_params_hooked": len(unsharded),
+         "default_mask_matches": all(torch.equal(cb.dedicated[n], expected[n]) for n in expected)
+         and set(cb.dedicated) == set(expected)}  # fmt: skip
+    states = recorder.states
+    for key, step, dedicated in (("forget", 0, False), ("retain", 1, True), ("forget_again", 3, False)):
+        held = changed = 0  # coordinates the step must not change that moved / the others that changed
+        for n, before in states[step].items():
+            after = states[step + 1][n]
+            ded = expected[n] if n in expected else torch.zeros_like(before, dtype=torch.bool)
+            frozen = ded if dedicated else ~ded
+            held += int((after[frozen].view(torch.int32) != before[frozen].view(torch.int32)).sum())
+            changed += int((after[~frozen] != before[~frozen]).sum())
+        r[f"{key}_held_moved"], r[f"{key}_changed"] = held, changed
+    final, ref = states[-1], gathered(reference_model)
+    r["max_diff_vs_reference"] = max(float((final[n] - ref[n]).abs().max()) for n in final)
+    r["moved_vs_start"] = sum(int((final[n] != states[0][n]).sum()) for n in final)
+    r["digest"] = float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))
+    return r
+
+
+def routing_plain_loop():
+    """The core ``Router`` at the activation level (labels mixed inside every micro-batch) as a context manager in
+    a plain loop over the sharded model, against one process training the full model on both ranks' data."""
+    from hfhooks import Router, dedicated_mask
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ids = Data().ids
+    labels = torch.tensor([1, 0, -1, 0])
+
+    def micro(step, k, r):
+        rows = ids[step * 8 + r * 4 + k * 2 :][:2]
+        return {"input_ids": rows, "labels": rows, "routing": labels[(step + k + r) % 3 :][:2]}
+
+    def train(model, mask, batches):
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
+        with Router(model, mask, level="activation", optimizer=opt) as router:
+            for pair in batches:
+                for batch in pair:
+                    (model(**batch).loss / len(pair)).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+                opt.zero_grad()
+            counts = dict(router.counts)
+        return router, counts
+
+    reference = tiny()
+    mask = dedicated_mask(reference, None, 4, 1)
+    train(reference, mask, [[micro(s, k, r) for r in range(world) for k in (0, 1)] for s in range(3)])
+    model = shard(tiny())
+    initial = gathered(model)
+    router, counts = train(model, mask, [[micro(s, k, rank) for k in (0, 1)] for s in range(3)])
+    final, ref = gathered(model), gathered(reference)
+    unsharded = fsdp2_unsharded_params(model)
+    return {"status": "ok", "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+            "counts": counts, "changed": sum(int((final[n] != initial[n]).sum()) for n in final),
+            "max_diff_vs_reference": max(float((final[n] - ref[n]).abs().max()) for n in final),
+            "hooks_left": hooks_left(model) + router.num_hooks
+            + sum(len(p._backward_hooks or {}) for p in unsharded.values()),
+            "digest": float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))}  # fmt: skip
 
 
 def plain_loop():
@@ -407,7 +521,8 @@ def main():
     results["unlearning_scoring"] = run_refused(
         "unlearn_scoring", out, SaliencyUnlearningCallback(forget, progress=False)
     )
-    results["routing"] = run_refused("routing", out, GradientRoutingCallback(mlp_units=4, heads=1))
+    results["routing"] = run_routing(out)
+    results["routing_core_activation"] = routing_plain_loop()
     results["attribution_gradients"] = attribution_gradients()
     results["attribution"] = run_attribution(out, weight=5.0)
     results["attribution_unweighted"] = run_attribution(out, weight=0.0)  # the same run without the penalty
