@@ -154,7 +154,7 @@ KEYS = ["forget_quality", "model_utility", "forget_prob", "retain_prob", "forget
 def evaluate(model, tok, sets: dict, reference: dict) -> dict:
     """The LM unlearning metrics of ``model`` (forget, a retain sample, holdout; the retain model's reference)."""
     m = lm_unlearning_metrics(model, tok, sets["forget"], sets["retain_eval"], holdout=sets["holdout"],
-                              reference=reference, max_new_tokens=24, batch_size=8)  # fmt: skip
+                              reference=reference, max_new_tokens=20, batch_size=8)  # fmt: skip
     return {k: m[k] for k in KEYS if k in m}
 
 
@@ -176,7 +176,7 @@ def _fmt(values: list, digits: int = 3) -> str:
 
 def table(rows: dict[str, list[dict]], relearn_steps: int) -> str:
     cols = ["forget quality ↑", "model utility ↑", "forget prob ↓", "retain prob ↑", "forget ROUGE-L ↓",
-            "retain ROUGE-L ↑", "MIA AUC (Min-K%++) →0.5", "relearn steps ↑", "unlearning s"]  # fmt: skip
+            "retain ROUGE-L ↑", "MIA AUC (Min-K%++) →0.5", "relearn steps ↑", "train / unlearn s"]  # fmt: skip
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, runs in rows.items():
         relearn = " / ".join(f"> {relearn_steps}" if r.get("relearn_steps") is None else str(r["relearn_steps"])
@@ -217,15 +217,15 @@ def main() -> None:
     p.add_argument("--authors", type=int, default=20, help="trained authors (forget + retain)")
     p.add_argument("--holdout-authors", type=int, default=2, help="never-trained authors (MIA non-members)")
     p.add_argument("--forget-frac", type=float, default=0.1)
-    p.add_argument("--epochs", type=float, default=5.0, help="target / retain-model fine-tuning epochs")
+    p.add_argument("--epochs", type=float, default=4.0, help="target / retain-model fine-tuning epochs")
     p.add_argument("--lr", type=float, default=1e-4, help="target / retain-model fine-tuning learning rate")
     p.add_argument("--unlearn-epochs", type=float, default=5.0)
-    p.add_argument("--unlearn-lr", type=float, default=1e-5, help="full weights (open-unlearning's)")
-    p.add_argument("--lora-unlearn-lr", type=float, default=1e-4)
+    p.add_argument("--unlearn-lr", type=float, default=3e-5, help="full weights")
+    p.add_argument("--lora-unlearn-lr", type=float, default=3e-4)
     p.add_argument("--ratio", type=float, default=0.5, help="SalUn mask ratio")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--no-lora", action="store_true", help="full-weight runs only")
-    p.add_argument("--relearn-steps", type=int, default=20)
+    p.add_argument("--relearn-steps", type=int, default=10)
     p.add_argument("--relearn-lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0, help="data and fine-tuning seed")
     p.add_argument("--threads", type=int, default=2)
@@ -249,7 +249,7 @@ def main() -> None:
         "retain": qa_items(retain_authors, authors, args.seed + 1),
         "holdout": qa_items(holdout_authors, authors, args.seed + 2),
     }
-    sets["retain_eval"] = random.Random(args.seed).sample(sets["retain"], min(len(sets["retain"]), 24))
+    sets["retain_eval"] = random.Random(args.seed).sample(sets["retain"], min(len(sets["retain"]), 18))
 
     # 2. the target (forget + retain) and the retain model, full-weight SFT from SmolLM2
     base, tok = load_gguf(smollm2_path())
@@ -264,9 +264,12 @@ def main() -> None:
     rows: dict[str, list[dict]] = {
         "target": [{**evaluate(target, tok, sets, reference), "unlearn_s": t_target}]
     }
-    threshold = 0.5 * rows["target"][0]["forget_prob"]
+    # recovered: forget answer probability back half way from the retain model's (which never saw the forget
+    # authors but knows the answer format) to the target's
+    floor = evaluate(retain_model, tok, sets, reference)
+    threshold = 0.5 * (floor["forget_prob"] + rows["target"][0]["forget_prob"])
     rows["target"][0]["relearn_steps"] = 0
-    rows["retain model"] = [{**evaluate(retain_model, tok, sets, reference), "unlearn_s": t_retain,
+    rows["retain model"] = [{**floor, "unlearn_s": t_retain,
                              "relearn_steps": relearn(retain_model, tok, sets, threshold, args.seed, args)}]  # fmt: skip
     del retain_model
     print(table(rows, args.relearn_steps), flush=True)
@@ -296,8 +299,9 @@ def main() -> None:
         f"({len(forget_authors)} forget / {len(retain_authors)} retain) + {len(holdout_authors)} holdout authors; "
         f"target and retain model: {args.epochs:g} epochs, lr {args.lr:g}; unlearning: {args.unlearn_epochs:g} "
         f"epochs, batch 8 (forget + as many retain examples), lr {args.unlearn_lr:g} (LoRA r=16: "
-        f"{args.lora_unlearn_lr:g}); relearn threshold: forget answer probability ≥ {threshold:.3f} (half the "
-        f"target's), at most {args.relearn_steps} steps; seeds {args.seeds}"
+        f"{args.lora_unlearn_lr:g}); relearn: Adam lr {args.relearn_lr:g}, batch 4, steps until the forget answer "
+        f"probability is ≥ {threshold:.3f} (half way from the retain model's to the target's), at most "
+        f"{args.relearn_steps}; seeds {args.seeds}"
     )
     text = table(rows, args.relearn_steps)
     print("\n" + header + "\n\n" + text + f"\n\nwall time {total / 60:.1f} min")
