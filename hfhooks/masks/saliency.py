@@ -29,9 +29,9 @@ from hfhooks.core.blocks import find_layers
 from hfhooks.core.data import to_device
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.layers import mlp_projections
-from hfhooks.core.params import ParamIndex
+from hfhooks.core.params import ParamIndex, is_dtensor
 
-__all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved"]
+__all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved", "shard_slices"]
 
 SCORES = ("grad_abs_sum", "grad_sum_abs", "fisher", "grad_x_weight", "act_x_grad")
 
@@ -66,6 +66,35 @@ def model_state_preserved(model: nn.Module, params: Iterable[nn.Parameter] = ())
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+def shard_slices(model: nn.Module, scores: Mapping[str, torch.Tensor], group: Any = None) -> Scores:
+    """``scores`` of ``model``'s parameters as each rank's contiguous slice of the flat full scores, in rank
+    order — the input of :meth:`~hfhooks.ParamMask.from_sharded_scores` (a collective-free check).
+
+    A ``Shard(0)`` DTensor's local shard (FSDP2 ``fully_shard``) is such a slice as it is; a parameter every rank
+    holds in full is counted once, by rank 0 of ``group``. Other layouts (HSDP's 2-D mesh, tensor parallel
+    ``Shard(1)``) are refused: their local shards are not contiguous slices of the flat tensor.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    index = ParamIndex(model)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    out = Scores(metadata=getattr(scores, "metadata", {}))
+    for name, s in scores.items():
+        p = index.param(name)
+        if not is_dtensor(p):
+            out[name] = s.reshape(-1) if rank == 0 else s.new_empty(0)
+            continue
+        if tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
+            raise RuntimeError(
+                f"Cannot select a global top-k over {name!r}: it is sharded as {tuple(p.placements)} over a mesh "
+                f"of {p.device_mesh.size()} of {world} ranks, not Shard(0) over all of them (FSDP2 fully_shard "
+                "on a 1-D mesh). Compute the mask without this sharding and pass it as mask=..."
+            )
+        out[name] = s.reshape(-1)
+    return out
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -128,7 +157,10 @@ def compute_saliency(
 
     Returns:
         :class:`Scores` — fp32 tensors on the parameters' devices; for ``act_x_grad`` keys are module names
-        and values have one entry per unit.
+        and values have one entry per unit. Under FSDP2 (parameters sharded as DTensors) each rank scores the
+        batches it is given and holds the scores of its local shards only (the gradients are the reduce-scattered
+        ones: averaged over ranks); select a mask from them with :func:`shard_slices` and
+        :meth:`~hfhooks.ParamMask.from_sharded_scores`.
     """
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not one of {SCORES}.")
@@ -192,14 +224,22 @@ def _backward_passes(model, dataloader, loss_fn, device, max_batches, progress, 
     return n_batches, n_examples
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``t``: a DTensor's local shard (FSDP2), anything else itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress):
-    buffers = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in targets.items()}
+    # FSDP2: one buffer per local shard; the hook fires on the sharded parameter after the reduce-scatter
+    buffers = {
+        n: torch.zeros(_local(p).shape, dtype=torch.float32, device=p.device) for n, p in targets.items()
+    }
 
     def make_hook(buf: torch.Tensor):
         def fold(p: torch.Tensor) -> None:
             # In-place ops on the fp32 buffer upcast a bf16/fp16 gradient element by element (the same values
             # as .float() first), so no fp32 copy of the gradient is made: the transient is the gradient itself.
-            g = p.grad
+            g = _local(p.grad)
             if score in ("grad_abs_sum", "grad_x_weight"):
                 buf.add_(g)
             elif score == "grad_sum_abs":
@@ -227,7 +267,7 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
         if score == "grad_abs_sum":
             buf.abs_()
         elif score == "grad_x_weight":
-            buf.mul_(targets[n].detach().float()).abs_()
+            buf.mul_(_local(targets[n].detach()).float()).abs_()
     return buffers, n_batches, n_examples
 
 

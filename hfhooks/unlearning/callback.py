@@ -16,9 +16,8 @@ from hfhooks.freeze.deepspeed import require_zero
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
-from hfhooks.masks.saliency import compute_saliency
+from hfhooks.masks.saliency import compute_saliency, shard_slices
 from hfhooks.trainer.guards import (
-    fsdp_version,
     has_dtensors,
     has_fused_lm_head,
     refuse_lossless_outputs,
@@ -120,6 +119,13 @@ class SaliencyUnlearningCallback(TrainerCallback):
             scores = lora_unit_saliency(model, loader, progress=self.progress)
         else:
             scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
+        if has_dtensors(model) and not lora:
+            # FSDP2: each rank holds its shards' scores; the top-k is global (summed histograms, no score moves)
+            mask = ParamMask.from_sharded_scores(
+                shard_slices(model, scores), self.ratio, ParamIndex(model).shapes()
+            )
+            mask.metadata["config"] = self.config.to_dict()
+            return mask
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for t in scores.values():  # identical masks on every rank, whatever the float noise
                 torch.distributed.broadcast(t, src=0)
@@ -159,11 +165,11 @@ class SaliencyUnlearningCallback(TrainerCallback):
             )
         self._detach()
         restored = self._restore(args, state)
-        if not restored and self.mask is None and (fsdp_version(args) == 2 or has_dtensors(model)):
+        if not restored and self.mask is None and has_dtensors(model) and lora_layers(model):
             raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score saliency under FSDP2 (gradients are sharded, the top-k "
-                "must be global). Compute the mask first — this callback under DDP or one process with "
-                "save_mask=..., or hfhooks.compute_saliency + ParamMask.from_scores — and pass mask=... here."
+                "SaliencyUnlearningCallback cannot score a LoRA unit mask under FSDP2 (the unit scores of sharded "
+                "base weights are not gathered). Compute the mask first — this callback under DDP or one process "
+                "with save_mask=... — and pass mask=... here."
             )
         if not restored and self.mask is None and uses_deepspeed(args):
             raise RuntimeError(

@@ -1,0 +1,153 @@
+"""Sharded SalUn scoring: the global top-k over score slices held by different ranks (FSDP2 shards, ZeRO-3
+partitions) equals, bit for bit, the single-process selection over the full scores.
+
+One plain gloo process pair (two subprocesses of this file, ~3 s) runs every case; the FSDP2 / DeepSpeed runs of
+the callback itself are in tests/distributed/*_callbacks.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from hfhooks import ParamMask
+from hfhooks.masks.topk import DegenerateScoresWarning
+
+ROOT = Path(__file__).parents[1]
+
+
+def full_scores(case: int) -> dict[str, torch.Tensor]:
+    """Scores with many ties (small integers), odd sizes (unaligned bytes), a -0.0 / +0.0 tie and an all-zero
+    tensor in some cases."""
+    g = torch.Generator().manual_seed(case)
+    levels = 3 if case % 2 else 1000
+    shapes = {"a": (7, 5), "b": (13,), "c": (4, 4, 3), "d": (1,)}
+    out = {n: torch.randint(0, levels, s, generator=g).float() for n, s in shapes.items()}
+    if case % 3 == 0:
+        out["b"] = torch.zeros(13)
+        out["b"][::2] = -0.0
+    return out
+
+
+def splits(case: int, numel: int, world: int) -> list[int]:
+    """Rank-ordered slice lengths of one flat tensor: even, uneven, or with an empty slice."""
+    if case % 4 == 0:
+        return [numel, 0][:world] if world == 2 else [numel]
+    if case % 4 == 1:
+        return [0, numel][:world] if world == 2 else [numel]
+    cut = min(numel, 3 + case % 5)
+    return [cut, numel - cut]
+
+
+CASES = [
+    (case, ratio, scope, case % 3 != 1)
+    for case in range(8)
+    for ratio in (0.3, 0.5)
+    for scope in ("global", "tensor")
+]
+CASES += [(1, 0.0, "global", True), (2, 1.0, "global", False)]  # fmt: skip
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = []
+    for case, ratio, scope, largest in CASES:
+        full = full_scores(case)
+        local = {}
+        for n, t in full.items():
+            lengths = splits(case, t.numel(), 2)
+            start = sum(lengths[:rank])
+            local[n] = t.reshape(-1)[start : start + lengths[rank]]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mask = ParamMask.from_sharded_scores(
+                local, ratio, {n: t.shape for n, t in full.items()}, scope, largest
+            )
+        with warnings.catch_warnings(record=True) as caught_single:
+            warnings.simplefilter("always")
+            single = ParamMask.from_scores(full, ratio, scope, largest)
+        results.append({
+            "case": [case, ratio, scope, largest],
+            "equal": mask == single,
+            "bits": {n: mask[n].reshape(-1).int().tolist() for n in mask.names()},
+            "warnings": sorted(str(w.message) for w in caught if issubclass(w.category, DegenerateScoresWarning)),
+            "warnings_single": sorted(
+                str(w.message) for w in caught_single if issubclass(w.category, DegenerateScoresWarning)
+            ),
+        })  # fmt: skip
+    # NaN on one rank only: both ranks raise, neither is left waiting in a collective
+    nan = {"a": torch.full((4,), float("nan")) if rank == 1 else torch.ones(4)}
+    try:
+        ParamMask.from_sharded_scores(nan, 0.5, {"a": (8,)})
+        results.append({"nan": "no error"})
+    except ValueError as e:
+        results.append({"nan": str(e)})
+    # a slice missing: the lengths do not add up to the shape
+    try:
+        ParamMask.from_sharded_scores({"a": torch.ones(3)}, 0.5, {"a": (8,)})
+        results.append({"missing": "no error"})
+    except ValueError as e:
+        results.append({"missing": str(e)})
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[list[dict]]:
+    from conftest import free_port
+
+    out = tmp_path_factory.mktemp("sharded_topk")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, __file__, str(r), str(port), str(out)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_sharded_top_k_equals_the_single_process_mask(ranks):
+    cases = [r for r in ranks[0] if "case" in r]
+    assert len(cases) == len(CASES)
+    for r0, r1 in zip(cases, ranks[1]):
+        assert r0["equal"] and r1["equal"], r0["case"]
+        assert r0["bits"] == r1["bits"], f"ranks hold different masks for {r0['case']}"
+
+
+def test_ties_decided_identically_and_warned_like_one_process(ranks):
+    """Tie-heavy cases do pick among equal scores by order (so the tie rule is exercised), and the warnings the
+    sharded selection gives are the single-process ones."""
+    tie_warned = 0
+    for r0, r1 in zip(ranks[0], ranks[1]):
+        if "case" not in r0:
+            continue
+        assert r0["warnings"] == r0["warnings_single"] == r1["warnings"], r0["case"]
+        tie_warned += any("tie order" in w for w in r0["warnings"])
+    assert tie_warned > 0, "no case resolved ties by order: the test would not check the tie rule"
+
+
+def test_nan_on_one_rank_raises_on_every_rank(ranks):
+    for results in ranks:
+        assert "contain NaN" in next(r["nan"] for r in results if "nan" in r)
+
+
+def test_slices_that_do_not_add_up_are_refused(ranks):
+    for results in ranks:
+        assert "hold 6 elements in all" in next(r["missing"] for r in results if "missing" in r)
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
