@@ -138,6 +138,7 @@ def compute_saliency(
     modules: Iterable[str] | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    after_backward: Callable[[], None] | None = None,
 ) -> Scores:
     """Score parameters (or neurons) of ``model`` by gradients of a loss over ``dataloader``.
 
@@ -154,6 +155,8 @@ def compute_saliency(
             every MLP down-projection (so score ``j`` is MLP hidden unit ``j``).
         max_batches: stop after this many batches.
         progress: show a tqdm bar.
+        after_backward: called after each batch's backward (e.g. DeepSpeed ZeRO-3's backward epilogue, see
+            :func:`hfhooks.freeze.deepspeed.finish_outside_backward`).
 
     Returns:
         :class:`Scores` — fp32 tensors on the parameters' devices; for ``act_x_grad`` keys are module names
@@ -164,6 +167,40 @@ def compute_saliency(
     """
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not one of {SCORES}.")
+    with _outside_zero12(model):
+        return _compute(
+            model, dataloader, score, loss_fn, params, modules, max_batches, progress, after_backward
+        )
+
+
+@contextlib.contextmanager
+def _outside_zero12(model: nn.Module) -> Iterator[None]:
+    """DeepSpeed ZeRO-1/2: within the block the module holds plain parameters sharing the storage of its own.
+
+    The engine's gradient hooks sit on the module's parameters and reduce every gradient they see into its
+    partitioned buffers, marking it reduced until its next step; a scoring backward through them would leave
+    that state behind (ZeRO-2 then refuses the first training backward: "already been reduced"). Parameters
+    sharing the storage (every rank holds them in full under ZeRO-1/2) see the same forward and get their
+    own gradients, and the engine sees nothing. ZeRO-3 partitions the storage itself; see :func:`_zero3_slice`.
+    """
+    swapped, shadows = [], {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and hasattr(p, "_hp_mapping"):  # DeepSpeed's tag on ZeRO-1/2 parameters
+                if id(p) not in shadows:  # tied weights stay tied
+                    shadows[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                module._parameters[key] = shadows[id(p)]
+                swapped.append((module, key, p))
+    try:
+        yield
+    finally:
+        for module, key, p in swapped:
+            module._parameters[key] = p
+
+
+def _compute(
+    model, dataloader, score, loss_fn, params, modules, max_batches, progress, after_backward
+) -> Scores:
     index = ParamIndex(model)
     targets = _select_params(index, params) if score != "act_x_grad" else {}
     loss_fn = loss_fn or _default_loss
@@ -175,11 +212,11 @@ def compute_saliency(
             p.requires_grad_(any(p is t for t in targets.values()) if score != "act_x_grad" else False)
         if score == "act_x_grad":
             scores, n_batches, n_examples = _neuron_scores(
-                model, index, dataloader, loss_fn, modules, device, max_batches, progress
+                model, index, dataloader, loss_fn, modules, device, max_batches, progress, after_backward
             )
         else:
             scores, n_batches, n_examples = _param_scores(
-                model, targets, dataloader, score, loss_fn, device, max_batches, progress
+                model, targets, dataloader, score, loss_fn, device, max_batches, progress, after_backward
             )
     if n_batches == 0:
         raise ValueError("The dataloader yielded no batches: nothing to score.")
@@ -210,7 +247,9 @@ class _ScoringPass:
     """The owner of one scoring pass's hooks (:class:`HookSet` keeps a weak reference to its owner)."""
 
 
-def _backward_passes(model, dataloader, loss_fn, device, max_batches, progress, desc: str, what: str):
+def _backward_passes(
+    model, dataloader, loss_fn, device, max_batches, progress, desc: str, what: str, after=None
+):
     """One forward + backward per batch (the installed hooks collect the scores); ``(batches, examples)``."""
     n_batches = n_examples = 0
     for batch in _batches(dataloader, max_batches, progress, desc):
@@ -219,6 +258,8 @@ def _backward_passes(model, dataloader, loss_fn, device, max_batches, progress, 
         if not loss.requires_grad:
             raise ValueError(f"The loss does not depend on {what} (no grad_fn).")
         loss.backward()
+        if after is not None:
+            after()
         n_batches += 1
         n_examples += _batch_size(batch)
     return n_batches, n_examples
@@ -229,30 +270,62 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress):
-    # FSDP2: one buffer per local shard; the hook fires on the sharded parameter after the reduce-scatter
-    buffers = {
-        n: torch.zeros(_local(p).shape, dtype=torch.float32, device=p.device) for n, p in targets.items()
-    }
+def _zero3_slice(p: torch.Tensor) -> tuple[int, int] | None:
+    """DeepSpeed ZeRO-3: ``(start, length)`` of this rank's partition in ``p``'s flat elements (rank ``r``
+    holds ``[r * n, (r + 1) * n)`` of them, the last one padded); ``None`` for any other parameter."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return None
+    import torch.distributed as dist
 
-    def make_hook(buf: torch.Tensor):
-        def fold(p: torch.Tensor) -> None:
-            # In-place ops on the fp32 buffer upcast a bf16/fp16 gradient element by element (the same values
-            # as .float() first), so no fp32 copy of the gradient is made: the transient is the gradient itself.
-            g = _local(p.grad)
-            if score in ("grad_abs_sum", "grad_x_weight"):
-                buf.add_(g)
-            elif score == "grad_sum_abs":
-                buf.add_(g.abs())
-            else:  # fisher
-                buf.addcmul_(g, g)
+    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * part.ds_numel
+    return start, max(0, min(part.ds_numel, p.ds_numel - start))
+
+
+def _fold(buf: torch.Tensor, g: torch.Tensor, score: str) -> None:
+    # In-place ops on the fp32 buffer upcast a bf16/fp16 gradient element by element (the same values
+    # as .float() first), so no fp32 copy of the gradient is made: the transient is the gradient itself.
+    if score in ("grad_abs_sum", "grad_x_weight"):
+        buf.add_(g)
+    elif score == "grad_sum_abs":
+        buf.add_(g.abs())
+    else:  # fisher
+        buf.addcmul_(g, g)
+
+
+def _install_folds(hooks: HookSet, targets, buffers, slices, score: str) -> None:
+    """One fold per scored parameter, where its gradient can be read."""
+    for n, p in targets.items():
+        buf = buffers[n]
+        if slices[n] is not None:
+            # DeepSpeed ZeRO-3: its own hooks reduce the gradient into the engine's partitioned buffers after
+            # accumulation. Fold this rank's partition of the full gradient before that (a tensor hook) and
+            # hand the engine zeros, so that its gradient buffers hold nothing of the scoring pass.
+            def take(grad: torch.Tensor, buf=buf, where=slices[n]) -> torch.Tensor:
+                g = grad.reshape(-1)[where[0] : where[0] + where[1]] if where is not None else grad
+                _fold(buf, g, score)
+                return torch.zeros_like(grad)
+
+            hooks.tensor_hook(p, take, n)
+            continue
+
+        def fold(p: torch.Tensor, buf=buf) -> None:
+            _fold(buf, _local(p.grad), score)
             p.grad = None  # free it now: peak memory stays at one score buffer per parameter
 
-        return fold
+        hooks.post_accumulate_grad_hook(p, fold, n)
 
+
+def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress, after=None):
+    # FSDP2: one buffer per local shard (the hook fires on the sharded parameter after the reduce-scatter);
+    # ZeRO-3: one per local partition
+    slices = {n: _zero3_slice(p) for n, p in targets.items()}
+    buffers = {
+        n: torch.zeros(slices[n][1] if slices[n] else _local(p).shape, dtype=torch.float32, device=p.device)
+        for n, p in targets.items()
+    }
     with HookSet(_ScoringPass(), model, name="compute_saliency") as hooks:
-        for n, p in targets.items():
-            hooks.post_accumulate_grad_hook(p, make_hook(buffers[n]), n)
+        _install_folds(hooks, targets, buffers, slices, score)
         n_batches, n_examples = _backward_passes(
             model,
             dataloader,
@@ -262,12 +335,14 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
             progress,
             f"saliency ({score})",
             "any scored parameter",
+            after,
         )
     for n, buf in buffers.items():
         if score == "grad_abs_sum":
             buf.abs_()
         elif score == "grad_x_weight":
-            buf.mul_(_local(targets[n].detach()).float()).abs_()
+            weight = targets[n].ds_tensor[: buf.numel()] if slices[n] else _local(targets[n].detach())
+            buf.mul_(weight.float()).abs_()
     return buffers, n_batches, n_examples
 
 
@@ -275,7 +350,7 @@ def _default_neuron_modules(index: ParamIndex) -> list[str]:
     return [path for i in range(len(find_layers(index.model))) for path in mlp_projections(index, i)[1]]
 
 
-def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batches, progress):
+def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batches, progress, after=None):
     module_names = list(modules) if modules is not None else _default_neuron_modules(index)
     by_name = {}
     for name in module_names:
@@ -316,6 +391,7 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
             progress,
             "saliency (act_x_grad)",
             "the scored activations",
+            after,
         )
     missing = [n for n in module_names if n not in sums]
     if missing and n_batches:

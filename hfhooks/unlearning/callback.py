@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from hfhooks.core.data import TaggedCollator
 from hfhooks.core.params import ParamIndex
-from hfhooks.freeze.deepspeed import require_zero
+from hfhooks.freeze.deepspeed import finish_outside_backward, full_shape, require_zero, zero_stage
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
@@ -110,7 +110,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
         self.hook = None
         self._own_reference = False
 
-    def _compute_mask(self, model) -> ParamMask:
+    def _compute_mask(self, model, optimizer=None) -> ParamMask:
         loader = torch.utils.data.DataLoader(self.forget, batch_size=self.batch_size, collate_fn=self.collate)
         lora = bool(lora_layers(model))
         if (
@@ -118,12 +118,20 @@ class SaliencyUnlearningCallback(TrainerCallback):
         ):  # a fresh adapter's own weights score 0 (B = 0): score the adapted base weights' output units
             scores = lora_unit_saliency(model, loader, progress=self.progress)
         else:
-            scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
-        if has_dtensors(model) and not lora:
-            # FSDP2: each rank holds its shards' scores; the top-k is global (summed histograms, no score moves)
-            mask = ParamMask.from_sharded_scores(
-                shard_slices(model, scores), self.ratio, ParamIndex(model).shapes()
+            scores = compute_saliency(
+                model,
+                loader,
+                "grad_abs_sum",
+                progress=self.progress,
+                after_backward=lambda: finish_outside_backward(optimizer),  # ZeRO-3: the engine's epilogue
             )
+        if not lora and (has_dtensors(model) or zero_stage(model) == 3):
+            # FSDP2 / ZeRO-3: each rank holds the scores of its shards / partitions; the top-k is global (summed
+            # histograms: no score leaves its rank) and every rank assembles the same full mask
+            local = shard_slices(model, scores) if has_dtensors(model) else scores
+            shapes = {n: full_shape(p) for n, p in ParamIndex(model).items()}
+            mask = ParamMask.from_sharded_scores(local, self.ratio, shapes)
+            mask.metadata.update(scores.metadata)
             mask.metadata["config"] = self.config.to_dict()
             return mask
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -171,19 +179,15 @@ class SaliencyUnlearningCallback(TrainerCallback):
                 "base weights are not gathered). Compute the mask first — this callback under DDP or one process "
                 "with save_mask=... — and pass mask=... here."
             )
-        if not restored and self.mask is None and uses_deepspeed(args):
+        if not restored and self.mask is None and uses_deepspeed(args) and lora_layers(model):
             raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score saliency under DeepSpeed: the saliency pass runs its own "
-                "backward through the model, outside the engine, whose ZeRO hooks would reduce those gradients "
-                "into the engine's partitioned buffers (ZeRO-3 also holds each weight as a partition), so the "
-                "scores would not be the full gradients and the engine's gradient state would be left "
-                "dirty. Compute the mask first — this "
-                "callback under DDP or one process with save_mask=..., or hfhooks.compute_saliency + "
-                "ParamMask.from_scores — and pass mask=... here (a precomputed mask trains under ZeRO-1/2/3)."
+                "SaliencyUnlearningCallback cannot score a LoRA unit mask under DeepSpeed (the unit scores are "
+                "not read through the engine). Compute the mask first — this callback under DDP or one process "
+                "with save_mask=... — and pass mask=... here."
             )
         if not restored:
             if self.mask is None:
-                self.mask = self._compute_mask(model)
+                self.mask = self._compute_mask(model, optimizer)
                 if self.save_mask is not None and state.is_world_process_zero:
                     self.mask.save(self.save_mask, model=model, config=self.config.to_dict())
             if self.objective.name == "npo" and (self.objective.reference is None or self._own_reference):

@@ -164,7 +164,7 @@ def run_scoring(out, forget, batches):
     from hfhooks import compute_saliency
 
     reference = tiny()
-    loader = torch.utils.data.DataLoader(forget, batch_size=8, collate_fn=TaggedCollator().base)
+    loader = torch.utils.data.DataLoader(forget, batch_size=4, collate_fn=TaggedCollator().base)
     single = ParamMask.from_scores(compute_saliency(reference, loader, progress=False), 0.5)
     model = tiny()
     initial = {n: p.detach().clone() for n, p in ParamIndex(model).items()}
@@ -175,7 +175,7 @@ def run_scoring(out, forget, batches):
                                  shape=index.param(n).shape, stride=index.param(n).stride()).full_tensor()
                 for n, s in local.items()}  # fmt: skip
     from_full = ParamMask.from_scores(gathered, 0.5)
-    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.5, batch_size=8, progress=False)
+    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.5, batch_size=4, progress=False)
     drive(cb, model, batches, os.path.join(out, "unlearn_scoring"))
     moved, changed = compare(model, initial, cb.mask)
     return {"status": "ok", "moved": moved, "changed": changed, "hooks_left": hooks_left(model),
