@@ -3,7 +3,7 @@
 Each configuration is a fresh ``torchrun --nproc_per_node {1,2}`` launch (gloo, CPU) of this file in worker mode;
 every rank reports its own peak RSS (``VmHWM``), and the part of it above the RSS it had once the libraries were
 imported (the model's and the operation's memory: the interpreter, torch and transformers weigh the same at any
-number of ranks). The model is a Llama-shaped ``LlamaForCausalLM`` of ~99M fp32 parameters (hidden 768, 8
+number of ranks). The model is a Llama-shaped ``LlamaForCausalLM`` of ~58M fp32 parameters (hidden 512, 8
 layers, vocabulary 32 000), so that weights dominate; one batch of 1×16 tokens.
 
 * ``salun``: ``SaliencyUnlearningCallback.on_train_begin`` scoring its own mask (ratio 0.5) over 2 forget
@@ -22,6 +22,7 @@ FSDP2 and under ZeRO-3. The hard-freeze rows are reported for comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -31,8 +32,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import contextlib
-
 from peakrss import reset_peak, status_kb
 
 GOAL = 0.6
@@ -42,8 +41,8 @@ VOCAB, TOKENS = 32000, 16
 def config():
     import transformers as T
 
-    return T.LlamaConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                         num_attention_heads=12, num_key_value_heads=4)  # fmt: skip
+    return T.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
 
 
 class Data:
@@ -140,13 +139,22 @@ def fsdp2(op: str, out: str, result: dict) -> None:
                                fsdp_config={"version": 2})  # fmt: skip
     state, control = T.TrainerState(), T.TrainerControl()
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(config())
+    with torch.device("meta"):  # FSDP2's large-model path: no rank ever holds the full model
+        model = T.LlamaForCausalLM(config())
     data = Data()
     cb = None if op == "salun" else GradientMaskCallback(half_mask(model), freeze="hard")
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    result["reset"] = reset_peak()  # the full model each rank built before sharding is not what is measured
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():  # values do not matter here, only that they are finite and not all equal
+            p.to_local().normal_(0, 0.02)
+        for b in model.buffers():  # the rotary inverse frequencies
+            b.copy_(
+                1.0 / (10000 ** (torch.arange(0, b.numel() * 2, 2, dtype=torch.float32) / (b.numel() * 2)))
+            )
+    result["reset"] = reset_peak()
     if op == "salun":
         cb = SaliencyUnlearningCallback([data[i] for i in range(2)], objective="graddiff", ratio=0.5,
                                         batch_size=1, progress=False)  # fmt: skip
@@ -187,8 +195,10 @@ def worker(engine: str, op: str, out: str) -> None:
 
 def launch(engine: str, op: str, ranks: int, port: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
+        # a fixed mmap threshold: freed tensors go back to the OS, so RSS follows live memory (glibc's dynamic
+        # threshold would keep freed blocks of up to 32 MB in the heap and count them at every later peak)
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=str(Path(__file__).parents[1]))  # fmt: skip
+                   PYTHONPATH=str(Path(__file__).parents[1]), MALLOC_MMAP_THRESHOLD_="1048576")  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(port), __file__, "--worker", engine, op, out]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

@@ -149,5 +149,41 @@ def test_slices_that_do_not_add_up_are_refused(ranks):
         assert "hold 6 elements in all" in next(r["missing"] for r in results if "missing" in r)
 
 
+def test_zero12_scoring_never_reaches_the_module_parameters():
+    """Under DeepSpeed ZeRO-1/2 (parameters tagged ``_hp_mapping``) the engine's reduce hooks sit on the module's
+    parameters; the scoring pass must run on parameters that share their storage, so those hooks see nothing and
+    the module's parameters get no gradient — with the same scores as an untagged model."""
+    from conftest import make_model
+
+    from hfhooks import compute_saliency
+
+    batch = {"input_ids": torch.randint(0, 64, (2, 6)), "labels": torch.randint(0, 64, (2, 6))}
+    plain = compute_saliency(make_model("llama", seed=0), [batch], progress=False)
+    model = make_model("llama", seed=0)
+    seen = []
+    for n, p in model.named_parameters():
+        p._hp_mapping = None  # what DeepSpeed sets on ZeRO-1/2 parameters
+        p.register_post_accumulate_grad_hook(lambda p, n=n: seen.append(n))  # the engine's reduce hook
+    originals = list(model.parameters())
+    scores = compute_saliency(model, [batch], progress=False)
+    assert seen == [], f"the engine's hooks saw the scoring gradients of {seen[:3]}"
+    assert all(p.grad is None for p in model.parameters())
+    assert all(a is b for a, b in zip(originals, model.parameters())), (
+        "the module's parameters were not put back"
+    )
+    assert all(torch.equal(scores[n], plain[n]) for n in plain)
+
+
+def test_after_backward_runs_after_every_batch():
+    from conftest import tiny_llama
+
+    from hfhooks import compute_saliency
+
+    batch = {"input_ids": torch.randint(0, 64, (2, 6)), "labels": torch.randint(0, 64, (2, 6))}
+    calls = []
+    compute_saliency(tiny_llama(), [batch] * 3, progress=False, after_backward=lambda: calls.append(1))
+    assert len(calls) == 3
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -47,8 +47,10 @@ class SaliencyUnlearningCallback(TrainerCallback):
     ``forget`` and keeps the top ``ratio`` globally — or uses ``mask`` — then enforces it with the hard-freeze
     guarantee and swaps the model's loss for the objective. Train on
     :func:`~hfhooks.forget_retain_dataset` ``(forget, retain)`` with ``data_collator=TaggedCollator(...)``.
-    Under DDP every rank scores the whole forget set and rank 0's scores are broadcast, so all ranks hold the
-    same mask. On a PeftModel with LoRA adapters the mask is over output units (see
+    Under DDP (and DeepSpeed ZeRO-1/2) every rank scores the whole forget set and rank 0's scores are broadcast,
+    so all ranks hold the same mask. Under FSDP2 and ZeRO-3 every rank scores the whole forget set on its own
+    shards / partitions only, and the top-k is global (:meth:`~hfhooks.ParamMask.from_sharded_scores`): every
+    rank gets the same mask, the one a single process would select from the full scores. On a PeftModel with LoRA adapters the mask is over output units (see
     :func:`~hfhooks.masks.lora.lora_unit_saliency`): the adapted base weights are scored, the top ``ratio`` of their
     output units keep trainable ``lora_B`` rows, the others' ``lora_B`` rows stay zero.
 
