@@ -1,10 +1,10 @@
 """Per-rank memory of SalUn scoring and of the hard freeze at 1 vs 2 ranks, under FSDP2 and DeepSpeed ZeRO-3.
 
 Each configuration is a fresh ``torchrun --nproc_per_node {1,2}`` launch (gloo, CPU) of this file in worker mode;
-every rank reports its own peak RSS (``VmHWM``), and the part of it above the RSS it had once the libraries were
-imported (the model's and the operation's memory: the interpreter, torch and transformers weigh the same at any
-number of ranks). The model is a Llama-shaped ``LlamaForCausalLM`` of ~76M fp32 parameters (hidden 768, 10
-layers, vocabulary 8 192: the decoder layers hold 83 % of them, as in an LLM), so that weights dominate; one batch of 1×16 tokens.
+every rank reports its own peak RSS (``VmHWM``), the part of it above the RSS it had once the libraries were
+imported, right before the weights are allocated (the model's and the operation's memory: the interpreter, torch
+and transformers weigh the same at any number of ranks), and the part added by the operation itself. The model is a Llama-shaped ``LlamaForCausalLM`` of ~214M fp32 parameters (hidden 768, 32
+layers, vocabulary 8 192: the decoder layers hold 94 % of them, as in an LLM), so that weights dominate; one batch of 1×16 tokens.
 
 * ``salun``: ``SaliencyUnlearningCallback.on_train_begin`` scoring its own mask (ratio 0.5) over 2 forget
   batches — FSDP2: each rank scores its shards; ZeRO-3: each rank its partitions, through the engine built by a
@@ -41,7 +41,7 @@ VOCAB, TOKENS = 8192, 16
 def config():
     import transformers as T
 
-    return T.LlamaConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+    return T.LlamaConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=32,
                          num_attention_heads=12, num_key_value_heads=4)  # fmt: skip
 
 
@@ -123,6 +123,7 @@ def zero3(op: str, out: str, result: dict) -> None:
                                disable_tqdm=True, deepspeed=ds)  # fmt: skip
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
+    result["imported_kb"] = status_kb("VmRSS")
     model = T.AutoModelForCausalLM.from_config(config())  # under zero.Init: partitioned as it is built
     data = Data()
     if op == "salun":
@@ -160,6 +161,7 @@ def fsdp2(op: str, out: str, result: dict) -> None:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    result["imported_kb"] = status_kb("VmRSS")  # every library loaded, no weight allocated yet
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():  # values do not matter here, only that they are finite and not all equal
@@ -197,8 +199,7 @@ def worker(engine: str, op: str, out: str) -> None:
 
     if engine == "fsdp2":
         dist.init_process_group("gloo")
-    imported_kb = status_kb("VmRSS")
-    result: dict = {"imported_kb": imported_kb}
+    result: dict = {}
     t0 = time.perf_counter()
     (fsdp2 if engine == "fsdp2" else zero3)(op, out, result)
     result["seconds"] = time.perf_counter() - t0
