@@ -188,5 +188,22 @@ def test_after_backward_runs_after_every_batch():
     assert len(calls) == 3
 
 
+def test_zero3_scoring_without_the_engine_epilogue_is_refused(gloo_group):
+    """A ZeRO-3 parameter (tagged with its partition ``ds_tensor``) scored without ``after_backward`` would leave
+    the engine's gradient state half-reduced: refused before any backward, naming the fix."""
+    from conftest import make_model
+
+    from hfhooks import compute_saliency
+
+    model = make_model("llama", seed=0)
+    for p in model.parameters():  # what DeepSpeed ZeRO-3 sets on its parameters (1 rank: one whole partition)
+        p.ds_numel = p.numel()
+        p.ds_tensor = p.detach().reshape(-1)
+        p.ds_tensor.ds_numel = p.numel()
+    batch = {"input_ids": torch.randint(0, 64, (2, 6)), "labels": torch.randint(0, 64, (2, 6))}
+    with pytest.raises(ValueError, match="finish_outside_backward"):
+        compute_saliency(model, [batch], progress=False)
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

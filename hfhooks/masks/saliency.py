@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -76,7 +77,6 @@ def shard_slices(model: nn.Module, scores: Mapping[str, torch.Tensor], group: An
     holds in full is counted once, by rank 0 of ``group``. Other layouts (HSDP's 2-D mesh, tensor parallel
     ``Shard(1)``) are refused: their local shards are not contiguous slices of the flat tensor.
     """
-    import torch.distributed as dist
     from torch.distributed.tensor import Shard
 
     index = ParamIndex(model)
@@ -276,8 +276,6 @@ def _zero3_slice(p: torch.Tensor) -> tuple[int, int] | None:
     part = getattr(p, "ds_tensor", None)
     if part is None:
         return None
-    import torch.distributed as dist
-
     start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * part.ds_numel
     return start, max(0, min(part.ds_numel, p.ds_numel - start))
 
@@ -302,8 +300,7 @@ def _install_folds(hooks: HookSet, targets, buffers, slices, score: str) -> None
             # accumulation. Fold this rank's partition of the full gradient before that (a tensor hook) and
             # hand the engine zeros, so that its gradient buffers hold nothing of the scoring pass.
             def take(grad: torch.Tensor, buf=buf, where=slices[n]) -> torch.Tensor:
-                g = grad.reshape(-1)[where[0] : where[0] + where[1]] if where is not None else grad
-                _fold(buf, g, score)
+                _fold(buf, grad.reshape(-1)[where[0] : where[0] + where[1]], score)
                 return torch.zeros_like(grad)
 
             hooks.tensor_hook(p, take, n)
@@ -320,6 +317,13 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
     # FSDP2: one buffer per local shard (the hook fires on the sharded parameter after the reduce-scatter);
     # ZeRO-3: one per local partition
     slices = {n: _zero3_slice(p) for n, p in targets.items()}
+    if after is None and any(w is not None for w in slices.values()):
+        raise ValueError(
+            "compute_saliency on a DeepSpeed ZeRO-3 model needs after_backward=lambda: "
+            "hfhooks.freeze.deepspeed.finish_outside_backward(optimizer) (the engine's optimizer): its backward "
+            "runs outside engine.backward, and without the engine's epilogue after each batch the engine's "
+            "gradient state is left half-reduced for the next training step."
+        )
     buffers = {
         n: torch.zeros(slices[n][1] if slices[n] else _local(p).shape, dtype=torch.float32, device=p.device)
         for n, p in targets.items()
