@@ -173,19 +173,16 @@ class SaliencyUnlearningCallback(TrainerCallback):
                 "label-smoothed cross-entropy on every example, so the forget/retain objective would neither see "
                 "the labels nor act. Set label_smoothing_factor=0."
             )
+        if uses_deepspeed(args):  # checked before the (costly) saliency pass
+            require_zero(model, "SaliencyUnlearningCallback")
         self._detach()
         restored = self._restore(args, state)
-        if not restored and self.mask is None and has_dtensors(model) and lora_layers(model):
+        sharded = "FSDP2" if has_dtensors(model) else "DeepSpeed" if uses_deepspeed(args) else None
+        if not restored and self.mask is None and sharded and lora_layers(model):
             raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score a LoRA unit mask under FSDP2 (the unit scores of sharded "
-                "base weights are not gathered). Compute the mask first — this callback under DDP or one process "
-                "with save_mask=... — and pass mask=... here."
-            )
-        if not restored and self.mask is None and uses_deepspeed(args) and lora_layers(model):
-            raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score a LoRA unit mask under DeepSpeed (the unit scores are "
-                "not read through the engine). Compute the mask first — this callback under DDP or one process "
-                "with save_mask=... — and pass mask=... here."
+                f"SaliencyUnlearningCallback cannot score a LoRA unit mask under {sharded} (the unit scores of "
+                "sharded base weights are not gathered). Compute the mask first — this callback under DDP or one "
+                "process with save_mask=... — and pass mask=... here."
             )
         if not restored:
             if self.mask is None:
@@ -199,8 +196,6 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     model, self.forget, self.collate, self.batch_size, self.progress
                 )
                 self._own_reference = True
-        if uses_deepspeed(args):
-            require_zero(model, "SaliencyUnlearningCallback")
         self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
 
