@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "finish_outside_backward",
     "full_master",
     "full_optimizer_state",
     "full_shape",
@@ -164,6 +165,25 @@ def _chain(optimizer: Any) -> list[Any]:
         chain.append(optimizer)
         optimizer = getattr(optimizer, "optimizer", None)
     return chain
+
+
+def finish_outside_backward(optimizer: Any) -> None:
+    """After a backward run through a ZeRO-3 module outside ``engine.backward`` (SalUn's scoring pass, whose
+    gradient hooks hand the engine zeros): do what the engine's backward epilogue does, then drop the gradients.
+
+    Reduces the engine's pending gradient bucket (else its parameters are in it twice at the next backward:
+    ``AssertionError`` in ``__reduce_and_partition_ipg_grads``), releases the parameters gathered for modules whose
+    post-backward hook never fired (the embedding: else "Cannot free a ZeRO-3 parameter while it is still
+    active" at the next re-partition), and ``zero_grad()`` resets the micro-step so that the first training
+    micro-batch overwrites the gradient partitions instead of adding to them. The two epilogue calls are the
+    ZeRO-3 optimizer's own public methods (deepspeed 0.19.8); nothing happens for other stages."""
+    for o in _chain(optimizer):
+        offload = getattr(o, "parameter_offload", None)
+        if offload is not None and hasattr(o, "overlapping_partition_gradients_reduce_epilogue"):
+            o.overlapping_partition_gradients_reduce_epilogue()
+            offload.release_backward_leftovers()
+            o.zero_grad(set_to_none=True)
+            return
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hfhooks.core.layers import Slices
@@ -83,6 +84,40 @@ def _clear_padding(packed: torch.Tensor, length: int) -> torch.Tensor:
     if pad:
         packed[-1] &= (0xFF << pad) & 0xFF
     return packed
+
+
+def _gather_bits(slices: list[torch.Tensor], group: Any) -> list[tuple[torch.Tensor, int]]:
+    """For each tensor, every rank's flat bool slice concatenated in rank order, bit-packed (CPU ``uint8``), and
+    its length in bits (a collective: two ``all_gather`` calls for all tensors together).
+
+    The slices travel packed (1 bit per element); a byte-aligned slice is appended as is, an unaligned one is
+    unpacked to its bits first (one byte per element of that tensor, transiently).
+    """
+    world = dist.get_world_size(group)
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    mine = torch.tensor([t.numel() for t in slices], dtype=torch.int64, device=device)
+    lengths = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(lengths, mine, group=group)
+    lengths = torch.stack(lengths).cpu()  # (world, tensors)
+    nbytes = (lengths + 7) // 8
+    width = int(nbytes.sum(1).max())
+    buf = torch.zeros(width, dtype=torch.uint8)
+    torch.cat([_pack(t) for t in slices] or [buf[:0]], out=buf[: int(nbytes[dist.get_rank(group)].sum())])
+    pieces = [torch.empty(width, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(pieces, buf.to(device), group=group)
+    pieces = [p.cpu() for p in pieces]
+    out = []
+    for i in range(len(slices)):
+        starts = nbytes[:, :i].sum(1).tolist()
+        parts = [pieces[r][starts[r] : starts[r] + int(nbytes[r, i])] for r in range(world)]
+        ns = lengths[:, i].tolist()
+        if all(n % 8 == 0 for n in ns[:-1]):  # byte-aligned: packed slices concatenate as they are
+            out.append((torch.cat(parts), sum(ns)))
+        else:
+            flat = torch.cat([bits_as_bytes(p, n) for p, n in zip(parts, ns)])
+            out.append((_pack(flat.view(torch.bool)), sum(ns)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -205,6 +240,46 @@ class ParamMask(HubMixin):
             "ties": "stable: earlier tensor, lower flat index",
         }
         return cls(masks, metadata=meta)
+
+    @classmethod
+    def from_sharded_scores(
+        cls,
+        scores: Mapping[str, torch.Tensor],
+        ratio: float,
+        shapes: Mapping[str, Iterable[int]],
+        scope: str = "global",
+        largest: bool = True,
+        group: Any = None,
+    ) -> ParamMask:
+        """:meth:`from_scores` over scores sharded across ranks; every rank gets the same full mask (a collective).
+
+        ``scores[name]`` is this rank's contiguous slice of the flat scores of a tensor of shape
+        ``shapes[name]``, the slices in rank order (an FSDP2 ``Shard(0)`` local shard, a ZeRO-3 partition; an
+        empty tensor where this rank holds none of it). The top-k is selected on the slices with summed
+        histograms (:func:`hfhooks.masks.topk.topk_masks` with ``sharded=True``) and the bit-packed slices are
+        gathered, so no rank ever holds another rank's scores, and the mask equals bit for bit the one
+        :meth:`from_scores` computes from the full scores (same threshold, same tie order).
+        """
+        local = topk_masks(scores, ratio, scope=scope, largest=largest, sharded=True, group=group)
+        entries = {}
+        gathered = _gather_bits([bits.reshape(-1) for bits in local.values()], group)
+        for name, (full, length) in zip(local, gathered):
+            shape = tuple(int(d) for d in shapes[name])
+            if length != math.prod(shape):
+                raise ValueError(
+                    f"The ranks' score slices of {name!r} hold {length} elements in all, but its shape "
+                    f"{shape} has {math.prod(shape)}: each rank must pass its own contiguous slice of the "
+                    "flat scores (none twice, none missing)."
+                )
+            entries[name] = _Entry.from_packed("element", shape, full, length)
+        meta = dict(getattr(scores, "metadata", {}) or {})
+        meta["selection"] = {
+            "ratio": ratio,
+            "scope": scope,
+            "largest": largest,
+            "ties": "stable: earlier tensor, lower flat index",
+        }
+        return cls._from_entries(entries, metadata=meta)
 
     @classmethod
     def from_slices(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,9 +30,9 @@ from hfhooks.core.blocks import find_layers
 from hfhooks.core.data import to_device
 from hfhooks.core.hooks import HookSet
 from hfhooks.core.layers import mlp_projections
-from hfhooks.core.params import ParamIndex
+from hfhooks.core.params import ParamIndex, is_dtensor, local_tensor
 
-__all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved"]
+__all__ = ["SCORES", "Scores", "compute_saliency", "model_state_preserved", "shard_slices"]
 
 SCORES = ("grad_abs_sum", "grad_sum_abs", "fisher", "grad_x_weight", "act_x_grad")
 
@@ -68,6 +69,34 @@ def model_state_preserved(model: nn.Module, params: Iterable[nn.Parameter] = ())
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+def shard_slices(model: nn.Module, scores: Mapping[str, torch.Tensor], group: Any = None) -> Scores:
+    """``scores`` of ``model``'s parameters as each rank's contiguous slice of the flat full scores, in rank
+    order — the input of :meth:`~hfhooks.ParamMask.from_sharded_scores` (a collective-free check).
+
+    A ``Shard(0)`` DTensor's local shard (FSDP2 ``fully_shard``) is such a slice as it is; a parameter every rank
+    holds in full is counted once, by rank 0 of ``group``. Other layouts (HSDP's 2-D mesh, tensor parallel
+    ``Shard(1)``) are refused: their local shards are not contiguous slices of the flat tensor.
+    """
+    from torch.distributed.tensor import Shard
+
+    index = ParamIndex(model)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    out = Scores(metadata=getattr(scores, "metadata", {}))
+    for name, s in scores.items():
+        p = index.param(name)
+        if not is_dtensor(p):
+            out[name] = s.reshape(-1) if rank == 0 else s.new_empty(0)
+            continue
+        if tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
+            raise RuntimeError(
+                f"Cannot select a global top-k over {name!r}: it is sharded as {tuple(p.placements)} over a mesh "
+                f"of {p.device_mesh.size()} of {world} ranks, not Shard(0) over all of them (FSDP2 fully_shard "
+                "on a 1-D mesh). Compute the mask without this sharding and pass it as mask=..."
+            )
+        out[name] = s.reshape(-1)
+    return out
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -111,6 +140,7 @@ def compute_saliency(
     modules: Iterable[str] | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    after_backward: Callable[[], None] | None = None,
 ) -> Scores:
     """Score parameters (or neurons) of ``model`` by gradients of a loss over ``dataloader``.
 
@@ -127,13 +157,52 @@ def compute_saliency(
             every MLP down-projection (so score ``j`` is MLP hidden unit ``j``).
         max_batches: stop after this many batches.
         progress: show a tqdm bar.
+        after_backward: called after each batch's backward (e.g. DeepSpeed ZeRO-3's backward epilogue, see
+            :func:`hfhooks.freeze.deepspeed.finish_outside_backward`).
 
     Returns:
         :class:`Scores` — fp32 tensors on the parameters' devices; for ``act_x_grad`` keys are module names
-        and values have one entry per unit.
+        and values have one entry per unit. Under FSDP2 (parameters sharded as DTensors) each rank scores the
+        batches it is given and holds the scores of its local shards only (the gradients are the reduce-scattered
+        ones: averaged over ranks); select a mask from them with :func:`shard_slices` and
+        :meth:`~hfhooks.ParamMask.from_sharded_scores`.
     """
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not one of {SCORES}.")
+    with _outside_zero12(model):
+        return _compute(
+            model, dataloader, score, loss_fn, params, modules, max_batches, progress, after_backward
+        )
+
+
+@contextlib.contextmanager
+def _outside_zero12(model: nn.Module) -> Iterator[None]:
+    """DeepSpeed ZeRO-1/2: within the block the module holds plain parameters sharing the storage of its own.
+
+    The engine's gradient hooks sit on the module's parameters and reduce every gradient they see into its
+    partitioned buffers, marking it reduced until its next step; a scoring backward through them would leave
+    that state behind (ZeRO-2 then refuses the first training backward: "already been reduced"). Parameters
+    sharing the storage (every rank holds them in full under ZeRO-1/2) see the same forward and get their
+    own gradients, and the engine sees nothing. ZeRO-3 partitions the storage itself; see :func:`_zero3_slice`.
+    """
+    swapped, shadows = [], {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and hasattr(p, "_hp_mapping"):  # DeepSpeed's tag on ZeRO-1/2 parameters
+                if id(p) not in shadows:  # tied weights stay tied
+                    shadows[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                module._parameters[key] = shadows[id(p)]
+                swapped.append((module, key, p))
+    try:
+        yield
+    finally:
+        for module, key, p in swapped:
+            module._parameters[key] = p
+
+
+def _compute(
+    model, dataloader, score, loss_fn, params, modules, max_batches, progress, after_backward
+) -> Scores:
     index = ParamIndex(model)
     targets = _select_params(index, params) if score != "act_x_grad" else {}
     loss_fn = loss_fn or _default_loss
@@ -145,11 +214,11 @@ def compute_saliency(
             p.requires_grad_(any(p is t for t in targets.values()) if score != "act_x_grad" else False)
         if score == "act_x_grad":
             scores, n_batches, n_examples = _neuron_scores(
-                model, index, dataloader, loss_fn, modules, device, max_batches, progress
+                model, index, dataloader, loss_fn, modules, device, max_batches, progress, after_backward
             )
         else:
             scores, n_batches, n_examples = _param_scores(
-                model, targets, dataloader, score, loss_fn, device, max_batches, progress
+                model, targets, dataloader, score, loss_fn, device, max_batches, progress, after_backward
             )
     if n_batches == 0:
         raise ValueError("The dataloader yielded no batches: nothing to score.")
@@ -180,7 +249,9 @@ class _ScoringPass:
     """The owner of one scoring pass's hooks (:class:`HookSet` keeps a weak reference to its owner)."""
 
 
-def _backward_passes(model, dataloader, loss_fn, device, max_batches, progress, desc: str, what: str):
+def _backward_passes(
+    model, dataloader, loss_fn, device, max_batches, progress, desc: str, what: str, after=None
+):
     """One forward + backward per batch (the installed hooks collect the scores); ``(batches, examples)``."""
     n_batches = n_examples = 0
     for batch in _batches(dataloader, max_batches, progress, desc):
@@ -189,37 +260,81 @@ def _backward_passes(model, dataloader, loss_fn, device, max_batches, progress, 
         if not loss.requires_grad:
             raise ValueError(f"The loss does not depend on {what} (no grad_fn).")
         loss.backward()
+        if after is not None:
+            after()
         n_batches += 1
         n_examples += _batch_size(batch)
     return n_batches, n_examples
 
 
-def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress):
-    buffers = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in targets.items()}
+def _zero3_slice(p: torch.Tensor) -> tuple[int, int] | None:
+    """DeepSpeed ZeRO-3: ``(start, length)`` of this rank's partition in ``p``'s flat elements (rank ``r``
+    holds ``[r * n, (r + 1) * n)`` of them, the last one padded); ``None`` for any other parameter."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return None
+    start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * part.ds_numel
+    return start, max(0, min(part.ds_numel, p.ds_numel - start))
 
-    def make_hook(buf: torch.Tensor):
-        def fold(p: torch.Tensor) -> None:
-            g = p.grad
-            # A bf16/fp16 gradient folded into the fp32 buffer is upcast by a temporary fp32 copy on CPU
-            # (TensorIterator promotes CPU inputs by copying them): 2x the gradient's bytes, measured +131 MB
-            # for a 32M-row embedding. Slices bound that temporary to _FOLD_SLICE elements.
-            step = max(1, g.numel()) if g.dtype == buf.dtype else _FOLD_SLICE
-            flat_b, flat_g = buf.view(-1), g.reshape(-1)
-            for start in range(0, flat_g.numel(), step):
-                b, s = flat_b[start : start + step], flat_g[start : start + step]
-                if score in ("grad_abs_sum", "grad_x_weight"):
-                    b.add_(s)
-                elif score == "grad_sum_abs":
-                    b.add_(s.abs())
-                else:  # fisher
-                    b.addcmul_(s, s)
+
+def _fold(buf: torch.Tensor, g: torch.Tensor, score: str) -> None:
+    """Fold gradient ``g`` into the fp32 score buffer ``buf`` (same number of elements), in place."""
+    # A bf16/fp16 gradient folded into the fp32 buffer is upcast by a temporary fp32 copy on CPU
+    # (TensorIterator promotes CPU inputs by copying them): 2x the gradient's bytes, measured +131 MB
+    # for a 32M-row embedding. Slices bound that temporary to _FOLD_SLICE elements.
+    step = max(1, g.numel()) if g.dtype == buf.dtype else _FOLD_SLICE
+    flat_b, flat_g = buf.view(-1), g.reshape(-1)
+    for start in range(0, flat_g.numel(), step):
+        b, s = flat_b[start : start + step], flat_g[start : start + step]
+        if score in ("grad_abs_sum", "grad_x_weight"):
+            b.add_(s)
+        elif score == "grad_sum_abs":
+            b.add_(s.abs())
+        else:  # fisher
+            b.addcmul_(s, s)
+
+
+def _install_folds(hooks: HookSet, targets, buffers, slices, score: str) -> None:
+    """One fold per scored parameter, where its gradient can be read."""
+    for n, p in targets.items():
+        buf = buffers[n]
+        if slices[n] is not None:
+            # DeepSpeed ZeRO-3: its own hooks reduce the gradient into the engine's partitioned buffers after
+            # accumulation. Fold this rank's partition of the full gradient before that (a tensor hook) and
+            # hand the engine zeros, so that its gradient buffers hold nothing of the scoring pass.
+            def take(grad: torch.Tensor, buf=buf, where=slices[n]) -> torch.Tensor:
+                _fold(buf, grad.reshape(-1)[where[0] : where[0] + where[1]], score)
+                return torch.zeros_like(grad)
+
+            hooks.tensor_hook(p, take, n)
+            continue
+
+        def fold(p: torch.Tensor, buf=buf) -> None:
+            _fold(buf, local_tensor(p.grad), score)
             p.grad = None  # free it now: peak memory stays at one score buffer per parameter
 
-        return fold
+        hooks.post_accumulate_grad_hook(p, fold, n)
 
+
+def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batches, progress, after=None):
+    # FSDP2: one buffer per local shard (the hook fires on the sharded parameter after the reduce-scatter);
+    # ZeRO-3: one per local partition
+    slices = {n: _zero3_slice(p) for n, p in targets.items()}
+    if after is None and any(w is not None for w in slices.values()):
+        raise ValueError(
+            "compute_saliency on a DeepSpeed ZeRO-3 model needs after_backward=lambda: "
+            "hfhooks.freeze.deepspeed.finish_outside_backward(optimizer) (the engine's optimizer): its backward "
+            "runs outside engine.backward, and without the engine's epilogue after each batch the engine's "
+            "gradient state is left half-reduced for the next training step."
+        )
+    buffers = {
+        n: torch.zeros(
+            slices[n][1] if slices[n] else local_tensor(p).shape, dtype=torch.float32, device=p.device
+        )
+        for n, p in targets.items()
+    }
     with HookSet(_ScoringPass(), model, name="compute_saliency") as hooks:
-        for n, p in targets.items():
-            hooks.post_accumulate_grad_hook(p, make_hook(buffers[n]), n)
+        _install_folds(hooks, targets, buffers, slices, score)
         n_batches, n_examples = _backward_passes(
             model,
             dataloader,
@@ -229,12 +344,14 @@ def _param_scores(model, targets, dataloader, score, loss_fn, device, max_batche
             progress,
             f"saliency ({score})",
             "any scored parameter",
+            after,
         )
     for n, buf in buffers.items():
         if score == "grad_abs_sum":
             buf.abs_()
         elif score == "grad_x_weight":
-            buf.mul_(targets[n].detach().float()).abs_()
+            weight = targets[n].ds_tensor[: buf.numel()] if slices[n] else local_tensor(targets[n].detach())
+            buf.mul_(weight.float()).abs_()
     return buffers, n_batches, n_examples
 
 
@@ -242,7 +359,7 @@ def _default_neuron_modules(index: ParamIndex) -> list[str]:
     return [path for i in range(len(find_layers(index.model))) for path in mlp_projections(index, i)[1]]
 
 
-def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batches, progress):
+def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batches, progress, after=None):
     module_names = list(modules) if modules is not None else _default_neuron_modules(index)
     by_name = {}
     for name in module_names:
@@ -283,6 +400,7 @@ def _neuron_scores(model, index, dataloader, loss_fn, modules, device, max_batch
             progress,
             "saliency (act_x_grad)",
             "the scored activations",
+            after,
         )
     missing = [n for n in module_names if n not in sums]
     if missing and n_batches:

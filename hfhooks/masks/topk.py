@@ -9,14 +9,22 @@ whatever the number of scores; the cost is three streaming passes.
 Ties are broken exactly like a *stable* sort of the concatenated scores in iteration order: among equal
 scores at the threshold, earlier tensors win, and within a tensor lower flat indices win. So exactly
 ``k`` elements are selected, deterministically.
+
+Sharded scores (``sharded=True``: FSDP2, ZeRO-3): each rank holds a contiguous slice of every tensor's flat
+scores, in rank order. The same select runs on every rank with the histograms summed by ``all_reduce`` (two
+65 536-bin int64 vectors per selection, whatever the model size) instead of gathering any score, so every rank
+finds the same threshold and, with the per-rank counts of tied elements, the same tie order as one process
+holding the full scores: the selection is bit-identical to the unsharded one.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["DegenerateScoresWarning", "topk_masks"]
 
@@ -28,7 +36,7 @@ class DegenerateScoresWarning(UserWarning):
     """Scores that cannot rank what they select: all-zero tensors, or ties deciding much of a top-k."""
 
 
-_CHUNK = 1 << 22  # elements per streamed chunk: ~32 MB of int64 keys
+_CHUNK = 1 << 20  # elements per streamed chunk: ~8 MB of int64 keys (~40 MB of transients while keying one)
 _BINS = 1 << 16
 
 
@@ -46,15 +54,44 @@ def _chunks(t: torch.Tensor) -> Iterator[torch.Tensor]:
         yield flat[start : start + _CHUNK]
 
 
-def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, int, int]:
+class _Group:
+    """The process group a sharded selection sums its counts over (``None`` inside: one process, no collective)."""
+
+    def __init__(self, sharded: bool, group: Any = None):
+        self.on = sharded and dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.on else 0
+        self.world = dist.get_world_size(group) if self.on else 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (a new CPU tensor; NCCL reduces on the current GPU)."""
+        if not self.on:
+            return t
+        device = torch.device("cuda", torch.cuda.current_device()) if self._nccl() else t.device
+        buf = t.to(device, copy=True)
+        dist.all_reduce(buf, group=self.group)
+        return buf.to(t.device)
+
+    def per_rank(self, t: torch.Tensor) -> torch.Tensor:
+        """``(world, *t.shape)``: every rank's ``t`` (a small int64 vector), row ``r`` from rank ``r``."""
+        out = torch.zeros((self.world, *t.shape), dtype=t.dtype)
+        out[self.rank] = t
+        return self.sum(out)
+
+    def _nccl(self) -> bool:
+        return dist.get_backend(self.group) == "nccl"
+
+
+def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool, group: _Group) -> tuple[int, int, int]:
     """Key of the k-th best element (1-based), how many elements have a strictly better key, and how many
-    share the k-th key."""
+    share the k-th key (over every rank's slices when ``group`` is on)."""
     # Counted where the scores live (a GPU's scores are never copied to the CPU chunk by chunk); only the
     # 65 536-bin histograms move.
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for t in tensors:
         for c in _chunks(t):
             hist += torch.bincount(_keys(c, largest) >> 16, minlength=_BINS).cpu()
+    hist = group.sum(hist)  # the only data a sharded selection exchanges: counts, never scores
     # Walk buckets from the top: the bucket where the cumulative count from above reaches k.
     above = torch.flip(hist, [0]).cumsum(0)
     pos = int(torch.searchsorted(above, torch.tensor(k)))
@@ -67,6 +104,7 @@ def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, i
             sel = key[(key >> 16) == hi]
             if sel.numel():
                 low += torch.bincount(sel & 0xFFFF, minlength=_BINS).cpu()
+    low = group.sum(low)
     above_low = torch.flip(low, [0]).cumsum(0)
     pos_low = int(torch.searchsorted(above_low, torch.tensor(k - better)))
     lo = _BINS - 1 - pos_low
@@ -74,22 +112,50 @@ def _kth_key(tensors: list[torch.Tensor], k: int, largest: bool) -> tuple[int, i
     return (hi << 16) | lo, better, int(low[lo])
 
 
+def _tied_before(tensors: list[torch.Tensor], threshold: int, largest: bool, group: _Group) -> list[int]:
+    """For each tensor, how many elements equal to ``threshold`` come before this rank's slice of it in the
+    order of the concatenated full scores (earlier tensors on every rank, then lower ranks of this tensor)."""
+    local = torch.tensor(
+        [sum(int((_keys(c, largest) == threshold).sum()) for c in _chunks(t)) for t in tensors],
+        dtype=torch.int64,
+    )
+    counts = group.per_rank(local)  # (world, tensors)
+    before, seen = [], 0
+    for i in range(len(tensors)):
+        before.append(seen + int(counts[: group.rank, i].sum()))
+        seen += int(counts[:, i].sum())
+    return before
+
+
 def _select(
-    tensors: list[torch.Tensor], k: int, largest: bool, ties: list[tuple[int, int, int]] | None = None
+    tensors: list[torch.Tensor],
+    k: int,
+    largest: bool,
+    ties: list[tuple[int, int, int]] | None = None,
+    group: _Group | None = None,
+    total: int | None = None,
 ) -> list[torch.Tensor]:
     """Exact top-``k``; appends ``(k, elements taken by tie order, elements tied)`` to ``ties`` when tie order
-    decided part of the selection."""
-    total = sum(t.numel() for t in tensors)
+    decided part of the selection. With ``group`` on, ``tensors`` are this rank's slices and ``k`` counts over
+    every rank's (``total``: the number of elements over every rank, if known)."""
+    group = group or _Group(False)
+    if total is None:
+        total = int(group.sum(torch.tensor([sum(t.numel() for t in tensors)], dtype=torch.int64))[0])
     if k <= 0:
         return [torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
     if k >= total:
         return [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
-    threshold, better, tied = _kth_key(tensors, k, largest)
+    threshold, better, tied = _kth_key(tensors, k, largest, group)
     ties_left = k - better  # how many elements equal to the threshold still get selected
     if ties is not None and tied > ties_left:  # tie order, not the scores, picks ties_left of `tied`
         ties.append((k, ties_left, tied))
+    # Sharded: the tied elements before this rank's slice of each tensor take their share first.
+    before = _tied_before(tensors, threshold, largest, group) if group.on and tied > ties_left else None
     out = []
-    for t in tensors:
+    left = ties_left
+    for i, t in enumerate(tensors):
+        if before is not None:
+            left = max(ties_left - before[i], 0)
         mask = torch.empty(t.numel(), dtype=torch.bool, device=t.device)  # filled chunk by chunk: no cat copy
         start = 0
         for c in _chunks(t):
@@ -97,23 +163,56 @@ def _select(
             m = mask[start : start + c.numel()]
             torch.gt(key, threshold, out=m)
             eq = key == threshold
-            if ties_left > 0 and bool(eq.any()):
+            if left > 0 and bool(eq.any()):
                 rank = eq.cumsum(0)
-                m |= eq & (rank <= ties_left)
-                ties_left -= min(int(rank[-1]), ties_left)
+                m |= eq & (rank <= left)
+                left -= min(int(rank[-1]), left)
             start += c.numel()
         out.append(mask.reshape(t.shape))
     return out
 
 
+def _checked(
+    scores: Mapping[str, torch.Tensor], group: _Group
+) -> tuple[list[torch.Tensor], list[str], list[int]]:
+    """The scores as float tensors, the names of those that are all zero, and the tensors' sizes (over every
+    rank); raises on NaN on every rank alike, so that no rank is left waiting in a collective."""
+    tensors, flags = [], torch.zeros((len(scores), 3), dtype=torch.int64)  # (has NaN, has a non-zero, numel)
+    for i, t in enumerate(scores.values()):
+        t = t if torch.is_floating_point(t) else t.float()
+        flags[i, 0], flags[i, 1] = int(bool(torch.isnan(t).any())), int(bool(t.any()))
+        flags[i, 2] = t.numel()
+        tensors.append(t)
+    flags = group.sum(flags)  # one collective for the three
+    numel = flags[:, 2].tolist()
+    names = list(scores)
+    for i, name in enumerate(names):
+        if flags[i, 0]:
+            raise ValueError(
+                f"Scores for {name!r} contain NaN; fix the scoring (e.g. a NaN loss) before selecting."
+            )
+    return tensors, [n for i, n in enumerate(names) if numel[i] and not flags[i, 1]], numel
+
+
 def topk_masks(
-    scores: Mapping[str, torch.Tensor], ratio: float, scope: str = "global", largest: bool = True
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    scope: str = "global",
+    largest: bool = True,
+    sharded: bool = False,
+    group: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Boolean masks selecting the top ``ratio`` fraction of ``scores`` (bottom fraction if not ``largest``).
 
     ``scope="global"`` uses one threshold over every element of every tensor (the SalUn rule);
     ``scope="tensor"`` keeps ``round(ratio * numel)`` elements of each tensor. Exactly
     ``round(ratio * N)`` elements are kept; ties at the threshold go to earlier tensors and lower flat indices.
+
+    ``sharded=True`` (a collective: every rank of ``group``, default the whole world, calls it with the same
+    names in the same order): each value is this rank's contiguous slice of the tensor's flat scores, the slices
+    in rank order (a ``Shard(0)`` DTensor's local shard, a ZeRO-3 partition; empty where a rank holds none).
+    ``N`` and the selection are over the full tensors, exactly as one process holding them would select; each
+    rank gets the masks of its own slices.
 
     >>> import torch
     >>> m = topk_masks({"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([2.0, 3.0])}, ratio=0.5)
@@ -127,19 +226,8 @@ def topk_masks(
     names = list(scores)
     if not names:
         raise ValueError("No scores given: nothing to select from.")
-    tensors = []
-    zero = []
-    for name in names:
-        t = scores[name]
-        if not torch.is_floating_point(t):
-            t = t.float()
-        if bool(torch.isnan(t).any()):
-            raise ValueError(
-                f"Scores for {name!r} contain NaN; fix the scoring (e.g. a NaN loss) before selecting."
-            )
-        if t.numel() and not bool(t.any()):
-            zero.append(name)
-        tensors.append(t)
+    g = _Group(sharded, group)
+    tensors, zero, numel = _checked(scores, g)
     if zero:
         warnings.warn(
             f"Scores of {len(zero)} of {len(names)} tensors are all zero (e.g. {zero[:3]}): they cannot be ranked, "
@@ -151,10 +239,12 @@ def topk_masks(
         )
     ties: list[tuple[int, int, int]] = []
     if scope == "tensor":
-        out = {n: _select([t], round(ratio * t.numel()), largest, ties)[0] for n, t in zip(names, tensors)}
+        out = {
+            n: _select([t], round(ratio * size), largest, ties, g, size)[0]
+            for n, t, size in zip(names, tensors, numel)
+        }
     else:
-        k = round(ratio * sum(t.numel() for t in tensors))
-        out = dict(zip(names, _select(tensors, k, largest, ties)))
+        out = dict(zip(names, _select(tensors, round(ratio * sum(numel)), largest, ties, g, sum(numel))))
     selected = sum(k for k, _, _ in ties)
     by_order = sum(taken for _, taken, _ in ties)
     if selected and by_order > TIE_WARN_FRACTION * selected:

@@ -12,13 +12,12 @@ from transformers import TrainerCallback
 
 from hfhooks.core.data import TaggedCollator
 from hfhooks.core.params import ParamIndex
-from hfhooks.freeze.deepspeed import require_zero
+from hfhooks.freeze.deepspeed import finish_outside_backward, full_shape, require_zero, zero_stage
 from hfhooks.freeze.gradient_mask import GradientMask
 from hfhooks.masks.lora import lora_layers, lora_unit_mask, lora_unit_saliency
 from hfhooks.masks.mask import ParamMask
-from hfhooks.masks.saliency import compute_saliency
+from hfhooks.masks.saliency import compute_saliency, shard_slices
 from hfhooks.trainer.guards import (
-    fsdp_version,
     has_dtensors,
     has_fused_lm_head,
     refuse_lossless_outputs,
@@ -48,8 +47,10 @@ class SaliencyUnlearningCallback(TrainerCallback):
     ``forget`` and keeps the top ``ratio`` globally — or uses ``mask`` — then enforces it with the hard-freeze
     guarantee and swaps the model's loss for the objective. Train on
     :func:`~hfhooks.forget_retain_dataset` ``(forget, retain)`` with ``data_collator=TaggedCollator(...)``.
-    Under DDP every rank scores the whole forget set and rank 0's scores are broadcast, so all ranks hold the
-    same mask. On a PeftModel with LoRA adapters the mask is over output units (see
+    Under DDP (and DeepSpeed ZeRO-1/2) every rank scores the whole forget set and rank 0's scores are broadcast,
+    so all ranks hold the same mask. Under FSDP2 and ZeRO-3 every rank scores the whole forget set on its own
+    shards / partitions only, and the top-k is global (:meth:`~hfhooks.ParamMask.from_sharded_scores`): every
+    rank gets the same mask, the one a single process would select from the full scores. On a PeftModel with LoRA adapters the mask is over output units (see
     :func:`~hfhooks.masks.lora.lora_unit_saliency`): the adapted base weights are scored, the top ``ratio`` of their
     output units keep trainable ``lora_B`` rows, the others' ``lora_B`` rows stay zero.
 
@@ -111,7 +112,7 @@ class SaliencyUnlearningCallback(TrainerCallback):
         self.hook = None
         self._own_reference = False
 
-    def _compute_mask(self, model) -> ParamMask:
+    def _compute_mask(self, model, optimizer=None) -> ParamMask:
         loader = torch.utils.data.DataLoader(self.forget, batch_size=self.batch_size, collate_fn=self.collate)
         lora = bool(lora_layers(model))
         if (
@@ -119,7 +120,22 @@ class SaliencyUnlearningCallback(TrainerCallback):
         ):  # a fresh adapter's own weights score 0 (B = 0): score the adapted base weights' output units
             scores = lora_unit_saliency(model, loader, progress=self.progress)
         else:
-            scores = compute_saliency(model, loader, "grad_abs_sum", progress=self.progress)
+            scores = compute_saliency(
+                model,
+                loader,
+                "grad_abs_sum",
+                progress=self.progress,
+                after_backward=lambda: finish_outside_backward(optimizer),  # ZeRO-3: the engine's epilogue
+            )
+        if not lora and (has_dtensors(model) or zero_stage(model) == 3):
+            # FSDP2 / ZeRO-3: each rank holds the scores of its shards / partitions; the top-k is global (summed
+            # histograms: no score leaves its rank) and every rank assembles the same full mask
+            local = shard_slices(model, scores) if has_dtensors(model) else scores
+            shapes = {n: full_shape(p) for n, p in ParamIndex(model).items()}
+            mask = ParamMask.from_sharded_scores(local, self.ratio, shapes)
+            mask.metadata.update(scores.metadata)
+            mask.metadata["config"] = self.config.to_dict()
+            return mask
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for t in scores.values():  # identical masks on every rank, whatever the float noise
                 torch.distributed.broadcast(t, src=0)
@@ -157,27 +173,20 @@ class SaliencyUnlearningCallback(TrainerCallback):
                 "label-smoothed cross-entropy on every example, so the forget/retain objective would neither see "
                 "the labels nor act. Set label_smoothing_factor=0."
             )
+        if uses_deepspeed(args):  # checked before the (costly) saliency pass
+            require_zero(model, "SaliencyUnlearningCallback")
         self._detach()
         restored = self._restore(args, state)
-        if not restored and self.mask is None and (fsdp_version(args) == 2 or has_dtensors(model)):
+        sharded = "FSDP2" if has_dtensors(model) else "DeepSpeed" if uses_deepspeed(args) else None
+        if not restored and self.mask is None and sharded and lora_layers(model):
             raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score saliency under FSDP2 (gradients are sharded, the top-k "
-                "must be global). Compute the mask first — this callback under DDP or one process with "
-                "save_mask=..., or hfhooks.compute_saliency + ParamMask.from_scores — and pass mask=... here."
-            )
-        if not restored and self.mask is None and uses_deepspeed(args):
-            raise RuntimeError(
-                "SaliencyUnlearningCallback cannot score saliency under DeepSpeed: the saliency pass runs its own "
-                "backward through the model, outside the engine, whose ZeRO hooks would reduce those gradients "
-                "into the engine's partitioned buffers (ZeRO-3 also holds each weight as a partition), so the "
-                "scores would not be the full gradients and the engine's gradient state would be left "
-                "dirty. Compute the mask first — this "
-                "callback under DDP or one process with save_mask=..., or hfhooks.compute_saliency + "
-                "ParamMask.from_scores — and pass mask=... here (a precomputed mask trains under ZeRO-1/2/3)."
+                f"SaliencyUnlearningCallback cannot score a LoRA unit mask under {sharded} (the unit scores of "
+                "sharded base weights are not gathered). Compute the mask first — this callback under DDP or one "
+                "process with save_mask=... — and pass mask=... here."
             )
         if not restored:
             if self.mask is None:
-                self.mask = self._compute_mask(model)
+                self.mask = self._compute_mask(model, optimizer)
                 if self.save_mask is not None and state.is_world_process_zero:
                     self.mask.save(self.save_mask, model=model, config=self.config.to_dict())
             if self.objective.name == "npo" and (self.objective.reference is None or self._own_reference):
@@ -187,8 +196,6 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     model, self.forget, self.collate, self.batch_size, self.progress
                 )
                 self._own_reference = True
-        if uses_deepspeed(args):
-            require_zero(model, "SaliencyUnlearningCallback")
         self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
 

@@ -87,10 +87,19 @@ def test_unlearning_with_a_precomputed_mask(ranks, stage):
     assert_held(ranks, stage, "unlearning")
 
 
-@pytest.mark.parametrize("stage", _stages("unlearning", variant="scoring the mask", expect="error"))
-def test_unlearning_refuses_to_score_a_mask(ranks, stage, record_property):
-    assert_refused(ranks, stage, "unlearning_scoring", "cannot score saliency under DeepSpeed", "pass mask=",
-                   record=record_property)  # fmt: skip
+@pytest.mark.parametrize("stage", _stages("unlearning", variant="scoring the mask"))
+def test_unlearning_scores_its_mask_through_the_engine(ranks, stage):
+    """The saliency pass at train begin: ZeRO-1/2 on plain parameters sharing the module's storage (the engine's
+    hooks see nothing), ZeRO-3 on each rank's partition with a global top-k (summed histograms). Both ranks hold
+    the same mask, equal bit for bit to the single-process one, and the run ends bit-identical to one given that
+    mask: the scoring pass left nothing in the engine's gradient state."""
+    assert_held(ranks, stage, "unlearning_scoring")
+    r0, r1 = ranks[0][f"zero{stage}"]["unlearning_scoring"], ranks[1][f"zero{stage}"]["unlearning_scoring"]
+    assert r0["mask_hash"] == r1["mask_hash"], "the ranks hold different masks"
+    for r in (r0, r1):
+        assert r["equals_single_process"], "the mask differs from the single-process one"
+        assert r["density"] == 0.5
+        assert r["given_status"] == "ok" and r["equals_given_mask_run"], "scoring changed the training run"
 
 
 def routed(ranks: list[dict], stage: int, key: str, steps: int = 3) -> dict:

@@ -58,11 +58,18 @@ def test_unlearning_with_a_precomputed_mask(ranks):
     assert_trained_and_frozen(ranks, "unlearning")
 
 
-@pytest.mark.compat(callback="unlearning", setup="fsdp2", variant="scoring the mask", expect="error")
-def test_unlearning_refuses_to_score_a_mask_under_fsdp2(ranks, record_property):
-    assert_refused(
-        ranks, "unlearning_scoring", "cannot score saliency under FSDP2", "pass mask=", record=record_property
-    )
+@pytest.mark.compat(callback="unlearning", setup="fsdp2", variant="scoring the mask")
+def test_unlearning_scores_a_global_mask_under_fsdp2(ranks):
+    """Each rank scores its shards, the top-k is global (summed radix histograms): every rank holds the same
+    mask, equal bit for bit to the one a single process computes from an unsharded copy and to from_scores over
+    the gathered full scores; training then holds it."""
+    assert_trained_and_frozen(ranks, "unlearning_scoring")
+    r0, r1 = ranks[0]["unlearning_scoring"], ranks[1]["unlearning_scoring"]
+    assert r0["mask_hash"] == r1["mask_hash"], "the ranks hold different masks"
+    for r in (r0, r1):
+        assert r["equals_single_process"], "the sharded mask differs from the single-process one"
+        assert r["equals_full_scores"], "the sharded top-k differs from the top-k of the gathered scores"
+        assert r["density"] == 0.5
 
 
 @pytest.mark.compat(callback="routing", setup="fsdp2")

@@ -25,7 +25,10 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   ``offload`` below; ``routing_resumed``: forget-only, strict, resumed from checkpoint-2 (as ``resumed`` below);
   ``routing_activation``: retain-only at ``level="activation"`` (the forward pre-hooks route: no gradient, so no
   Adam state, may reach a dedicated coordinate);
-* refusals (``unlearning_scoring``): the message.
+* ``unlearning_scoring``: ``SaliencyUnlearningCallback`` scoring its own mask at train begin (ZeRO-3: a global
+  top-k over the ranks' partitions), the same checks, plus: the mask is the same on both ranks (hash), equals the
+  single-process mask of an unsharded copy, and the run ends bit-identical to one given that mask (the scoring
+  pass left nothing in the engine's gradient state);
 
 Writes ``<out>/rank<R>.json``: ``zero1`` / ``zero2`` / ``zero3`` (the trained runs), then the refusals. ZeRO-3 needs ``deepspeed.init_distributed`` after ``TrainingArguments`` and before
 the model is built (the Trainer's own setup comes too late for ``zero.Init``).
@@ -155,7 +158,7 @@ def gather(index) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(out, stage, make_callback, dataset, collator=None, offload=False, resume=False):
+def train(out, stage, make_callback, dataset, collator=None, offload=False, resume=False, keep_weights=False):
     """Train 3 steps; ``resume``: save checkpoint-2 on the way, then a fresh model and Trainer resume from it."""
     args = training_args(
         out, stage, offload, **({"save_strategy": "steps", "save_steps": 2} if resume else {})
@@ -190,6 +193,57 @@ def train(out, stage, make_callback, dataset, collator=None, offload=False, resu
     result.update(
         status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage
     )
+    if keep_weights:
+        result["weights"] = gather(index)
+    return result
+
+
+def mask_hash(mask) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n in sorted(mask.names()):
+        h.update(n.encode() + mask.packed(n).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_scoring(out, stage, forget, dataset):
+    """SalUn scoring its own mask through the engine (ZeRO-3: a global top-k over the ranks' partitions), then
+    training; compared with the single-process mask of an unsharded copy, and with a run given that mask as
+    ``mask=`` (equal final weights: the scoring pass left no gradient in the engine)."""
+    from hfhooks import compute_saliency
+
+    args = training_args(os.path.join(out, "scored"), stage)
+    if stage == 3:
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = tiny(stage)
+    index = ParamIndex(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        initial = {n: p.detach().clone() for n, p in index.items()}
+    reference = T.LlamaForCausalLM(model.config)
+    assert not any(hasattr(p, "ds_id") for p in reference.parameters())
+    reference.load_state_dict(initial)
+    # two scoring batches: the engine's epilogue after each backward is exercised twice
+    loader = torch.utils.data.DataLoader(forget, batch_size=4, collate_fn=TaggedCollator().base)
+    single = ParamMask.from_scores(compute_saliency(reference, loader, progress=False), 0.5)
+    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.5, batch_size=4, progress=False)
+    trainer = T.Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=TaggedCollator(), callbacks=[cb]
+    )
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    result = compare(trainer, index, initial, cb.mask)
+    scored = gather(index)
+    given = train(os.path.join(out, "given"), stage,
+                  lambda _: SaliencyUnlearningCallback(forget, objective="graddiff", mask=single, progress=False),
+                  dataset, TaggedCollator(), keep_weights=True)  # fmt: skip
+    result.update(status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage,
+                  mask_hash=mask_hash(cb.mask), equals_single_process=cb.mask == single,
+                  density=cb.mask.density(), given_status=given["status"],
+                  equals_given_mask_run=all(torch.equal(scored[n], given["weights"][n]) for n in scored)
+                  if given["status"] == "ok" else False)  # fmt: skip
     return result
 
 
@@ -491,7 +545,7 @@ def main():
             "resumed": train(os.path.join(where, "res"), stage, GradientMaskCallback, data, resume=True),
         }
         # refusals are read from the arguments (and the model) at train begin
-        r["unlearning_scoring"] = refused(where, stage, SaliencyUnlearningCallback(forget, progress=False))
+        r["unlearning_scoring"] = train_scoring(os.path.join(where, "score"), stage, forget, tagged)
         r["attribution"] = attribution(os.path.join(where, "attr"), stage)
         r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
         r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)

@@ -262,6 +262,45 @@ def routing_plain_loop():
             "digest": float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))}  # fmt: skip
 
 
+def mask_hash(mask) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n in sorted(mask.names()):
+        h.update(n.encode() + mask.packed(n).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_scoring(out, forget, batches):
+    """SalUn scoring its own mask on the sharded model (global top-k over the ranks' shards), then training.
+
+    The mask is compared with the one a single process computes from an unsharded copy of the model, and with
+    ``ParamMask.from_scores`` over this run's own scores gathered in full."""
+    from torch.distributed.tensor import DTensor as DT
+
+    from hfhooks import compute_saliency
+
+    reference = tiny()
+    loader = torch.utils.data.DataLoader(forget, batch_size=4, collate_fn=TaggedCollator().base)
+    single = ParamMask.from_scores(compute_saliency(reference, loader, progress=False), 0.5)
+    model = tiny()
+    initial = {n: p.detach().clone() for n, p in ParamIndex(model).items()}
+    model = shard(model)
+    local = compute_saliency(model, loader, progress=False)
+    index = ParamIndex(model)
+    gathered = {n: DT.from_local(s, index.param(n).device_mesh, index.param(n).placements,
+                                 shape=index.param(n).shape, stride=index.param(n).stride()).full_tensor()
+                for n, s in local.items()}  # fmt: skip
+    from_full = ParamMask.from_scores(gathered, 0.5)
+    cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.5, batch_size=4, progress=False)
+    drive(cb, model, batches, os.path.join(out, "unlearn_scoring"))
+    moved, changed = compare(model, initial, cb.mask)
+    return {"status": "ok", "moved": moved, "changed": changed, "hooks_left": hooks_left(model),
+            "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+            "mask_hash": mask_hash(cb.mask), "equals_single_process": cb.mask == single,
+            "equals_full_scores": cb.mask == from_full, "density": cb.mask.density()}  # fmt: skip
+
+
 def plain_loop():
     """The core API on a model sharded by hand with fully_shard (no Trainer)."""
     from torch.distributed.fsdp import fully_shard
@@ -518,9 +557,7 @@ def main():
         return SaliencyUnlearningCallback(forget, objective="graddiff", mask=mask, progress=False), mask
 
     results["unlearning"] = run_trained("unlearn", out, unlearn, unlearn_batches)
-    results["unlearning_scoring"] = run_refused(
-        "unlearn_scoring", out, SaliencyUnlearningCallback(forget, progress=False)
-    )
+    results["unlearning_scoring"] = run_scoring(out, forget, unlearn_batches)
     results["routing"] = run_routing(out)
     results["routing_core_activation"] = routing_plain_loop()
     results["attribution_gradients"] = attribution_gradients()
