@@ -150,7 +150,7 @@ def lora_check(base, tok, data, pad: Pad, out: Path, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/smollm2_diffs")
-    p.add_argument("--quick", action="store_true", help="8 examples per task, 1 epoch (smoke run)")
+    p.add_argument("--quick", action="store_true", help="8 examples per task, 2 epochs (smoke run)")
     p.add_argument("--examples", type=int, default=24, help="QA pairs per task")
     p.add_argument("--epochs", type=float, default=5.0)
     p.add_argument("--lr", type=float, default=1e-4, help="full-weight fine-tunes")
@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.quick:
-        args.examples, args.epochs = 8, 1.0
+        args.examples, args.epochs = 8, 2.0
     out = Path(args.out)
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
