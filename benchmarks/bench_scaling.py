@@ -114,8 +114,16 @@ def zero3(op: str, out: str, result: dict) -> None:
     )
 
     # DeepSpeed's defaults keep up to 1e9 gathered parameters live between uses (the whole model here); 1e6 makes
-    # it release each layer's gathered weights after use, the setting a run that needs ZeRO-3's memory uses
-    zero = {"stage": 3, "stage3_max_live_parameters": 1e6, "stage3_max_reuse_distance": 1e6}
+    # it release each layer's gathered weights after use, the setting a run that needs ZeRO-3's memory uses.
+    # Its default reduce / prefetch buckets (5e8 / 5e7 elements: up to 2 GB fp32) are per-rank buffers that do not
+    # shrink with more ranks; a memory-bound run sets them small too (measured: +2.2 GB per rank at the defaults).
+    zero = {
+        "stage": 3,
+        "stage3_max_live_parameters": 1e6,
+        "stage3_max_reuse_distance": 1e6,
+        "reduce_bucket_size": 5e6,
+        "stage3_prefetch_bucket_size": 5e6,
+    }
     ds = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
           "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}  # fmt: skip
     args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=1, max_steps=2, use_cpu=True,

@@ -102,6 +102,20 @@ def test_unlearning_scores_its_mask_through_the_engine(ranks, stage):
         assert r["given_status"] == "ok" and r["equals_given_mask_run"], "scoring changed the training run"
 
 
+@pytest.mark.parametrize(
+    "stage",
+    _stages(
+        "unlearning", variant="scoring the mask; bf16, offload_optimizer (ZeRO-3: and offload_param) to CPU"
+    ),
+)
+def test_unlearning_scores_its_mask_with_bf16_and_offload(ranks, stage):
+    """Scoring through an engine whose masters (ZeRO-3: and parameters) live in CPU buffers, the module in bf16:
+    the same mask on both ranks, then held in the module, the masters and the optimizer state."""
+    assert_held(ranks, stage, "unlearning_scoring_offload")
+    r = ranks[0][f"zero{stage}"]["unlearning_scoring_offload"]
+    assert r["dtype"] == "torch.bfloat16" and r["density"] == 0.5, r
+
+
 def routed(ranks: list[dict], stage: int, key: str, steps: int = 3) -> dict:
     """The routing run ``key`` of ``stage``, checked to have trained under that stage, identically on both ranks,
     with every micro-batch's label counted (3 steps x 2 accumulated micro-batches; a resumed run counts on from
@@ -201,6 +215,22 @@ def test_attribution_alignment(ranks, stage):
         if stage == 1:
             assert r["max_diff_vs_ddp"] == 0.0, r
         assert r["max_diff_vs_ddp"] < 0.01 * r["penalty_effect"], r
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [pytest.param(s, marks=pytest.mark.compat(callback="attribution", setup=f"zero{s}",
+                                              variant="bf16, offload_optimizer to CPU"), id=f"zero{s}")
+     for s in (1, 2)],
+)  # fmt: skip
+def test_attribution_alignment_with_bf16_and_offload(ranks, stage):
+    """The penalty trains with a bf16 module and the masters and Adam state in DeepSpeed's CPU buffers."""
+    for rank, results in enumerate(ranks):
+        r = results[f"zero{stage}"]["attribution_offload"]
+        assert r["status"] == "ok", (rank, r)
+        assert r["zero"] == stage, r
+        assert r["checked"] and len(r["terms"]) == 2 and all(t > 0 for t in r["terms"]), r
+        assert r["hooks_left"] == 0
 
 
 @pytest.mark.parametrize("stage", [pytest.param(3, marks=pytest.mark.compat(callback="attribution", setup="zero3", expect="error"), id="zero3")])  # fmt: skip

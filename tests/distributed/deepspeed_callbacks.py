@@ -14,7 +14,8 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   bf16 mixed precision (a bf16 module, fp32 masters);
 * ``restoration`` / ``restoration_offload`` (bf16 + offload) / ``restoration_variant``: ``LayerRestorationCallback``
   (layer 0 back to the initial weights): module, fp32 masters, checkpoint files and a resumed run's weights;
-* ``attribution``: ``AttributionAlignmentCallback`` against the same run under DDP (ZeRO-3: the refusal), and
+* ``attribution``: ``AttributionAlignmentCallback`` against the same run under DDP (ZeRO-3: the refusal);
+  ``attribution_offload`` (ZeRO-1/2): with bf16 and ``offload_optimizer``; and
   ``double_backprop``: the ZeRO-3 failure the refusal cites, shown with a stock Trainer (no hfhooks);
 * ``routing_forget`` / ``routing_retain``: ``GradientRoutingCallback`` (strict, parameter level, its default
   dedicated mask) on forget-only / retain-only data; this rank reports the coordinates those steps must hold
@@ -25,7 +26,8 @@ torch AdamW (weight decay 0.1, gradient accumulation 2, clipping 0.5) trains a t
   ``offload`` below; ``routing_resumed``: forget-only, strict, resumed from checkpoint-2 (as ``resumed`` below);
   ``routing_activation``: retain-only at ``level="activation"`` (the forward pre-hooks route: no gradient, so no
   Adam state, may reach a dedicated coordinate);
-* ``unlearning_scoring``: ``SaliencyUnlearningCallback`` scoring its own mask at train begin (ZeRO-3: a global
+* ``unlearning_scoring`` (and ``unlearning_scoring_offload``, with bf16 and the offload of ``offload``):
+  ``SaliencyUnlearningCallback`` scoring its own mask at train begin (ZeRO-3: a global
   top-k over the ranks' partitions), the same checks, plus: the mask is the same on both ranks (hash), equals the
   single-process mask of an unsharded copy, and the run ends bit-identical to one given that mask (the scoring
   pass left nothing in the engine's gradient state);
@@ -207,13 +209,14 @@ def mask_hash(mask) -> str:
     return h.hexdigest()
 
 
-def train_scoring(out, stage, forget, dataset):
+def train_scoring(out, stage, forget, dataset, offload=False):
     """SalUn scoring its own mask through the engine (ZeRO-3: a global top-k over the ranks' partitions), then
     training; compared with the single-process mask of an unsharded copy, and with a run given that mask as
-    ``mask=`` (equal final weights: the scoring pass left no gradient in the engine)."""
+    ``mask=`` (equal final weights: the scoring pass left no gradient in the engine). ``offload``: bf16 and the
+    offload of ``offload`` (the masks are then only compared across ranks: bf16 scores differ from fp32's)."""
     from hfhooks import compute_saliency
 
-    args = training_args(os.path.join(out, "scored"), stage)
+    args = training_args(os.path.join(out, "scored"), stage, offload)
     if stage == 3:
         deepspeed.init_distributed(dist_backend="gloo")
     model = tiny(stage)
@@ -235,6 +238,10 @@ def train_scoring(out, stage, forget, dataset):
     except RuntimeError as e:
         return {"status": "error", "message": str(e)}
     result = compare(trainer, index, initial, cb.mask)
+    if offload:
+        result.update(status="ok", hooks_left=hooks_left(model), zero=trainer.accelerator.deepspeed_plugin.zero_stage,
+                      mask_hash=mask_hash(cb.mask), density=cb.mask.density())  # fmt: skip
+        return result
     scored = gather(index)
     given = train(os.path.join(out, "given"), stage,
                   lambda _: SaliencyUnlearningCallback(forget, objective="graddiff", mask=single, progress=False),
@@ -433,10 +440,13 @@ def restoration_variant(out, stage, data):
 _ATTRIBUTION_DDP: dict = {}  # the DDP reference runs (stage-independent): trained once, on first use
 
 
-def _attribution_run(out, weight, deepspeed_stage=None):
+def _attribution_run(out, weight, deepspeed_stage=None, offload=False):
     """Train the tiny BERT classifier 2 steps with the alignment term (``weight``) under DDP (no stage) or
-    ZeRO-``deepspeed_stage``; return the gathered weights, the logged terms and the hooks left."""
-    kw = {"deepspeed": ds_config(deepspeed_stage)} if deepspeed_stage else {"ddp_backend": "gloo"}
+    ZeRO-``deepspeed_stage`` (``offload``: bf16 and optimizer offload); return the gathered weights, the logged
+    terms and the hooks left."""
+    kw = {"deepspeed": ds_config(deepspeed_stage, offload)} if deepspeed_stage else {"ddp_backend": "gloo"}
+    if offload:
+        kw["bf16"] = True
     args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                max_steps=2, learning_rate=5e-2, weight_decay=0.1, max_grad_norm=0.5,
                                optim="adamw_torch", use_cpu=True, report_to=[], logging_steps=1,
@@ -478,6 +488,16 @@ def attribution(out, stage):
             "zero": zero, "reference_zero": ref_zero,
             "max_diff_vs_ddp": max(float((weights[n] - ref[n]).abs().max()) for n in ref),
             "penalty_effect": max(float((plain[n] - ref[n]).abs().max()) for n in ref)}  # fmt: skip
+
+
+def attribution_offload(out, stage):
+    """``AttributionAlignmentCallback`` under ZeRO-``stage`` with bf16 and ``offload_optimizer`` to CPU: trains,
+    logs its term, leaves no hook."""
+    try:
+        _, terms, hooks, checked, zero = _attribution_run(out, 1.0, stage, offload=True)
+    except RuntimeError as e:
+        return {"status": "error", "message": str(e)}
+    return {"status": "ok", "terms": terms, "hooks_left": hooks, "checked": checked, "zero": zero}
 
 
 def add_input_gradient_penalty(model):
@@ -546,7 +566,12 @@ def main():
         }
         # refusals are read from the arguments (and the model) at train begin
         r["unlearning_scoring"] = train_scoring(os.path.join(where, "score"), stage, forget, tagged)
+        r["unlearning_scoring_offload"] = train_scoring(
+            os.path.join(where, "scoreo"), stage, forget, tagged, True
+        )
         r["attribution"] = attribution(os.path.join(where, "attr"), stage)
+        if stage in (1, 2):
+            r["attribution_offload"] = attribution_offload(os.path.join(where, "attro"), stage)
         r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
         r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
         r["restoration_variant"] = restoration_variant(os.path.join(where, "restv"), stage, data)
