@@ -98,6 +98,27 @@ def finetune(model, data: list[dict], pad: Pad, out: Path, name: str, args) -> f
     return time.perf_counter() - t
 
 
+def cached_finetune(model, data: list[dict], pad: Pad, out: Path, name: str, args) -> float:
+    """:func:`finetune`, or — with ``--reuse`` and a checkpoint of an earlier run with the same settings in
+    ``out/ckpt/<name>`` — its weights and recorded time; the fine-tuned weights are saved there either way."""
+    ckpt = out / "ckpt" / name
+    stamp = json.dumps({k: getattr(args, k) for k in ("authors", "holdout_authors", "forget_frac", "epochs", "lr",
+                                                       "seed")}, sort_keys=True)  # fmt: skip
+    if args.reuse and (ckpt / "hfhooks_demo.json").is_file():
+        saved = json.loads((ckpt / "hfhooks_demo.json").read_text())
+        if saved["settings"] == stamp:
+            from safetensors.torch import load_file
+
+            state = load_file(ckpt / "model.safetensors")
+            model.load_state_dict(state, strict=False)  # the tied LM head is not stored
+            model.eval()
+            return saved["train_s"]
+    secs = finetune(model, data, pad, out, name, args)
+    model.save_pretrained(ckpt)
+    (ckpt / "hfhooks_demo.json").write_text(json.dumps({"settings": stamp, "train_s": secs}))
+    return secs
+
+
 # ------------------------------------------------------------------------------------------------- unlearning
 def methods(ratio: float) -> dict[str, tuple[str, float, float]]:
     """name: (objective, retain weight, mask ratio); ratio 1 = every weight may change."""
@@ -229,6 +250,9 @@ def main() -> None:
     p.add_argument("--relearn-lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0, help="data and fine-tuning seed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse the target / retain model saved by an earlier run"
+    )
     args = p.parse_args()
     if args.quick:
         args.authors, args.holdout_authors, args.seeds, args.no_lora = 10, 1, [0], True
@@ -256,9 +280,9 @@ def main() -> None:
     pad = Pad(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     forget_tok, retain_tok = tokenize(tok, sets["forget"]), tokenize(tok, sets["retain"])
     target = copy.deepcopy(base)
-    t_target = finetune(target, forget_tok + retain_tok, pad, out, "target", args)
+    t_target = cached_finetune(target, forget_tok + retain_tok, pad, out, "target", args)
     retain_model = base
-    t_retain = finetune(retain_model, retain_tok, pad, out, "retain", args)
+    t_retain = cached_finetune(retain_model, retain_tok, pad, out, "retain", args)
     reference = lm_reference(retain_model, tok, sets["forget"], sets["holdout"], batch_size=8)
 
     rows: dict[str, list[dict]] = {
@@ -287,6 +311,9 @@ def main() -> None:
                        "relearn_steps": relearn(model, tok, sets, threshold, seed, args)}  # fmt: skip
                 row["eval_s"] = time.perf_counter() - t
                 rows.setdefault(label, []).append(row)
+                (out / "rows.partial.json").write_text(
+                    json.dumps(rows, indent=1)
+                )  # a run cut short keeps these
                 del model
                 print(
                     f"{label} seed {seed}: " + json.dumps({k: rows[label][-1].get(k) for k in KEYS}),
