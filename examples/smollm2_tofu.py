@@ -110,7 +110,11 @@ def cached_finetune(model, data: list[dict], pad: Pad, out: Path, name: str, arg
             from safetensors.torch import load_file
 
             state = load_file(ckpt / "model.safetensors")
-            model.load_state_dict(state, strict=False)  # the tied LM head is not stored
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or set(missing) - {"lm_head.weight"}:  # the tied LM head is not stored
+                raise RuntimeError(
+                    f"{ckpt} does not fit the model: missing {missing}, unexpected {unexpected}"
+                )
             model.eval()
             return saved["train_s"]
     secs = finetune(model, data, pad, out, name, args)
