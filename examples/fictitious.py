@@ -2,13 +2,16 @@
 perturbed answers), invented countries and their capitals, and sums. Nothing here exists, so whatever a model
 answers about them it learnt from our fine-tuning — what unlearning and task-vector experiments need.
 
-Imported by ``examples/smollm2_tofu.py`` and ``examples/smollm2_diffs.py`` (Python puts a script's folder on
+Also the batching the three demonstrations share (:class:`Pad`, :func:`tokenize_qa`). Imported by
+``examples/smollm2_tofu.py``, ``examples/smollm2_sgtm.py`` and ``examples/smollm2_diffs.py`` (Python puts a script's folder on
 ``sys.path``, so ``import fictitious`` works when they are run as ``python examples/<script>.py``).
 """
 
 from __future__ import annotations
 
 import random
+
+import torch
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
@@ -135,3 +138,31 @@ def make_sums(n: int, seed: int) -> list[dict]:
             {"question": f"Question: What is {a} plus {b}?\nAnswer:", "answer": f" {a} plus {b} is {a + b}."}
         )
     return out
+
+
+def tokenize_qa(tok, items: list[dict]) -> list[dict]:
+    """Prompt + answer token ids (the answer ended by EOS), the loss on the answer tokens only: the split the LM
+    unlearning evaluation scores (question with special tokens, answer without)."""
+    out = []
+    for it in items:
+        p = tok(it["question"], add_special_tokens=True)["input_ids"]
+        a = tok(it["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    return out
+
+
+class Pad:
+    """Right-pad ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100): a Trainer collator."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(features), n), dtype=torch.long)
+        lab = torch.full((len(features), n), -100, dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k], att[i, :k], lab[i, :k] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
+        return {"input_ids": ids, "attention_mask": att, "labels": lab}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from fictitious import make_authors, make_countries, make_sums, qa_items
+from fictitious import Pad, make_authors, make_countries, make_sums, qa_items, tokenize_qa
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -41,33 +41,6 @@ def tasks(n: int, seed: int) -> dict[str, list[dict]]:
     authors = make_authors(n, seed)
     births = [it for it in qa_items(authors, authors, seed) if "born?" in it["question"]]  # one per author
     return {"birthplaces": births, "capitals": make_countries(n, seed + 1), "sums": make_sums(n, seed + 2)}
-
-
-def tokenize(tok, items: list[dict]) -> list[dict]:
-    """Prompt + answer token ids, the loss on the answer tokens only."""
-    out = []
-    for it in items:
-        p = tok(it["question"], add_special_tokens=True)["input_ids"]
-        a = tok(it["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
-    return out
-
-
-class Pad:
-    """Right-pad ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        att = torch.zeros((len(features), n), dtype=torch.long)
-        lab = torch.full((len(features), n), -100, dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k], att[i, :k], lab[i, :k] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
-        return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
 def finetune(model, data: list[dict], pad: Pad, out: Path, name: str, lr: float, args) -> float:
@@ -177,7 +150,7 @@ def main() -> None:
     tuned_dirs = []
     for name, items in task_sets.items():
         model = copy.deepcopy(base)
-        secs = finetune(model, tokenize(tok, items), pad, out, name, args.lr, args)
+        secs = finetune(model, tokenize_qa(tok, items), pad, out, name, args.lr, args)
         table[f"fine-tune: {name}"] = scores(model, tok, task_sets)
         d = out / "ckpt" / name
         model.save_pretrained(d)
@@ -213,7 +186,7 @@ def main() -> None:
 
     # 4. LoRA: factored diff vs peft's merge
     first = next(iter(task_sets))
-    lora = lora_check(base, tok, tokenize(tok, task_sets[first]), pad, out, args)
+    lora = lora_check(base, tok, tokenize_qa(tok, task_sets[first]), pad, out, args)
     table[f"LoRA diff applied: {first}"] = scores(lora.pop("model"), tok, task_sets)
     info["lora"] = lora
 

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from fictitious import TEMPLATES, make_authors, make_countries, make_sums
+from fictitious import TEMPLATES, Pad, make_authors, make_countries, make_sums
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -75,23 +75,6 @@ def tokenize(tok, docs: list[str]) -> list[dict]:
         ids = tok(d, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
         out.append({"input_ids": ids, "labels": list(ids)})
     return out
-
-
-class Pad:
-    """Right-pad ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        att = torch.zeros((len(features), n), dtype=torch.long)
-        lab = torch.full((len(features), n), -100, dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k], att[i, :k], lab[i, :k] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
-        return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
 def train(

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from fictitious import make_authors, qa_items  # examples/fictitious.py (next to this script)
+from fictitious import Pad, make_authors, qa_items, tokenize_qa  # examples/fictitious.py, next to this script
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -52,33 +52,6 @@ from hfhooks import (
 
 
 # ------------------------------------------------------------------------------------------------ training data
-def tokenize(tok, items: list[dict]) -> list[dict]:
-    """Prompt + answer token ids, the loss on the answer tokens only (the evaluation scores the same split)."""
-    out = []
-    for it in items:
-        p = tok(it["question"], add_special_tokens=True)["input_ids"]
-        a = tok(it["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        out.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
-    return out
-
-
-class Pad:
-    """Right-pad ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        att = torch.zeros((len(features), n), dtype=torch.long)
-        lab = torch.full((len(features), n), -100, dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k], att[i, :k], lab[i, :k] = torch.tensor(f["input_ids"]), 1, torch.tensor(f["labels"])
-        return {"input_ids": ids, "attention_mask": att, "labels": lab}
-
-
 def targs(out: Path, name: str, seed: int, **kw) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out / "trainer" / name), seed=seed, use_cpu=True, report_to=[], logging_strategy="no",
@@ -282,7 +255,7 @@ def main() -> None:
     # 2. the target (forget + retain) and the retain model, full-weight SFT from SmolLM2
     base, tok = load_gguf(smollm2_path())
     pad = Pad(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    forget_tok, retain_tok = tokenize(tok, sets["forget"]), tokenize(tok, sets["retain"])
+    forget_tok, retain_tok = tokenize_qa(tok, sets["forget"]), tokenize_qa(tok, sets["retain"])
     target = copy.deepcopy(base)
     t_target = cached_finetune(target, forget_tok + retain_tok, pad, out, "target", args)
     retain_model = base

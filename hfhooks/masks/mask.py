@@ -178,6 +178,18 @@ class _Entry:
         return torch.equal(self.dense(), other.dense())
 
 
+def _selection_metadata(scores: Any, ratio: float, scope: str, largest: bool) -> dict:
+    """The scores' metadata plus how the mask was selected from them (recorded in the mask file)."""
+    meta = dict(getattr(scores, "metadata", {}) or {})
+    meta["selection"] = {
+        "ratio": ratio,
+        "scope": scope,
+        "largest": largest,
+        "ties": "stable: earlier tensor, lower flat index",
+    }
+    return meta
+
+
 class ParamMask(HubMixin):
     """A 0/1 mask over a model's parameters, keyed by canonical names.
 
@@ -232,14 +244,7 @@ class ParamMask(HubMixin):
         threshold go to earlier tensors (in ``scores`` order) and, within a tensor, lower flat indices.
         """
         masks = topk_masks(scores, ratio, scope=scope, largest=largest)
-        meta = dict(getattr(scores, "metadata", {}) or {})
-        meta["selection"] = {
-            "ratio": ratio,
-            "scope": scope,
-            "largest": largest,
-            "ties": "stable: earlier tensor, lower flat index",
-        }
-        return cls(masks, metadata=meta)
+        return cls(masks, metadata=_selection_metadata(scores, ratio, scope, largest))
 
     @classmethod
     def from_sharded_scores(
@@ -272,14 +277,7 @@ class ParamMask(HubMixin):
                     "flat scores (none twice, none missing)."
                 )
             entries[name] = _Entry.from_packed("element", shape, full, length)
-        meta = dict(getattr(scores, "metadata", {}) or {})
-        meta["selection"] = {
-            "ratio": ratio,
-            "scope": scope,
-            "largest": largest,
-            "ties": "stable: earlier tensor, lower flat index",
-        }
-        return cls._from_entries(entries, metadata=meta)
+        return cls._from_entries(entries, metadata=_selection_metadata(scores, ratio, scope, largest))
 
     @classmethod
     def from_slices(
