@@ -69,6 +69,30 @@ def test_strict_routing_under_deepspeed_refuses_an_optimizer_without_a_torch_ste
     leaky.detach()
 
 
+class Stage3Optimizer:
+    """Stands for DeepSpeed's ZeRO-3 optimizer with a partial optimizer offload (offload_optimizer.ratio < 1): a
+    torch optimizer inside, and a second one (``backup_optimizer``) that steps the sub-groups kept on the GPU."""
+
+    __module__ = "deepspeed.runtime.zero.stage3"
+
+    def __init__(self, params):
+        self.optimizer = torch.optim.AdamW(params)
+        self.backup_optimizer = torch.optim.AdamW(params)
+
+    def state_dict(self):
+        return {}
+
+
+def test_strict_routing_refuses_a_partial_zero3_optimizer_offload():
+    model = partitioned_like_zero3(make_model("llama"))
+    for p in model.parameters():
+        p.ds_id = 0  # what zero.Init tags: the router reads the model as ZeRO-3
+    router = Router(model, dedicated_mask(model, mlp_units=4), strict=True)
+    with pytest.raises(ValueError, match=r"partial optimizer offload .*backup_optimizer"):
+        router.attach(Stage3Optimizer([torch.nn.Parameter(torch.zeros(1))]))
+    assert router.num_hooks == 0 and not any(p._backward_hooks for p in model.parameters())
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_master_fragment_selection_matches_the_dense_mask(arch):
     """Strict routing under DeepSpeed holds coordinates in this rank's flat fragment of each fp32 master (ZeRO-3:

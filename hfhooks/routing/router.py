@@ -423,6 +423,18 @@ class Router:
         if not self._zero:
             return innermost_optimizer(optimizer)
         opt = ds.torch_optimizer(optimizer)
+        zero_opt = ds.zero_optimizer(optimizer)
+        if getattr(zero_opt, "backup_optimizer", None) is not None and self.strict and self.level == "param":
+            # ZeRO-3 partial optimizer offload (offload_optimizer.ratio < 1) steps part of the sub-groups with a
+            # second optimizer this router does not hook: those would not be held
+            self._targets.clear()
+            self._sites.clear()
+            raise ValueError(
+                "Router(strict=True) under ZeRO-3 with a partial optimizer offload (offload_optimizer.ratio < 1): "
+                "DeepSpeed steps part of the parameters with a second optimizer (backup_optimizer) outside the "
+                "step the router holds, so a forget (retain) step could change coordinates it must not. Offload "
+                "the whole optimizer (ratio 1, the default) or none, or use strict=False for the leaky behaviour."
+            )
         if opt is None and self.strict and self.level == "param":
             self._targets.clear()
             self._sites.clear()
