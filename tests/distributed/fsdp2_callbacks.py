@@ -443,9 +443,15 @@ def restoration_checkpoints(out, lm_batches):
     (save_fsdp_model), the file a resumed run loads (load_fsdp_model). checkpoint-1: restoring model.safetensors
     alone (restore_layers) leaves what a resume loads trained — why the callback restores both; then
     mode="variant" writes checkpoint-1/restored/. checkpoint-2: mode="inplace" — a resume loads restored layers."""
+    import inspect
     from types import SimpleNamespace
 
+    import accelerate
     from accelerate import FullyShardedDataParallelPlugin
+
+    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
+        return {"status": "skipped", "reason": f"accelerate {accelerate.__version__} has no FSDP2 plugin "
+                "(fsdp_version): its Trainer cannot write FSDP2 checkpoints"}  # fmt: skip
     from accelerate.utils import load_fsdp_model, save_fsdp_model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
