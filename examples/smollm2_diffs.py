@@ -86,7 +86,7 @@ def heatmap(table: dict[str, dict[str, float]], path: Path) -> None:
 
     models, task_names = list(table), list(next(iter(table.values())))
     data = [[table[m][t] for t in task_names] for m in models]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(models) + 1.2))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(models) + 1.2))
     im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(task_names)), task_names)
     ax.set_yticks(range(len(models)), models)
