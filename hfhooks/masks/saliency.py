@@ -280,8 +280,8 @@ def _zero3_slice(p: torch.Tensor) -> tuple[int, int] | None:
 def _fold(buf: torch.Tensor, g: torch.Tensor, score: str) -> None:
     """Fold gradient ``g`` into the fp32 score buffer ``buf`` (same number of elements), in place."""
     # A bf16/fp16 gradient folded into the fp32 buffer is upcast by a temporary fp32 copy on CPU
-    # (TensorIterator promotes CPU inputs by copying them): 2x the gradient's bytes, measured +131 MB
-    # for a 32M-row embedding. Slices bound that temporary to _FOLD_SLICE elements.
+    # (TensorIterator promotes CPU inputs by copying them; seen in torch's memory profiler): 2x the gradient's
+    # bytes, 131 MB for a 32.8M-element embedding. Slices bound that temporary to _FOLD_SLICE elements.
     step = max(1, g.numel()) if g.dtype == buf.dtype else _FOLD_SLICE
     flat_b, flat_g = buf.view(-1), g.reshape(-1)
     for start in range(0, flat_g.numel(), step):
