@@ -36,7 +36,7 @@ from hfhooks.diffs.source import WeightSource
 from hfhooks.freeze import deepspeed as ds
 from hfhooks.restoration.restore import RestoreReport, restore_layers
 
-__all__ = ["restore_live", "restore_shards", "save_replacing"]
+__all__ = ["restore_live", "restore_shards"]
 
 _LORA_B = re.compile(r"\.lora_(embedding_)?B\.")
 
@@ -75,14 +75,11 @@ def restore_live(
     return report
 
 
-def save_replacing(path: Path, obj: Any) -> None:
-    """``torch.save`` to ``path`` atomically: written to a temporary file, synced, then renamed over ``path``,
-    so an interrupted write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.hfhooks-{os.getpid()}.partial")
+def _replace(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically: an interrupted write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.hfhooks-{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -137,7 +134,7 @@ def restore_shards(
         for path in sorted(shard_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             saved["optimizer_state_dict"] = zero.state_dict()  # the restored masters, the saved moments
-            save_replacing(path, saved)
+            _replace(path, saved)
             written.append(path)
         if not written:
             raise FileNotFoundError(
@@ -176,6 +173,6 @@ def _rewrite_module_states(
                 module[key] = live.to(dtype=module[key].dtype, device="cpu").clone()
                 hits += 1
         if hits:
-            save_replacing(path, saved)
+            _replace(path, saved)
             written.append(path)
     return written
