@@ -113,6 +113,10 @@ def zero3(op: str, out: str, result: dict) -> None:
         forget_retain_dataset,
     )
 
+    # no JIT compile of DeepSpeed's shared-memory all-reduce (inference only; a compile killed midway leaves a
+    # lock every later init waits on: see tests/distributed/deepspeed_callbacks.py)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     # DeepSpeed's defaults keep up to 1e9 gathered parameters live between uses (the whole model here); 1e6 makes
     # it release each layer's gathered weights after use, the setting a run that needs ZeRO-3's memory uses.
     # Its default reduce / prefetch buckets (5e8 / 5e7 elements: up to 2 GB fp32) are per-rank buffers that do not

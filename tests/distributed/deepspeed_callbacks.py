@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (by transformers' integration)
@@ -67,6 +68,13 @@ from hfhooks.freeze.deepspeed import optimizer_state_keys
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "compat"))
 from compat_utils import ListData, bert, rationale_rows  # tests/compat is not a package
+
+# On a CPU accelerator DeepSpeed JIT-compiles (g++, ninja) a shared-memory all-reduce at its first init; only its
+# inference all-reduce uses it. The compile costs this launch 36 s on an idle 2-core machine, and one killed midway
+# leaves ~/.cache/torch_extensions/*/deepspeed_shm_comm/lock behind, on which every later init waits forever (seen
+# here: a launch idle for 10 min, and a CI run timed out in this launch). Marked unavailable, DeepSpeed
+# communicates through gloo alone.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 VOCAB = 48
 
@@ -538,6 +546,47 @@ def double_backprop(out, stage):
     return {"status": "ok"}
 
 
+def stage_cases(stage: int, out: str, data, forget, tagged) -> dict:
+    """The cases run under ZeRO-``stage``: name -> a thunk returning this rank's result."""
+    where = os.path.join(out, f"zero{stage}")
+
+    def unlearn(mask):
+        return SaliencyUnlearningCallback(forget, objective="graddiff", mask=mask, progress=False)
+
+    def grad_only(mask):
+        return GradientMaskCallback(mask, freeze="grad")
+
+    def at(name):
+        return os.path.join(where, name)
+
+    cases = {
+        "gradient_mask": lambda: train(at("gm"), stage, GradientMaskCallback, data),
+        "grad_only": lambda: train(at("go"), stage, grad_only, data),
+        "unlearning": lambda: train(at("un"), stage, unlearn, tagged, TaggedCollator()),
+        "offload": lambda: train(at("off"), stage, GradientMaskCallback, data, offload=True),
+        "resumed": lambda: train(at("res"), stage, GradientMaskCallback, data, resume=True),
+        # refusals are read from the arguments (and the model) at train begin
+        "unlearning_scoring": lambda: train_scoring(at("score"), stage, forget, tagged),
+        "unlearning_scoring_offload": lambda: train_scoring(at("scoreo"), stage, forget, tagged, True),
+        "attribution": lambda: attribution(at("attr"), stage),
+        "double_backprop": lambda: double_backprop(at("dbp"), stage),
+        "restoration": lambda: restoration(at("rest"), stage, data),
+        "restoration_variant": lambda: restoration_variant(at("restv"), stage, data),
+        "restoration_offload": lambda: restoration(at("resto"), stage, data, offload=True),
+        "routing_forget": lambda: train_routing(at("rf"), stage, "forget"),
+        "routing_retain": lambda: train_routing(at("rr"), stage, "retain"),
+        "routing_leaky": lambda: train_routing(at("rl"), stage, "forget", strict=False),
+        "routing_offload": lambda: train_routing(at("ro"), stage, "forget", offload=True),
+        "routing_resumed": lambda: train_routing(at("rs"), stage, "forget", resume=True),
+        "routing_activation": lambda: train_routing(at("ra"), stage, "retain", level="activation"),
+    }
+    if stage in (1, 2):
+        cases["attribution_offload"] = lambda: attribution_offload(at("attro"), stage)
+    if stage == 3:
+        cases["restoration_shards_only"] = lambda: restoration_shards_only(at("rests"), stage, data)
+    return cases
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -546,49 +595,19 @@ def main():
     out, data = a.out, Data()
     forget = [data[i] for i in range(8)]
     tagged = forget_retain_dataset(forget, [data[i] for i in range(8, 32)])
-
-    def unlearn(mask):
-        return SaliencyUnlearningCallback(forget, objective="graddiff", mask=mask, progress=False)
-
-    def grad_only(mask):
-        return GradientMaskCallback(mask, freeze="grad")
-
-    results = {}
+    results, seconds = {}, {}
     attribution_reference(os.path.join(out, "attribution_ddp"))
     for stage in map(int, a.stages.split(",")):
-        where = os.path.join(out, f"zero{stage}")
-        results[f"zero{stage}"] = r = {
-            "gradient_mask": train(os.path.join(where, "gm"), stage, GradientMaskCallback, data),
-            "grad_only": train(os.path.join(where, "go"), stage, grad_only, data),
-            "unlearning": train(os.path.join(where, "un"), stage, unlearn, tagged, TaggedCollator()),
-            "offload": train(os.path.join(where, "off"), stage, GradientMaskCallback, data, offload=True),
-            "resumed": train(os.path.join(where, "res"), stage, GradientMaskCallback, data, resume=True),
-        }
-        # refusals are read from the arguments (and the model) at train begin
-        r["unlearning_scoring"] = train_scoring(os.path.join(where, "score"), stage, forget, tagged)
-        r["unlearning_scoring_offload"] = train_scoring(
-            os.path.join(where, "scoreo"), stage, forget, tagged, True
-        )
-        r["attribution"] = attribution(os.path.join(where, "attr"), stage)
-        if stage in (1, 2):
-            r["attribution_offload"] = attribution_offload(os.path.join(where, "attro"), stage)
-        r["double_backprop"] = double_backprop(os.path.join(where, "dbp"), stage)
-        r["restoration"] = restoration(os.path.join(where, "rest"), stage, data)
-        r["restoration_variant"] = restoration_variant(os.path.join(where, "restv"), stage, data)
-        r["restoration_offload"] = restoration(os.path.join(where, "resto"), stage, data, offload=True)
-        if stage == 3:
-            r["restoration_shards_only"] = restoration_shards_only(os.path.join(where, "rests"), stage, data)
-        r["routing_forget"] = train_routing(os.path.join(where, "rf"), stage, "forget")
-        r["routing_retain"] = train_routing(os.path.join(where, "rr"), stage, "retain")
-        r["routing_leaky"] = train_routing(os.path.join(where, "rl"), stage, "forget", strict=False)
-        r["routing_offload"] = train_routing(os.path.join(where, "ro"), stage, "forget", offload=True)
-        r["routing_resumed"] = train_routing(os.path.join(where, "rs"), stage, "forget", resume=True)
-        r["routing_activation"] = train_routing(
-            os.path.join(where, "ra"), stage, "retain", level="activation"
-        )
+        results[f"zero{stage}"] = r = {}
+        for key, run in stage_cases(stage, out, data, forget, tagged).items():
+            began = time.perf_counter()
+            r[key] = run()
+            seconds[f"zero{stage}/{key}"] = round(time.perf_counter() - began, 1)  # to find the slow cases
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(out, f"seconds{rank}.json"), "w") as f:
+        json.dump(seconds, f, indent=1)
     if torch.distributed.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
