@@ -20,7 +20,7 @@ from hfhooks.diffs.source import WeightSource
 from hfhooks.freeze.deepspeed import gathered, require_zero
 from hfhooks.io.artifacts import model_fingerprint
 from hfhooks.restoration.config import RestorationConfig
-from hfhooks.restoration.deepspeed import restore_live, restore_shards
+from hfhooks.restoration.deepspeed import restore_live, restore_shards, save_replacing
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
 from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_unsupported, uses_deepspeed
 from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state
@@ -355,11 +355,4 @@ def _restore_fsdp_file(ckpt: Path, reference: Any, names: list[str]) -> None:
     with torch.no_grad():
         for n in names:
             state[n].copy_(source.get(n).to(state[n].dtype))
-    tmp = path.with_name(f".{path.name}.hfhooks-partial")
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_replacing(path, state)

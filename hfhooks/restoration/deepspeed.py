@@ -36,7 +36,7 @@ from hfhooks.diffs.source import WeightSource
 from hfhooks.freeze import deepspeed as ds
 from hfhooks.restoration.restore import RestoreReport, restore_layers
 
-__all__ = ["restore_live", "restore_shards"]
+__all__ = ["restore_live", "restore_shards", "save_replacing"]
 
 _LORA_B = re.compile(r"\.lora_(embedding_)?B\.")
 
@@ -75,11 +75,14 @@ def restore_live(
     return report
 
 
-def _replace(path: Path, obj: Any) -> None:
-    """``torch.save`` to ``path`` atomically: an interrupted write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.hfhooks-{os.getpid()}.tmp")
+def save_replacing(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically: written to a temporary file, synced, then renamed over ``path``,
+    so an interrupted write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.hfhooks-{os.getpid()}.partial")
     try:
         torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -134,7 +137,7 @@ def restore_shards(
         for path in sorted(shard_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             saved["optimizer_state_dict"] = zero.state_dict()  # the restored masters, the saved moments
-            _replace(path, saved)
+            save_replacing(path, saved)
             written.append(path)
         if not written:
             raise FileNotFoundError(
@@ -173,6 +176,6 @@ def _rewrite_module_states(
                 module[key] = live.to(dtype=module[key].dtype, device="cpu").clone()
                 hits += 1
         if hits:
-            _replace(path, saved)
+            save_replacing(path, saved)
             written.append(path)
     return written
