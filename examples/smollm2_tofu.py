@@ -228,7 +228,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="data and fine-tuning seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--reuse", action="store_true", help="reuse the target / retain model saved by an earlier run"
+        "--reuse",
+        action="store_true",
+        help="reuse the target / retain model saved by an earlier run, and the unlearning runs an earlier run with "
+        "the same settings finished (rows.partial.json): a cut-short run goes on where it stopped",
     )
     args = p.parse_args()
     if args.quick:
@@ -275,22 +278,36 @@ def main() -> None:
     del retain_model
     print(table(rows, args.relearn_steps), flush=True)
 
-    # 3-4. unlearning runs and their evaluation
+    # 3-4. unlearning runs and their evaluation (with --reuse, those an earlier run finished are kept)
+    partial = out / "rows.partial.json"
+    stamp = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "reuse", "threads", "seeds")}
+    done: dict[str, dict[int, dict]] = {}
+    if args.reuse and partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved.get("settings") == stamp:
+            done = {
+                label: {r["seed"]: r for r in runs}
+                for label, runs in saved["rows"].items()
+                if "seed" in runs[0]
+            }
     for lora in [False] if args.no_lora else [False, True]:
         for name, method in methods(args.ratio).items():
             label = name + (" (LoRA)" if lora else "")
             for seed in args.seeds:
+                if seed in done.get(label, {}):
+                    rows.setdefault(label, []).append(done[label][seed])
+                    print(f"{label} seed {seed}: reused from {partial}", flush=True)
+                    continue
                 model, info = unlearn(
                     target, method, forget_tok, retain_tok, pad, lora, seed, out, label, args
                 )
                 t = time.perf_counter()
                 row = {**evaluate(model, tok, sets, reference), **info,
                        "relearn_steps": relearn(model, tok, sets, threshold, seed, args)}  # fmt: skip
-                row["eval_s"] = time.perf_counter() - t
+                row["eval_s"], row["seed"] = time.perf_counter() - t, seed
                 rows.setdefault(label, []).append(row)
-                (out / "rows.partial.json").write_text(
-                    json.dumps(rows, indent=1)
-                )  # a run cut short keeps these
+                # a run cut short keeps these (and --reuse goes on from them)
+                partial.write_text(json.dumps({"settings": stamp, "rows": rows}, indent=1))
                 del model
                 print(
                     f"{label} seed {seed}: " + json.dumps({k: rows[label][-1].get(k) for k in KEYS}),

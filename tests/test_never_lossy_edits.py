@@ -409,6 +409,28 @@ def test_stale_temps_are_decided_by_the_writers_lock(tmp_path):
     ParamMask.load(target)
 
 
+def test_save_replacing_keeps_the_previous_file_when_interrupted(tmp_path, monkeypatch):
+    """The writer restoration uses for DeepSpeed shards and FSDP ``.bin`` files: all or nothing."""
+    target = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    paths.save_replacing(target, {"step": 1})
+    stale = tmp_path / f".{target.name}.hfhooks-tmp-0123456789abcdef"
+    stale.write_bytes(b"half a file from a writer killed long ago")
+
+    def interrupted(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        paths.save_replacing(target, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(target) == {"step": 1}
+    # the dead writer's temporary swept, this one's removed, the lock file released
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    paths.save_replacing(target, {"step": 2})
+    assert torch.load(target) == {"step": 2}
+
+
 def test_files_are_created_with_the_mode_the_umask_implies(ckpts, tmp_path):
     old = os.umask(0o022)
     try:

@@ -17,6 +17,8 @@ The rules (``docs/diffs.md``, "Safety"):
   same target removes those nobody holds (PID liveness is not used: PIDs are reused and namespaced).
 * :func:`publish` — the final rename: atomic, and without replacing anything unless the caller decided at the
   start that an existing output is to be replaced.
+* :func:`save_replacing` — ``torch.save`` over a file a run owns (a checkpoint's ``.pt`` / ``.bin``) through the
+  two above: an interrupted write leaves the previous file whole.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "open_regular",
     "publish",
     "resolve_inside",
+    "save_replacing",
     "sweep_stale",
     "temp_dir",
     "temp_file",
@@ -373,6 +376,21 @@ def publish(tmp: Path, out: Path, *, replace: bool) -> Path | None:
         return old
     os.replace(tmp, out)
     return None
+
+
+def save_replacing(path: str | os.PathLike, obj: object) -> None:
+    """``torch.save(obj, path)`` atomically, replacing ``path``: written to a locked temporary next to it
+    (:func:`temp_file`), flushed to stable storage, then renamed over it (:func:`publish`). An interrupted write
+    leaves the previous file as it was, and the next write to ``path`` removes the dead writer's temporary."""
+    import torch  # only here: the path rules themselves need no torch
+
+    path = Path(path)
+    with temp_file(path) as (tmp, fd):
+        with os.fdopen(os.dup(fd), "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path, replace=True)
 
 
 def write_error(e: OSError, path: str | os.PathLike) -> OSError:

@@ -19,8 +19,9 @@ from hfhooks.core.params import ParamIndex
 from hfhooks.diffs.source import WeightSource
 from hfhooks.freeze.deepspeed import gathered, require_zero
 from hfhooks.io.artifacts import model_fingerprint
+from hfhooks.io.paths import save_replacing
 from hfhooks.restoration.config import RestorationConfig
-from hfhooks.restoration.deepspeed import restore_live, restore_shards, save_replacing
+from hfhooks.restoration.deepspeed import restore_live, restore_shards
 from hfhooks.restoration.restore import RestoreReport, parse_layers, restore_layers
 from hfhooks.trainer.guards import fsdp_version, has_dtensors, refuse_unsupported, uses_deepspeed
 from hfhooks.trainer.state import CallbackStateError, ResumeFrom, load_state, save_state

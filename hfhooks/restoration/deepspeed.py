@@ -12,8 +12,8 @@ the Trainer writes next to them. So:
 * a checkpoint (:func:`restore_shards`) has its DeepSpeed shards rewritten: each rank writes its ZeRO
   optimizer's ``state_dict()`` taken while its masters hold the restored values (then puts the trained masters
   back), and the main process rewrites the restored tensors of the module-states file (ZeRO-1/2; ZeRO-3 loads
-  the module from the masters). Each file is replaced atomically (a temporary file, then ``os.replace``); the
-  optimizer state in them is the saved one (kept, as the checkpoint's ``optimizer.pt`` is without DeepSpeed).
+  the module from the masters). Each file is replaced atomically (``hfhooks.io.paths.save_replacing``: a
+  temporary file, then a rename); the optimizer state in them is the saved one (kept, as the checkpoint's ``optimizer.pt`` is without DeepSpeed).
 
 Verified with deepspeed 0.19.8 (the shard names and the ``optimizer_state_dict`` / ``module`` keys are those of
 ``DeepSpeedEngine.save_checkpoint``).
@@ -21,7 +21,6 @@ Verified with deepspeed 0.19.8 (the shard names and the ``optimizer_state_dict``
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,9 +33,10 @@ from hfhooks.core.names import canonical_name
 from hfhooks.core.params import ParamIndex
 from hfhooks.diffs.source import WeightSource
 from hfhooks.freeze import deepspeed as ds
+from hfhooks.io.paths import save_replacing
 from hfhooks.restoration.restore import RestoreReport, restore_layers
 
-__all__ = ["restore_live", "restore_shards", "save_replacing"]
+__all__ = ["restore_live", "restore_shards"]
 
 _LORA_B = re.compile(r"\.lora_(embedding_)?B\.")
 
@@ -73,19 +73,6 @@ def restore_live(
     for n, value in _targets(index, report, names, reference).items():
         ds.set_full_master(index.param(n), value.reshape(ds.full_shape(index.param(n))))
     return report
-
-
-def save_replacing(path: Path, obj: Any) -> None:
-    """``torch.save`` to ``path`` atomically: written to a temporary file, synced, then renamed over ``path``,
-    so an interrupted write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.hfhooks-{os.getpid()}.partial")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _shard_dir(ckpt: Path) -> Path:
