@@ -109,6 +109,55 @@ def test_routing_core_at_the_activation_level_in_a_plain_loop(ranks):
     assert ranks[0]["routing_core_activation"]["digest"] == ranks[1]["routing_core_activation"]["digest"]
 
 
+@pytest.mark.compat(callback="routing", setup="fsdp2", variant="resumed")
+def test_routing_resumed_from_a_sharded_checkpoint(ranks):
+    """Interrupted at checkpoint-2 (accelerate's SHARDED_STATE_DICT: DCP, its FSDP2 default) and resumed in a
+    fresh model, optimizer and callback given only the config: the callback resumes with the checkpoint's
+    dedicated mask (not its config's default) and counters, the resumed forget step moves no shared coordinate,
+    and the run ends bit-identical to the uninterrupted one on both ranks, hooks left 0."""
+    for rank, results in enumerate(ranks):
+        r = results["routing_resumed"]
+        if r.get("status") == "skipped":
+            pytest.skip(r["reason"])
+        assert r["status"] == "ok", (rank, r)
+        assert r["dtensor_params"] > 0, "the model was not sharded: not an FSDP2 run"
+        assert r["resumed_with_checkpoint_mask"], "the resumed callback did not take the checkpoint's mask"
+        assert r["counts"] == r["straight_counts"] and sum(r["counts"].values()) == 8, r
+        assert r["held_moved"] == 0 and r["straight_held_moved"] == 0, (rank, r)
+        assert r["changed"] > 0 and r["trained"] > 0, "nothing trained: the test would pass vacuously"
+        assert r["differing_vs_straight"] == 0, (
+            f"rank {rank}: {r['differing_vs_straight']} coordinates differ"
+        )
+        assert r["hooks_left"] == 0 and r["straight_hooks_left"] == 0
+    assert ranks[0]["routing_resumed"]["digest"] == ranks[1]["routing_resumed"]["digest"], "the ranks differ"
+
+
+@pytest.mark.compat(callback="routing", setup="fsdp2", variant="cpu offload")
+def test_routing_strict_with_cpu_offload(ranks):
+    """``fully_shard(..., offload_policy=CPUOffloadPolicy())``: sharded parameters, their snapshots and the
+    optimizer step live on the CPU between uses. The same checks as without offload: every strict step holds
+    its coordinates, the result equals one process training the full model, hooks left 0 — parameter level
+    (the callback) and activation level (the core Router)."""
+    for rank, results in enumerate(ranks):
+        r = results["routing_offload"]
+        assert r["status"] == "ok", (rank, r)
+        assert r["offloaded"], "FSDP2's CPU offload was not active: the test would not exercise it"
+        assert r["dtensor_params"] > 0 and r["full_params_hooked"] == r["dtensor_params"]
+        assert r["default_mask_matches"]
+        for step in ("forget", "retain", "forget_again"):
+            assert r[f"{step}_held_moved"] == 0, f"rank {rank}: {step} step moved {r[f'{step}_held_moved']}"
+            assert r[f"{step}_changed"] > 0, f"rank {rank}: the {step} step trained nothing"
+        assert r["max_diff_vs_reference"] < 1e-4, r["max_diff_vs_reference"]
+        assert r["hooks_left"] == 0
+        a = results["routing_core_activation_offload"]
+        assert a["status"] == "ok" and a["offloaded"], (rank, a)
+        assert a["counts"]["forget"] and a["counts"]["retain"] and a["changed"] > 0, a
+        assert a["max_diff_vs_reference"] < 1e-4, a["max_diff_vs_reference"]
+        assert a["hooks_left"] == 0
+    for key in ("routing_offload", "routing_core_activation_offload"):
+        assert ranks[0][key]["digest"] == ranks[1][key]["digest"], f"{key}: the ranks' weights differ"
+
+
 @pytest.mark.compat(callback="attribution", setup="fsdp2")
 def test_attribution_penalty_acts(ranks):
     """The callback trains a fully_shard-ed classifier: the penalty pulls the logged term below the same run's

@@ -91,13 +91,14 @@ def fsdp2_args(out):
                                fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})  # fmt: skip
 
 
-def shard(model):
-    """What the Trainer's FSDP2 path does on GPU: fully_shard each decoder layer, then the root."""
+def shard(model, **options):
+    """What the Trainer's FSDP2 path does on GPU: fully_shard each decoder layer, then the root (``options``:
+    fully_shard's, e.g. ``offload_policy``)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
     return model
 
 
@@ -181,10 +182,29 @@ def routing_batches(rank):
     return [[micro(step, 0), micro(step, 1)] for step in range(len(modes))]
 
 
-def run_routing(out):
+def offload_options(offload):
+    """fully_shard options of the CPU-offload variants. ``pin_memory=False``: pinning needs an accelerator (on a
+    CPU-only machine the default raises "Cannot access accelerator device"); which memory FSDP2 copies from does
+    not change what the router sees."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
+
+
+def offloaded(model) -> bool:
+    """Whether FSDP2 keeps every sharded parameter of ``model`` on the CPU between uses (CPU offload active)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)]
+    params = [fp for g in groups if g is not None for fp in g.fsdp_params]
+    return bool(params) and all(fp.offload_to_cpu for fp in params)
+
+
+def run_routing(out, offload=False):
     """GradientRoutingCallback (parameter level, strict, its default dedicated mask) around the sharded model:
     per step, on the gathered weights, what the step's mode must not change, and the result against one process
-    training the full model on both ranks' micro-batches (FSDP2 averages ranks as that process's loss / 4 does)."""
+    training the full model on both ranks' micro-batches (FSDP2 averages ranks as that process's loss / 4 does).
+    ``offload``: the model sharded with FSDP2's CPU offload (parameters on the CPU between uses)."""
     from hfhooks import dedicated_mask
 
     world = dist.get_world_size()
@@ -193,12 +213,14 @@ def run_routing(out):
     expected = dedicated_mask(reference_model, None, 4, 1)
     reference = GradientRoutingCallback(expected)  # the same data, all ranks' micro-batches in one process
     drive(reference, reference_model, [[mb for b in per_rank for mb in b[s]] for s in range(4)], out + "/ref")
-    model = shard(tiny())
+    model = shard(tiny(), **offload_options(offload))
     cb = GradientRoutingCallback(mlp_units=4, heads=1)
     recorder = Recorder(cb, model)
-    drive(recorder, model, per_rank[dist.get_rank()], os.path.join(out, "routing"))
+    where = os.path.join(out, "routing_offload" if offload else "routing")
+    drive(recorder, model, per_rank[dist.get_rank()], where)
     unsharded = fsdp2_unsharded_params(model)
     r = {"status": "ok", "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+         "offloaded": offloaded(model),
          "hooks_left": hooks_left(model) + cb.router.num_hooks
          + sum(len(p._backward_hooks or {}) for p in unsharded.values()),
          "full_params_hooked": len(unsharded),
@@ -221,9 +243,10 @@ def run_routing(out):
     return r
 
 
-def routing_plain_loop():
+def routing_plain_loop(offload=False):
     """The core ``Router`` at the activation level (labels mixed inside every micro-batch) as a context manager in
-    a plain loop over the sharded model, against one process training the full model on both ranks' data."""
+    a plain loop over the sharded model, against one process training the full model on both ranks' data.
+    ``offload``: the model sharded with FSDP2's CPU offload."""
     from hfhooks import Router, dedicated_mask
 
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -249,17 +272,113 @@ def routing_plain_loop():
     reference = tiny()
     mask = dedicated_mask(reference, None, 4, 1)
     train(reference, mask, [[micro(s, k, r) for r in range(world) for k in (0, 1)] for s in range(3)])
-    model = shard(tiny())
+    model = shard(tiny(), **offload_options(offload))
     initial = gathered(model)
     router, counts = train(model, mask, [[micro(s, k, rank) for k in (0, 1)] for s in range(3)])
     final, ref = gathered(model), gathered(reference)
     unsharded = fsdp2_unsharded_params(model)
     return {"status": "ok", "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),
+            "offloaded": offloaded(model),
             "counts": counts, "changed": sum(int((final[n] != initial[n]).sum()) for n in final),
             "max_diff_vs_reference": max(float((final[n] - ref[n]).abs().max()) for n in final),
             "hooks_left": hooks_left(model) + router.num_hooks
             + sum(len(p._backward_hooks or {}) for p in unsharded.values()),
             "digest": float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))}  # fmt: skip
+
+
+def run_routing_resumed(out):
+    """GradientRoutingCallback resumed under FSDP2 as the Trainer resumes it: checkpoint-2 written at step 2
+    (model and optimizer with accelerate's SHARDED_STATE_DICT — DCP, its FSDP2 default — the trainer state, then
+    on_save), the run killed there; a fresh process state — a fresh ``fully_shard``-ed model and optimizer
+    loaded from the checkpoint, a fresh callback given only the config — trains steps 3-4. The interrupted run
+    was given a dedicated mask other than the config's default, so only the checkpoint's mask resumes it right.
+    Reported: the resumed result against the uninterrupted run (bit for bit), its counters, the shared
+    coordinates the resumed forget step held, hooks left."""
+    import inspect
+    from types import SimpleNamespace
+
+    import accelerate
+    from accelerate import FullyShardedDataParallelPlugin
+
+    from hfhooks import dedicated_mask
+
+    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
+        return {"status": "skipped", "reason": f"accelerate {accelerate.__version__} has no FSDP2 plugin "
+                "(fsdp_version): its Trainer cannot write FSDP2 checkpoints"}  # fmt: skip
+    from accelerate.utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    acc = SimpleNamespace(process_index=rank, num_processes=world, is_fsdp2=True, is_main_process=rank == 0,
+                          wait_for_everyone=dist.barrier)  # fmt: skip
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    batches = routing_batches(rank)
+    mask = dedicated_mask(tiny(), None, 8, 2)  # not the config's default (4 units, 1 head)
+
+    def train(where, dedicated=None, resume=None, save_at=None):
+        model = shard(tiny())
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
+        args, state, control = fsdp2_args(where), T.TrainerState(), T.TrainerControl()
+        if resume is not None:  # Trainer._load_from_checkpoint, _load_optimizer_and_scheduler, trainer_state
+            load_fsdp_model(plugin, acc, model, resume)
+            load_fsdp_optimizer(plugin, acc, opt, model, resume)
+            state = T.TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        state.is_world_process_zero = state.is_local_process_zero = rank == 0
+        cb = GradientRoutingCallback(dedicated, mlp_units=4, heads=1)
+        cb.on_train_begin(args, state, control, model=model, optimizer=opt)
+        r = {"dedicated_is_given": cb.dedicated == mask}
+        for pair in batches[state.global_step :]:
+            before = gathered(model)
+            cb.on_step_begin(args, state, control, model=model, optimizer=opt)
+            for batch in pair:
+                (model(**batch).loss / len(pair)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            cb.on_pre_optimizer_step(args, state, control, model=model, optimizer=opt)
+            opt.step()
+            cb.on_optimizer_step(args, state, control, model=model, optimizer=opt)
+            opt.zero_grad()
+            state.global_step += 1
+            cb.on_step_end(args, state, control, model=model, optimizer=opt)
+            # the last step is forget-only: no shared coordinate may move (held by the router)
+            if state.global_step == len(batches):
+                after = gathered(model)
+                r["last_step_held_moved"] = sum(
+                    int((after[n][~mask[n]].view(torch.int32) != before[n][~mask[n]].view(torch.int32)).sum())
+                    if n in mask else int((after[n] != before[n]).sum()) for n in after)  # fmt: skip
+                r["last_step_changed"] = sum(int((after[n] != before[n]).sum()) for n in after)
+            # Trainer._save_checkpoint, then on_save; the run is killed after it
+            if state.global_step == save_at:
+                ckpt = os.path.join(where, f"checkpoint-{save_at}")
+                save_fsdp_model(plugin, acc, model, ckpt)
+                save_fsdp_optimizer(plugin, acc, opt, model, ckpt)
+                if rank == 0:
+                    state.save_to_json(os.path.join(ckpt, "trainer_state.json"))
+                dist.barrier()
+                cb.on_save(args, state, control, model=model)
+                dist.barrier()
+                r["checkpoint"] = ckpt
+                return r
+        cb.on_train_end(args, state, control, model=model, optimizer=opt)
+        unsharded = fsdp2_unsharded_params(model)
+        r.update(weights=gathered(model), counts=dict(cb.router.counts),
+                 hooks_left=hooks_left(model) + cb.router.num_hooks
+                 + sum(len(p._backward_hooks or {}) for p in unsharded.values()),
+                 dtensor_params=sum(isinstance(p, DTensor) for p in model.parameters()))  # fmt: skip
+        return r
+
+    straight = train(os.path.join(out, "routing_straight"), dedicated=mask)
+    where = os.path.join(out, "routing_resumed")
+    saved = train(where, dedicated=mask, save_at=2)
+    resumed = train(where, resume=saved["checkpoint"])  # no mask given: the checkpoint's must be used
+    a, b, start = straight.pop("weights"), resumed.pop("weights"), gathered(tiny())
+    return {"status": "ok", "dtensor_params": resumed["dtensor_params"], "hooks_left": resumed["hooks_left"],
+            "straight_hooks_left": straight["hooks_left"],
+            "resumed_with_checkpoint_mask": resumed["dedicated_is_given"],
+            "counts": resumed["counts"], "straight_counts": straight["counts"],
+            "held_moved": resumed["last_step_held_moved"], "changed": resumed["last_step_changed"],
+            "straight_held_moved": straight["last_step_held_moved"],
+            "differing_vs_straight": sum(int((a[n].view(torch.int32) != b[n].view(torch.int32)).sum()) for n in a),
+            "trained": sum(int((b[n] != start[n]).sum()) for n in b),
+            "digest": float(sum(b[n].double().sum() * (i + 1) for i, n in enumerate(sorted(b))))}  # fmt: skip
 
 
 def mask_hash(mask) -> str:
@@ -566,6 +685,9 @@ def main():
     results["unlearning_scoring"] = run_scoring(out, forget, unlearn_batches)
     results["routing"] = run_routing(out)
     results["routing_core_activation"] = routing_plain_loop()
+    results["routing_resumed"] = run_routing_resumed(out)
+    results["routing_offload"] = run_routing(out, offload=True)
+    results["routing_core_activation_offload"] = routing_plain_loop(offload=True)
     results["attribution_gradients"] = attribution_gradients()
     results["attribution"] = run_attribution(out, weight=5.0)
     results["attribution_unweighted"] = run_attribution(out, weight=0.0)  # the same run without the penalty
