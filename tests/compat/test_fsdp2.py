@@ -109,7 +109,7 @@ def test_routing_core_at_the_activation_level_in_a_plain_loop(ranks):
     assert ranks[0]["routing_core_activation"]["digest"] == ranks[1]["routing_core_activation"]["digest"]
 
 
-@pytest.mark.compat(callback="routing", setup="fsdp2", variant="resumed")
+@pytest.mark.compat(callback="routing", setup="fsdp2", variant="resume_from_checkpoint (SHARDED_STATE_DICT)")
 def test_routing_resumed_from_a_sharded_checkpoint(ranks):
     """Interrupted at checkpoint-2 (accelerate's SHARDED_STATE_DICT: DCP, its FSDP2 default) and resumed in a
     fresh model, optimizer and callback given only the config: the callback resumes with the checkpoint's
@@ -132,7 +132,7 @@ def test_routing_resumed_from_a_sharded_checkpoint(ranks):
     assert ranks[0]["routing_resumed"]["digest"] == ranks[1]["routing_resumed"]["digest"], "the ranks differ"
 
 
-@pytest.mark.compat(callback="routing", setup="fsdp2", variant="cpu offload")
+@pytest.mark.compat(callback="routing", setup="fsdp2", variant="offload_policy=CPUOffloadPolicy()")
 def test_routing_strict_with_cpu_offload(ranks):
     """``fully_shard(..., offload_policy=CPUOffloadPolicy())``: sharded parameters, their snapshots and the
     optimizer step live on the CPU between uses. The same checks as without offload: every strict step holds
