@@ -121,6 +121,39 @@ def mean_loss(model, docs: list[dict], pad: Pad) -> float:
     return total / count
 
 
+def combine(runs: list[Path]) -> str:
+    """One table over runs with different ``--seed`` (their ``results.json``): mean ± std of each loss, and the
+    attack steps of every run."""
+    import statistics
+
+    results = [json.loads((d / "results.json").read_text()) for d in runs]
+    seeds = [r["config"]["seed"] for r in results]
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+    stages = ["raw", "ablated", "calibrated"]
+    lines = [f"| model | {' | '.join(f'{s}: forget / retain loss' for s in stages)} | attack steps (seeds {seeds}) |",
+             "|---|" + "---:|" * (len(stages) + 1)]  # fmt: skip
+    for key, first in results[0]["rows"].items():
+        cells = []
+        for s in stages:
+            if s not in first:
+                cells.append("—")
+                continue
+            both = [[r["rows"][key][s][part] for r in results] for part in ("forget", "retain")]
+            cells.append(f"{cell(both[0])} / {cell(both[1])}")
+        attack = max(r["config"]["attack_steps"] for r in results)
+        steps = [r["rows"][key].get("attack_steps", "—") for r in results]
+        steps_cell = (
+            "—" if key == "base" else ", ".join(f"> {attack}" if v is None else str(v) for v in steps)
+        )
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {steps_cell} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/smollm2_sgtm")
@@ -140,7 +173,18 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--combine", type=Path, nargs="+", metavar="DIR",
+        help="no training: one mean ± std table over earlier runs' --out directories (other --seed values); "
+        "written to --out/table_seeds.md",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.combine:
+        text = combine(args.combine)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "table_seeds.md").write_text(text + "\n")
+        print(text)
+        return
     if args.quick:
         args.forget_docs, args.retain_docs, args.epochs, args.recalls = 8, 16, 1.0, [1.0]
         args.calib_steps, args.attack_steps = 2, 2
