@@ -403,12 +403,17 @@ def test_gradient_mask_sft_peft_mask_on_the_adapters(tmp_path):
     assert_no_hooks(trainer)
 
 
-@pytest.mark.compat(callback="gradient_mask", setup="trl", variant="peft_config=LoraConfig, neuron mask on base")
+@pytest.mark.compat(
+    callback="gradient_mask", setup="trl", variant="peft_config=LoraConfig, neuron mask on base"
+)
 def test_gradient_mask_sft_peft_neuron_mask_on_base_names(tmp_path):
     """A row mask built on the *base* model before TRL wrapped it maps onto ``lora_B`` rows: the frozen output
     units of the effective weight ``W + s·B·A`` stay exactly as they were, the kept ones train."""
     model = llama()
-    keep = {"model.layers.0.self_attn.q_proj.weight": [0, 1, 2, 3], "model.layers.1.self_attn.v_proj.weight": [1, 5]}
+    keep = {
+        "model.layers.0.self_attn.q_proj.weight": [0, 1, 2, 3],
+        "model.layers.1.self_attn.v_proj.weight": [1, 5],
+    }
     mask = ParamMask.from_slices({n: (0, rows) for n, rows in keep.items()}, model)
     trainer = sft_peft(model, sft_config(tmp_path), text_dataset(), GradientMaskCallback(mask))
     run(trainer)
@@ -437,7 +442,9 @@ def test_gradient_mask_sft_peft_mask_on_unadapted_base_refused(tmp_path, request
     model = llama()
     mask = ParamMask.from_slices({"model.layers.0.mlp.up_proj.weight": (0, [0, 1, 2])}, model)
     trainer = sft_peft(model, sft_config(tmp_path), text_dataset(), GradientMaskCallback(mask))
-    refused_before_any_step(request, trainer, ValueError, r"up_proj.*Build the mask on the PeftModel.*trainer\.model")
+    refused_before_any_step(
+        request, trainer, ValueError, r"up_proj.*Build the mask on the PeftModel.*trainer\.model"
+    )
 
 
 @pytest.mark.compat(callback="unlearning", setup="trl", variant="peft_config=LoraConfig")
@@ -461,7 +468,9 @@ def test_unlearning_sft_peft_scores_on_the_adapter(tmp_path):
     assert_no_hooks(trainer)
 
 
-@pytest.mark.compat(callback="routing", setup="trl", variant="peft_config=LoraConfig(modules_to_save=['mlp'])")
+@pytest.mark.compat(
+    callback="routing", setup="trl", variant="peft_config=LoraConfig(modules_to_save=['mlp'])"
+)
 def test_routing_sft_peft_modules_to_save(tmp_path):
     """Dedicated MLP units named on the base model route through the trainable ``modules_to_save`` copies TRL's
     PeftModel makes: forget steps move only dedicated coordinates, retain steps only shared ones."""
