@@ -522,3 +522,23 @@ def test_restoration_sft_peft(tmp_path):
             assert int(delta.ne(0).sum()) > 0, name
     assert len(cb.reports) >= 1
     assert_no_hooks(trainer)
+
+
+@pytest.mark.compat(callback="restoration", setup="trl", variant="peft_config=LoraConfig, when='save'")
+def test_restoration_sft_peft_checkpoint(tmp_path):
+    """The adapter checkpoint TRL saves (``adapter_model.safetensors``) gets its restored layers' adapters zeroed;
+    the other layers keep theirs."""
+    from safetensors.torch import load_file
+
+    model = llama()
+    reference = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    cb = LayerRestorationCallback(reference, "0:1", when=("save",))
+    args = sft_config(tmp_path, save_strategy="steps", save_steps=3)
+    trainer = sft_peft(model, args, text_dataset(), cb)
+    run(trainer)
+    saved = load_file(tmp_path / "checkpoint-3" / "adapter_model.safetensors")
+    lora_b = {n: t for n, t in saved.items() if ".lora_B." in n}
+    assert len(lora_b) == 4 and len(cb.reports) == 1 and len(cb.reports[0].adapters) == 2
+    for name, tensor in lora_b.items():
+        assert bool(tensor.eq(0).all()) == (".layers.0." in name), name
+    assert_no_hooks(trainer)
