@@ -542,3 +542,26 @@ def test_restoration_sft_peft_checkpoint(tmp_path):
     for name, tensor in lora_b.items():
         assert bool(tensor.eq(0).all()) == (".layers.0." in name), name
     assert_no_hooks(trainer)
+
+
+@pytest.mark.compat(callback="gradient_mask", setup="trl", variant="DPOTrainer, peft_config=LoraConfig")
+def test_gradient_mask_dpo_peft(tmp_path):
+    """DPO with ``peft_config`` (no ref_model: TRL's reference is the adapter switched off); the mask is built on
+    the PeftModel TRL made."""
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"prompt": _words(g, 4), "chosen": " " + _words(g, 3), "rejected": " " + _words(g, 3)}
+        for _ in range(8)
+    ]
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)  # fmt: skip
+    trainer = DPOTrainer(model=llama(), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer(), peft_config=lora_config())  # fmt: skip
+    mask = random_mask(trainer.model)
+    trainer.add_callback(GradientMaskCallback(mask))
+    before = snapshot(trainer.model)
+    run(trainer)
+    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
+    frozen, trained = frozen_and_trained(before, trainer.model, may)
+    assert frozen == 0 and trained > 0
+    assert_no_hooks(trainer)
