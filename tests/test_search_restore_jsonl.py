@@ -5,6 +5,7 @@ CLI end to end on tiny checkpoints saved to disk."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import transformers as T
@@ -143,3 +144,13 @@ def test_cli_generator_options_with_prompts_are_refused_before_loading(tmp_path,
     path = write(tmp_path / "p.jsonl", GOOD)
     code, _, err = search(capsys, tmp_path / "missing", "--prompts", path, "--n", "4", "--seed", "1")
     assert code == 1 and "--n, --seed shape the generated prompts" in err
+
+
+def test_text_options_on_an_ids_only_file_warn(tmp_path):
+    path = write(tmp_path / "p.jsonl", GOOD)
+    with pytest.warns(UserWarning, match=r"only input_ids rows.*answer_prefix.*do nothing"):
+        load_crc_prompts(path, char_tokenizer(), answer_prefix="")
+    mixed = write(tmp_path / "m.jsonl", GOOD, {"prompt": "a or b", "valid": ["a", "b"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_crc_prompts(mixed, char_tokenizer(), answer_prefix="", chat=False)) == 2

@@ -171,8 +171,9 @@ def _token_ids(value: Any, key: str, vocab_size: int | None) -> tuple[int, ...]:
 
 def _jsonl_prompt(
     row: Any, tokenizer: Any, chat: bool, prefix: str, vocab_size: int | None
-) -> tuple[CRCPrompt, list[str]]:
-    """One JSONL row as a prompt, and the characters of a text row whose answer is not one token."""
+) -> tuple[CRCPrompt, list[str] | None]:
+    """One JSONL row as a prompt, and the characters of a text row whose answer is not one token (``None``: an
+    ``input_ids`` row)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}.")
     unknown = sorted(set(row) - {"input_ids", "valid", "prompt", "label"})
@@ -188,7 +189,7 @@ def _jsonl_prompt(
         valid = _token_ids(row["valid"], "valid", vocab_size)
         if len(set(valid)) != len(valid):
             raise ValueError(f"'valid' lists a token id twice: {list(valid)}.")
-        return CRCPrompt(_token_ids(row["input_ids"], "input_ids", vocab_size), valid, label), []
+        return CRCPrompt(_token_ids(row["input_ids"], "input_ids", vocab_size), valid, label), None
     if tokenizer is None:
         raise ValueError("a 'prompt' row needs the tokenizer next to POST; give 'input_ids' instead.")
     chars = row["valid"]
@@ -223,12 +224,17 @@ def load_crc_prompts(
     answer is still not one token is left out with a warning naming the line. ``"label"`` is optional. A
     malformed line raises ``ValueError`` naming ``path:line`` and the expected format; so does an empty file.
     """
+    explicit = [
+        k
+        for k, v in (("chat (--chat)", chat), ("answer_prefix (--answer-prefix)", answer_prefix))
+        if v is not None
+    ]
     if tokenizer is not None and chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     elif chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError("chat=True (--chat) but the tokenizer has no chat template; pass --no-chat.")
     prefix = answer_prefix if answer_prefix is not None else ("" if chat else " ")
-    prompts, dropped = [], []
+    prompts, dropped, texts = [], [], 0
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -238,9 +244,17 @@ def load_crc_prompts(
             except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{i}: {e} Expected {_JSONL_FORMAT}.") from None
             prompts.append(prompt)
-            dropped += [f"{i}:{c!r}" for c in lost]
+            dropped += [f"{i}:{c!r}" for c in lost or ()]
+            texts += lost is not None
     if not prompts:
         raise ValueError(f"{path} holds no prompt. Expected {_JSONL_FORMAT}.")
+    if explicit and not texts:  # never silently ignored: they shape text rows only
+        warnings.warn(
+            f"{path} has only input_ids rows, which are used as they are: {' and '.join(explicit)} do nothing; "
+            "drop them.",
+            UserWarning,
+            stacklevel=2,
+        )
     if dropped:
         warnings.warn(
             f"{path}: answers whose tokens are not one after those they share were left out of the valid sets "
