@@ -432,6 +432,7 @@ def test_gradient_mask_sft_peft_element_mask_on_base_refused(tmp_path, request):
     model = llama()
     trainer = sft_peft(model, sft_config(tmp_path), text_dataset(), GradientMaskCallback(random_mask(model)))
     refused_before_any_step(request, trainer, ValueError, r"element mask on .*q_proj.*row/column")
+    assert_no_hooks(trainer)
 
 
 @pytest.mark.compat(callback="gradient_mask", setup="trl", variant="peft_config=LoraConfig, mask on unadapted base",
@@ -445,6 +446,7 @@ def test_gradient_mask_sft_peft_mask_on_unadapted_base_refused(tmp_path, request
     refused_before_any_step(
         request, trainer, ValueError, r"up_proj.*Build the mask on the PeftModel.*trainer\.model"
     )
+    assert_no_hooks(trainer)
 
 
 @pytest.mark.compat(callback="unlearning", setup="trl", variant="peft_config=LoraConfig")
@@ -501,6 +503,7 @@ def test_routing_sft_peft_frozen_dedicated_refused(tmp_path, request):
     args = sft_config(tmp_path, remove_unused_columns=False)
     trainer = sft_peft(llama(), args, data, GradientRoutingCallback(mlp_units=8), tag_collator("routing"))
     refused_before_any_step(request, trainer, ValueError, r"frozen.*modules_to_save")
+    assert_no_hooks(trainer)
 
 
 @pytest.mark.compat(callback="restoration", setup="trl", variant="peft_config=LoraConfig")
@@ -564,4 +567,19 @@ def test_gradient_mask_dpo_peft(tmp_path):
     may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
     frozen, trained = frozen_and_trained(before, trainer.model, may)
     assert frozen == 0 and trained > 0
+    assert_no_hooks(trainer)
+
+
+@pytest.mark.compat(callback="unlearning", setup="trl", variant="peft_config=LoraConfig, given mask on base",
+                    expect="error")  # fmt: skip
+def test_unlearning_sft_peft_given_mask_on_unadapted_base_refused(tmp_path, request):
+    """A saliency mask computed on the base model and handed to the callback: its entries on weights no adapter
+    wraps cannot act after TRL wrapped the model — refused before a step, as for GradientMaskCallback."""
+    data = text_dataset(8, unlearn=[i % 2 for i in range(8)])
+    model = llama()
+    mask = ParamMask.from_slices({"model.layers.1.mlp.down_proj.weight": (0, [0, 1])}, model)
+    args = sft_config(tmp_path, remove_unused_columns=False)
+    cb = SaliencyUnlearningCallback(data, objective="ga", mask=mask, progress=False)
+    trainer = sft_peft(model, args, data, cb, tag_collator("unlearn"))
+    refused_before_any_step(request, trainer, ValueError, r"down_proj.*Build the mask on the PeftModel")
     assert_no_hooks(trainer)
