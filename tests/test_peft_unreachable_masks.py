@@ -40,7 +40,7 @@ def test_partly_unreachable_mask_warns_and_the_rest_acts():
     base, model = wrapped()
     mask = ParamMask.from_slices({UP0: (0, [0, 1]), Q0: (0, [0, 1, 2])}, base)
     with pytest.warns(
-        UserWarning, match=r"1 parameters train \(e\.g\. 'model\.layers\.0\.mlp\.up_proj\.weight'\)"
+        UserWarning, match=r"1 parameter train \(e\.g\. 'model\.layers\.0\.mlp\.up_proj\.weight'\)"
     ):
         mapped = lora_aware_mask(model, mask)
     b = "model.layers.0.self_attn.q_proj.lora_B.default.weight"

@@ -159,9 +159,10 @@ def _check_unreachable(index: ParamIndex, unreachable: list[str], acting: bool) 
         return
     adapted = sorted({n.split(".lora_")[0] for n in index.names() if ".lora_" in n})
     where = f" (LoRA adapts {adapted[:4]}{'…' if len(adapted) > 4 else ''})" if adapted else ""
+    count = f"{len(unreachable)} parameter{'s' if len(unreachable) > 1 else ''}"
     msg = (
-        f"The mask lets {len(unreachable)} parameters train (e.g. {unreachable[0]!r}) that are frozen under PEFT "
-        f"and wrapped by no LoRA adapter{where}, so those entries cannot act. Build the mask on the PeftModel "
+        f"The mask lets {count} train (e.g. {unreachable[0]!r}) that are frozen under PEFT and wrapped by "
+        f"no LoRA adapter{where}, so those entries cannot act. Build the mask on the PeftModel "
         "that trains (with TRL: after SFTTrainer(peft_config=...) wrapped it, from trainer.model), add the "
         "modules to LoraConfig(target_modules=...) or modules_to_save, or train without PEFT."
     )
