@@ -92,6 +92,7 @@ _EXPORTS: dict[str, str] = {
     "lm_reference": "hfhooks.unlearning.lm_evaluation",
     "lm_relearn_attack": "hfhooks.unlearning.lm_evaluation",
     "lm_unlearning_metrics": "hfhooks.unlearning.lm_evaluation",
+    "load_crc_prompts": "hfhooks.restoration.search",
     "load_gguf": "hfhooks.io.gguf",
     "load_logit_bias": "hfhooks.routing.ablation",
     "load_recipe": "hfhooks.merging",
@@ -203,6 +204,7 @@ __all__ = [
     "lm_reference",
     "lm_relearn_attack",
     "lm_unlearning_metrics",
+    "load_crc_prompts",
     "load_gguf",
     "load_logit_bias",
     "load_recipe",
@@ -291,6 +293,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         RestorationSearch,
         crc_prompts,
         crc_scores,
+        load_crc_prompts,
         search_restoration,
     )
     from hfhooks.routing.ablation import ablate, calibrate_logits, dedicated_mask, load_logit_bias

@@ -100,7 +100,8 @@ SETUPS = {  # column title, how the tests select it
         "TRL's `SFTTrainer` (the `trl` extra) on a `datasets.Dataset` with side-label columns (`unlearn`, "
         "`routing`, `rationale`), TRL's tokenisation, its `DataCollatorForLanguageModeling` wrapped in "
         "`TaggedCollator(..., columns=[...])` with `remove_unused_columns=False`, and its fused LM head (label "
-        "log-probabilities, no logits); `DPOTrainer` as a variant where the method makes sense. Refusals are "
+        "log-probabilities, no logits); `DPOTrainer` and `SFTTrainer(peft_config=LoraConfig(...))` (TRL wraps "
+        "the model after the callbacks were built) as variants where the method makes sense. Refusals are "
         "raised before the first optimizer step.",
     ),
 }

@@ -7,7 +7,6 @@ seconds to import, and ``hfhooks --help`` must start in well under a second.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -82,50 +81,35 @@ def ranges(layers: Sequence[int]) -> str:
     return ",".join(map(str, layers))
 
 
-def _load_prompts(args: argparse.Namespace, tokenizer):
-    from hfhooks.restoration.search import CRCPrompt, crc_prompts
+def _load_prompts(args: argparse.Namespace, tokenizer, vocab_size: int | None = None):
+    from hfhooks.restoration.search import crc_prompts, load_crc_prompts
 
-    if not args.prompts:
-        if tokenizer is None:
-            raise ValueError(
-                f"{args.post} has no tokenizer; pass --prompts FILE.jsonl with input_ids and valid ids."
-            )
-        return crc_prompts(
-            tokenizer,
-            n=args.n,
-            classes=args.classes.split(","),
-            answer_prefix=args.answer_prefix,
-            chat=args.chat,
-            seed=args.seed,
+    if args.prompts:
+        return load_crc_prompts(
+            args.prompts, tokenizer, chat=args.chat, answer_prefix=args.answer_prefix, vocab_size=vocab_size
         )
-    prefix = " " if args.answer_prefix is None else args.answer_prefix
-    prompts = []
-    with open(args.prompts, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if "input_ids" in row:
-                    ids, valid = row["input_ids"], row["valid"]
-                else:
-                    if tokenizer is None:
-                        raise ValueError("text prompts need a tokenizer next to POST")
-                    ids = tokenizer(row["prompt"])["input_ids"]
-                    valid = [
-                        tok[0]
-                        for c in row["valid"]
-                        if len(tok := tokenizer(prefix + c, add_special_tokens=False)["input_ids"]) == 1
-                    ]
-                prompts.append(
-                    CRCPrompt(tuple(map(int, ids)), tuple(map(int, valid)), str(row.get("label", "")))
-                )
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f'{args.prompts}:{i}: expected {{"input_ids": [...], "valid": [...]}} or '
-                    f'{{"prompt": "...", "valid": ["a", ...]}}: {e}'
-                ) from None
-    return prompts
+    if tokenizer is None:
+        raise ValueError(
+            f"{args.post} has no tokenizer; pass --prompts FILE.jsonl with input_ids and valid ids."
+        )
+    return crc_prompts(
+        tokenizer,
+        n=10 if args.n is None else args.n,
+        classes=(args.classes or "letters,digits").split(","),
+        answer_prefix=args.answer_prefix,
+        chat=args.chat,
+        seed=args.seed or 0,
+    )
+
+
+def _check_prompt_options(args: argparse.Namespace) -> None:
+    """The generator's options cannot act on prompts read from a file: refused, never silently dropped."""
+    given = [f"--{k}" for k in ("n", "classes", "seed") if getattr(args, k) is not None]
+    if args.prompts and given:
+        raise ValueError(
+            f"{', '.join(given)} shape the generated prompts and do nothing with --prompts {args.prompts}: "
+            "drop them, or drop --prompts."
+        )
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -133,6 +117,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     from hfhooks.io.paths import check_output
 
+    _check_prompt_options(args)
     if args.plot:  # checked before the models load and the search runs (minutes), not after
         require("matplotlib", "matplotlib", "--plot")
     inputs = [args.post, args.base, args.prompts]
@@ -159,7 +144,7 @@ def run_search(args: argparse.Namespace) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.post, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
-    prompts = _load_prompts(args, tokenizer)
+    prompts = _load_prompts(args, tokenizer, post.get_input_embeddings().num_embeddings)
     progress = progress_enabled(args)
     with warnings.catch_warnings():  # the low-validity warning is printed below as one stderr line
         warnings.filterwarnings("ignore", "the selected candidate", UserWarning)
@@ -290,11 +275,13 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     )
     search.add_argument("post", help="the post-trained checkpoint directory (with its tokenizer)")
     search.add_argument("base", help="the pre-trained checkpoint directory")
-    search.add_argument("--prompts", help="JSONL prompts: {input_ids, valid} or {prompt, valid: [chars]}")
     search.add_argument(
-        "--n", type=int, default=10, help="generated prompts per class (default 10; the paper used 20)"
+        "--prompts",
+        help='JSONL prompts, one a line: {"input_ids": [ids], "valid": [ids]} or {"prompt": "text", '
+        '"valid": ["a", ...]} (see docs/restoration.md)',
     )
-    search.add_argument("--classes", default="letters,digits", help="prompt classes (or literal alphabets)")
+    search.add_argument("--n", type=int, help="generated prompts per class (default 10; the paper used 20)")
+    search.add_argument("--classes", help="prompt classes (or literal alphabets; default letters,digits)")
     search.add_argument(
         "--answer-prefix", help="text before the answer character (default: '' in a chat, else ' ')"
     )
@@ -303,7 +290,7 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         help="wrap prompts in the tokenizer's chat template (default: when it has one)",
     )
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=int, help="seed of the generated prompts (default 0)")
     search.add_argument("--threshold", type=float, default=0.9, help="validity floor, × post-trained (0.9)")
     search.add_argument(
         "--soup", type=int, default=11, help="interpolation points for the baseline (default 11; 0 = none)"

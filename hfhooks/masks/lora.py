@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def lora_aware_mask(model: nn.Module | ParamIndex, mask: ParamMask) -> ParamMask
     slices: dict[str, tuple[int, torch.Tensor]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     keep = ParamMask({})
+    unreachable: list[str] = []
     for name in mask:
         info = index.info(name)
         if info.param.requires_grad:
@@ -97,7 +99,9 @@ def lora_aware_mask(model: nn.Module | ParamIndex, mask: ParamMask) -> ParamMask
             continue
         layer = wrapped.get(id(info.module))
         if layer is None or not name.endswith(".weight"):
-            continue  # frozen and not adapted: it cannot move, the mask holds trivially
+            if bool(mask.vector(name).any()):
+                unreachable.append(name)  # it cannot move, so its "may train" coordinates cannot act
+            continue
         bits = mask.vector(name)
         gran = mask.granularity(name)
         for a_name, b_name, a, b in _adapter_params(layer, names):
@@ -140,8 +144,31 @@ def lora_aware_mask(model: nn.Module | ParamIndex, mask: ParamMask) -> ParamMask
                 entries[b_name] = torch.ones(b.shape, dtype=torch.bool)
     mapped = ParamMask(entries) | ParamMask.from_slices(slices, shapes) if slices else ParamMask(entries)
     result = keep | mapped
+    _check_unreachable(index, unreachable, acting=len(result) > 0)
     result.metadata = dict(mask.metadata, lora_mapped=True)
     return result
+
+
+def _check_unreachable(index: ParamIndex, unreachable: list[str], acting: bool) -> None:
+    """Refuse (nothing acts) or warn about (part acts) mask entries that let frozen, non-adapted weights train.
+
+    Such entries typically come from a mask built on the base model before PEFT wrapped it (TRL's
+    ``SFTTrainer(peft_config=...)`` wraps after the callbacks were built): their coordinates can never move.
+    """
+    if not unreachable:
+        return
+    adapted = sorted({n.split(".lora_")[0] for n in index.names() if ".lora_" in n})
+    where = f" (LoRA adapts {adapted[:4]}{'…' if len(adapted) > 4 else ''})" if adapted else ""
+    count = f"{len(unreachable)} parameter{'s' if len(unreachable) > 1 else ''}"
+    msg = (
+        f"The mask lets {count} train (e.g. {unreachable[0]!r}) that are frozen under PEFT and wrapped by "
+        f"no LoRA adapter{where}, so those entries cannot act. Build the mask on the PeftModel "
+        "that trains (with TRL: after SFTTrainer(peft_config=...) wrapped it, from trainer.model), add the "
+        "modules to LoraConfig(target_modules=...) or modules_to_save, or train without PEFT."
+    )
+    if not acting:
+        raise ValueError(f"{msg} No entry of the mask reaches a trainable parameter: it would do nothing.")
+    warnings.warn(msg, stacklevel=3)
 
 
 # -- SalUn on a LoRA adapter ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import math
 import os
 import warnings
@@ -28,7 +29,15 @@ from hfhooks.core.blocks import find_layers
 from hfhooks.core.names import unwrap_model
 from hfhooks.core.params import ParamIndex
 
-__all__ = ["CRCPrompt", "CRCScore", "RestorationSearch", "crc_prompts", "crc_scores", "search_restoration"]
+__all__ = [
+    "CRCPrompt",
+    "CRCScore",
+    "RestorationSearch",
+    "crc_prompts",
+    "crc_scores",
+    "load_crc_prompts",
+    "search_restoration",
+]
 
 
 # -- the CRC proxy ----------------------------------------------------------------------------------------------
@@ -141,6 +150,119 @@ def _answer_tokens(tokenizer: Any, prefix: str, chars: Sequence[str]) -> tuple[l
         shared = shared[: min(len(e) for e in seqs) - 1]
     valid = {c: e[len(shared)] for c, e in encoded.items() if len(e) == len(shared) + 1}
     return shared, valid
+
+
+_JSONL_FORMAT = (
+    'one JSON object a line, {"input_ids": [int, ...], "valid": [int, ...]} (token ids as the model reads '
+    'them) or {"prompt": "text", "valid": ["a", ...]} (characters; needs the tokenizer), "label" optional'
+)
+
+
+def _token_ids(value: Any, key: str, vocab_size: int | None) -> tuple[int, ...]:
+    """``value`` as a tuple of token ids: a non-empty list of ints (no bools, floats or strings) in the vocabulary."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{key!r} must be a non-empty list of token ids, got {value!r}.")
+    bad = [v for v in value if type(v) is not int or v < 0 or (vocab_size is not None and v >= vocab_size)]
+    if bad:
+        limit = f" (the model's vocabulary has {vocab_size} ids)" if vocab_size is not None else ""
+        raise ValueError(f"{key!r} holds {bad[0]!r}, not a token id in [0, vocab size){limit}.")
+    return tuple(value)
+
+
+def _jsonl_prompt(
+    row: Any, tokenizer: Any, chat: bool, prefix: str, vocab_size: int | None
+) -> tuple[CRCPrompt, list[str] | None]:
+    """One JSONL row as a prompt, and the characters of a text row whose answer is not one token (``None``: an
+    ``input_ids`` row)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}.")
+    unknown = sorted(set(row) - {"input_ids", "valid", "prompt", "label"})
+    if unknown or "valid" not in row or ("input_ids" in row) == ("prompt" in row):
+        why = (
+            f"unknown keys {unknown}"
+            if unknown
+            else "it needs 'valid' and exactly one of 'input_ids', 'prompt'"
+        )
+        raise ValueError(f"{why} (keys: {sorted(row)}).")
+    label = str(row.get("label", ""))
+    if "input_ids" in row:
+        valid = _token_ids(row["valid"], "valid", vocab_size)
+        if len(set(valid)) != len(valid):
+            raise ValueError(f"'valid' lists a token id twice: {list(valid)}.")
+        return CRCPrompt(_token_ids(row["input_ids"], "input_ids", vocab_size), valid, label), None
+    if tokenizer is None:
+        raise ValueError("a 'prompt' row needs the tokenizer next to POST; give 'input_ids' instead.")
+    chars = row["valid"]
+    if (
+        not isinstance(row["prompt"], str)
+        or not isinstance(chars, list)
+        or not all(isinstance(c, str) for c in chars)
+    ):
+        raise ValueError("'prompt' must be a string and 'valid' a list of strings (the allowed characters).")
+    shared, valid = _answer_tokens(tokenizer, prefix, list(dict.fromkeys(chars)))
+    if not valid:
+        raise ValueError(f"no answer {prefix!r} + c of {chars} is one token: try another --answer-prefix.")
+    ids = (*_encode_prompt(tokenizer, row["prompt"], chat), *shared)
+    return CRCPrompt(ids, tuple(sorted(set(valid.values()))), label), [c for c in chars if c not in valid]
+
+
+def load_crc_prompts(
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    chat: bool | None = None,
+    answer_prefix: str | None = None,
+    vocab_size: int | None = None,
+) -> list[CRCPrompt]:
+    """CRC prompts from a JSONL file (the CLI's ``search-restore --prompts``), checked line by line.
+
+    Each non-blank line is ``{"input_ids": [...], "valid": [...]}`` — token ids used as they are (no template,
+    no special tokens added), each in ``[0, vocab_size)``, no valid id twice — or ``{"prompt": "...",
+    "valid": ["a", ...]}``, encoded as :func:`crc_prompts` encodes its questions: in a user turn of the chat
+    template when ``chat`` (default: when the tokenizer has one), each answer ``answer_prefix + c`` (default
+    ``""`` in a chat, ``" "`` otherwise), the tokens all answers share appended to the prompt. A character whose
+    answer is still not one token is left out with a warning naming the line. ``"label"`` is optional. A
+    malformed line raises ``ValueError`` naming ``path:line`` and the expected format; so does an empty file.
+    """
+    explicit = [
+        k
+        for k, v in (("chat (--chat)", chat), ("answer_prefix (--answer-prefix)", answer_prefix))
+        if v is not None
+    ]
+    if tokenizer is not None and chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    elif chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat=True (--chat) but the tokenizer has no chat template; pass --no-chat.")
+    prefix = answer_prefix if answer_prefix is not None else ("" if chat else " ")
+    prompts, dropped, texts = [], [], 0
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt, lost = _jsonl_prompt(json.loads(line), tokenizer, bool(chat), prefix, vocab_size)
+            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{i}: {e} Expected {_JSONL_FORMAT}.") from None
+            prompts.append(prompt)
+            dropped += [f"{i}:{c!r}" for c in lost or ()]
+            texts += lost is not None
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt. Expected {_JSONL_FORMAT}.")
+    if explicit and not texts:  # never silently ignored: they shape text rows only
+        warnings.warn(
+            f"{path} has only input_ids rows, which are used as they are: {' and '.join(explicit)} do nothing; "
+            "drop them.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if dropped:
+        warnings.warn(
+            f"{path}: answers whose tokens are not one after those they share were left out of the valid sets "
+            f"(line:character) {dropped[:8]}{'…' if len(dropped) > 8 else ''} (answer_prefix={prefix!r}).",
+            UserWarning,
+            stacklevel=2,
+        )
+    return prompts
 
 
 @dataclass(frozen=True)
