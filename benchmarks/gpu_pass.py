@@ -1,0 +1,376 @@
+"""GPU pass (issue #12): every callback through the real engines, bf16 on CUDA, peak memory per rank.
+
+A prepared script, never a CI dependency. For each engine — FSDP2 through the Trainer's own accelerate path
+(``fsdp="full_shard", fsdp_config={"version": 2}``: on CUDA the parameters become DTensors), DeepSpeed ZeRO-2 and
+ZeRO-3 (``bf16=True``) — and each callback, a stock ``Trainer`` trains a Llama built from a config (4 layers,
+hidden 256; no download) for 3 steps, then every rank checks, on the gathered full weights (and DeepSpeed's fp32
+masters): the coordinates that must hold did not move, no hfhooks hook is left, and the callback acted (trained
+coordinates changed; SalUn's scored mask hashes the same on every rank; restored layers equal the reference).
+``torch.cuda.max_memory_allocated()`` (``--device cpu``: peak RSS) is reset and recorded per case.
+
+    python benchmarks/gpu_pass.py --out /tmp/gpu_pass                          # one GPU: world size 1 per engine
+    python benchmarks/gpu_pass.py --out /tmp/gpu_pass --nproc 2 --device cpu   # CPU smoke run (FSDP2 = DDP there)
+
+The driver (no ``RANK`` in the environment) starts one ``torchrun --nproc_per_node N`` per engine: a fresh
+process per engine, since accelerate keeps the engine it selected process-wide, and one that hangs or dies costs
+only its own cells (``--timeout`` per engine). It writes ``<out>/<engine>/rank<R>.json``, ``<out>/gpu_pass.md``
+(engine × callback: ok / error, moved, hooks, peak MB per rank) and exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("fsdp2", "zero2", "zero3")
+CASES = ("gradient_mask", "unlearning_scoring", "routing_strict", "attribution", "restoration")
+EXPECTED_REFUSALS = {("zero3", "attribution")}  # documented: double backprop through ZeRO-3 (docs/compatibility.md)
+VOCAB, SEQ = 512, 32
+
+
+# -- worker (one rank of one engine) ----------------------------------------------------------------------------
+def training_args(a, out, **kw):
+    import transformers as T
+
+    engine = {"fsdp": "full_shard",
+              "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}  # fmt: skip
+    if a.engine.startswith("zero"):
+        zero = {"stage": int(a.engine[-1])}
+        engine = {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"},
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                "gradient_clipping": "auto", "train_batch_size": "auto"}}  # fmt: skip
+    return T.TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                               max_steps=3, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5,
+                               optim="adamw_torch", bf16=True, use_cpu=a.device == "cpu", report_to=[],
+                               disable_tqdm=True, seed=0, save_strategy="no",
+                               **{"logging_strategy": "no", **engine, **kw})  # fmt: skip
+
+
+def build(a, classifier=False):
+    """The Llama (ZeRO-3: built after ``deepspeed.init_distributed``, so transformers partitions it at init)."""
+    import torch
+    import transformers as T
+
+    if a.engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if a.device == "cuda" else "gloo")
+    torch.manual_seed(0)  # the same initial weights on every rank
+    # eager attention: the fused SDPA kernels have no double backward (attribution alignment needs one)
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0,
+                        attn_implementation="eager")  # fmt: skip
+    return (T.LlamaForSequenceClassification if classifier else T.LlamaForCausalLM)(cfg)
+
+
+def full_weights(a, model) -> dict:
+    """name -> the full module weight on CPU (collective): DTensors gathered, ZeRO-3 partitions gathered."""
+    from torch.distributed.tensor import DTensor
+
+    from hfhooks import ParamIndex
+
+    out = {}
+    for n, p in ParamIndex(model).items():
+        if a.engine == "zero3" and hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                out[n] = p.detach().cpu().clone()
+        else:
+            out[n] = (p.full_tensor() if isinstance(p, DTensor) else p.detach()).cpu().clone()
+    return out
+
+
+def masters(a, model) -> dict:
+    """DeepSpeed's full fp32 master weights (collective); none for FSDP2, whose parameters are the masters."""
+    if not a.engine.startswith("zero"):
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from hfhooks import ParamIndex
+
+    return {n: safe_get_full_fp32_param(p).reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape).cpu()
+            for n, p in ParamIndex(model).items()}  # fmt: skip
+
+
+def bits(t):
+    import torch
+
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def count(now: dict, then: dict, select: dict | None, changed: bool = False) -> int:
+    """Coordinates (``select[name]`` True; all where ``select`` has no entry) whose bits differ (``then`` cast to
+    ``now``'s dtype: under DeepSpeed bf16 the engine casts the module and builds its masters from that)."""
+    total = 0
+    for n, x in now.items():
+        y = then[n].to(x.dtype)
+        sel = select[n] if select is not None and n in select else None
+        diff = bits(x) != bits(y) if not changed else x != y
+        total += int(diff[sel].sum() if sel is not None else diff.sum())
+    return total
+
+
+def hooks_left(model, cb) -> int:
+    from hfhooks import installed_hooks
+
+    n = len(installed_hooks(model)) + sum(len(p._backward_hooks or {}) for p in model.parameters())
+    return n + sum(getattr(getattr(cb, k, None), "num_hooks", 0) for k in ("router", "alignment", "mask"))
+
+
+def lm_rows(n=64):
+    import torch
+
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
+
+
+def mask_hash(mask) -> str:
+    h = hashlib.sha256()
+    for n in sorted(mask.names()):
+        h.update(n.encode() + mask.packed(n).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train(a, case, make, classifier=False, **args_kw) -> tuple:
+    """Build, capture the initial weights, train with ``make(model, initial) -> (callback, data, collator)``."""
+    import transformers as T
+
+    args = training_args(a, os.path.join(a.out, a.engine, case), **args_kw)
+    model = build(a, classifier)
+    initial = full_weights(a, model)
+    cb, data, collator = make(model, initial)
+    trainer = T.Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb])
+    trainer.train()
+    now, master = full_weights(a, model), masters(a, model)
+    result = {"status": "ok", "hooks_left": hooks_left(model, cb), "dtype": str(next(iter(now.values())).dtype),
+              "dtensor_params": sum(type(p).__name__ == "DTensor" for p in model.parameters())}  # fmt: skip
+    return result, cb, trainer, initial, now, master
+
+
+def held(result, now, master, initial, frozen, trainable):
+    """Record what must hold (``frozen``) and what trained (``trainable``), in the module and the masters."""
+    result["moved"] = count(now, initial, frozen) + (count(master, initial, frozen) if master else 0)
+    result["changed"] = count(now, initial, trainable, changed=True)
+    result["acted"] = result["changed"] > 0
+    return result
+
+
+def case_gradient_mask(a):
+    from hfhooks import GradientMaskCallback, ParamIndex, ParamMask
+
+    def make(model, initial):
+        g = __import__("torch").Generator().manual_seed(1)
+        scores = {n: __import__("torch").rand(initial[n].shape, generator=g) for n in ParamIndex(model).names()}
+        make.mask = ParamMask.from_scores(scores, 0.4)
+        return GradientMaskCallback(make.mask), lm_rows(), None
+
+    r, _, _, initial, now, master = train(a, "gradient_mask", make)
+    keep = {n: make.mask[n] for n in make.mask.names()}
+    return held(r, now, master, initial, {n: ~k for n, k in keep.items()}, keep)
+
+
+def case_unlearning_scoring(a):
+    from hfhooks import SaliencyUnlearningCallback, TaggedCollator, forget_retain_dataset
+
+    rows = lm_rows()
+    forget = rows[:16]
+
+    def make(model, initial):
+        cb = SaliencyUnlearningCallback(forget, objective="graddiff", ratio=0.5, batch_size=4, progress=False)
+        return cb, forget_retain_dataset(forget, rows[16:]), TaggedCollator()
+
+    r, cb, _, initial, now, master = train(a, "unlearning_scoring", make)
+    keep = {n: cb.mask[n] for n in cb.mask.names()}
+    r.update(mask_hash=mask_hash(cb.mask), density=round(cb.mask.density(), 4))
+    return held(r, now, master, initial, {n: ~k for n, k in keep.items()}, keep)
+
+
+def case_routing_strict(a):
+    """Forget-only data: the strict step must hold every shared (non-dedicated) coordinate."""
+    import torch
+
+    from hfhooks import FORGET, GradientRoutingCallback, TaggedCollator, TaggedDataset
+
+    rows = lm_rows()
+
+    def make(model, initial):
+        data = TaggedDataset(rows, tags={"routing": [FORGET] * len(rows)})
+        return GradientRoutingCallback(mlp_units=16, heads=1, strict=True), data, TaggedCollator()
+
+    r, cb, _, initial, now, master = train(a, "routing_strict", make)
+    ded = {n: cb.dedicated[n] if n in cb.dedicated else torch.zeros(t.shape, dtype=torch.bool)
+           for n, t in initial.items()}  # fmt: skip
+    r["counts"] = {str(k): v for k, v in dict(cb.router.counts).items()}
+    return held(r, now, master, initial, {n: ~d for n, d in ded.items()}, ded)
+
+
+def case_attribution(a):
+    import math
+
+    import torch
+
+    from hfhooks import AttributionAlignmentCallback, TaggedCollator, TaggedDataset
+
+    ids = torch.randint(1, VOCAB, (32, SEQ), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": torch.tensor(i % 2),
+             "rationale": (torch.arange(SEQ) < 8).float()} for i in range(32)]  # fmt: skip
+
+    def make(model, initial):
+        cb = AttributionAlignmentCallback("grad_x_input", prior="rationale", weight=1.0, special_token_ids=[0])
+        return cb, TaggedDataset(rows, tags=["rationale"]), TaggedCollator()
+
+    r, _, trainer, initial, now, _ = train(a, "attribution", make, classifier=True, logging_steps=1,
+                                           logging_strategy="steps")  # fmt: skip
+    terms = [h["align/term"] for h in trainer.state.log_history if "align/term" in h]
+    r.update(terms=terms, moved=0, changed=count(now, initial, None, changed=True))
+    r["acted"] = bool(terms) and all(math.isfinite(t) for t in terms) and r["changed"] > 0
+    return r
+
+
+def case_restoration(a):
+    from hfhooks import LayerRestorationCallback
+
+    def make(model, initial):
+        return LayerRestorationCallback(dict(initial), "0:1"), lm_rows(), None
+
+    r, _, _, initial, now, master = train(a, "restoration", make)
+    layer0 = {n: n.startswith("model.layers.0.") for n in initial}
+    sel = {n: __import__("torch").full(t.shape, v) for (n, t), v in zip(initial.items(), layer0.values())}
+    r = held(r, now, master, initial, sel, {n: ~s for n, s in sel.items()})
+    r["restored_equal_reference"] = r["moved"] == 0
+    return r
+
+
+def worker(a):
+    import torch
+    import torch.distributed as dist
+
+    rank, cuda = int(os.environ["RANK"]), a.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peakrss import peak_kb, reset_peak
+
+    exact = reset_peak()
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "world_size": int(os.environ["WORLD_SIZE"])}
+    for case in CASES:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            exact = reset_peak()
+        began = time.perf_counter()
+        try:
+            r = globals()[f"case_{case}"](a)
+        except Exception as e:  # reported in the table; the other cases go on
+            r = {"status": "error", "message": f"{type(e).__name__}: {e}"[:600]}
+        r["peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_kb(exact) / 1024, 1)
+        r["seconds"] = round(time.perf_counter() - began, 1)
+        results[case] = r
+        print(f"[rank {rank}] {a.engine}/{case}: {r['status']} ({r['seconds']} s)", flush=True)
+    with open(os.path.join(a.out, a.engine, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    if dist.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -- driver ------------------------------------------------------------------------------------------------------
+def verdict(engine: str, case: str, ranks: list[dict]) -> tuple[bool, str]:
+    """Whether the cell passes, and its text."""
+    rs = [r.get(case, {"status": "error", "message": "no result"}) for r in ranks]
+    if (engine, case) in EXPECTED_REFUSALS:
+        ok = all(r["status"] == "error" for r in rs)
+        return ok, ("refused as documented: " if ok else "NOT refused: ") + rs[0].get("message", "")[:120]
+    if any(r["status"] != "ok" for r in rs):
+        return False, "error: " + next(r for r in rs if r["status"] != "ok").get("message", "")[:200]
+    same_mask = len({r.get("mask_hash") for r in rs}) == 1
+    ok = same_mask and all(r["moved"] == 0 and r["hooks_left"] == 0 and r["acted"] for r in rs)
+    extra = f", mask {rs[0]['mask_hash']} on all ranks" if "mask_hash" in rs[0] and same_mask else ""
+    extra += ", mask DIFFERS across ranks" if not same_mask else ""
+    extra += f", {rs[0]['dtensor_params']} DTensor params" if engine == "fsdp2" else ""
+    return ok, f"{'ok' if ok else 'FAIL'}: changed {rs[0]['changed']}, {rs[0]['dtype']}{extra}"
+
+
+def launch(a, engine: str) -> str:
+    """One torchrun for ``engine``; returns the tail of its output."""
+    os.makedirs(os.path.join(a.out, engine), exist_ok=True)
+    for stale in Path(a.out, engine).glob("rank*.json"):  # a cell must come from this launch
+        stale.unlink()
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if a.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_port",
+           str(29500 + ENGINES.index(engine) + 7), __file__, "--worker", "--engine", engine, "--out", a.out,
+           "--device", a.device]  # fmt: skip
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        return f"rc {p.returncode}\n" + (p.stdout + p.stderr)[-3000:]
+    except subprocess.TimeoutExpired as e:
+        return f"timed out after {a.timeout} s\n" + str(e.stdout or "")[-3000:]
+
+
+def driver(a) -> int:
+    rows, failed, notes = [], 0, []
+    for engine in a.engines.split(","):
+        began = time.perf_counter()
+        tail = launch(a, engine)
+        print(f"{engine}: {round(time.perf_counter() - began)} s, {tail.splitlines()[0]}", flush=True)
+        files = sorted(Path(a.out, engine).glob("rank*.json"))
+        ranks = [json.loads(f.read_text()) for f in files]
+        if len(ranks) < a.nproc:
+            ranks += [{}] * (a.nproc - len(ranks))
+            notes.append(f"{engine}: {len(files)} of {a.nproc} ranks wrote results; launch: {tail[-1500:]}")
+        for case in CASES:
+            ok, text = verdict(engine, case, ranks)
+            failed += not ok
+            cells = [r.get(case, {}) for r in ranks]
+            peaks = " / ".join(str(c.get("peak_mb", "–")) for c in cells)
+            moved = max((c.get("moved", 0) for c in cells), default=0)
+            hooks = max((c.get("hooks_left", 0) for c in cells), default=0)
+            rows.append(f"| {engine} | {case} | {text.replace('|', '/')} | {moved} | {hooks} | {peaks} |")
+    device = next((r.get("device") for r in ranks if r.get("device")), a.device)
+    memory = "torch.cuda.max_memory_allocated" if a.device == "cuda" else "peak RSS (VmHWM)"
+    lines = [f"GPU pass: device {device}, {a.nproc} rank(s) per engine, bf16; peak MB = {memory} per rank.", ""]
+    if a.device == "cpu":
+        lines += ["On CPU accelerate runs `fsdp=` as plain DDP: the fsdp2 row shows the plumbing, not FSDP2.", ""]
+    lines += ["| engine | callback | result | moved | hooks left | peak MB (per rank) |", "|---|---|---|---|---|---|"]
+    text = "\n".join(lines + rows + [""] + notes) + "\n"
+    Path(a.out, "gpu_pass.md").write_text(text)
+    print(text + f"{failed} cell(s) failed" if failed else text + "all cells passed")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per engine (one GPU: 1; NCCL needs a GPU per rank)")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--timeout", type=int, default=300, help="seconds per engine launch")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.out = os.path.abspath(a.out)
+    if not a.worker:
+        return driver(a)
+    if a.engine.startswith("zero"):
+        import deepspeed
+
+        if a.device == "cpu":  # else a JIT compile of an op only inference uses (see deepspeed_callbacks.py)
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    worker(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
