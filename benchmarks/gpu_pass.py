@@ -22,12 +22,32 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+
+import torch
+import transformers as T
+from torch.distributed.tensor import DTensor
+
+from hfhooks import (
+    FORGET,
+    AttributionAlignmentCallback,
+    GradientMaskCallback,
+    GradientRoutingCallback,
+    LayerRestorationCallback,
+    ParamIndex,
+    ParamMask,
+    SaliencyUnlearningCallback,
+    TaggedCollator,
+    TaggedDataset,
+    forget_retain_dataset,
+    installed_hooks,
+)
 
 ENGINES = ("fsdp2", "zero2", "zero3")
 CASES = ("gradient_mask", "unlearning_scoring", "routing_strict", "attribution", "restoration")
@@ -39,8 +59,6 @@ VOCAB, SEQ = 512, 32
 
 # -- worker (one rank of one engine) ----------------------------------------------------------------------------
 def training_args(a, out, **kw):
-    import transformers as T
-
     engine = {"fsdp": "full_shard",
               "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}  # fmt: skip
     if a.engine.startswith("zero"):
@@ -57,9 +75,6 @@ def training_args(a, out, **kw):
 
 def build(a, classifier=False):
     """The Llama (ZeRO-3: built after ``deepspeed.init_distributed``, so transformers partitions it at init)."""
-    import torch
-    import transformers as T
-
     if a.engine == "zero3":
         import deepspeed
 
@@ -78,10 +93,6 @@ def build(a, classifier=False):
 
 def full_weights(a, model) -> dict:
     """name -> the full module weight on CPU (collective): DTensors gathered, ZeRO-3 partitions gathered."""
-    from torch.distributed.tensor import DTensor
-
-    from hfhooks import ParamIndex
-
     out = {}
     for n, p in ParamIndex(model).items():
         if a.engine == "zero3" and hasattr(p, "ds_id"):
@@ -100,15 +111,11 @@ def masters(a, model) -> dict:
         return {}
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from hfhooks import ParamIndex
-
     return {n: safe_get_full_fp32_param(p).reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape).cpu()
             for n, p in ParamIndex(model).items()}  # fmt: skip
 
 
 def bits(t):
-    import torch
-
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
@@ -125,15 +132,11 @@ def count(now: dict, then: dict, select: dict | None, changed: bool = False) -> 
 
 
 def hooks_left(model, cb) -> int:
-    from hfhooks import installed_hooks
-
     n = len(installed_hooks(model)) + sum(len(p._backward_hooks or {}) for p in model.parameters())
     return n + sum(getattr(getattr(cb, k, None), "num_hooks", 0) for k in ("router", "alignment", "mask"))
 
 
 def lm_rows(n=64):
-    import torch
-
     ids = torch.randint(1, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
     return [{"input_ids": ids[i], "labels": ids[i]} for i in range(n)]
 
@@ -147,8 +150,6 @@ def mask_hash(mask) -> str:
 
 def train(a, case, make, classifier=False, **args_kw) -> tuple:
     """Build, capture the initial weights, train with ``make(model, initial) -> (callback, data, collator)``."""
-    import transformers as T
-
     args = training_args(a, os.path.join(a.out, a.engine, case), **args_kw)
     model = build(a, classifier)
     initial = full_weights(a, model)
@@ -177,24 +178,19 @@ def held(result, now, master, initial, frozen, trainable, master_reference=None)
 
 
 def case_gradient_mask(a):
-    from hfhooks import GradientMaskCallback, ParamIndex, ParamMask
+    def make(model, initial):  # a random 40 % trainable mask over the full shapes
+        g = torch.Generator().manual_seed(1)
+        cb = GradientMaskCallback(
+            ParamMask.from_scores({n: torch.rand(t.shape, generator=g) for n, t in initial.items()}, 0.4)
+        )
+        return cb, lm_rows(), None
 
-    def make(model, initial):
-        g = __import__("torch").Generator().manual_seed(1)
-        scores = {
-            n: __import__("torch").rand(initial[n].shape, generator=g) for n in ParamIndex(model).names()
-        }
-        make.mask = ParamMask.from_scores(scores, 0.4)
-        return GradientMaskCallback(make.mask), lm_rows(), None
-
-    r, _, _, initial, now, master = train(a, "gradient_mask", make)
-    keep = {n: make.mask[n] for n in make.mask.names()}
+    r, cb, _, initial, now, master = train(a, "gradient_mask", make)
+    keep = {n: cb.mask[n] for n in cb.mask.names()}
     return held(r, now, master, initial, {n: ~k for n, k in keep.items()}, keep)
 
 
 def case_unlearning_scoring(a):
-    from hfhooks import SaliencyUnlearningCallback, TaggedCollator, forget_retain_dataset
-
     rows = lm_rows()
     forget = rows[:16]
 
@@ -210,10 +206,6 @@ def case_unlearning_scoring(a):
 
 def case_routing_strict(a):
     """Forget-only data: the strict step must hold every shared (non-dedicated) coordinate."""
-    import torch
-
-    from hfhooks import FORGET, GradientRoutingCallback, TaggedCollator, TaggedDataset
-
     rows = lm_rows()
 
     def make(model, initial):
@@ -228,12 +220,6 @@ def case_routing_strict(a):
 
 
 def case_attribution(a):
-    import math
-
-    import torch
-
-    from hfhooks import AttributionAlignmentCallback, TaggedCollator, TaggedDataset
-
     ids = torch.randint(1, VOCAB, (32, SEQ), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": torch.tensor(i % 2),
              "rationale": (torch.arange(SEQ) < 8).float()} for i in range(32)]  # fmt: skip
@@ -244,16 +230,11 @@ def case_attribution(a):
         )
         return cb, TaggedDataset(rows, tags=["rationale"]), TaggedCollator()
 
-    if (
-        a.engine == "zero3"
-    ):  # the refusal comes at train begin, where the Trainer calls it (after the engine init;
-        # a stock bf16 ZeRO-3 run of this classifier stops before, in DeepSpeed: zero.Init leaves `score` fp32)
-        import transformers as T
-
-        args, model = (
-            training_args(a, os.path.join(a.out, a.engine, "attribution")),
-            build(a, classifier=True),
-        )
+    if a.engine == "zero3":
+        # the refusal comes at train begin, where the Trainer calls it (after the engine's init: a stock bf16
+        # ZeRO-3 run of this classifier stops before, in DeepSpeed, since zero.Init leaves `score` fp32)
+        args = training_args(a, os.path.join(a.out, a.engine, "attribution"))
+        model = build(a, classifier=True)
         make(model, None)[0].on_train_begin(args, T.TrainerState(), T.TrainerControl(), model=model)
         return {"status": "ok", "moved": 0, "changed": 0, "acted": False, "hooks_left": 0}
     r, _, trainer, initial, now, _ = train(a, "attribution", make, classifier=True, logging_steps=1,
@@ -265,23 +246,18 @@ def case_attribution(a):
 
 
 def case_restoration(a):
-    from hfhooks import LayerRestorationCallback
-
     def make(model, initial):
         return LayerRestorationCallback(dict(initial), "0:1"), lm_rows(), None
 
     r, _, _, initial, now, master = train(a, "restoration", make)
     layer0 = {n: n.startswith("model.layers.0.") for n in initial}
-    sel = {n: __import__("torch").full(t.shape, v) for (n, t), v in zip(initial.items(), layer0.values())}
+    sel = {n: torch.full(t.shape, v) for (n, t), v in zip(initial.items(), layer0.values())}
     r = held(r, now, master, initial, sel, {n: ~s for n, s in sel.items()}, master_reference=initial)
     r["restored_equal_reference"] = r["moved"] == 0
     return r
 
 
 def worker(a):
-    import torch
-    import torch.distributed as dist
-
     rank, cuda = int(os.environ["RANK"]), a.device == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -315,9 +291,9 @@ def worker(a):
             os.path.join(a.out, a.engine, f"rank{rank}.json"), "w"
         ) as f:  # after each case: a hang keeps them
             json.dump(results, f, indent=1, default=str)
-    if dist.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
-        dist.barrier()
-        dist.destroy_process_group()
+    if torch.distributed.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # -- driver ------------------------------------------------------------------------------------------------------
