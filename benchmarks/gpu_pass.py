@@ -125,7 +125,7 @@ def count(now: dict, then: dict, select: dict | None, changed: bool = False) -> 
     total = 0
     for n, x in now.items():
         y = then[n].to(x.dtype)
-        sel = select[n] if select is not None and n in select else None
+        sel = select[n].cpu() if select is not None and n in select else None  # masks may live on the GPU
         diff = bits(x) != bits(y) if not changed else x != y
         total += int(diff[sel].sum() if sel is not None else diff.sum())
     return total
@@ -144,7 +144,7 @@ def lm_rows(n=64):
 def mask_hash(mask) -> str:
     h = hashlib.sha256()
     for n in sorted(mask.names()):
-        h.update(n.encode() + mask.packed(n).numpy().tobytes())
+        h.update(n.encode() + mask.packed(n).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
