@@ -8,13 +8,14 @@ masters): the coordinates that must hold did not move, no hfhooks hook is left, 
 coordinates changed; SalUn's scored mask hashes the same on every rank; restored layers equal the reference).
 ``torch.cuda.max_memory_allocated()`` (``--device cpu``: peak RSS) is reset and recorded per case.
 
-    python benchmarks/gpu_pass.py --out /tmp/gpu_pass                          # one GPU: world size 1 per engine
-    python benchmarks/gpu_pass.py --out /tmp/gpu_pass --nproc 2 --device cpu   # CPU smoke run (FSDP2 = DDP there)
+    PYTHONPATH=$PWD python benchmarks/gpu_pass.py --out /tmp/gpu_pass      # one GPU: world size 1 per engine
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/gpu_pass.py --out /tmp/gp --nproc 2 --device cpu  # smoke
 
-The driver (no ``RANK`` in the environment) starts one ``torchrun --nproc_per_node N`` per engine: a fresh
+Launch it with plain ``python`` (not torchrun): this driver starts one ``torchrun --nproc_per_node N`` per engine: a fresh
 process per engine, since accelerate keeps the engine it selected process-wide, and one that hangs or dies costs
 only its own cells (``--timeout`` per engine). It writes ``<out>/<engine>/rank<R>.json``, ``<out>/gpu_pass.md``
-(engine × callback: ok / error, moved, hooks, peak MB per rank) and exits non-zero when a check fails.
+(engine × callback: ok / error, moved, hooks, peak MB per rank), ``<out>/results.json`` and exits 1 when a check fails. On CPU
+accelerate runs ``fsdp=`` as plain DDP (the table says so) and DeepSpeed runs with ``DS_ACCELERATOR=cpu``, gloo.
 """
 
 from __future__ import annotations
@@ -264,7 +265,6 @@ def worker(a):
     sys.path.insert(0, str(Path(__file__).parent))
     from peakrss import peak_kb, reset_peak
 
-    exact = reset_peak()
     results = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "world_size": int(os.environ["WORLD_SIZE"]),
@@ -287,10 +287,8 @@ def worker(a):
         results[case] = r
         print(f"[rank {rank}] {a.engine}/{case}: {r['status']} ({r['seconds']} s) {r.get('message', '')[:300]}",
               flush=True)  # fmt: skip
-        with open(
-            os.path.join(a.out, a.engine, f"rank{rank}.json"), "w"
-        ) as f:  # after each case: a hang keeps them
-            json.dump(results, f, indent=1, default=str)
+        # written after each case: a later hang keeps the results so far
+        Path(a.out, a.engine, f"rank{rank}.json").write_text(json.dumps(results, indent=1, default=str))
     if torch.distributed.is_initialized():  # exiting with live gloo threads can abort ("terminate called…")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
