@@ -76,6 +76,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
+    ap.add_argument("--seed", type=int, default=0, help="draws the narrow SFT's prompts")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when the output is a file
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_search_restore_"))
@@ -85,7 +86,7 @@ def main() -> int:
     base, tok = load_gguf(smollm2_path())
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
-    narrow_sft(base, tok, args.steps)  # the loaded copy becomes the post-trained model
+    narrow_sft(base, tok, args.steps, args.seed)  # the loaded copy becomes the post-trained model
     base.save_pretrained(root / "post")
     tok.save_pretrained(root / "post")
 
