@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import random
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -124,8 +125,6 @@ def mean_loss(model, docs: list[dict], pad: Pad) -> float:
 def combine(runs: list[Path]) -> str:
     """One table over runs with different ``--seed`` (their ``results.json``): mean ± std of each loss, and the
     attack steps of every run."""
-    import statistics
-
     results = [json.loads((d / "results.json").read_text()) for d in runs]
     seeds = [r["config"]["seed"] for r in results]
 
@@ -154,6 +153,44 @@ def combine(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def plot_seeds(runs: list[Path], path: Path) -> None:
+    """Forget loss (raw / after ablation and calibration) and attack steps per model, one point per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads((d / "results.json").read_text()) for d in runs]
+    keys = [k for k in results[0]["rows"] if k != "base"]
+    cap = max(r["config"]["attack_steps"] for r in results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, key in enumerate(keys):
+        for r in results:
+            row = r["rows"][key]
+            left.scatter(i, row["raw"]["forget"], color="tab:gray", marker="o")
+            if "calibrated" in row:
+                left.scatter(i, row["calibrated"]["forget"], color="tab:red", marker="^")
+            steps = row.get("attack_steps")
+            right.scatter(i, cap + 1 if steps is None else steps, color="tab:blue")
+    base = statistics.mean(r["rows"]["base"]["raw"]["forget"] for r in results)
+    left.axhline(base, color="tab:green", ls="--", lw=1, label="base model (never saw them)")
+    left.scatter([], [], color="tab:gray", marker="o", label="after training")
+    left.scatter([], [], color="tab:red", marker="^", label="after ablation + calibration (sgtm)")
+    for ax, label in (
+        (left, "forget-document loss (nats/token) ↑"),
+        (right, f"attack steps to recover ↑ (cap {cap})"),
+    ):
+        ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+    left.legend(fontsize=7)
+    fig.suptitle(
+        f"SGTM on SmolLM2-135M-Instruct: one point per seed ({', '.join(str(r['config']['seed']) for r in results)})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/smollm2_sgtm")
@@ -176,14 +213,15 @@ def main() -> None:
     p.add_argument(
         "--combine", type=Path, nargs="+", metavar="DIR",
         help="no training: one mean ± std table over earlier runs' --out directories (other --seed values); "
-        "written to --out/table_seeds.md",
+        "written to --out/table_seeds.md and --out/seeds.png",
     )  # fmt: skip
     args = p.parse_args()
     if args.combine:
         text = combine(args.combine)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "table_seeds.md").write_text(text + "\n")
-        print(text)
+        plot_seeds(args.combine, Path(args.out) / "seeds.png")
+        print(text + f"\n\nwrote {Path(args.out) / 'table_seeds.md'}, {Path(args.out) / 'seeds.png'}")
         return
     if args.quick:
         args.forget_docs, args.retain_docs, args.epochs, args.recalls = 8, 16, 1.0, [1.0]
