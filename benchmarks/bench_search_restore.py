@@ -77,6 +77,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0, help="draws the narrow SFT's prompts")
+    ap.add_argument("--plot", help="also have search-restore write its validity/diversity plot to this PNG")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when the output is a file
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_search_restore_"))
@@ -111,6 +112,7 @@ def main() -> int:
         str(root / "base"),
         "--json",
         "-q",
+        *(["--plot", args.plot, "--overwrite"] if args.plot else []),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
