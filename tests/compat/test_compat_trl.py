@@ -136,6 +136,14 @@ def frozen_and_trained(before, model, may) -> tuple[int, int]:
     return frozen, trained
 
 
+def assert_mask_held(before, trainer, mask) -> None:
+    """Coordinates outside ``mask`` did not move, some inside it trained, and no hfhooks hook is left."""
+    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
+    frozen, trained = frozen_and_trained(before, trainer.model, may)
+    assert frozen == 0 and trained > 0
+    assert_no_hooks(trainer)
+
+
 # -- ✓ cells -----------------------------------------------------------------------------------------------
 @pytest.mark.compat(callback="gradient_mask", setup="trl")
 def test_gradient_mask_sft(tmp_path):
@@ -144,10 +152,7 @@ def test_gradient_mask_sft(tmp_path):
     trainer = sft(model, sft_config(tmp_path), text_dataset(), GradientMaskCallback(mask))
     before = snapshot(trainer.model)
     run(trainer)
-    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
-    frozen, trained = frozen_and_trained(before, trainer.model, may)
-    assert frozen == 0 and trained > 0
-    assert_no_hooks(trainer)
+    assert_mask_held(before, trainer, mask)
 
 
 @pytest.mark.compat(callback="gradient_mask", setup="trl", variant="DPOTrainer")
@@ -166,10 +171,7 @@ def test_gradient_mask_dpo(tmp_path):
                          callbacks=[GradientMaskCallback(mask)])  # fmt: skip
     before = snapshot(trainer.model)
     run(trainer)
-    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
-    frozen, trained = frozen_and_trained(before, trainer.model, may)
-    assert frozen == 0 and trained > 0
-    assert_no_hooks(trainer)
+    assert_mask_held(before, trainer, mask)
 
 
 @pytest.mark.compat(callback="routing", setup="trl")
@@ -221,10 +223,7 @@ def test_unlearning_sft(tmp_path, objective):
     before = snapshot(trainer.model)
     run(trainer)
     assert cb.mask is not None
-    may = {n: cb.mask[n].bool() if n in cb.mask else torch.zeros((), dtype=torch.bool) for n in before}
-    frozen, trained = frozen_and_trained(before, trainer.model, may)
-    assert frozen == 0 and trained > 0
-    assert_no_hooks(trainer)
+    assert_mask_held(before, trainer, cb.mask)
     # the first step's loss, recomputed: the objective on the initial model's logits
     batch = dict(rec.batches[0])
     flags, ids, labels = batch.pop("unlearn"), batch.pop("example_id"), batch.pop("labels")
@@ -397,10 +396,7 @@ def test_gradient_mask_sft_peft_mask_on_the_adapters(tmp_path):
     trainer.add_callback(GradientMaskCallback(mask))
     before = snapshot(trainer.model)
     run(trainer)
-    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
-    frozen, trained = frozen_and_trained(before, trainer.model, may)
-    assert frozen == 0 and trained > 0
-    assert_no_hooks(trainer)
+    assert_mask_held(before, trainer, mask)
 
 
 @pytest.mark.compat(
@@ -464,10 +460,7 @@ def test_unlearning_sft_peft_scores_on_the_adapter(tmp_path):
     assert cb.mask is not None and all(".lora_" in n for n in cb.mask.names())
     b_rows = [cb.mask.vector(n) for n in cb.mask.names() if ".lora_B." in n]
     assert b_rows and any(0 < int(v.sum()) < v.numel() for v in b_rows), "the unit mask selected nothing"
-    may = {n: cb.mask[n].bool() if n in cb.mask else torch.zeros((), dtype=torch.bool) for n in before}
-    frozen, trained = frozen_and_trained(before, trainer.model, may)
-    assert frozen == 0 and trained > 0
-    assert_no_hooks(trainer)
+    assert_mask_held(before, trainer, cb.mask)
 
 
 @pytest.mark.compat(
@@ -564,10 +557,7 @@ def test_gradient_mask_dpo_peft(tmp_path):
     trainer.add_callback(GradientMaskCallback(mask))
     before = snapshot(trainer.model)
     run(trainer)
-    may = {n: mask[n].bool() if n in mask else torch.zeros((), dtype=torch.bool) for n in before}
-    frozen, trained = frozen_and_trained(before, trainer.model, may)
-    assert frozen == 0 and trained > 0
-    assert_no_hooks(trainer)
+    assert_mask_held(before, trainer, mask)
 
 
 @pytest.mark.compat(callback="unlearning", setup="trl", variant="peft_config=LoraConfig, given mask on base",

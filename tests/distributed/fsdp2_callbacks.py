@@ -286,6 +286,24 @@ def routing_plain_loop(offload=False):
             "digest": float(sum(final[n].double().sum() * (i + 1) for i, n in enumerate(sorted(final))))}  # fmt: skip
 
 
+def accelerate_fsdp2(state_dict_type: str):
+    """(a stand-in for the Accelerator, an FSDP2 plugin) as accelerate's ``save/load_fsdp_*`` helpers take them,
+    or a skip result when this accelerate has no FSDP2 plugin (its Trainer cannot write FSDP2 checkpoints)."""
+    import inspect
+    from types import SimpleNamespace
+
+    import accelerate
+    from accelerate import FullyShardedDataParallelPlugin
+
+    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
+        return {"status": "skipped", "reason": f"accelerate {accelerate.__version__} has no FSDP2 plugin "
+                "(fsdp_version): its Trainer cannot write FSDP2 checkpoints"}  # fmt: skip
+    rank = dist.get_rank()
+    acc = SimpleNamespace(process_index=rank, num_processes=dist.get_world_size(), is_fsdp2=True,
+                          is_main_process=rank == 0, wait_for_everyone=dist.barrier)  # fmt: skip
+    return acc, FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=state_dict_type)
+
+
 def run_routing_resumed(out):
     """GradientRoutingCallback resumed under FSDP2 as the Trainer resumes it: checkpoint-2 written at step 2
     (model and optimizer with accelerate's SHARDED_STATE_DICT — DCP, its FSDP2 default — the trainer state, then
@@ -294,23 +312,15 @@ def run_routing_resumed(out):
     was given a dedicated mask other than the config's default, so only the checkpoint's mask resumes it right.
     Reported: the resumed result against the uninterrupted run (bit for bit), its counters, the shared
     coordinates the resumed forget step held, hooks left."""
-    import inspect
-    from types import SimpleNamespace
-
-    import accelerate
-    from accelerate import FullyShardedDataParallelPlugin
-
     from hfhooks import dedicated_mask
 
-    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
-        return {"status": "skipped", "reason": f"accelerate {accelerate.__version__} has no FSDP2 plugin "
-                "(fsdp_version): its Trainer cannot write FSDP2 checkpoints"}  # fmt: skip
+    got = accelerate_fsdp2("SHARDED_STATE_DICT")
+    if isinstance(got, dict):
+        return got
+    acc, plugin = got
     from accelerate.utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    acc = SimpleNamespace(process_index=rank, num_processes=world, is_fsdp2=True, is_main_process=rank == 0,
-                          wait_for_everyone=dist.barrier)  # fmt: skip
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    rank = dist.get_rank()
     batches = routing_batches(rank)
     mask = dedicated_mask(tiny(), None, 8, 2)  # not the config's default (4 units, 1 head)
 
@@ -562,22 +572,14 @@ def restoration_checkpoints(out, lm_batches):
     (save_fsdp_model), the file a resumed run loads (load_fsdp_model). checkpoint-1: restoring model.safetensors
     alone (restore_layers) leaves what a resume loads trained — why the callback restores both; then
     mode="variant" writes checkpoint-1/restored/. checkpoint-2: mode="inplace" — a resume loads restored layers."""
-    import inspect
-    from types import SimpleNamespace
-
-    import accelerate
-    from accelerate import FullyShardedDataParallelPlugin
-
-    if "fsdp_version" not in inspect.signature(FullyShardedDataParallelPlugin).parameters:
-        return {"status": "skipped", "reason": f"accelerate {accelerate.__version__} has no FSDP2 plugin "
-                "(fsdp_version): its Trainer cannot write FSDP2 checkpoints"}  # fmt: skip
+    got = accelerate_fsdp2("FULL_STATE_DICT")
+    if isinstance(got, dict):
+        return got
+    acc, plugin = got
     from accelerate.utils import load_fsdp_model, save_fsdp_model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    acc = SimpleNamespace(process_index=rank, num_processes=world, is_fsdp2=True, is_main_process=rank == 0,
-                          wait_for_everyone=dist.barrier)  # fmt: skip
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
+    rank = dist.get_rank()
     reference, model = tiny(), shard(tiny())
     where = os.path.join(out, "resume")
     drive(T.TrainerCallback(), model, lm_batches[:1], where)
