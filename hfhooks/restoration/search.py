@@ -89,12 +89,8 @@ def crc_prompts(
     of continuing it. ``answer_prefix`` defaults to ``""`` in a chat, ``" "`` otherwise; ``template`` to a
     question without (chat) or with a trailing ``Answer:`` cue.
     """
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    elif chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat=True but the tokenizer has no chat template; pass chat=False.")
+    chat, prefix = _chat_and_prefix(tokenizer, chat, answer_prefix)
     template = template if template is not None else (_CHAT_TEMPLATE if chat else _TEMPLATE)
-    prefix = answer_prefix if answer_prefix is not None else ("" if chat else " ")
     g = torch.Generator().manual_seed(seed)
     out, dropped = [], {}
     for cls in classes:
@@ -106,12 +102,11 @@ def crc_prompts(
         for _ in range(n):
             k = int(torch.randint(lo, hi + 1, (1,), generator=g))
             chars = [alphabet[i] for i in torch.randperm(len(alphabet), generator=g)[:k].tolist()]
-            ids = _encode_prompt(tokenizer, template.format(chars=separator.join(chars)), chat)
-            shared, valid = _answer_tokens(tokenizer, prefix, chars)
-            dropped.setdefault(cls, set()).update(c for c in chars if c not in valid)
-            if valid:
-                ids = [*ids, *shared]
-                out.append(CRCPrompt(tuple(int(i) for i in ids), tuple(sorted(set(valid.values()))), cls))
+            prompt, lost = _text_prompt(tokenizer, template.format(chars=separator.join(chars)), chars, chat,
+                                        prefix, cls)  # fmt: skip
+            dropped.setdefault(cls, set()).update(lost)
+            if prompt is not None:
+                out.append(prompt)
     if not out:
         raise ValueError("No prompt has a single-token answer; try answer_prefix='' or another tokenizer.")
     for cls, chars in dropped.items():
@@ -125,6 +120,32 @@ def crc_prompts(
                 stacklevel=2,
             )
     return out
+
+
+def _chat_and_prefix(tokenizer: Any, chat: bool | None, answer_prefix: str | None) -> tuple[bool, str]:
+    """``chat`` (default: whether the tokenizer has a chat template) and the answer prefix (default ``""`` in a
+    chat, ``" "`` otherwise), as the generated and the JSONL prompts both resolve them."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    elif chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "chat=True (--chat) but the tokenizer has no chat template; pass chat=False (--no-chat)."
+        )
+    return chat, answer_prefix if answer_prefix is not None else ("" if chat else " ")
+
+
+def _text_prompt(
+    tokenizer: Any, text: str, chars: Sequence[str], chat: bool, prefix: str, label: str
+) -> tuple[CRCPrompt | None, list[str]]:
+    """``text`` encoded (:func:`_encode_prompt`) with the tokens its answers ``prefix + c`` share appended, as a
+    prompt whose valid set is each character's remaining token; and the characters whose answer is not one token
+    after the shared ones (left out). ``None`` when no character is left."""
+    shared, valid = _answer_tokens(tokenizer, prefix, chars)
+    lost = [c for c in chars if c not in valid]
+    if not valid:
+        return None, lost
+    ids = (*_encode_prompt(tokenizer, text, chat), *shared)
+    return CRCPrompt(tuple(int(i) for i in ids), tuple(sorted(set(valid.values()))), label), lost
 
 
 def _encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
@@ -199,11 +220,10 @@ def _jsonl_prompt(
         or not all(isinstance(c, str) for c in chars)
     ):
         raise ValueError("'prompt' must be a string and 'valid' a list of strings (the allowed characters).")
-    shared, valid = _answer_tokens(tokenizer, prefix, list(dict.fromkeys(chars)))
-    if not valid:
+    prompt, lost = _text_prompt(tokenizer, row["prompt"], list(dict.fromkeys(chars)), chat, prefix, label)
+    if prompt is None:
         raise ValueError(f"no answer {prefix!r} + c of {chars} is one token: try another --answer-prefix.")
-    ids = (*_encode_prompt(tokenizer, row["prompt"], chat), *shared)
-    return CRCPrompt(ids, tuple(sorted(set(valid.values()))), label), [c for c in chars if c not in valid]
+    return prompt, lost
 
 
 def load_crc_prompts(
@@ -229,18 +249,14 @@ def load_crc_prompts(
         for k, v in (("chat (--chat)", chat), ("answer_prefix (--answer-prefix)", answer_prefix))
         if v is not None
     ]
-    if tokenizer is not None and chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    elif chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat=True (--chat) but the tokenizer has no chat template; pass --no-chat.")
-    prefix = answer_prefix if answer_prefix is not None else ("" if chat else " ")
+    chat, prefix = _chat_and_prefix(tokenizer, chat, answer_prefix)
     prompts, dropped, texts = [], [], 0
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                prompt, lost = _jsonl_prompt(json.loads(line), tokenizer, bool(chat), prefix, vocab_size)
+                prompt, lost = _jsonl_prompt(json.loads(line), tokenizer, chat, prefix, vocab_size)
             except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{i}: {e} Expected {_JSONL_FORMAT}.") from None
             prompts.append(prompt)
