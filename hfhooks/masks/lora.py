@@ -157,7 +157,7 @@ def _check_unreachable(index: ParamIndex, unreachable: list[str], acting: bool) 
     """
     if not unreachable:
         return
-    adapted = sorted({n.split(".lora_")[0] for n in index.names() if ".lora_" in n})
+    adapted = sorted(_adapted_weights(index))
     where = f" (LoRA adapts {adapted[:4]}{'…' if len(adapted) > 4 else ''})" if adapted else ""
     count = f"{len(unreachable)} parameter{'s' if len(unreachable) > 1 else ''}"
     msg = (

@@ -13,7 +13,8 @@ the Trainer writes next to them. So:
   optimizer's ``state_dict()`` taken while its masters hold the restored values (then puts the trained masters
   back), and the main process rewrites the restored tensors of the module-states file (ZeRO-1/2; ZeRO-3 loads
   the module from the masters). Each file is replaced atomically (``hfhooks.io.paths.save_replacing``: a
-  temporary file, then a rename); the optimizer state in them is the saved one (kept, as the checkpoint's ``optimizer.pt`` is without DeepSpeed).
+  temporary file, then a rename); the optimizer state in them is the saved one (kept, as the checkpoint's
+  ``optimizer.pt`` is without DeepSpeed).
 
 Verified with deepspeed 0.19.8 (the shard names and the ``optimizer_state_dict`` / ``module`` keys are those of
 ``DeepSpeedEngine.save_checkpoint``).
