@@ -122,10 +122,9 @@ def mean_loss(model, docs: list[dict], pad: Pad) -> float:
     return total / count
 
 
-def combine(runs: list[Path]) -> str:
+def combine(results: list[dict]) -> str:
     """One table over runs with different ``--seed`` (their ``results.json``): mean ± std of each loss, and the
     attack steps of every run."""
-    results = [json.loads((d / "results.json").read_text()) for d in runs]
     seeds = [r["config"]["seed"] for r in results]
 
     def cell(values: list[float]) -> str:
@@ -153,14 +152,13 @@ def combine(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def plot_seeds(runs: list[Path], path: Path) -> None:
+def plot_seeds(results: list[dict], path: Path) -> None:
     """Forget loss (raw / after ablation and calibration) and attack steps per model, one point per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [json.loads((d / "results.json").read_text()) for d in runs]
     keys = [k for k in results[0]["rows"] if k != "base"]
     cap = max(r["config"]["attack_steps"] for r in results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -217,10 +215,11 @@ def main() -> None:
     )  # fmt: skip
     args = p.parse_args()
     if args.combine:
-        text = combine(args.combine)
+        results = [json.loads((d / "results.json").read_text()) for d in args.combine]
+        text = combine(results)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "table_seeds.md").write_text(text + "\n")
-        plot_seeds(args.combine, Path(args.out) / "seeds.png")
+        plot_seeds(results, Path(args.out) / "seeds.png")
         print(text + f"\n\nwrote {Path(args.out) / 'table_seeds.md'}, {Path(args.out) / 'seeds.png'}")
         return
     if args.quick:
