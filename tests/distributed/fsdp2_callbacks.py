@@ -114,18 +114,24 @@ def drive(callback, model, batches, out):
     state, control = T.TrainerState(), T.TrainerControl()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
     callback.on_train_begin(args, state, control, model=model, optimizer=opt)
-    for step, pair in enumerate(batches):
-        callback.on_step_begin(args, state, control, model=model, optimizer=opt)
-        for batch in pair:  # gradient accumulation: 2 micro-batches per step
-            (model(**batch).loss / len(pair)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        callback.on_pre_optimizer_step(args, state, control, model=model, optimizer=opt)
-        opt.step()
-        callback.on_optimizer_step(args, state, control, model=model, optimizer=opt)
-        opt.zero_grad()
-        state.global_step = step + 1
-        callback.on_step_end(args, state, control, model=model, optimizer=opt)
+    for pair in batches:
+        train_step(callback, model, opt, pair, args, state, control)
     callback.on_train_end(args, state, control, model=model, optimizer=opt)
+
+
+def train_step(callback, model, opt, pair, args, state, control) -> None:
+    """One optimizer step as the Trainer takes it: the micro-batches of ``pair`` accumulated, clipping, the
+    callback's step events around ``opt.step()``; ``state.global_step`` advanced."""
+    callback.on_step_begin(args, state, control, model=model, optimizer=opt)
+    for batch in pair:  # gradient accumulation: 2 micro-batches per step
+        (model(**batch).loss / len(pair)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    callback.on_pre_optimizer_step(args, state, control, model=model, optimizer=opt)
+    opt.step()
+    callback.on_optimizer_step(args, state, control, model=model, optimizer=opt)
+    opt.zero_grad()
+    state.global_step += 1
+    callback.on_step_end(args, state, control, model=model, optimizer=opt)
 
 
 def run_trained(name, out, callback_factory, batches):
@@ -338,16 +344,7 @@ def run_routing_resumed(out):
         r = {"dedicated_is_given": cb.dedicated == mask}
         for pair in batches[state.global_step :]:
             before = gathered(model)
-            cb.on_step_begin(args, state, control, model=model, optimizer=opt)
-            for batch in pair:
-                (model(**batch).loss / len(pair)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            cb.on_pre_optimizer_step(args, state, control, model=model, optimizer=opt)
-            opt.step()
-            cb.on_optimizer_step(args, state, control, model=model, optimizer=opt)
-            opt.zero_grad()
-            state.global_step += 1
-            cb.on_step_end(args, state, control, model=model, optimizer=opt)
+            train_step(cb, model, opt, pair, args, state, control)
             # the last step is forget-only: no shared coordinate may move (held by the router)
             if state.global_step == len(batches):
                 after = gathered(model)
