@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+import hfhooks.freeze.weight_decay as wd_module
 from hfhooks import GradientMask, ParamMask
+
+
+@pytest.fixture(autouse=True)
+def _snapshot_path(monkeypatch):
+    """These tests are about the snapshot path. A fused float32 step no longer takes it on CPU (its weight decay
+    is applied by hand once a probe shows the bits match, see ``fused_decay_matches``): make the probe say no,
+    as it does for bf16, so both dtypes exercise the snapshots."""
+    monkeypatch.setattr(wd_module, "fused_decay_matches", lambda *_: False)
+
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 _SHAPES = {"whole": (64, 64), "element": (64, 64), "rows": (32, 16), "free": (16,)}

@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 import hfhooks.freeze.gradient_mask as gm_module
+import hfhooks.freeze.weight_decay as wd_module
 from hfhooks import GradientMask, ParamMask
 from hfhooks.freeze.stepping import raw_step, split_by_size, step_in_parts
+
+
+@pytest.fixture(autouse=True)
+def _snapshot_path(monkeypatch):
+    """These tests are about the snapshot path. A fused float32 step no longer takes it on CPU (its weight decay
+    is applied by hand once a probe shows the bits match, see ``fused_decay_matches``): make the probe say no,
+    as it does for bf16, so both dtypes exercise the snapshots."""
+    monkeypatch.setattr(wd_module, "fused_decay_matches", lambda *_: False)
+
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 _SHAPES = {f"w{i}": (48, 32) for i in range(4)} | {"whole": (16, 16), "free": (8,)}

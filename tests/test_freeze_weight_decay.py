@@ -181,7 +181,8 @@ def test_weight_decay_by_hand_is_bit_identical_and_holds_no_snapshot(name, forea
     assert held_snapshot >= sum(frozen.values())  # the measurement sees a snapshot when there is one
 
 
-def test_fused_adamw_keeps_the_snapshot_path():
+def test_fused_adamw_keeps_the_snapshot_path_where_the_probe_says_no(monkeypatch):
+    monkeypatch.setattr(wd_module, "fused_decay_matches", lambda *_: False)  # as for bf16 (see the next test)
     model = _model(torch.float32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mask = _mask(model)
@@ -203,6 +204,52 @@ def test_fused_adamw_keeps_the_snapshot_path():
         if n == "extra":
             assert torch.equal(_bits(p)[_SPECIAL], _bits(before[n])[_SPECIAL])
     assert min(held) >= 0.5 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_the_fused_probe_accepts_float32_and_refuses_bf16_and_fp16():
+    """Fused AdamW decays and updates in one rounding in 16-bit dtypes: no op before the step reproduces it."""
+    for dtype, expected in [
+        (torch.float32, True),
+        (torch.float64, True),
+        (torch.bfloat16, False),
+        (torch.float16, False),
+    ]:
+        p = nn.Parameter(torch.zeros(4, dtype=dtype))
+        opt = torch.optim.AdamW([p], lr=5e-2, weight_decay=0.1, fused=True)
+        assert wd_module.fused_decay_matches(opt, opt.param_groups[0]) is expected, dtype
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(4))], lr=5e-2, weight_decay=0.1, fused=True)
+    opt.grad_scale = torch.ones(())  # a GradScaler drives the step: it may skip it after the decay by hand
+    assert not wd_module.decay_is_emulable(opt, opt.param_groups[0])
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("name", ["adamw", "adam-decoupled", "adam-l2"])
+def test_fused_float32_decays_by_hand_bit_identically_and_holds_no_snapshot(name, amsgrad, monkeypatch):
+    """Float32 fused steps (the HF Trainer's default optimizer) take the weight-decay-by-hand path: the same bits
+    as the snapshot path and as torch's fused step on hand-masked gradients, and nothing copied during the step."""
+
+    def make(ps, **kw):
+        kw.pop("foreach", None)
+        opt = OPTIMIZERS[name](ps, fused=True, **kw)
+        for group in opt.param_groups:
+            group["amsgrad"] = amsgrad
+        return opt
+
+    before = {n: p.detach().clone() for n, p in _model(torch.float32).named_parameters()}
+    emulated, mask, held = _run(torch.float32, make, None, "emulated")
+    reference, _, _ = _run(torch.float32, make, None, "reference")
+    monkeypatch.setattr(wd_module, "fused_decay_matches", lambda *_: False)
+    snapshotted, _, held_snapshot = _run(torch.float32, make, None, "snapshot")
+    trained = 0
+    for (n, p), r, s in zip(emulated.named_parameters(), reference.parameters(), snapshotted.parameters()):
+        keep = mask[n].expand(p.shape)
+        assert torch.equal(_bits(p), _bits(s)), f"{n}: differs from the snapshot path"
+        assert torch.equal(_bits(p)[~keep], _bits(before[n])[~keep]), f"{n}: frozen coordinates moved"
+        assert torch.equal(_bits(p)[keep], _bits(r)[keep]), f"{n}: trainable coordinates differ from torch"
+        trained += int((_bits(p) != _bits(before[n]))[keep].sum())
+    assert trained > 0
+    nan_tensor = mask["extra"].numel() * 4  # the tensor holding a frozen NaN keeps its snapshot (see _Frozen)
+    assert held <= nan_tensor + 64 < held_snapshot, (held, held_snapshot)
 
 
 def test_weight_decay_is_restored_when_the_step_raises():

@@ -113,6 +113,75 @@ def _pattern(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.view(torch.int8).neg_().to(dtype)
 
 
+_BYTE_BITS = torch.from_numpy(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="big").astype(bool)
+)  # row b: the 8 bits of byte b, high bit first (the mask files' order)
+
+
+def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _factor_table(factor: float, like: torch.Tensor) -> torch.Tensor:
+    """A ``(256, 8)`` table: row ``b`` holds ``factor`` where bit ``i`` of byte ``b`` is set, else 1.0. Gathering
+    its rows by the packed keep bytes gives a chunk's per-coordinate decay multiplier in one op (measured 2x
+    faster than unpacking the bits, widening them and blending the decayed values back)."""
+    dtype = _factor_dtype(like.dtype)
+    return torch.where(_BYTE_BITS, torch.tensor(factor, dtype=dtype), torch.ones((), dtype=dtype)).to(like.device)
+
+
+_FACTOR_RULES: dict[tuple, int | None] = {}  # (dtype, device type, foreach) -> which candidate of decay_factor
+
+
+_LAST_FACTOR: dict[tuple, tuple[float, float | None]] = {}  # key -> (multiplier, decay_factor's answer)
+
+
+def _candidates(op: WeightDecay, dtype: torch.dtype) -> tuple[float, float]:
+    """The multiplier as the factor table holds it, and the same after rounding it to ``dtype`` first."""
+    held = _factor_dtype(dtype)
+    return float(torch.tensor(op.factor, dtype=held)), float(torch.tensor(op.factor, dtype=dtype).to(held))
+
+
+def _probe_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every finite value of a 16-bit float dtype (so a probe over them is exhaustive), else 1,031 random ones."""
+    if torch.finfo(dtype).bits == 16:
+        every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+        return every[every.isfinite()].to(device)
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(1031, generator=gen, dtype=torch.float64) * 4).to(dtype).to(device)
+
+
+def decay_factor(op: WeightDecay, like: torch.Tensor) -> float | None:
+    """The multiplier ``f`` for which ``x.mul_(tensor(f))`` (float32; float64 for float64 ``x``) gives the bits
+    of ``op.values(x)``, torch's own decoupled decay call, for finite ``x`` like ``like`` — or ``None`` if neither
+    candidate does: the multiplier ``c`` itself, or ``c`` rounded to ``like``'s dtype first (bf16
+    ``_foreach_mul_`` rounds its scalar).
+
+    Which rule holds is probed (over every finite value for 16-bit dtypes) and remembered per dtype, device type
+    and ``foreach`` once a multiplier tells the rules apart: for many ``c`` both give the same bf16 bits."""
+    key = (like.dtype, like.device.type, op.foreach)
+    if _LAST_FACTOR.get(key, (None,))[0] == op.factor:  # every masked tensor of a step asks for the same
+        return _LAST_FACTOR[key][1]
+    _LAST_FACTOR[key] = (op.factor, _decide_factor(op, like, key, _candidates(op, like.dtype)))
+    return _LAST_FACTOR[key][1]
+
+
+def _decide_factor(op: WeightDecay, like: torch.Tensor, key: tuple, candidates: tuple) -> float | None:
+    if key in _FACTOR_RULES:
+        rule = _FACTOR_RULES[key]
+        return None if rule is None else candidates[rule]
+    probe = _probe_values(like.dtype, like.device)
+    want = bit_view(op.values(probe, probe))
+    fits = []
+    for candidate in candidates:
+        factor = torch.full(probe.shape, candidate, dtype=_factor_dtype(like.dtype), device=like.device)
+        fits.append(torch.equal(bit_view(probe.clone().mul_(factor)), want))
+    if all(fits) and candidates[0] != candidates[1]:
+        return candidates[0]  # this multiplier cannot tell the rules apart: both give torch's bits
+    _FACTOR_RULES[key] = fits.index(True) if any(fits) else None
+    return _decide_factor(op, like, key, candidates)
+
+
 def _checksum(bits: torch.Tensor) -> tuple[int, int]:
     """Two int64 sums (plain and position-weighted, wrapping) of a flat integer tensor: a cheap fingerprint of
     frozen values that lets :meth:`GradientMask.moved` check them without holding a copy."""
@@ -228,6 +297,10 @@ class _Frozen:
             t.index_fill_(0 if self.kind == "row" else 1, self.idx, 0)
         elif not t.is_contiguous():
             t.masked_fill_(self._drop_bool(), 0)
+        elif t.device.type == "cpu" and not t.requires_grad:
+            flat = bit_view(t).view(-1).numpy()
+            for start, stop, keep in self._spans(t.numel()):
+                np.multiply(flat[start:stop], keep.numpy().view(bool), out=flat[start:stop])
         else:
             for chunk, keep in self._chunks(t):
                 chunk.bitwise_and_(_pattern(keep, chunk.dtype))
@@ -242,6 +315,14 @@ class _Frozen:
             return None
         if self.kind == "all":
             return torch.zeros_like(grad)
+        if self.kind == "element" and grad.is_contiguous() and grad.device.type == "cpu" and not grad.requires_grad:
+            # numpy multiplies the integer bits by the 0/1 bytes in one pass, casting the bytes in cache-sized
+            # pieces: 2x faster than widening them into a pattern first (measured, one thread)
+            out = torch.empty_like(grad)
+            src, dst = bit_view(grad).view(-1).numpy(), bit_view(out).view(-1).numpy()
+            for start, stop, keep in self._spans(grad.numel()):
+                np.multiply(src[start:stop], keep.numpy().view(bool), out=dst[start:stop])
+            return out
         if self.kind == "element" and grad.is_contiguous():
             # written straight into a new tensor: one pass over the gradient instead of a clone and a mask
             out = torch.empty_like(grad)
@@ -263,21 +344,40 @@ class _Frozen:
         """Apply the param group's weight decay ``op`` to the trainable coordinates only, as the step would
         have (the frozen coordinates keep their bits; the step then runs with ``weight_decay=0``)."""
         p, g = _local(self.param.data), _local(self.param.grad)
+        if self.kind == "element" and not self.has_nan:
+            if not op.decoupled:  # L2 writes the gradient, whose frozen entries are zeroed again after it
+                for pv, gv, _pattern_unused in self._kept_slabs(p, g, patterns=False):
+                    gv.copy_(op.values(pv, gv))
+                self._mask_(g)
+                return
+            factor = decay_factor(op, p)
+            if factor is not None:  # one multiply by (factor where trainable, 1.0 where frozen): p * 1.0 is p
+                table = _factor_table(factor, p)
+                flat = p.view(-1)
+                for start in range(0, flat.numel(), _CHUNK):
+                    stop = min(flat.numel(), start + _CHUNK)
+                    rows = self.bits[start // 8 : (stop + 7) // 8].to(torch.int64)
+                    flat[start:stop].mul_(table.index_select(0, rows).view(-1)[: stop - start])
+                return
         for pv, gv, pattern in self._kept_slabs(p, g):
             new = bit_view(op.values(pv, gv))  # the op on the whole chunk, with torch's own scalar
             old = bit_view(pv if op.decoupled else gv)
             new.bitwise_xor_(old).bitwise_and_(pattern)  # differences, trainable coordinates only
             old.bitwise_xor_(new)
 
-    def _kept_slabs(self, p: torch.Tensor, g: torch.Tensor):
+    def _kept_slabs(self, p: torch.Tensor, g: torch.Tensor, patterns: bool = True):
         """``(chunk of p, same chunk of g, keep bit pattern broadcastable to it)`` for contiguous ``p``, ``g``
-        (views: writes write them), :data:`_CHUNK` elements at a time."""
+        (views: writes write them), :data:`_CHUNK` elements at a time (element masks: ``None`` for the pattern
+        unless ``patterns``)."""
         if self.kind == "element":
             flat_p, flat_g = p.view(-1), g.view(-1)
             for start in range(0, flat_p.numel(), _CHUNK):
                 stop = min(flat_p.numel(), start + _CHUNK)
-                keep = bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
-                yield flat_p[start:stop], flat_g[start:stop], _pattern(keep, bit_view(p).dtype)
+                pattern = None
+                if patterns:
+                    keep = bits_as_bytes(self.bits[start // 8 : (stop + 7) // 8], stop - start)
+                    pattern = _pattern(keep, bit_view(p).dtype)
+                yield flat_p[start:stop], flat_g[start:stop], pattern
             return
         per = max(1, _CHUNK // max(1, p[0].numel()))  # rows / columns: slabs along the first axis
         for r0 in range(0, p.shape[0], per):
@@ -663,9 +763,9 @@ class GradientMask:
             for target in targets:
                 inert = group.get("weight_decay", 0) == 0 and _inert(opt, group)
                 target.movable = target.has_nan or (op is None and not inert)
-                if target.movable and target.kind == "all" and skips:
-                    # The step skips a parameter without a gradient (no decay, no state update): nothing
-                    # moves, so nothing is copied. Its state, zeroed at attach, stays zero.
+                if target.kind == "all" and skips:
+                    # The step skips a parameter without a gradient (no decay, no state update, no work):
+                    # nothing moves, so nothing is copied. Its state, zeroed at attach, stays zero.
                     target.param.grad = None
                     target.movable = False
                 elif target.movable:

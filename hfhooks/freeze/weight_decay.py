@@ -17,8 +17,15 @@ The ops (torch 2.x ``adam.py`` / ``sgd.py``):
   bucket views stay valid): between ``step()`` and ``zero_grad()`` the gradient of a parameter in such a
   group holds ``grad + weight_decay * param`` on its trainable coordinates.
 
-Anything else (fused, capturable, differentiable, a Tensor ``lr`` or ``weight_decay``, complex or sparse,
-subclasses) is left to the snapshot path.
+Fused kernels (``fused=True``, the HF Trainer's default ``adamw_torch_fused``) apply the decay inside the step, in
+their own arithmetic: in float32 and float64 on CPU ``param * (1 - lr * weight_decay)`` rounds exactly like the
+op above; in bf16 / fp16 they decay and update in float32 and round once, which no op before the step can
+reproduce. So a fused group is decayed by hand only where a probe — the same optimizer class and settings,
+stepped twice on a small tensor of that dtype and device with and without the decay done by hand — gives
+identical bits (:func:`fused_decay_matches`, run once per class, dtype, device type and flags).
+
+Anything else (capturable, differentiable, a Tensor ``lr`` or ``weight_decay``, a fused step under a grad
+scaler, complex or sparse, subclasses) is left to the snapshot path.
 """
 
 from __future__ import annotations
@@ -29,23 +36,78 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WeightDecay", "decay_is_emulable"]
+__all__ = ["WeightDecay", "decay_is_emulable", "fused_decay_matches"]
 
 _TYPES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+# (optimizer class, dtype, device type, flags) -> whether the fused step's decay is reproduced by hand
+_FUSED_PROBES: dict[tuple, bool] = {}
 
 
 def decay_is_emulable(opt: torch.optim.Optimizer, group: dict) -> bool:
     """True when this param group's weight decay can be applied by hand, bit-identically, right before the
     step: a torch Adam / AdamW (``eps > 0``) or SGD (the exact types: a subclass may step differently), not
-    fused / capturable / differentiable, with a float ``lr`` and ``weight_decay`` (checked at step time)."""
+    capturable / differentiable, with a float ``lr`` and ``weight_decay`` (checked at step time); fused only
+    where :func:`fused_decay_matches` and no grad scaler drives the step (it may skip it after the decay)."""
     if type(opt) not in _TYPES:
         return False
-    if group.get("fused") or group.get("capturable") or group.get("differentiable"):
+    if group.get("capturable") or group.get("differentiable"):
         return False
     if type(opt) is not torch.optim.SGD and not group.get("eps", 0) > 0:
         return False  # with eps = 0 a zero update is 0 / 0 = NaN
     lr, wd = group.get("lr"), group.get("weight_decay", 0)
-    return all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (lr, wd))
+    if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (lr, wd)):
+        return False
+    if group.get("fused"):
+        # GradScaler hands a fused step its scale and inf flag as attributes; with an inf it skips the step
+        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+            return False
+        return fused_decay_matches(opt, group)
+    return True
+
+
+def fused_decay_matches(opt: torch.optim.Optimizer, group: dict) -> bool:
+    """Whether, for every dtype and device of ``group``'s parameters, decaying by hand (:class:`WeightDecay`,
+    for-loop ops) and then running the fused step with ``weight_decay=0`` gives the fused step's own bits.
+
+    Probed once per optimizer class, dtype, device type and ``amsgrad`` / ``maximize`` / decoupled flags: two
+    steps of a fresh optimizer with the group's settings on 1,031 values (vectorised body and scalar tail)."""
+    devices = {(p.dtype, p.device) for p in group["params"]}
+    return bool(devices) and all(_probe_fused(opt, group, dtype, device) for dtype, device in devices)
+
+
+def _probe_fused(opt: torch.optim.Optimizer, group: dict, dtype: torch.dtype, device: torch.device) -> bool:
+    decoupled = type(opt) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
+    key = (type(opt), dtype, device.type, bool(group.get("amsgrad")), bool(group.get("maximize")), decoupled)
+    if key not in _FUSED_PROBES:
+        _FUSED_PROBES[key] = _run_probe(opt, group, dtype, device)
+    return _FUSED_PROBES[key]
+
+
+def _run_probe(opt: torch.optim.Optimizer, group: dict, dtype: torch.dtype, device: torch.device) -> bool:
+    import inspect
+
+    accepted = inspect.signature(type(opt).__init__).parameters
+    settings = {k: v for k, v in group.items() if k in accepted and k not in ("params", "weight_decay")}
+    settings.update(fused=True, foreach=None) if "foreach" in accepted else settings.update(fused=True)
+    gen = torch.Generator().manual_seed(0)
+    start = (torch.randn(1031, generator=gen) * 2).to(dtype)
+    plain, by_hand = (start.clone().to(device).requires_grad_() for _ in range(2))
+    try:
+        ref = type(opt)([plain], weight_decay=group["weight_decay"], **settings)
+        emu = type(opt)([by_hand], weight_decay=0.0, **settings)
+        for _ in range(2):
+            grad = torch.randn(start.shape, generator=gen).to(dtype).to(device)
+            plain.grad, by_hand.grad = grad.clone(), grad.clone()
+            ref.step()
+            op = WeightDecay.for_group(emu, {**emu.param_groups[0], "weight_decay": group["weight_decay"]}, [by_hand])
+            with torch.no_grad():
+                op.apply_([by_hand.data], [by_hand.grad])
+            emu.step()
+    except (RuntimeError, TypeError, ValueError):  # a dtype or device the fused kernel does not take
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[start.element_size()]
+    return torch.equal(plain.detach().view(bits), by_hand.detach().view(bits))
 
 
 def _tensors_fit(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
@@ -95,7 +157,13 @@ class WeightDecay:
         params = [p for p in group["params"] if p.grad is not None]
         if not _tensors_fit([(local(p), local(p.grad)) for p in params]):
             return None
-        foreach = group.get("foreach")
+        return cls.for_group(opt, group, params)
+
+    @classmethod
+    def for_group(cls, opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> WeightDecay:
+        """The op for ``group`` (whose ``params`` have gradients), unchecked: :meth:`of` checks first. A fused
+        group is decayed a tensor at a time (the fused kernel has no ``foreach`` op to match)."""
+        foreach = False if group.get("fused") else group.get("foreach")
         return cls(
             decoupled=type(opt) is not torch.optim.SGD and bool(group.get("decoupled_weight_decay", False)),
             weight_decay=group["weight_decay"],
