@@ -297,10 +297,6 @@ class _Frozen:
             t.index_fill_(0 if self.kind == "row" else 1, self.idx, 0)
         elif not t.is_contiguous():
             t.masked_fill_(self._drop_bool(), 0)
-        elif t.device.type == "cpu" and not t.requires_grad:
-            flat = bit_view(t).view(-1).numpy()
-            for start, stop, keep in self._spans(t.numel()):
-                np.multiply(flat[start:stop], keep.numpy().view(bool), out=flat[start:stop])
         else:
             for chunk, keep in self._chunks(t):
                 chunk.bitwise_and_(_pattern(keep, chunk.dtype))
@@ -315,14 +311,6 @@ class _Frozen:
             return None
         if self.kind == "all":
             return torch.zeros_like(grad)
-        if self.kind == "element" and grad.is_contiguous() and grad.device.type == "cpu" and not grad.requires_grad:
-            # numpy multiplies the integer bits by the 0/1 bytes in one pass, casting the bytes in cache-sized
-            # pieces: 2x faster than widening them into a pattern first (measured, one thread)
-            out = torch.empty_like(grad)
-            src, dst = bit_view(grad).view(-1).numpy(), bit_view(out).view(-1).numpy()
-            for start, stop, keep in self._spans(grad.numel()):
-                np.multiply(src[start:stop], keep.numpy().view(bool), out=dst[start:stop])
-            return out
         if self.kind == "element" and grad.is_contiguous():
             # written straight into a new tensor: one pass over the gradient instead of a clone and a mask
             out = torch.empty_like(grad)
