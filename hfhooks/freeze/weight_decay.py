@@ -100,7 +100,9 @@ def _run_probe(opt: torch.optim.Optimizer, group: dict, dtype: torch.dtype, devi
             grad = torch.randn(start.shape, generator=gen).to(dtype).to(device)
             plain.grad, by_hand.grad = grad.clone(), grad.clone()
             ref.step()
-            op = WeightDecay.for_group(emu, {**emu.param_groups[0], "weight_decay": group["weight_decay"]}, [by_hand])
+            op = WeightDecay.for_group(
+                emu, {**emu.param_groups[0], "weight_decay": group["weight_decay"]}, [by_hand]
+            )
             with torch.no_grad():
                 op.apply_([by_hand.data], [by_hand.grad])
             emu.step()

@@ -38,7 +38,7 @@ SCORES = ("grad_abs_sum", "grad_sum_abs", "fisher", "grad_x_weight", "act_x_grad
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-_FOLD_SLICE = 1 << 22  # gradient elements folded at a time when they need an upcast (≤ 16 MB transient)
+_FOLD_SLICE = 1 << 18  # gradient elements folded at a time when they need an upcast (≤ 1 MB transient)
 
 
 class Scores(dict):
