@@ -15,6 +15,9 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
   usable implementation: per tensor, read the inputs (mmap), one bf16 ``sub`` / ``add``, append the raw bytes to
   one file. No header, no checksums, no exactness check or correction, no atomic publish. When a floor itself
   misses a speed goal, no implementation that reads and writes through user space can meet it here.
+* ``write (floor)`` — writing as many bytes as the checkpoint holds from memory into a new file, nothing read or
+  computed: the least any diff or apply must do (their output is new bytes), against the copy's in-kernel
+  ``sendfile`` (``shutil``'s fast path on Linux).
 
 Goals: streaming peak RSS ≤ one shard + two tensors and restore ≥ 0.5× the file copy (issue 6); diff ≥ 0.5× and
 apply-diff ≥ 0.9× the copy, and the diff file ≤ 1.1× the bytes of the changed tensors in the checkpoint's dtype
@@ -42,7 +45,7 @@ from peakrss import peak_kb, reset_peak, status_kb
 
 OPS = (
     "copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)", "diff (floor)",
-    "apply-diff (floor)",
+    "apply-diff (floor)", "write (floor)",
 )  # fmt: skip
 GOAL_RSS_OPS = ("restore", "apply-diff")
 GOAL_SPEED = {
@@ -188,6 +191,8 @@ def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> 
         shutil.copy(root / "base" / "model.safetensors.index.json", out)
     elif op in ("diff (floor)", "apply-diff (floor)"):
         floor_pass(root, out, op)
+    elif op == "write (floor)":
+        write_floor(root, out)
     else:
         raise ValueError(op)
     seconds = time.perf_counter() - t0
@@ -246,6 +251,18 @@ def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     shutil.rmtree(root / "out", ignore_errors=True)
     return out
+
+
+def write_floor(root: Path, out: Path) -> None:
+    """Write as many bytes as the checkpoint holds, from one 64 MiB buffer already in memory, into one new file:
+    nothing read, nothing computed. Every diff and every apply must at least write their output through user
+    space; the copy never brings a byte into it (``shutil`` copies with ``sendfile``)."""
+    total = sum(f.stat().st_size for f in (root / "post").glob("*.safetensors"))
+    block = memoryview(bytearray(64 << 20))
+    out.mkdir()
+    with open(out / "bytes.bin", "wb", buffering=0) as f:
+        while total > 0:
+            total -= f.write(block[: min(total, len(block))])
 
 
 def write_floor_delta(root: Path) -> None:
