@@ -302,6 +302,21 @@ def remove_hooks(model: nn.Module) -> int:
 _NORM_SLICE = 1 << 22  # elements per slice when FiniteMonitor norms a half-precision tensor
 
 
+def _norms(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """One L2 norm per tensor, accumulated in float32 (half-precision tensors upcast) — float64 tensors in their
+    own dtype: ``_foreach_norm(dtype=float32)`` refuses to narrow them."""
+    wide = [i for i, t in enumerate(pieces) if t.dtype == torch.float64]
+    if not wide:
+        return torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
+    out = torch.empty(len(pieces), dtype=torch.float64, device=pieces[0].device)
+    rest = [i for i in range(len(pieces)) if i not in set(wide)]
+    for idx, kw in ((wide, {}), (rest, {"dtype": torch.float32})):
+        if idx:
+            norms = torch._foreach_norm([pieces[i] for i in idx], 2, **kw)
+            out[torch.tensor(idx, device=out.device)] = torch.stack(norms).to(torch.float64)
+    return out
+
+
 class FiniteMonitor:
     """Warn once when parameters turn non-finite after an optimizer step (a NaN/inf loss or gradient makes every
     trainable weight NaN, and the Trainer's ``logging_nan_inf_filter`` hides the loss).
@@ -350,7 +365,7 @@ class FiniteMonitor:
                 parts = (t,)
             pieces.extend(parts)
             owner.extend([i] * len(parts))
-        ok = torch.isfinite(torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)))
+        ok = torch.isfinite(_norms(pieces))
         if len(pieces) == len(tensors):
             return ok
         broken = torch.zeros(len(tensors), dtype=torch.int32, device=ok.device)

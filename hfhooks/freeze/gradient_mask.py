@@ -55,7 +55,7 @@ from hfhooks.core.params import shard_like as _shard_like
 from hfhooks.freeze import deepspeed as ds
 from hfhooks.freeze.config import GradientMaskConfig
 from hfhooks.freeze.stepping import PART_BYTES, raw_step, reattach, split_by_size, step_in_parts
-from hfhooks.freeze.weight_decay import WeightDecay, decay_is_emulable
+from hfhooks.freeze.weight_decay import WeightDecay, decay_is_emulable, eps_survives
 from hfhooks.masks.mask import ParamMask, bits_as_bytes, count_ones
 
 __all__ = ["FREEZE_MODES", "GradientMask", "check_freeze_args", "innermost_optimizer"]
@@ -180,8 +180,10 @@ def _decide_factor(op: WeightDecay, like: torch.Tensor, key: tuple, candidates: 
     for candidate in candidates:
         factor = torch.full(probe.shape, candidate, dtype=_factor_dtype(like.dtype), device=like.device)
         fits.append(torch.equal(bit_view(probe.clone().mul_(factor)), want))
-    if all(fits) and candidates[0] != candidates[1]:
-        return candidates[0]  # this multiplier cannot tell the rules apart: both give torch's bits
+    if all(
+        fits
+    ):  # this multiplier cannot tell the rules apart (e.g. c = 1 at lr = 0): both give torch's bits
+        return candidates[0]
     _FACTOR_RULES[key] = fits.index(True) if any(fits) else None
     return _decide_factor(op, like, key, candidates)
 
@@ -544,6 +546,15 @@ def _skips_gradless(opt: torch.optim.Optimizer) -> bool:
     return type(opt).__module__.startswith("torch.optim.") and not isinstance(opt, torch.optim.LBFGS)
 
 
+def _denormals_flushed() -> bool:
+    """Whether CPU float math flushes subnormals to zero (``torch.set_flush_denormal(True)``): then ``p - 0``
+    and ``p * 1.0`` turn a frozen subnormal into 0, and only the snapshot path keeps it."""
+    return bool(_SUBNORMAL.mul(1.0) == 0)
+
+
+_SUBNORMAL = torch.tensor(1e-40, dtype=torch.float32)
+
+
 def _inert(opt: torch.optim.Optimizer, group: dict) -> bool:
     """True when this param group's step provably leaves a coordinate with zero gradient and zero optimizer
     state bit-identical: torch Adam / AdamW with ``eps > 0`` (``0 / eps`` is ``0``; with ``eps = 0`` it is NaN)
@@ -553,7 +564,7 @@ def _inert(opt: torch.optim.Optimizer, group: dict) -> bool:
     if group.get("weight_decay", 0) != 0 and not decay_is_emulable(opt, group):
         return False
     if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
-        return group.get("eps", 0) > 0
+        return eps_survives(group)
     return type(opt) is torch.optim.SGD
 
 
@@ -749,11 +760,15 @@ class GradientMask:
         wrapped: list[_Frozen] = []  # what the step may move: snapshot before it, restore after it
         # Two GradientMasks on one optimizer: each would decay the other's masked tensors in full.
         alone = len(_EMULATORS.get(opt, ())) <= 1
-        skips = _skips_gradless(opt)
+        # A closure computes the gradients inside the step (after this hook: nothing to decay by hand yet, and a
+        # gradient dropped here comes back); flushed subnormals make "p - 0 is p" false. Snapshots then.
+        closure = (args[0] if args else (kwargs or {}).get("closure")) is not None
+        exact = not closure and not _denormals_flushed()
+        skips = _skips_gradless(opt) and not closure
         for group, targets in self._groups:
-            op = WeightDecay.of(opt, group, _local) if alone and targets else None
+            op = WeightDecay.of(opt, group, _local) if alone and targets and exact else None
             for target in targets:
-                inert = group.get("weight_decay", 0) == 0 and _inert(opt, group)
+                inert = exact and group.get("weight_decay", 0) == 0 and _inert(opt, group)
                 target.movable = target.has_nan or (op is None and not inert)
                 if target.kind == "all" and skips:
                     # The step skips a parameter without a gradient (no decay, no state update, no work):

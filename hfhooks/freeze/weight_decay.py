@@ -36,12 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WeightDecay", "decay_is_emulable", "fused_decay_matches"]
+__all__ = ["WeightDecay", "decay_is_emulable", "eps_survives", "fused_decay_matches"]
 
 _TYPES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 # (optimizer class, dtype, device type, flags) -> whether the fused step's decay is reproduced by hand
 _FUSED_PROBES: dict[tuple, bool] = {}
+_PROBE_LR, _PROBE_WEIGHT_DECAY = 0.01, 0.1  # non-zero, so that the decay shows in the probe's bits
 
 
 def decay_is_emulable(opt: torch.optim.Optimizer, group: dict) -> bool:
@@ -53,7 +54,7 @@ def decay_is_emulable(opt: torch.optim.Optimizer, group: dict) -> bool:
         return False
     if group.get("capturable") or group.get("differentiable"):
         return False
-    if type(opt) is not torch.optim.SGD and not group.get("eps", 0) > 0:
+    if type(opt) is not torch.optim.SGD and not eps_survives(group):
         return False  # with eps = 0 a zero update is 0 / 0 = NaN
     lr, wd = group.get("lr"), group.get("weight_decay", 0)
     if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (lr, wd)):
@@ -66,12 +67,24 @@ def decay_is_emulable(opt: torch.optim.Optimizer, group: dict) -> bool:
     return True
 
 
+def eps_survives(group: dict) -> bool:
+    """Adam's ``eps`` is positive in every parameter dtype of ``group``: the default 1e-8 rounds to 0 in fp16,
+    where a frozen coordinate's update is then 0 / 0 = NaN (the step computes ``denom`` in the parameter's
+    dtype)."""
+    eps = group.get("eps", 0)
+    if not (isinstance(eps, numbers.Real) and eps > 0):
+        return False
+    return all(float(torch.tensor(eps, dtype=dtype)) > 0 for dtype in {p.dtype for p in group["params"]})
+
+
 def fused_decay_matches(opt: torch.optim.Optimizer, group: dict) -> bool:
     """Whether, for every dtype and device of ``group``'s parameters, decaying by hand (:class:`WeightDecay`,
     for-loop ops) and then running the fused step with ``weight_decay=0`` gives the fused step's own bits.
 
     Probed once per optimizer class, dtype, device type and ``amsgrad`` / ``maximize`` / decoupled flags: two
-    steps of a fresh optimizer with the group's settings on 1,031 values (vectorised body and scalar tail)."""
+    steps of a fresh optimizer with the group's settings on 1,031 values (vectorised body and scalar tail), at a
+    fixed ``lr = 0.01`` and ``weight_decay = 0.1`` — never the group's own, which may be 0 (a warm-up starts at
+    ``lr = 0``): then both runs are the same and the probe would prove nothing."""
     devices = {(p.dtype, p.device) for p in group["params"]}
     return bool(devices) and all(_probe_fused(opt, group, dtype, device) for dtype, device in devices)
 
@@ -88,21 +101,20 @@ def _run_probe(opt: torch.optim.Optimizer, group: dict, dtype: torch.dtype, devi
     import inspect
 
     accepted = inspect.signature(type(opt).__init__).parameters
-    settings = {k: v for k, v in group.items() if k in accepted and k not in ("params", "weight_decay")}
+    settings = {k: v for k, v in group.items() if k in accepted and k not in ("params", "weight_decay", "lr")}
     settings.update(fused=True, foreach=None) if "foreach" in accepted else settings.update(fused=True)
+    settings["lr"], decay = _PROBE_LR, _PROBE_WEIGHT_DECAY
     gen = torch.Generator().manual_seed(0)
     start = (torch.randn(1031, generator=gen) * 2).to(dtype)
     plain, by_hand = (start.clone().to(device).requires_grad_() for _ in range(2))
     try:
-        ref = type(opt)([plain], weight_decay=group["weight_decay"], **settings)
+        ref = type(opt)([plain], weight_decay=decay, **settings)
         emu = type(opt)([by_hand], weight_decay=0.0, **settings)
         for _ in range(2):
             grad = torch.randn(start.shape, generator=gen).to(dtype).to(device)
             plain.grad, by_hand.grad = grad.clone(), grad.clone()
             ref.step()
-            op = WeightDecay.for_group(
-                emu, {**emu.param_groups[0], "weight_decay": group["weight_decay"]}, [by_hand]
-            )
+            op = WeightDecay.for_group(emu, {**emu.param_groups[0], "weight_decay": decay}, [by_hand])
             with torch.no_grad():
                 op.apply_([by_hand.data], [by_hand.grad])
             emu.step()
