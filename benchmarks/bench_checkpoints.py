@@ -13,11 +13,13 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
 * ``apply-diff (in RAM)`` — load the checkpoint and the diff, add, save.
 * ``diff (floor)`` / ``apply-diff (floor)`` — a lower bound for *any* streamed diff / apply on this machine, not a
   usable implementation: per tensor, read the inputs (mmap), one bf16 ``sub`` / ``add``, append the raw bytes to
-  one file. No header, no checksums, no exactness check or correction, no atomic publish. When a floor itself
-  misses a speed goal, no implementation that reads and writes through user space can meet it here.
-* ``write (floor)`` — writing as many bytes as the checkpoint holds from memory into a new file, nothing read or
-  computed: the least any diff or apply must do (their output is new bytes), against the copy's in-kernel
-  ``sendfile`` (``shutil``'s fast path on Linux).
+  one file. No header, no checksums, no exactness check or correction, no atomic publish, one thread. When a floor
+  itself misses a speed goal, no single-threaded streamed implementation can meet it here (several threads
+  reading and writing at once may; see docs/benchmarks.md).
+* ``write (floor)`` — writing as many bytes as the checkpoint holds from memory into a new file, on one thread,
+  nothing read or computed: the output side of any diff or apply (their output is new bytes), against the copy's
+  in-kernel ``sendfile`` (``shutil``'s fast path on Linux). File writes vary several-fold between runs on a VM
+  (page-cache writeback), so compare rows of one run only.
 
 Goals: streaming peak RSS ≤ one shard + two tensors and restore ≥ 0.5× the file copy (issue 6); diff ≥ 0.5× and
 apply-diff ≥ 0.9× the copy, and the diff file ≤ 1.1× the bytes of the changed tensors in the checkpoint's dtype
@@ -255,8 +257,8 @@ def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:
 
 def write_floor(root: Path, out: Path) -> None:
     """Write as many bytes as the checkpoint holds, from one 64 MiB buffer already in memory, into one new file:
-    nothing read, nothing computed. Every diff and every apply must at least write their output through user
-    space; the copy never brings a byte into it (``shutil`` copies with ``sendfile``)."""
+    nothing read, nothing computed, one thread. Every diff and every apply must at least write their output
+    through user space; the copy never brings a byte into it (``shutil`` copies with ``sendfile``)."""
     total = sum(f.stat().st_size for f in (root / "post").glob("*.safetensors"))
     block = memoryview(bytearray(64 << 20))
     out.mkdir()
