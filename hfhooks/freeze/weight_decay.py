@@ -30,6 +30,7 @@ scaler, complex or sparse, subclasses) is left to the snapshot path.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,12 +99,12 @@ def _probe_fused(opt: torch.optim.Optimizer, group: dict, dtype: torch.dtype, de
 
 
 def _run_probe(opt: torch.optim.Optimizer, group: dict, dtype: torch.dtype, device: torch.device) -> bool:
-    import inspect
-
     accepted = inspect.signature(type(opt).__init__).parameters
     settings = {k: v for k, v in group.items() if k in accepted and k not in ("params", "weight_decay", "lr")}
-    settings.update(fused=True, foreach=None) if "foreach" in accepted else settings.update(fused=True)
-    settings["lr"], decay = _PROBE_LR, _PROBE_WEIGHT_DECAY
+    settings.update(fused=True, lr=_PROBE_LR)
+    if "foreach" in accepted:
+        settings["foreach"] = None  # fused and foreach are exclusive
+    decay = _PROBE_WEIGHT_DECAY
     gen = torch.Generator().manual_seed(0)
     start = (torch.randn(1031, generator=gen) * 2).to(dtype)
     plain, by_hand = (start.clone().to(device).requires_grad_() for _ in range(2))
