@@ -300,3 +300,25 @@ def test_two_masks_on_one_optimizer_fall_back_to_snapshots():
         if n[:2] in ("0.", "1."):
             keep = mask[n].expand(p.shape)
             assert torch.equal(_bits(p)[~keep], _bits(before[n])[~keep]), n
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_entirely_frozen_tensor_is_skipped_by_the_decay_by_hand_step(fused):
+    """On the decay-by-hand path too, an entirely frozen tensor loses its gradient before the step, so torch's
+    optimizer does no work on it: its state (step count included) stays as it was at attach."""
+    model = _model(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1, fused=fused)
+    model(torch.randn(8, 16)).backward()
+    opt.step()  # state for every tensor, before the mask
+    opt.zero_grad()
+    frozen = dict(model.named_parameters())["2.bias"]  # entirely frozen in _mask
+    step_before = opt.state[frozen]["step"].clone()
+    gm = GradientMask(model, _mask(model), optimizer=opt).attach()
+    for _ in range(2):
+        model(torch.randn(8, 16)).backward()
+        opt.step()
+        assert frozen.grad is None
+        opt.zero_grad()
+    gm.detach()
+    assert torch.equal(opt.state[frozen]["step"], step_before)
+    assert not opt.state[frozen]["exp_avg"].any() and not opt.state[frozen]["exp_avg_sq"].any()
