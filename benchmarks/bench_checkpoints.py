@@ -19,7 +19,8 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
 * ``write (floor)`` — writing as many bytes as the checkpoint holds from memory into a new file, on one thread,
   nothing read or computed: the output side of any diff or apply (their output is new bytes), against the copy's
   in-kernel ``sendfile`` (``shutil``'s fast path on Linux). File writes vary several-fold between runs on a VM
-  (page-cache writeback), so compare rows of one run only.
+  (page-cache writeback), so compare rows of one run only. Each operation starts after ``os.sync()`` (the
+  previous operation's writes flushed) and a read of every input file (a warm page cache), both untimed.
 
 Goals: streaming peak RSS ≤ one shard + two tensors and restore ≥ 0.5× the file copy (issue 6); diff ≥ 0.5× and
 apply-diff ≥ 0.9× the copy, and the diff file ≤ 1.1× the bytes of the changed tensors in the checkpoint's dtype
@@ -371,6 +372,9 @@ def main() -> None:
         for op in ops:
             runs = []
             for _ in range(1 if op == "diff" else args.repeats):
+                # Untimed: flush what the previous operation wrote (its writeback would throttle this one's
+                # writes; measured several-fold swings on this VM), then read every input into the page cache.
+                os.sync()
                 warm(root)
                 runs.append(measure(op, root, args.restore_layers, args.delta_dtype))
                 print(

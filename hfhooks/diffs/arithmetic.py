@@ -145,9 +145,14 @@ def between_entry(
     dt = dtype or (base.dtype if same else torch.promote_types(base.dtype, tuned.dtype))
     if not same and dtype is None:
         dt = torch.promote_types(dt, torch.float32)
-    delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
+    # the two CRC-32 fingerprints run on the helper thread while Δ is computed (zlib releases the GIL)
+    prints = worker_pool().submit(lambda: (tensor_fingerprint(base), tensor_fingerprint(tuned)))
+    try:
+        delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
+    finally:
+        base_print, target_print = prints.result()  # base and tuned may be reused buffers: done before return
     nonzero = flags.pop("nonzero")
-    fields: dict[str, Any] = {"base": tensor_fingerprint(base), "target": tensor_fingerprint(tuned), **flags}
+    fields: dict[str, Any] = {"base": base_print, "target": target_print, **flags}
     extra: Payload = {}
     if exact and same:
         bf, tf = base.contiguous().reshape(-1), tuned.contiguous().reshape(-1)
@@ -302,8 +307,8 @@ _NEG_ZERO = {2: -(1 << 15), 4: -(1 << 31), 8: -(1 << 63)}
 def _plus_blocks(
     theta: torch.Tensor, delta: torch.Tensor, scale: float
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``θ + scale·Δ`` in cache-sized blocks ``(start, end, values)`` through reused buffers (the values are
-    overwritten by the next block). Computed in the wider dtype and cast back; where Δ = 0, θ is kept bit for
+    """``θ + scale·Δ`` in cache-sized blocks ``(start, end, values)`` through two alternating buffers (a block's
+    values stay valid while the next block is computed, and are overwritten by the one after). Computed in the wider dtype and cast back; where Δ = 0, θ is kept bit for
     bit — ``x + 0`` is ``x`` except for ``−0.0``, so the select only runs on blocks where θ holds one.
 
     At scale 1 with Δ in θ's dtype, one ``torch.add`` does it on blocks without inf/NaN: torch adds 16-bit
@@ -318,11 +323,12 @@ def _plus_blocks(
     exp_bits = _EXP_BITS.get(theta.dtype) if scale == 1.0 and theta.dtype == delta.dtype else None
     di = bit_view(df).numpy() if exp_bits is not None else None
     buf = torch.empty(min(n, _CHUNK), dtype=ct)
-    obuf = torch.empty(min(n, _CHUNK), dtype=theta.dtype)
+    # two output buffers: the writer writes one block on another thread while the next is computed
+    obufs = [torch.empty(min(n, _CHUNK), dtype=theta.dtype) for _ in range(1 if n <= _CHUNK else 2)]
     mask = torch.empty(min(n, _CHUNK), dtype=torch.bool)
-    for i in range(0, n, _CHUNK):
+    for k, i in enumerate(range(0, n, _CHUNK)):
         j = min(i + _CHUNK, n)
-        o, m = obuf[: j - i], mask[: j - i]
+        o, m = obufs[k % len(obufs)][: j - i], mask[: j - i]
         if exp_bits is not None and _finite(ti[i:j], exp_bits) and _finite(di[i:j], exp_bits):
             torch.add(tf[i:j], df[i:j], out=o)  # finite: NaN payloads are where the paths could differ
         else:
@@ -452,6 +458,7 @@ def apply_fn(
                 yield block
             finish()
 
-        return TensorBlocks(theta.dtype, tuple(theta.shape), blocks())
+        # _plus_blocks alternates two buffers: a block is written on a second thread while the next is computed
+        return TensorBlocks(theta.dtype, tuple(theta.shape), blocks(), lookahead=1)
 
     return fn

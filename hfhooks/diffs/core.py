@@ -61,6 +61,7 @@ from hfhooks.diffs.source import WeightSource, select_names
 from hfhooks.io.checkpoints import Checkpoint, layer_map, parse_layers
 from hfhooks.io.edit import edit_checkpoint
 from hfhooks.io.hub import HubMixin
+from hfhooks.io.pipeline import prefetched
 from hfhooks.io.safetensors import ReadBuffer
 from hfhooks.masks.mask import ParamMask
 
@@ -268,7 +269,9 @@ class WeightDiff(HubMixin):
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
-            written = write_diff(out, entries(), meta, common, progress, desc="diff", inputs=[base, tuned])
+            # the next tensor is read and diffed on a second thread while this one is written and checksummed
+            items = prefetched(entries())
+            written = write_diff(out, items, meta, common, progress, desc="diff", inputs=[base, tuned])
             return cls.load(written, lazy=True)
         diff = cls(metadata=meta)
         unchanged = []

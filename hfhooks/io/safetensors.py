@@ -10,6 +10,7 @@ tensor by tensor behind a header planned up front, copying unchanged tensors byt
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -141,11 +142,15 @@ class TensorBlocks:
 
     Lets an edit stream a large tensor through a small reused buffer instead of materialising it. The blocks
     must add up to exactly ``shape`` × ``dtype``; an exception raised while producing them aborts the edit.
+    ``lookahead``: how many further blocks may be pulled while a block is still being written (``0``: the next
+    block overwrites it; ``1``: two buffers alternate, so the writer writes one on a second thread while the
+    next is computed).
     """
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     blocks: Iterable[torch.Tensor]
+    lookahead: int = 0
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -322,16 +327,37 @@ class ShardWriter:
         write_all(self.fd, data)
 
     def write_blocks(self, name: str, blocks: TensorBlocks) -> None:
+        """Write the blocks as they come; with ``blocks.lookahead`` ≥ 1 each block is written on a second
+        thread while the next one is computed (``os.write`` releases the GIL), at most one write in flight."""
         expected = self.entries[self.position]
         total = 0
-        for block in blocks.blocks:
-            if block.dtype != expected.dtype:
-                raise ValueError(
-                    f"The edit of {name!r} produced a {block.dtype} block; expected {expected.dtype}."
-                )
-            data = tensor_bytes(block)
-            write_all(self.fd, data)
-            total += data.nbytes
+        overlap = blocks.lookahead >= 1
+        with (
+            concurrent.futures.ThreadPoolExecutor(1, "hfhooks-write")
+            if overlap
+            else contextlib.nullcontext() as pool
+        ):
+            pending: concurrent.futures.Future | None = None
+            try:
+                for block in blocks.blocks:
+                    if block.dtype != expected.dtype:
+                        raise ValueError(
+                            f"The edit of {name!r} produced a {block.dtype} block; expected {expected.dtype}."
+                        )
+                    data = tensor_bytes(block)
+                    if pending is not None:
+                        pending.result()  # the block before this one is written: its buffer may be reused next
+                        pending = None
+                    if overlap:
+                        pending = pool.submit(write_all, self.fd, data)
+                    else:
+                        write_all(self.fd, data)
+                    total += data.nbytes
+            finally:
+                if pending is not None:  # never leave a write running behind an error (the fd closes next)
+                    concurrent.futures.wait([pending])
+            if pending is not None:
+                pending.result()
         if total != expected.nbytes:
             raise ValueError(f"The edit of {name!r} produced {total} bytes; expected {expected.nbytes}.")
         self.position += 1

@@ -1,0 +1,87 @@
+"""Overlap computing the next tensor with writing the current one: :func:`prefetched`.
+
+A streamed edit reads a tensor, computes on it and writes the result, one tensor at a time. File writes, CRC-32
+and SHA-256 (``os.write``, ``zlib``, ``hashlib``), numpy ufuncs and torch kernels all release the GIL, so a
+second thread that prepares tensor ``i + 1`` while the caller writes tensor ``i`` runs on another core. Measured
+on the 2.2 GB checkpoint of ``benchmarks/bench_checkpoints.py``: see ``docs/benchmarks.md``.
+
+Example:
+
+    >>> from hfhooks.io.pipeline import prefetched
+    >>> list(prefetched(x * x for x in range(5)))
+    [0, 1, 4, 9, 16]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+__all__ = ["prefetched"]
+
+T = TypeVar("T")
+
+_END = object()  # the producer's last message: (_END, None) when done, (_END, exc) when it raised
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Iterate ``items`` on a background thread, at most ``depth`` items ahead of the caller.
+
+    Items come in order; an exception raised by ``items`` is re-raised here, at the item that raised it. When
+    the caller stops early (``break``, an exception, ``close()``), the thread finishes the item it is computing,
+    stops, and is joined before this generator returns, so nothing runs on behind the caller's back.
+
+    Torch's grad mode is thread-local: the producer runs with the caller's grad mode (at the first item).
+    """
+    if depth < 1:
+        raise ValueError(f"depth={depth!r}: prefetch at least one item ahead (depth >= 1).")
+    import torch  # only for the grad mode: hfhooks.io keeps torch out of module import time
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    grad = torch.is_grad_enabled()
+
+    def put(message: tuple) -> bool:
+        while not stop.is_set():  # the caller may have stopped: never block forever on a full queue
+            try:
+                box.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    source = iter(items)
+
+    def produce() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                for item in source:
+                    if not put((item, None)):
+                        return
+        except BaseException as exc:
+            put((_END, exc))
+            return
+        finally:
+            if stop.is_set() and hasattr(source, "close"):
+                source.close()  # the caller stopped early: run the source's cleanup on the thread that ran it
+        put((_END, None))
+
+    worker = threading.Thread(target=produce, name="hfhooks-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = box.get()
+            if item is _END:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # drain, so a producer blocked in put() sees the stop
+            with contextlib.suppress(queue.Empty):
+                box.get(timeout=0.05)
+        worker.join()
