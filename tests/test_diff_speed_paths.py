@@ -1,6 +1,6 @@
 """The fast per-block paths of diff and apply (fused 16-bit ops, numpy compares, skipped checks) give the same
 bits as the explicit formula they replace: Δ = round(t − b) in float32 (0 where unchanged), misses where
-round(b + Δ) (θ kept where Δ = 0) is not the target, and θ + Δ rounded once."""
+round(b + Δ) (θ kept where Δ = 0) is not the target (round(t + (−Δ)) not the base), and θ + Δ rounded once."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def _reference(b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     delta = (t.float() - b.float()).to(b.dtype).masked_fill_(still, 0)
     kept = (delta == 0) & ~still
     fwd = (bit_view((b.float() + delta.float()).to(b.dtype)) != bit_view(t)) | kept
-    inv = (bit_view((t.float() - delta.float()).to(b.dtype)) != bit_view(b)) | kept
+    inv = (bit_view((t.float() + (-delta).float()).to(b.dtype)) != bit_view(b)) | kept  # as −Δ is applied
     return delta, torch.nonzero(fwd).reshape(-1), torch.nonzero(inv).reshape(-1)
 
 

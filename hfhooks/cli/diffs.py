@@ -95,6 +95,7 @@ def run_diff(args: argparse.Namespace) -> int:
 
     import torch  # the diff is computed with torch; imported here so --help stays fast
 
+    from hfhooks.core.names import match_name
     from hfhooks.diffs import WeightDiff
     from hfhooks.io.paths import check_output, temp_dir
 
@@ -109,8 +110,11 @@ def run_diff(args: argparse.Namespace) -> int:
     )
     lora = (Path(args.tuned) / "adapter_config.json").is_file()
     names = list(args.names or [])
-    if args.layers and not lora:
-        names = names + [n for n in _layer_names(args.base, args.layers) if n not in names]
+    if args.layers and not lora:  # --layers and --names together: the named tensors of those layers
+        in_layers = _layer_names(args.base, args.layers)
+        names = [n for n in in_layers if not names or any(match_name(p, n) for p in names)]
+        if not names:
+            raise ValueError(f"--names {' '.join(args.names)} selects no tensor of --layers {args.layers}.")
     if args.dry_run:
         return _diff_dry_run(args, lora, names, dtype)
     if lora:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -130,6 +131,7 @@ def between_entry(
     dtype: torch.dtype | None,
     storage: str,
     exact: bool | str = True,
+    name: str = "",
 ) -> DiffEntry:
     """The entry ``tuned − base`` with its exactness flags (whether adding it back reproduces ``tuned`` bit for
     bit, and subtracting it ``base``).
@@ -152,6 +154,7 @@ def between_entry(
     finally:
         base_print, target_print = prints.result()  # base and tuned may be reused buffers: done before return
     nonzero = flags.pop("nonzero")
+    _warn_overflow(name, base, tuned, delta, misses[0])
     fields: dict[str, Any] = {"base": base_print, "target": target_print, **flags}
     extra: Payload = {}
     if exact and same:
@@ -173,6 +176,27 @@ def between_entry(
         return DiffEntry(tuple(base.shape), dt, "dense", const_loader({"values": delta, **extra}), **fields)
     payload = {**sparse_payload(delta, nz), **extra}
     return DiffEntry(tuple(base.shape), dt, "sparse", const_loader(payload), **fields)
+
+
+def _warn_overflow(
+    name: str, base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, misses: torch.Tensor
+) -> None:
+    """Warn where Δ overflowed its dtype (``65504 − (−65504)`` is ``inf`` in float16): ``base + Δ`` is still
+    exact through the correction, but ``c·Δ``, sums and other bases get ±inf there. Such a coordinate always
+    misses (``base + inf`` is not the finite target), so only the misses are looked at."""
+    if not misses.numel():
+        return
+    bf, tf = base.contiguous().reshape(-1)[misses], tuned.contiguous().reshape(-1)[misses]
+    over = delta.reshape(-1)[misses].isinf() & bf.isfinite() & tf.isfinite()
+    if bool(over.any()):
+        warnings.warn(
+            f"Δ of {name or 'a tensor'!r} overflows {delta.dtype} at {int(over.sum())} coordinate(s) (the "
+            f"difference of two finite weights exceeds {torch.finfo(delta.dtype).max:.4g}): applying it at "
+            "scale 1 to its base is still exact (the exact correction), but c·Δ, sums of diffs and other bases "
+            "get ±inf there; store Δ wider with dtype= (torch.float64 holds the difference of any two 16- or "
+            "32-bit floats).",
+            stacklevel=4,
+        )
 
 
 FIX_GAP = (1 << 16) - 1  # the largest gap between corrected coordinates: files store the gaps in 16 bits
@@ -263,7 +287,11 @@ def _exact_delta(
         for sign, ref, out, collect in ((1, tb, fwd, True), (-1, bb, inv, inverse_misses)):
             if sign < 0 and not inverse_misses and miss_inv:
                 break
-            (torch.add if sign > 0 else torch.sub)(bw if sign > 0 else tw, dw, out=r if direct else s)
+            dst = r if direct else s
+            if sign > 0:
+                torch.add(bw, dw, out=dst)
+            else:  # as −Δ is applied, θ + (−Δ): θ − Δ can differ from it in a NaN's sign bit
+                torch.add(tw, torch.neg(dw, out=dst), out=dst)
             if not direct:
                 r.copy_(s)
             np.not_equal(rbits[:k], ref, out=miss)
@@ -402,10 +430,10 @@ def _add_payload(
         return theta  # Δ = 0: θ as it is, no copy
     if entry.storage == "sparse":  # touch only the masked coordinates
         mask = payload["mask"]
-        out = theta.clone()
+        out = theta.clone(memory_format=torch.contiguous_format)  # the correction indexes it flat
         out[mask] = _plus(theta[mask], payload["values"], scale)
     elif entry.storage == "zero":
-        out = theta.clone()
+        out = theta.clone(memory_format=torch.contiguous_format)
     else:
         out = _plus(theta, decode_payload(entry, payload), scale)
     if fix:

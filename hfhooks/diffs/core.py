@@ -265,7 +265,7 @@ class WeightDiff(HubMixin):
 
         def entries() -> Iterator[tuple[str, DiffEntry | None]]:
             for n in common:
-                entry = between_entry(a.get(n), b.get(n), dtype, storage, exact)
+                entry = between_entry(a.get(n), b.get(n), dtype, storage, exact, name=n)
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
@@ -353,6 +353,8 @@ class WeightDiff(HubMixin):
             )
         if divide and c == 0:
             raise ZeroDivisionError("Cannot divide a diff by 0.")
+        if not math.isfinite(c):  # inf·Δ is ±inf / NaN everywhere, Δ / inf is 0: never a useful task vector
+            raise ValueError(f"Cannot {'divide' if divide else 'scale'} a diff by {c}: use a finite number.")
         entries = {
             n: replace(
                 e,

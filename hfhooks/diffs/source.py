@@ -68,7 +68,7 @@ class WeightSource:
     def dtype(self, name: str) -> torch.dtype:
         """The tensor's dtype, without reading its values."""
         if self.index is not None:
-            return self.index.info(name).dtype
+            return self.index.param(name).dtype
         if self.ckpt is not None:
             return self.ckpt.info(name).dtype
         return torch.as_tensor(self.obj[name]).dtype

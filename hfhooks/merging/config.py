@@ -37,6 +37,9 @@ def _per_model(
     if isinstance(value, int | float):
         values: tuple[float, ...] = (float(value),)
     elif isinstance(value, Sequence) and not isinstance(value, str):
+        # float("0.5") would parse a recipe's quoted string: every value must already be a number
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{owner}.{name}={value!r}: use a number or one number per model.")
         values = tuple(float(v) for v in value)
         if not values:
             raise ValueError(f"{owner}.{name}=[]: give a number, or one number per tuned model.")
@@ -130,8 +133,12 @@ class MergeConfig(Config):
         if isinstance(self.names, str):
             self.names = (self.names,)
         elif self.names is not None:
+            if not isinstance(self.names, Sequence):
+                raise ValueError(
+                    f"{owner}.names={self.names!r}: give tensor names, globs or re:REGEX strings."
+                )
             self.names = tuple(self.names)
-            if not self.names or not all(isinstance(n, str) for n in self.names):
+            if not self.names or not all(isinstance(n, str) and n for n in self.names):
                 raise ValueError(
                     f"{owner}.names={self.names!r}: give tensor names, globs or re:REGEX strings."
                 )
@@ -181,6 +188,27 @@ class MergeConfig(Config):
             raise ValueError(f"{owner}.task={self.task!r} only applies to method='tall'.")
         if m not in CONSENSUS_METHODS and self.tall_lambda != 0.4:
             raise ValueError(f"{owner}.tall_lambda only applies to method='tall' or 'consensus'.")
+
+    def check_models(self, n: int) -> None:
+        """Check the per-model values against ``n`` tuned models, before anything is read: one value for all or
+        one per model, ``task`` in range, and weights that can act (a merge whose weights are all 0 is the base;
+        ``normalize`` by weights summing to 0 would divide by 0 — mergekit then silently divides by 1)."""
+        owner = type(self).__name__
+        for key in ("weights", "density", "tall_lambda"):
+            self.per_model(key, n)
+        if self.method == "tall" and not 0 <= self.task < n:
+            raise ValueError(f"{owner}.task={self.task} but {n} tuned model(s) were given (0…{n - 1}).")
+        weights = self.per_model("weights", n)
+        if all(w == 0 for w in weights):
+            raise ValueError(
+                f"{owner}.weights={self.weights!r}: every weight is 0, so the merge would be the base itself; "
+                "give at least one model a non-zero weight."
+            )
+        if self.normalized and self.method not in SIGN_METHODS and abs(math.fsum(weights)) < 1e-8:
+            raise ValueError(
+                f"{owner}.weights={self.weights!r} sum to 0, so normalize=True cannot divide by their sum; use "
+                "normalize=False (and lambda_ for the overall scale)."
+            )
 
     def per_model(self, name: str, n: int) -> list[float]:
         """``weights``, ``density`` (default 1.0) or ``tall_lambda`` for ``n`` tuned models."""

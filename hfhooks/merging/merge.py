@@ -59,14 +59,6 @@ class MergeReport:
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-def _dtype(src: WeightSource, name: str) -> torch.dtype:
-    if src.index is not None:
-        return src.index.info(name).dtype
-    if src.ckpt is not None:
-        return src.ckpt.info(name).dtype
-    return torch.as_tensor(src.obj[name]).dtype
-
-
 def _layer_names(names: list[str], spec: str) -> list[str]:
     block_path, of = layer_map(names)
     if block_path is None:
@@ -89,7 +81,7 @@ def plan_names(
             raise ValueError(
                 f"names={config.names!r} and layers={config.layers!r} select no tensor together."
             )
-    merged = [n for n in chosen if _dtype(base, n).is_floating_point]
+    merged = [n for n in chosen if base.dtype(n).is_floating_point]
     if not merged:
         raise ValueError("No floating-point tensor to merge (names / layers select only integer buffers).")
     for t, src in enumerate(tuned):
@@ -220,11 +212,14 @@ def merge(
         raise ValueError("Nothing to merge: tuned is empty.")
     base_src = WeightSource(base, allow_pickle=allow_pickle)
     tuned_srcs = [WeightSource(t, allow_pickle=allow_pickle) for t in tuned]
-    n = len(tuned_srcs)
-    for key in ("weights", "density", "tall_lambda"):
-        cfg.per_model(key, n)  # one value per model, or one for all: checked before anything is read
-    if cfg.method == "tall" and not 0 <= cfg.task < n:
-        raise ValueError(f"merge: task={cfg.task} but {n} tuned model(s) were given (0…{n - 1}).")
+    cfg.check_models(len(tuned_srcs))  # before anything is read
+    for what, src in [("The base", base_src), *((f"Tuned model {t}", s) for t, s in enumerate(tuned_srcs))]:
+        if src.ckpt is not None and src.ckpt.kind == "adapter":  # its names would merely all be "missing"
+            raise ValueError(
+                f"{what} ({src.label}) is a PEFT adapter directory, not a checkpoint: merge the adapter "
+                "into the base first (peft's merge_and_unload(), or WeightDiff.from_lora(ADAPTER, base=BASE)"
+                ".apply(BASE, out=DIR)) and pass that directory."
+            )
     merged, copied = plan_names(base_src, tuned_srcs, cfg)
 
     report = MergeReport(cfg, merged, copied)

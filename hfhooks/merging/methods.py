@@ -365,8 +365,7 @@ def _check(dtype: torch.dtype, n: int, config: MergeConfig, name: str) -> None:
         raise TypeError(f"{name!r} is {dtype}: only floating-point tensors are merged.")
     if n == 0:
         raise ValueError("Nothing to merge: give at least one tuned model.")
-    if config.method == "tall" and not 0 <= config.task < n:
-        raise ValueError(f"task={config.task} but there are {n} tuned models (0…{n - 1}).")
+    config.check_models(n)
 
 
 def _merge_block(braw, traws, prune, config, weights, divisor, ws: _Workspace) -> torch.Tensor:

@@ -137,6 +137,10 @@ def _models(data: Mapping[str, Any]) -> tuple[list[str], dict[str, list[Any]]]:
                 f"recipe: models[{i}] has unknown key(s) {sorted(unknown)}; known: model, parameters."
             )
         params = entry.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            raise ValueError(
+                f"recipe: models[{i}].parameters={params!r} must be a mapping, e.g. {{weight: 1.0, density: 0.5}}."
+            )
         bad = set(params) - set(MODEL_KEYS)
         if bad:
             raise ValueError(
@@ -167,7 +171,10 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
             "recipe: base_model must be the path of the base checkpoint (every method needs one)."
         )
     paths, per = _models(data)
-    params = dict(data.get("parameters") or {})
+    params = data.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"recipe: parameters={params!r} must be a mapping, e.g. {{lambda: 1.0}}.")
+    params = dict(params)
     bad = set(params) - set(GLOBAL_KEYS) - set(MODEL_KEYS)
     if bad:
         raise ValueError(
@@ -182,7 +189,13 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         values = [default if v is None else v for v in per[key]]
         if any(v is not None for v in values):  # a model that sets nothing gets the method's default
             fields[name] = tuple(MODEL_DEFAULTS[key] if v is None else v for v in values)
-    dtype = data.get("out_dtype") or data.get("dtype")
+    given = {k: data[k] for k in ("dtype", "out_dtype") if data.get(k) is not None}
+    if len(set(map(str, given.values()))) > 1:  # one of them would be ignored
+        raise ValueError(
+            f"recipe: dtype={given['dtype']!r} and out_dtype={given['out_dtype']!r} differ; hfhooks computes in "
+            "float32 and writes the base's dtype: give one, the base's."
+        )
+    dtype = next(iter(given.values()), None)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"recipe: dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     return Recipe(base, paths, MergeConfig(**fields), dtype)
