@@ -253,3 +253,10 @@ def test_exact_round_trip_through_checkpoint_files_with_special_values(tmp_path)
     with Checkpoint(out) as t, Checkpoint(back) as b:
         assert bit_equal(t.get("w"), tuned) and bit_equal(b.get("w"), base)
         assert bit_equal(t.get("s"), torch.tensor(-0.0, dtype=torch.float16))
+
+
+def test_restrict_to_no_names_is_refused_not_an_empty_diff():
+    diff = WeightDiff({"w": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"names=\[\]\) selects no tensor"):
+        diff.restrict(names=[])
+    assert diff.restrict(names=("w",)).names() == ["w"]  # any iterable of names, including a tuple

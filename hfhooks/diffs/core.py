@@ -425,8 +425,11 @@ class WeightDiff(HubMixin):
         keep = list(self.entries)
         ops: dict[str, Any] = {"op": "restrict"}
         if names is not None:
+            names = names if isinstance(names, str) else list(names)
+            if not names:  # select_names would keep nothing: an empty diff that silently applies as a no-op
+                raise ValueError("restrict(names=[]) selects no tensor; pass names=None to keep them all.")
             keep = select_names(keep, names)
-            ops["names"] = names if isinstance(names, str) else list(names)
+            ops["names"] = names
         if layers is not None:
             path, of = layer_map(keep)
             if path is None:

@@ -199,11 +199,12 @@ class _Frozen:
     """One parameter's frozen coordinates, and how they are kept frozen.
 
     Element masks are held as the mask's own packed bits (1 bit per coordinate of this rank's shard) and
-    unpacked :data:`_CHUNK` elements at a time into bit patterns as wide as the tensor they mask: all-ones where
-    the coordinate may train (``keep``), zeros where it is frozen. Masking a gradient is ``g & keep``. Bitwise
-    operations are as fast as a float multiply (and ~15× faster than selects with ``bool`` masks on CPU), and
-    unlike a multiply they are exact for every value — inf and NaN (inf·0 would be NaN) and the sign of zero —
-    on every device, with no host sync. Rows/columns keep index lists and are restored with index copies.
+    unpacked :data:`_CHUNK` elements at a time into 0/1 bytes (``keep``: 1 where the coordinate may train).
+    Masking a gradient multiplies its *bit pattern* (as integers of the same width) by those bytes: integer
+    arithmetic, so exact for every value — inf and NaN (a float inf·0 would be NaN) and the sign of zero — on
+    every device, with no host sync, and one op with no widened temporary (measured 1.5–2.5× faster on CPU than
+    widening the bytes into all-ones patterns and ``&``-ing them, and several times faster than ``torch.where``
+    with a ``bool`` mask). Rows/columns keep index lists and are restored with index copies.
 
     What is held besides the bits depends on what can move the frozen values (see :meth:`GradientMask.attach`):
 
@@ -303,7 +304,7 @@ class _Frozen:
             t.masked_fill_(self._drop_bool(), 0)
         else:
             for chunk, keep in self._chunks(t):
-                chunk.bitwise_and_(_pattern(keep, chunk.dtype))
+                chunk.mul_(keep)  # bit pattern × 0/1: exact (see the class docstring)
 
     def mask_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
         """Tensor-hook form (before accumulation): a new, masked gradient.
@@ -320,7 +321,7 @@ class _Frozen:
             out = torch.empty_like(grad)
             src, dst = bit_view(grad).view(-1), bit_view(out).view(-1)
             for start, stop, keep in self._spans(grad.numel()):
-                torch.bitwise_and(src[start:stop], _pattern(keep, src.dtype), out=dst[start:stop])
+                torch.mul(src[start:stop], keep, out=dst[start:stop])  # bit pattern × 0/1: exact
             return out
         out = grad.clone(memory_format=torch.contiguous_format)
         self._mask_(out)
