@@ -273,16 +273,24 @@ def _exact_delta(
         j = min(i + _CHUNK, n)
         k, d, bb, tb = j - i, delta[i:j], bits_b[i:j], bits_t[i:j]
         s, r, still, miss = wbuf[3, :k], rbuf[:k], still_np[:k], miss_np[:k]
-        np.equal(bb, tb, out=still)
-        # Finite 16-bit weights with Δ in their dtype: torch computes 16-bit ops in float32 and rounds once,
-        # the same bits as widening explicitly, in one pass (no NaN can arise, so no fill either).
-        direct = wt == wide or (exp_bits is not None and _finite(bb, exp_bits) and _finite(tb, exp_bits))
-        if direct and wt != wide:
-            bw, tw, dw = bf[i:j], tf[i:j], torch.sub(tf[i:j], bf[i:j], out=d)
+        # 16-bit weights with Δ in their dtype: torch computes 16-bit ops in float32 and rounds once, the same
+        # bits as widening explicitly, in one pass. Valid where the weights are finite (no NaN can arise, so no
+        # fill either); a finite Δ had finite inputs (inf or NaN in either gives inf or NaN), so one check on Δ
+        # replaces two on the inputs, and a block whose Δ is not finite is recomputed the explicit way.
+        fast = exp_bits is not None and wt != wide
+        if fast:
+            torch.sub(tf[i:j], bf[i:j], out=d)
+            fast = _finite(bit_view(d).numpy(), exp_bits)
+        neg = neg_zero is None or neg_zero in (int(bb.min()), int(tb.min()))  # −0.0: the smallest pattern
+        if neg or not fast:
+            np.equal(bb, tb, out=still)
+        direct = wt == wide or fast
+        if fast:
+            bw, tw, dw = bf[i:j], tf[i:j], d
         else:
             bw, tw, dw = _wide_delta(bf[i:j], tf[i:j], d, wbuf[:, :k], still, kept_np[:k])
         kept = None
-        if neg_zero is None or neg_zero in (int(bb.min()), int(tb.min())):  # −0.0: the smallest pattern
+        if neg:
             kept = np.greater(torch.eq(d, 0).numpy(), still, out=kept_np[:k])  # Δ = 0 where θ moved
         for sign, ref, out, collect in ((1, tb, fwd, True), (-1, bb, inv, inverse_misses)):
             if sign < 0 and not inverse_misses and miss_inv:
@@ -336,20 +344,20 @@ def _plus_blocks(
     theta: torch.Tensor, delta: torch.Tensor, scale: float
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``θ + scale·Δ`` in cache-sized blocks ``(start, end, values)`` through two alternating buffers (a block's
-    values stay valid while the next block is computed, and are overwritten by the one after). Computed in the wider dtype and cast back; where Δ = 0, θ is kept bit for
-    bit — ``x + 0`` is ``x`` except for ``−0.0``, so the select only runs on blocks where θ holds one.
+    values stay valid while the next block is computed, and are overwritten by the one after). Computed in the
+    wider dtype and cast back; where Δ = 0, θ is kept bit for bit — ``x + 0`` is ``x`` except for ``−0.0``,
+    so the select only runs on blocks where θ holds one.
 
-    At scale 1 with Δ in θ's dtype, one ``torch.add`` does it on blocks without inf/NaN: torch adds 16-bit
+    At scale 1 with Δ in θ's dtype, one ``torch.add`` does it on blocks whose sum is finite: torch adds 16-bit
     floats in float32 and rounds once, the same bits as the explicit widen, add and cast, in one pass instead
-    of four (only NaN payloads could come out differently, so blocks holding a non-finite value take the
-    explicit path)."""
+    of four (only NaN payloads could come out differently, so blocks with a non-finite sum are recomputed the
+    explicit way)."""
     ct = torch.promote_types(torch.promote_types(theta.dtype, delta.dtype), torch.float32)
     tf, df = theta.contiguous().reshape(-1), delta.contiguous().reshape(-1)
     n = tf.numel()
     neg_zero = _NEG_ZERO.get(tf.element_size())
     ti = bit_view(tf).numpy() if neg_zero is not None else None  # numpy's integer min is SIMD
     exp_bits = _EXP_BITS.get(theta.dtype) if scale == 1.0 and theta.dtype == delta.dtype else None
-    di = bit_view(df).numpy() if exp_bits is not None else None
     buf = torch.empty(min(n, _CHUNK), dtype=ct)
     # two output buffers: the writer writes one block on another thread while the next is computed
     obufs = [torch.empty(min(n, _CHUNK), dtype=theta.dtype) for _ in range(1 if n <= _CHUNK else 2)]
@@ -357,9 +365,13 @@ def _plus_blocks(
     for k, i in enumerate(range(0, n, _CHUNK)):
         j = min(i + _CHUNK, n)
         o, m = obufs[k % len(obufs)][: j - i], mask[: j - i]
-        if exp_bits is not None and _finite(ti[i:j], exp_bits) and _finite(di[i:j], exp_bits):
-            torch.add(tf[i:j], df[i:j], out=o)  # finite: NaN payloads are where the paths could differ
-        else:
+        fast = exp_bits is not None
+        if fast:
+            torch.add(tf[i:j], df[i:j], out=o)
+            # A finite sum had finite inputs (inf or NaN in either gives inf or NaN), and only NaN payloads could
+            # come out differently: one check on the output instead of two on the inputs. Else: recomputed.
+            fast = _finite(bit_view(o).numpy(), exp_bits)
+        if not fast:
             b = buf[: j - i]
             b.copy_(tf[i:j])
             if scale == 1.0:
