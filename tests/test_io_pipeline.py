@@ -175,3 +175,21 @@ def test_a_failed_write_is_raised_and_stops_the_blocks(tmp_path, monkeypatch):
         writer.write_blocks("w", TensorBlocks(torch.float32, (400,), blocks(), lookahead=1))
     assert len(pulled) <= 3  # the error surfaced at the next block, not after all 100
     writer.close(fsync=False)
+
+
+# -- the CRC-32 ---------------------------------------------------------------------------------------------
+def test_crc32_is_zlibs_checksum_on_any_bytes_and_seed():
+    import os
+    import zlib
+
+    for n in (0, 1, 7, 4096, 1 << 20, (1 << 20) + 3):
+        data = os.urandom(n)
+        assert st.crc32(data) == zlib.crc32(data)
+        assert st.crc32(memoryview(data), 0xDEADBEEF) == zlib.crc32(data, 0xDEADBEEF)
+        half = n // 2
+        assert st.crc32(data[half:], st.crc32(data[:half])) == zlib.crc32(data)  # continues a running CRC
+
+
+def test_crc32_uses_zlib_ng_where_installed():
+    zlib_ng = pytest.importorskip("zlib_ng.zlib_ng")
+    assert st._crc32 is zlib_ng.crc32  # the dependency is what makes diff files' checksums fast

@@ -147,7 +147,7 @@ def between_entry(
     dt = dtype or (base.dtype if same else torch.promote_types(base.dtype, tuned.dtype))
     if not same and dtype is None:
         dt = torch.promote_types(dt, torch.float32)
-    # the two CRC-32 fingerprints run on the helper thread while Δ is computed (zlib releases the GIL)
+    # the two CRC-32 fingerprints run on the helper thread while Δ is computed (the CRC releases the GIL)
     prints = worker_pool().submit(lambda: (tensor_fingerprint(base), tensor_fingerprint(tuned)))
     try:
         delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 
 from hfhooks.core.params import bit_view
 from hfhooks.io.artifacts import ArtifactError
-from hfhooks.io.safetensors import tensor_bytes
+from hfhooks.io.safetensors import crc32, tensor_bytes
 
 STORAGES = ("dense", "sparse", "quantized", "zero", "factored")
 # Payload keys of the sparse exact correction (see :class:`DiffEntry`).
@@ -77,13 +76,13 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def tensor_fingerprint(t: torch.Tensor) -> str:
     """CRC-32 of a tensor's dtype, shape and bytes (``"crc32:1a2b3c4d"``): cheap, and any changed bit shows."""
     t = t.detach().cpu().contiguous()
-    seed = zlib.crc32(f"{dtype_name(t.dtype)}{list(t.shape)}".encode())
-    return f"crc32:{zlib.crc32(tensor_bytes(t), seed):08x}"
+    seed = crc32(f"{dtype_name(t.dtype)}{list(t.shape)}".encode())
+    return f"crc32:{crc32(tensor_bytes(t), seed):08x}"
 
 
 def tensor_crc(t: torch.Tensor) -> str:
     """CRC-32 of a tensor's bytes alone, as 8 hex digits (the per-part check of diff files)."""
-    return f"{zlib.crc32(tensor_bytes(t)):08x}"
+    return f"{crc32(tensor_bytes(t)):08x}"
 
 
 def diff_fingerprint(per_tensor: Mapping[str, tuple[tuple[int, ...], str | None]]) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import weakref
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +54,7 @@ from hfhooks.io.safetensors import (
     ReadBuffer,
     TensorInfo,
     copy_range,
+    crc32,
     read_safetensors_header,
     tensor_bytes,
     write_all,
@@ -88,7 +88,7 @@ class _DataFile(Mapping[str, torch.Tensor]):
         write_all(self.fd, data)
         self.infos[name] = (t.dtype, tuple(t.shape), self.size, self.size + data.nbytes)
         self.size += data.nbytes
-        return f"{zlib.crc32(data):08x}"
+        return f"{crc32(data):08x}"
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor ``name`` read back into one reused buffer (no fresh pages per tensor): valid until the
@@ -310,7 +310,7 @@ class _LazyReader:
     """Reads a diff file's entries on demand with ``safe_open``, checking each tensor's CRC-32.
 
     ``load()`` verifies before returning. :data:`DEFERRED` maps it to the same read with the checks
-    returned as a callable, so :meth:`WeightDiff.apply` can run them on a helper thread (``zlib.crc32``
+    returned as a callable, so :meth:`WeightDiff.apply` can run them on a helper thread (the CRC-32
     releases the GIL) while the update is computed.
     """
 

@@ -1,7 +1,7 @@
 """Overlap computing the next tensor with writing the current one: :func:`prefetched`.
 
 A streamed edit reads a tensor, computes on it and writes the result, one tensor at a time. File writes, CRC-32
-and SHA-256 (``os.write``, ``zlib``, ``hashlib``), numpy ufuncs and torch kernels all release the GIL, so a
+and SHA-256 (``os.write``, ``crc32``, ``hashlib``), numpy ufuncs and torch kernels all release the GIL, so a
 second thread that prepares tensor ``i + 1`` while the caller writes tensor ``i`` runs on another core. Measured
 on the 2.2 GB checkpoint of ``benchmarks/bench_checkpoints.py``: see ``docs/benchmarks.md``.
 

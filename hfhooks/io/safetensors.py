@@ -285,6 +285,18 @@ class ReadBuffer:
         return view.view(info.dtype).reshape(info.shape) if n else torch.empty(info.shape, dtype=info.dtype)
 
 
+# -- checksums -------------------------------------------------------------------------------------------------
+try:  # zlib-ng's CRC-32 (SIMD folding): the same checksum, 2-4x zlib's speed here; zlib where it is missing
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; a platform without its wheel still works
+    from zlib import crc32 as _crc32
+
+
+def crc32(data: bytes | memoryview, value: int = 0) -> int:
+    """The standard CRC-32 (zlib's) of ``data``, continuing from ``value``; releases the GIL on large buffers."""
+    return _crc32(data, value)
+
+
 # -- writing ---------------------------------------------------------------------------------------------------
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes in safetensors order (little-endian, C-contiguous) as a memoryview, no copy if CPU."""
