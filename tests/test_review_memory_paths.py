@@ -1,0 +1,81 @@
+"""Adversarial review of the memory-saving paths: bit-packed masks, compact strict routing, SalUn scoring, NPO's
+precomputed reference. Each test states the property; the bug tests failed on the code before their fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, random_input_ids
+
+from hfhooks.masks.mask import ParamMask
+from hfhooks.masks.topk import topk_masks
+from hfhooks.routing.ablation import dedicated_mask
+from hfhooks.routing.router import FORGET, RETAIN, UNLABELLED, Router
+from hfhooks.unlearning.objectives import UnlearningObjective, objective_hook, salun
+
+
+# -- NPO / GradDiff / GA against a straightforward implementation ---------------------------------------------
+def _plain_objective(logits, labels, forget, name, alpha, beta, reference):
+    """The objectives written the obvious way: per example, F.cross_entropy over the shifted tokens."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    total = weight = 0.0
+    for i in range(len(labels)):
+        summed = F.cross_entropy(logits[i], labels[i], ignore_index=-100, reduction="sum")  # = -log π(y|x)
+        n = int((labels[i] != -100).sum())
+        if not forget[i]:
+            term = alpha * summed / n
+        elif name == "npo":
+            term = 2 / beta * F.softplus(beta * (-summed - reference[i]))
+        else:
+            term = -summed / n
+        total, weight = total + term * n, weight + n
+    return total / weight
+
+
+@pytest.mark.parametrize("name", ["ga", "graddiff", "npo"])
+def test_objectives_equal_a_plain_implementation_on_padded_mixed_batches(name):
+    model = make_model("llama").train()
+    ids = random_input_ids(5, 7)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt that does not count
+    labels[3, 5:] = -100  # right padding
+    forget = torch.tensor([1, 0, 1, 0, 1])
+    reference = torch.randn(5) - 20
+    objective = UnlearningObjective(name, retain_weight=0.7, beta=0.3)
+    objective.reference = reference
+    with objective_hook(model, objective):
+        loss = model(input_ids=ids, labels=labels, unlearn=forget, example_id=torch.arange(5))["loss"]
+    with torch.no_grad():
+        expected = _plain_objective(model(input_ids=ids)["logits"], labels, forget, name, 0.7, 0.3, reference)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_npo_forget_example_without_a_reference_entry_is_an_error_not_a_clamped_lookup():
+    """Bug: ids past the reference were clamped to its last entry, so a stale reference (computed for a shorter
+    forget set) silently gave forget examples another example's log-probability."""
+    model = make_model("llama").train()
+    ids = random_input_ids(2, 6)
+    objective = UnlearningObjective("npo")
+    objective.reference = torch.full((2,), -20.0)
+    with objective_hook(model, objective), pytest.raises(ValueError, match=r"example_id \[5\].*stale"):
+        model(input_ids=ids, labels=ids, unlearn=torch.tensor([1, 1]), example_id=torch.tensor([0, 5]))
+    # retain examples' ids lie past the forget set by design: no reference needed for them
+    with objective_hook(model, objective):
+        loss = model(input_ids=ids, labels=ids, unlearn=torch.tensor([1, 0]), example_id=torch.tensor([1, 7]))
+    assert torch.isfinite(loss["loss"])
+
+
+def test_salun_refuses_an_npo_reference_of_another_forget_set():
+    model = make_model("llama")
+    ids = random_input_ids(6, 6)
+    forget = [{"input_ids": ids[i], "labels": ids[i]} for i in range(4)]
+    retain = [{"input_ids": ids[i], "labels": ids[i]} for i in range(4, 6)]
+    objective = UnlearningObjective("npo")
+    objective.reference = torch.zeros(3)  # computed for a forget set of 3
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="holds 3 log-probabilities but the forget set has 4"):
+        salun(model, forget, retain, objective, mask=ParamMask.full(model), epochs=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before training
