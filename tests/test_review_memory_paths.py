@@ -79,3 +79,13 @@ def test_salun_refuses_an_npo_reference_of_another_forget_set():
     with pytest.raises(ValueError, match="holds 3 log-probabilities but the forget set has 4"):
         salun(model, forget, retain, objective, mask=ParamMask.full(model), epochs=1, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before training
+
+
+# -- ParamMask ------------------------------------------------------------------------------------------------
+def test_from_slices_takes_a_bool_selection_as_a_selection_not_as_indices():
+    """Bug: a bool vector was cast to int64 indices, so [F, T, T, F] selected rows 0 and 1."""
+    mask = ParamMask.from_slices({"w": (0, torch.tensor([False, True, True, False]))}, {"w": (4, 3)})
+    assert mask.vector("w").tolist() == [False, True, True, False]
+    assert mask == ParamMask.from_slices({"w": (0, torch.tensor([1, 2]))}, {"w": (4, 3)})
+    with pytest.raises(ValueError, match=r"must be \(3,\)"):
+        ParamMask.from_slices({"w": (1, torch.tensor([True, False]))}, {"w": (4, 3)})

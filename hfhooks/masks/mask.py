@@ -283,7 +283,8 @@ class ParamMask(HubMixin):
     def from_slices(
         cls, slices: Slices, shapes: nn.Module | ParamIndex | Mapping[str, Iterable[int]]
     ) -> ParamMask:
-        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.core.layers`).
+        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.core.layers`); ``indices``
+        may also be a bool vector over the axis (``True`` = selected).
 
         ``shapes`` is the model (or its :class:`ParamIndex`) or an explicit ``{name: shape}``. 1-D parameters
         (biases) become element masks.
@@ -305,7 +306,16 @@ class ParamMask(HubMixin):
                     f"Axis {axis} is invalid for {name!r} of shape {shape}: use 0 (rows) or 1 (columns)."
                 )
             bits = torch.zeros(shape[axis], dtype=torch.bool)
-            bits[torch.as_tensor(idx, dtype=torch.long)] = True
+            idx = torch.as_tensor(idx).cpu()
+            if idx.dtype == torch.bool:  # a selection vector, not indices (as long, it would pick rows 0 / 1)
+                if idx.shape != bits.shape:
+                    raise ValueError(
+                        f"Boolean selection for {name!r} along axis {axis} has shape {tuple(idx.shape)}; it must "
+                        f"be ({shape[axis]},) for shape {shape}, or pass the indices (selection.nonzero())."
+                    )
+                bits |= idx
+            else:
+                bits[idx.long()] = True
             gran = "element" if len(shape) == 1 else ("row" if axis == 0 else "column")
             entries[name] = _Entry.of(gran, shape, bits)
         return cls._from_entries(entries)
