@@ -89,3 +89,20 @@ def test_from_slices_takes_a_bool_selection_as_a_selection_not_as_indices():
     assert mask == ParamMask.from_slices({"w": (0, torch.tensor([1, 2]))}, {"w": (4, 3)})
     with pytest.raises(ValueError, match=r"must be \(3,\)"):
         ParamMask.from_slices({"w": (1, torch.tensor([True, False]))}, {"w": (4, 3)})
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64),
+        torch.tensor([16777217, 16777216], dtype=torch.int64),  # 2**24 + 1 rounds to 2**24 in float32
+    ],
+)
+def test_topk_refuses_scores_float32_keys_cannot_tell_apart(scores):
+    """Bug: float64 / int64 scores were ranked by their float32 rounding, so the larger of two scores that round
+    to one float32 lost to the earlier one by tie order, silently."""
+    with pytest.raises(ValueError, match="float32 cannot represent"):
+        topk_masks({"a": scores}, 0.5)
+    exact = scores.double() * 0 + torch.tensor([1.0, 2.0], dtype=torch.float64)  # float64, exactly float32
+    assert topk_masks({"a": exact}, 0.5)["a"].tolist() == [False, True]
+    assert topk_masks({"a": torch.tensor([3, 1])}, 0.5)["a"].tolist() == [True, False]

@@ -172,24 +172,41 @@ def _select(
     return out
 
 
+def _merged_by_float32(t: torch.Tensor) -> bool:
+    """Whether ``t`` (float64, integer) holds a value that float32 rounds (compared chunk by chunk): two such
+    values can share one float32 key. float32 / float16 / bfloat16 scores convert exactly."""
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool):
+        return False
+    return any(bool((c.float().double() != c.double()).any()) for c in _chunks(t))
+
+
 def _checked(
     scores: Mapping[str, torch.Tensor], group: _Group
 ) -> tuple[list[torch.Tensor], list[str], list[int]]:
     """The scores as float tensors, the names of those that are all zero, and the tensors' sizes (over every
     rank); raises on NaN on every rank alike, so that no rank is left waiting in a collective."""
-    tensors, flags = [], torch.zeros((len(scores), 3), dtype=torch.int64)  # (has NaN, has a non-zero, numel)
+    # (has NaN, has a non-zero, numel, has values float32 keys would merge)
+    tensors, flags = [], torch.zeros((len(scores), 4), dtype=torch.int64)
     for i, t in enumerate(scores.values()):
+        flags[i, 3] = int(_merged_by_float32(t))
         t = t if torch.is_floating_point(t) else t.float()
         flags[i, 0], flags[i, 1] = int(bool(torch.isnan(t).any())), int(bool(t.any()))
         flags[i, 2] = t.numel()
         tensors.append(t)
-    flags = group.sum(flags)  # one collective for the three
+    flags = group.sum(flags)  # one collective for the four
     numel = flags[:, 2].tolist()
     names = list(scores)
     for i, name in enumerate(names):
         if flags[i, 0]:
             raise ValueError(
                 f"Scores for {name!r} contain NaN; fix the scoring (e.g. a NaN loss) before selecting."
+            )
+        if flags[i, 3]:
+            dtype = scores[name].dtype
+            raise ValueError(
+                f"Scores for {name!r} ({dtype}) hold values float32 cannot represent: the selection ranks "
+                "float32 keys, so distinct scores rounding to one float32 would be ordered by position, not by "
+                "value. Rescale them into float32's precision, or cast them with .float() to accept those ties."
             )
     return tensors, [n for i, n in enumerate(names) if numel[i] and not flags[i, 1]], numel
 
