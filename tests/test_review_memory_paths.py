@@ -106,3 +106,97 @@ def test_topk_refuses_scores_float32_keys_cannot_tell_apart(scores):
     exact = scores.double() * 0 + torch.tensor([1.0, 2.0], dtype=torch.float64)  # float64, exactly float32
     assert topk_masks({"a": exact}, 0.5)["a"].tolist() == [False, True]
     assert topk_masks({"a": torch.tensor([3, 1])}, 0.5)["a"].tolist() == [True, False]
+
+
+# -- strict routing: which micro-batches count for a step ------------------------------------------------------
+_DOWN = "model.layers.0.mlp.down_proj.weight"
+
+
+def _routed_llama():
+    model = make_model("llama").train()
+    dedicated = dedicated_mask(model, mlp_units=8, heads=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, dedicated, opt, Router(model, dedicated, optimizer=opt).attach()
+
+
+def _micro_batch(model, mode, seed=0):
+    ids = random_input_ids(2, 6, seed=seed)
+    return model(input_ids=ids, labels=ids, routing=torch.full((2,), mode)).loss
+
+
+def _retain_step_holds_dedicated(model, dedicated, opt, seed=9) -> bool:
+    before = model.get_parameter(_DOWN).detach().clone()
+    _micro_batch(model, RETAIN, seed).backward()
+    opt.step()
+    opt.zero_grad()
+    held = dedicated[_DOWN]
+    return torch.equal(model.get_parameter(_DOWN).detach()[held], before[held])
+
+
+def test_a_window_dropped_without_a_step_does_not_make_the_next_retain_step_mixed():
+    """Bug: a forget window whose optimizer step was skipped (fp16 GradScaler: inf/NaN) left its mode behind, so the
+    next retain-only step counted as mixed, held nothing, and AdamW's momentum and weight decay moved the dedicated
+    coordinates."""
+    model, dedicated, opt, router = _routed_llama()
+    _micro_batch(model, FORGET, 1).backward()
+    opt.step()  # momentum on the dedicated coordinates
+    opt.zero_grad()
+    _micro_batch(model, FORGET, 2).backward()
+    opt.zero_grad()  # what a GradScaler-skipped step leaves: no optimizer.step(), gradients dropped
+    assert _retain_step_holds_dedicated(model, dedicated, opt)
+    router.detach()
+
+
+def test_end_window_forgets_a_dropped_window_the_router_cannot_see():
+    """zero_grad(set_to_none=False) leaves zero gradients: the drop is invisible, end_window() (called by the
+    callback at every Trainer step end) forgets it."""
+    model, dedicated, opt, router = _routed_llama()
+    _micro_batch(model, FORGET, 1).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    _micro_batch(model, FORGET, 2).backward()
+    opt.zero_grad(set_to_none=False)
+    router.end_window()
+    assert _retain_step_holds_dedicated(model, dedicated, opt)
+    router.detach()
+
+
+def test_a_forward_without_gradients_does_not_count_for_the_step():
+    """Bug: a training-mode forward under torch.no_grad() (a metric, a generation) recorded its mode for the step,
+    so a forget-labelled one before a retain-only step made it mixed and the dedicated coordinates moved."""
+    model, dedicated, opt, router = _routed_llama()
+    _micro_batch(model, FORGET, 1).backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        _micro_batch(model, FORGET, 2)
+    assert _retain_step_holds_dedicated(model, dedicated, opt)
+    router.detach()
+
+
+def test_a_window_mixing_forget_and_retain_still_trains_both():
+    """The counterpart: within one window (no drop) forget and retain micro-batches make a mixed step, which
+    holds nothing (docs/routing.md), so the dedicated coordinates learn from the forget micro-batch."""
+    model, dedicated, opt, router = _routed_llama()
+    before = model.get_parameter(_DOWN).detach().clone()
+    _micro_batch(model, FORGET, 1).backward()
+    _micro_batch(model, RETAIN, 2).backward()
+    _micro_batch(model, UNLABELLED, 3).backward()
+    opt.step()
+    held = dedicated[_DOWN]
+    assert not torch.equal(model.get_parameter(_DOWN).detach()[held], before[held])
+    assert not torch.equal(model.get_parameter(_DOWN).detach()[~held], before[~held])  # retain trained
+    router.detach()
+
+
+def test_routing_callback_ends_the_window_at_every_step_end():
+    from hfhooks.routing.callback import GradientRoutingCallback
+
+    model, dedicated, opt, router = _routed_llama()
+    callback = GradientRoutingCallback(dedicated)
+    callback.router = router
+    _micro_batch(model, FORGET, 1).backward()
+    opt.zero_grad(set_to_none=False)  # dropped, invisibly
+    callback.on_step_end(None, None, None)
+    assert _retain_step_holds_dedicated(model, dedicated, opt)
+    router.detach()
