@@ -200,3 +200,16 @@ def test_routing_callback_ends_the_window_at_every_step_end():
     callback.on_step_end(None, None, None)
     assert _retain_step_holds_dedicated(model, dedicated, opt)
     router.detach()
+
+
+def test_shared_on_forget_matching_parameters_with_dedicated_coordinates_warns():
+    """Never silent: shared_on_forget applies to parameters without dedicated coordinates; a pattern reaching
+    ones with dedicated coordinates changes nothing for them, which is now said."""
+    model = make_model("llama").train()
+    dedicated = dedicated_mask(model, mlp_units=8, heads=1)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.warns(UserWarning, match=r"matches 2 parameter\(s\) with dedicated coordinates"):
+        Router(model, dedicated, optimizer=opt, shared_on_forget=["*down_proj*"]).attach().detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Router(model, dedicated, optimizer=opt, shared_on_forget=["*embed_tokens*"]).attach().detach()

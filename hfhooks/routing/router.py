@@ -43,6 +43,7 @@ The dedicated mask itself, and what is done with it after training (:func:`~hfho
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -385,6 +386,15 @@ class Router:
                 "the LoRA config's modules_to_save."
             )
         shared = set(index.select(self.shared_on_forget)) if self.shared_on_forget else set()
+        ignored = sorted(n for n in shared if n in self.dedicated and index.param(n).requires_grad)
+        if ignored:  # never silent: the option cannot act on these
+            warnings.warn(
+                f"Router: shared_on_forget={list(self.shared_on_forget)} matches {len(ignored)} parameter(s) with "
+                f"dedicated coordinates (e.g. {ignored[:3]}); it applies to parameters without any, so forget "
+                "steps still train only their dedicated coordinates. Narrow the patterns to silence this.",
+                UserWarning,
+                stacklevel=3,
+            )
         for name, param in index.items():
             if param.requires_grad:
                 self._targets.append(
