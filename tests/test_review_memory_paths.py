@@ -81,6 +81,34 @@ def test_salun_refuses_an_npo_reference_of_another_forget_set():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before training
 
 
+def test_salun_callback_refuses_a_given_npo_reference_of_another_forget_set(tmp_path):
+    import transformers as T
+
+    from hfhooks import SaliencyUnlearningCallback, TaggedCollator, forget_retain_dataset
+
+    model = make_model("llama")
+    ids = random_input_ids(8, 6)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+    objective = UnlearningObjective("npo")
+    objective.reference = torch.zeros(3)  # a reference for 3 forget examples; the forget set has 4
+    callback = SaliencyUnlearningCallback(
+        data[:4], objective=objective, mask=ParamMask.full(model), progress=False
+    )
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, use_cpu=True, report_to=[],
+        logging_strategy="no", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = T.Trainer(
+        model=model,
+        args=args,
+        train_dataset=forget_retain_dataset(data[:4], data[4:]),
+        data_collator=TaggedCollator(),
+        callbacks=[callback],
+    )
+    with pytest.raises(ValueError, match="SaliencyUnlearningCallback: the NPO reference holds 3"):
+        trainer.train()
+
+
 # -- ParamMask ------------------------------------------------------------------------------------------------
 def test_from_slices_takes_a_bool_selection_as_a_selection_not_as_indices():
     """Bug: a bool vector was cast to int64 indices, so [F, T, T, F] selected rows 0 and 1."""
