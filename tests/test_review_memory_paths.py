@@ -241,3 +241,41 @@ def test_shared_on_forget_matching_parameters_with_dedicated_coordinates_warns()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Router(model, dedicated, optimizer=opt, shared_on_forget=["*embed_tokens*"]).attach().detach()
+
+
+def test_topk_masks_are_yielded_one_at_a_time():
+    """Memory: the selection holds no earlier tensor's mask once its consumer dropped it (ParamMask.from_scores
+    packs each as it comes), instead of one bool byte per score for all tensors at once."""
+    import weakref
+
+    from hfhooks.masks.topk import iter_topk_masks
+
+    scores = {f"t{i}": torch.rand(5, 7) for i in range(3)}
+    masks = iter_topk_masks(scores, 0.3)
+    name, first = next(masks)
+    gone = weakref.ref(first)
+    del first
+    assert name == "t0" and gone() is None  # the generator keeps no reference to it
+    rest = dict(masks)
+    assert list(rest) == ["t1", "t2"]
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_from_scores_packs_exactly_the_topk_selection(scope):
+    """Ties (small integers), odd sizes, a 0-d and an empty tensor: the packed mask is topk_masks' selection."""
+    g = torch.Generator().manual_seed(3)
+    scores = {
+        "a": torch.randint(0, 3, (5, 3), generator=g).float(),
+        "b": torch.tensor(1.0),
+        "c": torch.zeros(0),
+        "d": torch.randint(0, 3, (13,), generator=g).float(),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ties decide much of it, on purpose
+        expected = topk_masks(scores, 0.4, scope=scope)
+        mask = ParamMask.from_scores(scores, 0.4, scope=scope)
+    assert mask.names() == list(scores)
+    assert all(torch.equal(mask[n], expected[n]) for n in scores)
+    assert mask.counts()["a"][0] + mask.counts()["b"][0] + mask.counts()["d"][0] == sum(
+        int(m.sum()) for m in expected.values()
+    )

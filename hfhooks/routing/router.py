@@ -523,7 +523,9 @@ class Router:
             self._labels = labels
             self._mode = UNLABELLED
         name = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
-        modes = {int(v) for v in torch.unique(labels).tolist()} if self.level == "activation" else {self._mode}
+        modes = (
+            {int(v) for v in torch.unique(labels).tolist()} if self.level == "activation" else {self._mode}
+        )
         for v in modes:
             self.counts[name[v]] += 1
         self._forward_modes_add(modes)
