@@ -279,3 +279,39 @@ def test_from_scores_packs_exactly_the_topk_selection(scope):
     assert mask.counts()["a"][0] + mask.counts()["b"][0] + mask.counts()["d"][0] == sum(
         int(m.sum()) for m in expected.values()
     )
+
+
+def test_resumed_routing_run_whose_labels_no_longer_arrive_is_refused(tmp_path):
+    """Bug: on resume the callback restores the checkpoint's batch counters, and the "no routing label arrived"
+    check read them, so a resumed run whose collator dropped the labels trained every step unrouted, silently."""
+    import transformers as T
+    from conftest import skip_unless_trainer_resumes
+
+    from hfhooks import GradientRoutingCallback, TaggedCollator, TaggedDataset
+
+    skip_unless_trainer_resumes()
+    ids = random_input_ids(8, 6)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+    tagged = TaggedDataset(
+        data, tags={"routing": [i % 2 for i in range(8)]}, group_by="routing", batch_size=2
+    )
+
+    def train(dataset, collator, resume=None):
+        args = T.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=4, use_cpu=True, report_to=[],
+            logging_strategy="no", save_strategy="steps", save_steps=2, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = T.Trainer(
+            model=make_model("llama"),
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            callbacks=[GradientRoutingCallback(mlp_units=8, heads=1)],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train(resume_from_checkpoint=resume)
+
+    train(tagged, TaggedCollator())
+    with pytest.raises(RuntimeError, match="No routing labels reached the model"):
+        train(data, T.default_data_collator, resume=str(tmp_path / "checkpoint-2"))  # labels gone

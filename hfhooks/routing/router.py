@@ -326,6 +326,7 @@ class Router:
         self.forget_weights, self.retain_weights = self.config.forget_weights, self.config.retain_weights
         self.shared_on_forget = list(self.config.shared_on_forget)
         self.counts: Counter[str] = Counter()  # micro-batches seen per mode (training forwards only)
+        self._counts_at_attach: Counter[str] = Counter()  # counts when attached (restored ones, on resume)
         self._labels: torch.Tensor | None = None
         self._mode: int = UNLABELLED
         # modes of the micro-batches whose gradients reached the parameters since the last step (what a strict step
@@ -416,6 +417,7 @@ class Router:
         opt = self._stepping_optimizer(optimizer)
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
+        self._counts_at_attach = Counter(self.counts)
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
         for target in self._targets:
             hooks.tensor_hook(target.grad_param, self._grad_hook(target))
@@ -616,7 +618,9 @@ class Router:
     def check_labels_arrived(self) -> None:
         """Raise (after detaching) if no routing label reached the model since attach: routing would do
         nothing. Called before the first optimizer step, so the refused step never changes a weight."""
-        counts = self.counts
+        # since attach: a resumed run starts from the checkpoint's counters (GradientRoutingCallback restores them),
+        # whose forget/retain batches must not vouch for a run whose labels no longer arrive
+        counts = self.counts - self._counts_at_attach
         if counts["unlabelled (no labels passed)"] and not (
             counts["forget"] or counts["retain"] or counts["unlabelled"]
         ):
