@@ -418,6 +418,7 @@ class Router:
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
         self._counts_at_attach = Counter(self.counts)
+        self.end_window()  # a re-attached router starts a fresh window
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
         for target in self._targets:
             hooks.tensor_hook(target.grad_param, self._grad_hook(target))
