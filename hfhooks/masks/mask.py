@@ -47,7 +47,7 @@ from hfhooks.io.artifacts import (
     write_artifact,
 )
 from hfhooks.io.hub import HubMixin
-from hfhooks.masks.topk import topk_masks
+from hfhooks.masks.topk import iter_topk_masks, topk_masks
 
 __all__ = [
     "GRANULARITIES",
@@ -70,12 +70,14 @@ class MaskFileError(ArtifactError):
     """A mask file that cannot be loaded: corrupt, truncated, foreign, or internally inconsistent."""
 
 
-def _pack(bits: torch.Tensor) -> torch.Tensor:
-    """Bool / 0-1 tensor -> packed ``uint8`` bytes (big bit order, zero padding), on the CPU."""
+def _pack(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool / 0-1 tensor -> packed ``uint8`` bytes (big bit order, zero padding), on the CPU (into ``out``, a
+    CPU ``uint8`` vector of ``ceil(numel / 8)`` bytes, if given)."""
     flat = bits.detach().reshape(-1).cpu()
     if flat.dtype != torch.bool:
         flat = flat.bool()
-    return torch.from_numpy(np.packbits(flat.numpy(), bitorder="big"))
+    packed = torch.from_numpy(np.packbits(flat.numpy(), bitorder="big"))
+    return packed if out is None else out.copy_(packed)
 
 
 def _clear_padding(packed: torch.Tensor, length: int) -> torch.Tensor:
@@ -243,8 +245,16 @@ class ParamMask(HubMixin):
         :func:`hfhooks.masks.topk.topk_masks`). Exactly ``round(ratio * N)`` elements are kept; ties at the
         threshold go to earlier tensors (in ``scores`` order) and, within a tensor, lower flat indices.
         """
-        masks = topk_masks(scores, ratio, scope=scope, largest=largest)
-        return cls(masks, metadata=_selection_metadata(scores, ratio, scope, largest))
+        # Packed as each tensor's mask is selected: one tensor's bool mask at a time, not one byte per score. The
+        # packed buffers are allocated first, all together: made one by one between the selection's transients
+        # they would fragment the heap (glibc then keeps the holes resident: +38 % peak RSS measured on 192M scores).
+        packed = {n: torch.empty((t.numel() + 7) // 8, dtype=torch.uint8) for n, t in scores.items()}
+        entries = {}
+        for name, bits in iter_topk_masks(scores, ratio, scope=scope, largest=largest):
+            entries[name] = _Entry.from_packed(
+                "element", tuple(bits.shape), _pack(bits, out=packed.pop(name)), bits.numel()
+            )
+        return cls._from_entries(entries, metadata=_selection_metadata(scores, ratio, scope, largest))
 
     @classmethod
     def from_sharded_scores(
@@ -283,7 +293,8 @@ class ParamMask(HubMixin):
     def from_slices(
         cls, slices: Slices, shapes: nn.Module | ParamIndex | Mapping[str, Iterable[int]]
     ) -> ParamMask:
-        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.core.layers`).
+        """Row/column masks from ``{name: (axis, indices)}`` (see :mod:`hfhooks.core.layers`); ``indices``
+        may also be a bool vector over the axis (``True`` = selected).
 
         ``shapes`` is the model (or its :class:`ParamIndex`) or an explicit ``{name: shape}``. 1-D parameters
         (biases) become element masks.
@@ -305,7 +316,16 @@ class ParamMask(HubMixin):
                     f"Axis {axis} is invalid for {name!r} of shape {shape}: use 0 (rows) or 1 (columns)."
                 )
             bits = torch.zeros(shape[axis], dtype=torch.bool)
-            bits[torch.as_tensor(idx, dtype=torch.long)] = True
+            idx = torch.as_tensor(idx).cpu()
+            if idx.dtype == torch.bool:  # a selection vector, not indices (as long, it would pick rows 0 / 1)
+                if idx.shape != bits.shape:
+                    raise ValueError(
+                        f"Boolean selection for {name!r} along axis {axis} has shape {tuple(idx.shape)}; it must "
+                        f"be ({shape[axis]},) for shape {shape}, or pass the indices (selection.nonzero())."
+                    )
+                bits |= idx
+            else:
+                bits[idx.long()] = True
             gran = "element" if len(shape) == 1 else ("row" if axis == 0 else "column")
             entries[name] = _Entry.of(gran, shape, bits)
         return cls._from_entries(entries)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DegenerateScoresWarning", "topk_masks"]
+__all__ = ["DegenerateScoresWarning", "iter_topk_masks", "topk_masks"]
 
 TIE_WARN_FRACTION = 0.05
 """Warn when tie-breaking order, not the scores, decides more than this fraction of the selected elements."""
@@ -134,24 +134,24 @@ def _select(
     ties: list[tuple[int, int, int]] | None = None,
     group: _Group | None = None,
     total: int | None = None,
-) -> list[torch.Tensor]:
-    """Exact top-``k``; appends ``(k, elements taken by tie order, elements tied)`` to ``ties`` when tie order
-    decided part of the selection. With ``group`` on, ``tensors`` are this rank's slices and ``k`` counts over
-    every rank's (``total``: the number of elements over every rank, if known)."""
+) -> Iterator[torch.Tensor]:
+    """Exact top-``k``, one mask per tensor, each yielded as soon as it is selected (a caller that packs them
+    never holds more than one); appends ``(k, elements taken by tie order, elements tied)`` to ``ties`` when tie
+    order decided part of the selection. With ``group`` on, ``tensors`` are this rank's slices and ``k`` counts
+    over every rank's (``total``: the number of elements over every rank, if known)."""
     group = group or _Group(False)
     if total is None:
         total = int(group.sum(torch.tensor([sum(t.numel() for t in tensors)], dtype=torch.int64))[0])
-    if k <= 0:
-        return [torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
-    if k >= total:
-        return [torch.ones(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+    if k <= 0 or k >= total:
+        for t in tensors:
+            yield torch.full(t.shape, k > 0, dtype=torch.bool, device=t.device)
+        return
     threshold, better, tied = _kth_key(tensors, k, largest, group)
     ties_left = k - better  # how many elements equal to the threshold still get selected
     if ties is not None and tied > ties_left:  # tie order, not the scores, picks ties_left of `tied`
         ties.append((k, ties_left, tied))
     # Sharded: the tied elements before this rank's slice of each tensor take their share first.
     before = _tied_before(tensors, threshold, largest, group) if group.on and tied > ties_left else None
-    out = []
     left = ties_left
     for i, t in enumerate(tensors):
         if before is not None:
@@ -168,8 +168,16 @@ def _select(
                 m |= eq & (rank <= left)
                 left -= min(int(rank[-1]), left)
             start += c.numel()
-        out.append(mask.reshape(t.shape))
-    return out
+        yield mask.reshape(t.shape)
+        del mask  # the consumer has it: the next tensor's mask is not allocated beside it
+
+
+def _merged_by_float32(t: torch.Tensor) -> bool:
+    """Whether ``t`` (float64, integer) holds a value that float32 rounds (compared chunk by chunk): two such
+    values can share one float32 key. float32 / float16 / bfloat16 scores convert exactly."""
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool):
+        return False
+    return any(bool((c.float().double() != c.double()).any()) for c in _chunks(t))
 
 
 def _checked(
@@ -177,19 +185,28 @@ def _checked(
 ) -> tuple[list[torch.Tensor], list[str], list[int]]:
     """The scores as float tensors, the names of those that are all zero, and the tensors' sizes (over every
     rank); raises on NaN on every rank alike, so that no rank is left waiting in a collective."""
-    tensors, flags = [], torch.zeros((len(scores), 3), dtype=torch.int64)  # (has NaN, has a non-zero, numel)
+    # (has NaN, has a non-zero, numel, has values float32 keys would merge)
+    tensors, flags = [], torch.zeros((len(scores), 4), dtype=torch.int64)
     for i, t in enumerate(scores.values()):
+        flags[i, 3] = int(_merged_by_float32(t))
         t = t if torch.is_floating_point(t) else t.float()
         flags[i, 0], flags[i, 1] = int(bool(torch.isnan(t).any())), int(bool(t.any()))
         flags[i, 2] = t.numel()
         tensors.append(t)
-    flags = group.sum(flags)  # one collective for the three
+    flags = group.sum(flags)  # one collective for the four
     numel = flags[:, 2].tolist()
     names = list(scores)
     for i, name in enumerate(names):
         if flags[i, 0]:
             raise ValueError(
                 f"Scores for {name!r} contain NaN; fix the scoring (e.g. a NaN loss) before selecting."
+            )
+        if flags[i, 3]:
+            dtype = scores[name].dtype
+            raise ValueError(
+                f"Scores for {name!r} ({dtype}) hold values float32 cannot represent: the selection ranks "
+                "float32 keys, so distinct scores rounding to one float32 would be ordered by position, not by "
+                "value. Rescale them into float32's precision, or cast them with .float() to accept those ties."
             )
     return tensors, [n for i, n in enumerate(names) if numel[i] and not flags[i, 1]], numel
 
@@ -202,6 +219,25 @@ def topk_masks(
     sharded: bool = False,
     group: Any = None,
 ) -> dict[str, torch.Tensor]:
+    """``{name: bool mask}`` of :func:`iter_topk_masks` (all masks at once: one byte per score; iterate
+    :func:`iter_topk_masks` to hold one at a time).
+
+    >>> import torch
+    >>> m = topk_masks({"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([2.0, 3.0])}, ratio=0.5)
+    >>> m["a"].tolist(), m["b"].tolist()
+    ([True, False], [False, True])
+    """
+    return dict(iter_topk_masks(scores, ratio, scope, largest, sharded, group))
+
+
+def iter_topk_masks(
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    scope: str = "global",
+    largest: bool = True,
+    sharded: bool = False,
+    group: Any = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Boolean masks selecting the top ``ratio`` fraction of ``scores`` (bottom fraction if not ``largest``).
 
     ``scope="global"`` uses one threshold over every element of every tensor (the SalUn rule);
@@ -214,10 +250,9 @@ def topk_masks(
     ``N`` and the selection are over the full tensors, exactly as one process holding them would select; each
     rank gets the masks of its own slices.
 
-    >>> import torch
-    >>> m = topk_masks({"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([2.0, 3.0])}, ratio=0.5)
-    >>> m["a"].tolist(), m["b"].tolist()
-    ([True, False], [False, True])
+    Yields ``(name, bool mask)`` in ``scores`` order, each mask as soon as it is selected: a caller that packs
+    (or otherwise consumes) each one before the next holds one tensor's mask at a time, not one byte per score.
+    Iterate to the end (the tie warnings come last; sharded: every rank must, it is a collective).
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio={ratio!r} must be in [0, 1] (the fraction of elements kept).")
@@ -235,16 +270,16 @@ def topk_masks(
             "loss does not reach, or a fresh LoRA adapter scored on its own weights (lora_A has zero gradient "
             "while lora_B = 0; see hfhooks.masks.lora.lora_unit_saliency).",
             DegenerateScoresWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     ties: list[tuple[int, int, int]] = []
     if scope == "tensor":
-        out = {
-            n: _select([t], round(ratio * size), largest, ties, g, size)[0]
-            for n, t, size in zip(names, tensors, numel)
-        }
+        for n, t, size in zip(names, tensors, numel):
+            yield n, next(_select([t], round(ratio * size), largest, ties, g, size))
     else:
-        out = dict(zip(names, _select(tensors, round(ratio * sum(numel)), largest, ties, g, sum(numel))))
+        selected = _select(tensors, round(ratio * sum(numel)), largest, ties, g, sum(numel))
+        for n in names:  # not zip(): its reused result tuple would keep the previous mask alive
+            yield n, next(selected)
     selected = sum(k for k, _, _ in ties)
     by_order = sum(taken for _, taken, _ in ties)
     if selected and by_order > TIE_WARN_FRACTION * selected:
@@ -253,6 +288,5 @@ def topk_masks(
             f"{sum(tied for _, _, tied in ties)} equal scores by tie order (earlier tensors, lower flat indices), "
             "not by their scores: the scores do not rank enough elements to select this ratio.",
             DegenerateScoresWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return out

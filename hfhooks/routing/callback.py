@@ -121,6 +121,10 @@ class GradientRoutingCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._finite is not None:
             self._finite.check()
+        if self.router is not None:
+            # the window's gradients are gone, stepped or not: a step skipped by fp16's GradScaler (inf/NaN)
+            # must not carry its modes into the next window's strict step
+            self.router.end_window()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # DeepSpeed stepped inside backward: the snapshot it held for that step is no longer needed

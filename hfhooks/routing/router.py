@@ -43,6 +43,7 @@ The dedicated mask itself, and what is done with it after training (:func:`~hfho
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -325,9 +326,15 @@ class Router:
         self.forget_weights, self.retain_weights = self.config.forget_weights, self.config.retain_weights
         self.shared_on_forget = list(self.config.shared_on_forget)
         self.counts: Counter[str] = Counter()  # micro-batches seen per mode (training forwards only)
+        self._counts_at_attach: Counter[str] = Counter()  # counts when attached (restored ones, on resume)
         self._labels: torch.Tensor | None = None
         self._mode: int = UNLABELLED
+        # modes of the micro-batches whose gradients reached the parameters since the last step (what a strict step
+        # holds by), recorded by the first gradient hook of each backward from _pending (the grad-enabled training
+        # forwards since the last backward); _forward_modes: those forwards' modes, for _check_hooks_fired
         self._step_modes: set[int] = set()
+        self._pending: set[int] = set()
+        self._forward_modes: set[int] = set()
         self._routed = 0  # gradient hooks that routed a forget / retain micro-batch since the last step
         self._eval_labelled = 0  # labelled forwards in eval mode with gradients enabled since the last step
         self._hooks: HookSet | None = None
@@ -380,6 +387,15 @@ class Router:
                 "the LoRA config's modules_to_save."
             )
         shared = set(index.select(self.shared_on_forget)) if self.shared_on_forget else set()
+        ignored = sorted(n for n in shared if n in self.dedicated and index.param(n).requires_grad)
+        if ignored:  # never silent: the option cannot act on these
+            warnings.warn(
+                f"Router: shared_on_forget={list(self.shared_on_forget)} matches {len(ignored)} parameter(s) with "
+                f"dedicated coordinates (e.g. {ignored[:3]}); it applies to parameters without any, so forget "
+                "steps still train only their dedicated coordinates. Narrow the patterns to silence this.",
+                UserWarning,
+                stacklevel=3,
+            )
         for name, param in index.items():
             if param.requires_grad:
                 self._targets.append(
@@ -401,6 +417,8 @@ class Router:
         opt = self._stepping_optimizer(optimizer)
         self._hooks = hooks = HookSet(self, self.model)
         self.steps = 0
+        self._counts_at_attach = Counter(self.counts)
+        self.end_window()  # a re-attached router starts a fresh window
         pop_kwargs_hook(hooks, self.model, [self.label_name], self._receive, "routing labels")
         for target in self._targets:
             hooks.tensor_hook(target.grad_param, self._grad_hook(target))
@@ -491,7 +509,7 @@ class Router:
         if labels is None:
             self._labels, self._mode = None, UNLABELLED
             self.counts["unlabelled (no labels passed)"] += 1
-            self._step_modes.add(UNLABELLED)
+            self._forward_modes_add({UNLABELLED})
             return
         labels = torch.as_tensor(labels)
         if self.level == "param":
@@ -508,12 +526,47 @@ class Router:
             self._labels = labels
             self._mode = UNLABELLED
         name = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
-        for v in torch.unique(labels).tolist() if self.level == "activation" else [self._mode]:
-            self.counts[name[int(v)]] += 1
-            self._step_modes.add(int(v))
+        modes = (
+            {int(v) for v in torch.unique(labels).tolist()} if self.level == "activation" else {self._mode}
+        )
+        for v in modes:
+            self.counts[name[v]] += 1
+        self._forward_modes_add(modes)
+
+    def _forward_modes_add(self, modes: set[int]) -> None:
+        """A training forward's modes: they count for this step once its gradient arrives (:meth:`_take_pending`).
+        A forward without gradients (``torch.no_grad``) adds nothing to the step: a forget-mode one would otherwise
+        turn the next retain-only step into a mixed one, which holds nothing."""
+        if torch.is_grad_enabled():
+            self._pending |= modes
+            self._forward_modes |= modes
+
+    def _take_pending(self) -> None:
+        """The first gradient hook of a backward: the pending forwards' gradients are arriving, so their modes
+        count for the coming step. If no trainable parameter holds a gradient yet (single process or DDP, where
+        ``.grad`` accumulates), the micro-batches recorded before were dropped without an optimizer step (a
+        ``GradScaler`` that found inf/NaN skips ``optimizer.step()``; ``zero_grad()`` follows): their modes are
+        forgotten, else a forget window dropped before a retain-only step would make it a mixed step that holds
+        nothing."""
+        if self._step_modes and not self._zero and self._targets:
+            plain = all(t.grad_param is t.param for t in self._targets)
+            if plain and all(t.param.grad is None for t in self._targets):
+                self._step_modes = set()
+        self._step_modes |= self._pending
+        self._pending = set()
+
+    def end_window(self) -> None:
+        """Forget the micro-batches seen since the last optimizer step: call it when a loop drops the accumulated
+        gradients without stepping the optimizer (:class:`~hfhooks.GradientRoutingCallback` calls it at the end of
+        every Trainer step). Needed where :meth:`_take_pending` cannot see the drop: ``zero_grad(set_to_none=False)``,
+        FSDP2, DeepSpeed."""
+        self._step_modes, self._pending, self._forward_modes = set(), set(), set()
+        self._routed = 0
 
     def _grad_hook(self, target: _Target):
         def route(grad: torch.Tensor) -> torch.Tensor:
+            if self._pending:
+                self._take_pending()
             if self.level != "param" or self._mode == UNLABELLED:
                 return grad
             self._routed += 1
@@ -566,7 +619,9 @@ class Router:
     def check_labels_arrived(self) -> None:
         """Raise (after detaching) if no routing label reached the model since attach: routing would do
         nothing. Called before the first optimizer step, so the refused step never changes a weight."""
-        counts = self.counts
+        # since attach: a resumed run starts from the checkpoint's counters (GradientRoutingCallback restores them),
+        # whose forget/retain batches must not vouch for a run whose labels no longer arrive
+        counts = self.counts - self._counts_at_attach
         if counts["unlabelled (no labels passed)"] and not (
             counts["forget"] or counts["retain"] or counts["unlabelled"]
         ):
@@ -590,6 +645,7 @@ class Router:
         if self.steps == 1:
             self.check_labels_arrived()
         self._check_hooks_fired()
+        self._pending = set()  # forwards whose backward never came: no gradient of theirs is in this step
         if not self.strict:
             self._step_modes = set()
             return
@@ -634,7 +690,8 @@ class Router:
                 "drops the labels), so these gradients would reach the optimizer unrouted. Call model.train() "
                 "before training (from_pretrained returns a model in eval mode); evaluate under torch.no_grad()."
             )
-        routed = sorted(m for m in self._step_modes if m in (FORGET, RETAIN))
+        routed = sorted(m for m in self._forward_modes if m in (FORGET, RETAIN))
+        self._forward_modes = set()
         if self.level != "param" or fired or not routed or not self._targets:
             return
         self.detach()

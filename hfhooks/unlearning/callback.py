@@ -196,6 +196,8 @@ class SaliencyUnlearningCallback(TrainerCallback):
                     model, self.forget, self.collate, self.batch_size, self.progress
                 )
                 self._own_reference = True
+        if hasattr(self.forget, "__len__"):  # a given or restored reference may be stale
+            self.objective.check_reference(len(self.forget), self._OWNER)
         self.freezer = GradientMask(model, self.mask, freeze=self.freeze).attach(optimizer)
         self.hook = objective_hook(model, self.objective).attach()
 

@@ -184,6 +184,37 @@ class UnlearningObjective:
             )
         return self._combine(logp, n_tok, forget, example_id, None)
 
+    def check_reference(self, forget_size: int, what: str = "NPO") -> None:
+        """Raise unless :attr:`reference` holds one log-probability per forget example (``forget_size``): a
+        reference of another length was computed for another forget set, and its values would be looked up
+        for the wrong examples."""
+        if self.name == "npo" and self.reference is not None and len(self.reference) != forget_size:
+            raise ValueError(
+                f"{what}: the NPO reference holds {len(self.reference)} log-probabilities but the forget set has "
+                f"{forget_size} examples: it was computed for another forget set (stale). Compute it for this one "
+                "with reference_logprobs(model, forget), or set objective.reference = None to have it computed."
+            )
+
+    def _reference_for(self, example_id: torch.Tensor, forget: torch.Tensor) -> torch.Tensor:
+        """``log π_ref`` per example of the micro-batch (retain examples: any value, their term is not used).
+
+        A forget example whose id has no reference entry is an error, not a clamped look-up: it means the
+        reference belongs to another (shorter) forget set. Retain ids (``len(forget)`` and up) are clamped only
+        so that the gather stays in range; ``torch.where`` discards their value.
+        """
+        ref = self.reference.to(example_id.device)
+        ids = example_id.long()
+        outside = (ids < 0) | (ids >= len(ref))
+        if bool((outside & forget).any()):  # one host sync per micro-batch
+            bad = ids[outside & forget].tolist()
+            raise ValueError(
+                f"NPO: forget examples with example_id {bad[:5]} have no reference log-probability (the reference "
+                f"holds {len(ref)}, ids 0 … {len(ref) - 1}): the reference is stale, computed for another forget "
+                "set. Recompute it with reference_logprobs(model, forget) on the forget set the training data "
+                "was built from (forget_retain_dataset(forget, retain))."
+            )
+        return ref[ids.clamp(0, max(len(ref) - 1, 0))]
+
     def _combine(
         self,
         logp: torch.Tensor,
@@ -204,7 +235,7 @@ class UnlearningObjective:
                 raise ValueError(
                     "NPO needs reference log-probabilities (reference_logprobs) and an example_id tag."
                 )
-            ref = self.reference.to(logp.device)[example_id.to(logp.device).clamp(0, len(self.reference) - 1)]
+            ref = self._reference_for(example_id.to(logp.device), forget)
             forget_term = (2.0 / self.beta) * F.softplus(self.beta * (logp - ref))
         per_example = torch.where(forget, forget_term, retain_term)
         # Token-weighted mean: example i counts n_i times (its label tokens; 1 for classification), matching
@@ -304,6 +335,7 @@ def salun(
     own_reference = objective.name == "npo" and objective.reference is None
     if own_reference:  # computed for this run only: reset afterwards so a reused objective never goes stale
         objective.reference = reference_logprobs(model, forget, base_collate, progress=progress)
+    objective.check_reference(len(forget), "salun")
     data = forget_retain_dataset(forget, retain)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
