@@ -244,3 +244,27 @@ def test_ctrl_c_while_a_block_is_being_written_leaves_the_checkpoint_intact(big,
     assert any(name.startswith("hfhooks-write") for name in calls)
     assert _tree(base) == before and sorted(os.listdir(tmp_path)) == ["base", "d.safetensors", "tuned"]
     assert not _threads()
+
+
+def test_an_error_on_the_producer_thread_is_raised_with_nothing_written(tmp_path):
+    # the 3rd tensor is refused while it is diffed on the producer thread (the 1st is written meanwhile)
+    base = {"a": torch.randn(8), "b": torch.randn(8).t(), "n": torch.arange(8), "c": torch.randn(8)}
+    tuned = {k: (v + 1 if v.is_floating_point() else v) for k, v in base.items()}
+    with pytest.raises(ValueError, match="floating-point") as excinfo:
+        WeightDiff.between(base, tuned, out=tmp_path / "d.safetensors", progress=False)
+    assert excinfo.value is not None
+    assert not _threads() and not list(tmp_path.iterdir())
+
+
+def test_streamed_diff_of_models_and_non_contiguous_tensors_equals_the_in_memory_one(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    base = {"t": torch.randn(700, 600, generator=g).t(), "s": torch.randn(50, 4, generator=g)[:, 1]}
+    tuned = {k: v + torch.randn(v.shape, generator=g) * 1e-3 for k, v in base.items()}
+    model_a, model_b = torch.nn.Linear(600, 700), torch.nn.Linear(600, 700)
+    for a, b in ((base, tuned), (model_a, model_b)):
+        d = WeightDiff.between(a, b, out=tmp_path / "d.safetensors", progress=False, storage="auto")
+        ref = WeightDiff.between(a, b, progress=False, storage="auto")
+        for n, e in ref.entries.items():
+            assert (d.entries[n].base, d.entries[n].target) == (e.base, e.target)
+            assert torch.equal(_dense(d.entries[n]), _dense(e)), n
+    assert not _threads()
