@@ -34,7 +34,7 @@ from hfhooks.diffs.entries import (
     with_fix,
     without_fix,
 )
-from hfhooks.diffs.fileformat import DEFERRED, worker_pool
+from hfhooks.diffs.fileformat import DEFERRED, beside
 from hfhooks.io.safetensors import ReadBuffer, TensorBlocks
 
 
@@ -148,7 +148,7 @@ def between_entry(
     if not same and dtype is None:
         dt = torch.promote_types(dt, torch.float32)
     # the two CRC-32 fingerprints run on the helper thread while Δ is computed (the CRC releases the GIL)
-    prints = worker_pool().submit(lambda: (tensor_fingerprint(base), tensor_fingerprint(tuned)))
+    prints = beside(lambda: (tensor_fingerprint(base), tensor_fingerprint(tuned)))
     try:
         delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
     finally:
@@ -473,11 +473,11 @@ def apply_fn(
             checks.append(concurrent.futures.Future())
             checks[0].set_result(fp)
         elif bases:
-            checks.append(worker_pool().submit(tensor_fingerprint, theta))
+            checks.append(beside(tensor_fingerprint, theta))
         deferred = DEFERRED.get(entry.load)
         if deferred is not None:
             payload, verify = deferred(buffer)
-            checks.append(worker_pool().submit(verify))
+            checks.append(beside(verify))
         else:
             payload = entry.load()
 

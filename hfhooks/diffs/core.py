@@ -9,6 +9,7 @@ because it builds one ``WeightDiff`` from two.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -269,9 +270,11 @@ class WeightDiff(HubMixin):
                 yield n, (None if changed_only and not entry.changed else entry)
 
         if out is not None:
-            # the next tensor is read and diffed on a second thread while this one is written and checksummed
-            items = prefetched(entries())
-            written = write_diff(out, items, meta, common, progress, desc="diff", inputs=[base, tuned])
+            # the next tensor is read and diffed on a second thread while this one is written and checksummed;
+            # closed here, so a write that fails stops and joins that thread before the error leaves (the
+            # traceback keeps write_diff's frames, and with them the generator, alive)
+            with contextlib.closing(prefetched(entries())) as items:
+                written = write_diff(out, items, meta, common, progress, desc="diff", inputs=[base, tuned])
             return cls.load(written, lazy=True)
         diff = cls(metadata=meta)
         unchanged = []

@@ -387,6 +387,21 @@ def worker_pool() -> concurrent.futures.ThreadPoolExecutor:
     return _POOL
 
 
+def beside(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    """``fn(*args)`` on the shared worker thread (:func:`worker_pool`), as a future. Once the interpreter began
+    shutting down (an ``atexit`` handler, a thread still running after the main one returned),
+    ``concurrent.futures`` refuses new work: ``fn`` then runs here, now, and the future holds its outcome."""
+    try:
+        return worker_pool().submit(fn, *args)
+    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # kept for .result(), as the pool would
+            done.set_exception(e)
+        return done
+
+
 def verify_payloads(entries: Iterable[DiffEntry]) -> None:
     """Read every entry's payload once and drop it, so every check a read makes (CRC-32s, mask and code
     decoding) has passed before anything is changed. One tensor in memory at a time; a file-backed entry is

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -40,17 +39,18 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
         raise ValueError(f"depth={depth!r}: prefetch at least one item ahead (depth >= 1).")
     import torch  # only for the grad mode: hfhooks.io keeps torch out of module import time
 
-    box: queue.Queue = queue.Queue(maxsize=depth)
+    # A slot is taken before an item is computed and given back when the caller takes one: the caller holds item
+    # k while items k+1 .. k+depth may be ready or computing, never more (each is a tensor's Δ in memory). A
+    # bounded queue alone would let the producer compute one more item and hold it while it waits to put it.
+    slots = threading.Semaphore(depth)
+    box: queue.Queue = queue.Queue()  # never full: the slots bound it
     stop = threading.Event()
     grad = torch.is_grad_enabled()
 
-    def put(message: tuple) -> bool:
-        while not stop.is_set():  # the caller may have stopped: never block forever on a full queue
-            try:
-                box.put(message, timeout=0.05)
+    def slot() -> bool:
+        while not stop.is_set():  # the caller may have stopped: never wait forever for a slot
+            if slots.acquire(timeout=0.05):
                 return True
-            except queue.Full:
-                continue
         return False
 
     source = iter(items)
@@ -58,16 +58,19 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     def produce() -> None:
         try:
             with torch.set_grad_enabled(grad):
-                for item in source:
-                    if not put((item, None)):
-                        return
+                while slot():
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        break
+                    box.put((item, None))
         except BaseException as exc:
-            put((_END, exc))
+            box.put((_END, exc))
             return
         finally:
             if stop.is_set() and hasattr(source, "close"):
                 source.close()  # the caller stopped early: run the source's cleanup on the thread that ran it
-        put((_END, None))
+        box.put((_END, None))
 
     worker = threading.Thread(target=produce, name="hfhooks-prefetch", daemon=True)
     worker.start()
@@ -78,10 +81,8 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
                 if exc is not None:
                     raise exc
                 return
+            slots.release()  # the item before this one is done with: the producer may compute one more
             yield item
     finally:
-        stop.set()
-        while worker.is_alive():  # drain, so a producer blocked in put() sees the stop
-            with contextlib.suppress(queue.Empty):
-                box.get(timeout=0.05)
+        stop.set()  # a producer waiting for a slot sees it within 50 ms; one computing finishes its item first
         worker.join()

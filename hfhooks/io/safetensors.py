@@ -361,8 +361,11 @@ class ShardWriter:
                         pending.result()  # the block before this one is written: its buffer may be reused next
                         pending = None
                     if overlap:
-                        pending = pool.submit(write_all, self.fd, data)
-                    else:
+                        try:
+                            pending = pool.submit(write_all, self.fd, data)
+                        except RuntimeError:  # the interpreter is shutting down: no new work for threads
+                            overlap = False
+                    if not overlap:
                         write_all(self.fd, data)
                     total += data.nbytes
             finally:
