@@ -202,9 +202,9 @@ class _Frozen:
     unpacked :data:`_CHUNK` elements at a time into 0/1 bytes (``keep``: 1 where the coordinate may train).
     Masking a gradient multiplies its *bit pattern* (as integers of the same width) by those bytes: integer
     arithmetic, so exact for every value — inf and NaN (a float inf·0 would be NaN) and the sign of zero — on
-    every device, with no host sync, and one op with no widened temporary (measured 1.5–2.5× faster on CPU than
-    widening the bytes into all-ones patterns and ``&``-ing them, and several times faster than ``torch.where``
-    with a ``bool`` mask). Rows/columns keep index lists and are restored with index copies.
+    every device, with no host sync, and one op with no widened temporary (about as fast on CPU as widening the
+    bytes into all-ones patterns and ``&``-ing them, measured; several times faster than ``torch.where`` with a
+    ``bool`` mask). Rows/columns keep index lists and are restored with index copies.
 
     What is held besides the bits depends on what can move the frozen values (see :meth:`GradientMask.attach`):
 
