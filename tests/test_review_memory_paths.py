@@ -315,3 +315,28 @@ def test_resumed_routing_run_whose_labels_no_longer_arrive_is_refused(tmp_path):
     train(tagged, TaggedCollator())
     with pytest.raises(RuntimeError, match="No routing labels reached the model"):
         train(data, T.default_data_collator, resume=str(tmp_path / "checkpoint-2"))  # labels gone
+
+
+def test_forwards_of_two_modes_before_one_backward_warn_at_param_level():
+    """Parameter-level hooks route a backward by the last forward's mode: a backward through a forget and a
+    retain forward routes the forget example's gradients as retain. Never silent: it warns (once)."""
+    model, _, _, router = _routed_llama()
+    with pytest.warns(
+        UserWarning, match=r"several routing modes \(forget, retain\).*last forward's mode \(retain\)"
+    ):
+        (_micro_batch(model, FORGET, 1) + _micro_batch(model, RETAIN, 2)).backward()
+    router.detach()
+
+
+def test_one_backward_per_forward_does_not_warn():
+    model, _, opt, router = _routed_llama()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for mode, seed in ((FORGET, 1), (RETAIN, 2), (UNLABELLED, 3)):
+            _micro_batch(model, mode, seed).backward()
+        with torch.no_grad():
+            _micro_batch(model, FORGET, 4)  # not backpropagated: does not count for the next backward
+        _micro_batch(model, RETAIN, 5).backward()
+        opt.step()
+    assert not [w for w in seen if "several routing modes" in str(w.message)]
+    router.detach()

@@ -337,6 +337,7 @@ class Router:
         self._forward_modes: set[int] = set()
         self._routed = 0  # gradient hooks that routed a forget / retain micro-batch since the last step
         self._eval_labelled = 0  # labelled forwards in eval mode with gradients enabled since the last step
+        self._warned_mixed_backward = False  # param level: forwards of several modes before one backward
         self._hooks: HookSet | None = None
         self.steps = 0  # optimizer steps since attach (counted by the step pre-hook)
         self._targets: list[_Target] = []
@@ -552,6 +553,20 @@ class Router:
             plain = all(t.grad_param is t.param for t in self._targets)
             if plain and all(t.param.grad is None for t in self._targets):
                 self._step_modes = set()
+        if self.level == "param" and len(self._pending) > 1 and not self._warned_mixed_backward:
+            # The hooks route by the mode of the last forward: a backward through forwards of several modes
+            # routes all of its gradients by that one (never silent: say so, once).
+            self._warned_mixed_backward = True
+            names = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
+            warnings.warn(
+                f"Router(level='param'): training forwards of several routing modes "
+                f"({', '.join(sorted(names[m] for m in self._pending))}) ran before this backward; its gradients "
+                f"are all routed by the last forward's mode ({names[self._mode]}). Run one backward per forward "
+                "(or a forward whose graph is not backpropagated under torch.no_grad()), or use level='activation', "
+                "which routes each example.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._step_modes |= self._pending
         self._pending = set()
 
