@@ -47,7 +47,7 @@ from hfhooks.io.artifacts import (
     write_artifact,
 )
 from hfhooks.io.hub import HubMixin
-from hfhooks.masks.topk import iter_topk_masks, topk_masks
+from hfhooks.masks.topk import iter_topk_masks
 
 __all__ = [
     "GRANULARITIES",
@@ -88,9 +88,10 @@ def _clear_padding(packed: torch.Tensor, length: int) -> torch.Tensor:
     return packed
 
 
-def _gather_bits(slices: list[torch.Tensor], group: Any) -> list[tuple[torch.Tensor, int]]:
-    """For each tensor, every rank's flat bool slice concatenated in rank order, bit-packed (CPU ``uint8``), and
-    its length in bits (a collective: two ``all_gather`` calls for all tensors together).
+def _gather_bits(slices: list[tuple[torch.Tensor, int]], group: Any) -> list[tuple[torch.Tensor, int]]:
+    """For each tensor, every rank's slice — given bit-packed (CPU ``uint8``, :func:`_pack`) with its length in
+    bits — concatenated in rank order, bit-packed, and its length in bits (a collective: two ``all_gather`` calls
+    for all tensors together).
 
     The slices travel packed (1 bit per element); a byte-aligned slice is appended as is, an unaligned one is
     unpacked to its bits first (one byte per element of that tensor, transiently).
@@ -98,14 +99,14 @@ def _gather_bits(slices: list[torch.Tensor], group: Any) -> list[tuple[torch.Ten
     world = dist.get_world_size(group)
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    mine = torch.tensor([t.numel() for t in slices], dtype=torch.int64, device=device)
+    mine = torch.tensor([n for _, n in slices], dtype=torch.int64, device=device)
     lengths = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(lengths, mine, group=group)
     lengths = torch.stack(lengths).cpu()  # (world, tensors)
     nbytes = (lengths + 7) // 8
     width = int(nbytes.sum(1).max())
     buf = torch.zeros(width, dtype=torch.uint8)
-    torch.cat([_pack(t) for t in slices] or [buf[:0]], out=buf[: int(nbytes[dist.get_rank(group)].sum())])
+    torch.cat([p for p, _ in slices] or [buf[:0]], out=buf[: int(nbytes[dist.get_rank(group)].sum())])
     pieces = [torch.empty(width, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(pieces, buf.to(device), group=group)
     pieces = [p.cpu() for p in pieces]
@@ -275,9 +276,16 @@ class ParamMask(HubMixin):
         gathered, so no rank ever holds another rank's scores, and the mask equals bit for bit the one
         :meth:`from_scores` computes from the full scores (same threshold, same tie order).
         """
-        local = topk_masks(scores, ratio, scope=scope, largest=largest, sharded=True, group=group)
+        # each local mask packed as soon as it is selected (one tensor's bool slice at a time, as from_scores);
+        # the selection is a collective: every rank iterates it to the end
+        local = {
+            name: (_pack(bits), bits.numel())
+            for name, bits in iter_topk_masks(
+                scores, ratio, scope=scope, largest=largest, sharded=True, group=group
+            )
+        }
         entries = {}
-        gathered = _gather_bits([bits.reshape(-1) for bits in local.values()], group)
+        gathered = _gather_bits(list(local.values()), group)
         for name, (full, length) in zip(local, gathered):
             shape = tuple(int(d) for d in shapes[name])
             if length != math.prod(shape):
