@@ -309,7 +309,7 @@ def _norms(pieces: list[torch.Tensor]) -> torch.Tensor:
     if not wide:
         return torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
     out = torch.empty(len(pieces), dtype=torch.float64, device=pieces[0].device)
-    rest = [i for i in range(len(pieces)) if i not in set(wide)]
+    rest = sorted(set(range(len(pieces))) - set(wide))
     for idx, kw in ((wide, {}), (rest, {"dtype": torch.float32})):
         if idx:
             norms = torch._foreach_norm([pieces[i] for i in idx], 2, **kw)

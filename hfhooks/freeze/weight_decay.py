@@ -30,6 +30,7 @@ scaler, complex or sparse, subclasses) is left to the snapshot path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from collections.abc import Callable
@@ -75,7 +76,12 @@ def eps_survives(group: dict) -> bool:
     eps = group.get("eps", 0)
     if not (isinstance(eps, numbers.Real) and eps > 0):
         return False
-    return all(float(torch.tensor(eps, dtype=dtype)) > 0 for dtype in {p.dtype for p in group["params"]})
+    return all(_positive_in(float(eps), dtype) for dtype in {p.dtype for p in group["params"]})
+
+
+@functools.lru_cache(maxsize=64)  # asked once per param group and step: no tensor built each time
+def _positive_in(value: float, dtype: torch.dtype) -> bool:
+    return float(torch.tensor(value, dtype=dtype)) > 0
 
 
 def fused_decay_matches(opt: torch.optim.Optimizer, group: dict) -> bool:

@@ -66,6 +66,7 @@ __all__ = ["FORGET", "RETAIN", "UNLABELLED", "Router", "routing_labels"]
 
 
 FORGET, RETAIN, UNLABELLED = 1, 0, -1
+_MODE_NAMES = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
 _NAMES = {
     "forget": FORGET,
     "retain": RETAIN,
@@ -526,12 +527,11 @@ class Router:
         else:
             self._labels = labels
             self._mode = UNLABELLED
-        name = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
         modes = (
             {int(v) for v in torch.unique(labels).tolist()} if self.level == "activation" else {self._mode}
         )
         for v in modes:
-            self.counts[name[v]] += 1
+            self.counts[_MODE_NAMES[v]] += 1
         self._forward_modes_add(modes)
 
     def _forward_modes_add(self, modes: set[int]) -> None:
@@ -557,11 +557,10 @@ class Router:
             # The hooks route by the mode of the last forward: a backward through forwards of several modes
             # routes all of its gradients by that one (never silent: say so, once).
             self._warned_mixed_backward = True
-            names = {FORGET: "forget", RETAIN: "retain", UNLABELLED: "unlabelled"}
             warnings.warn(
                 f"Router(level='param'): training forwards of several routing modes "
-                f"({', '.join(sorted(names[m] for m in self._pending))}) ran before this backward; its gradients "
-                f"are all routed by the last forward's mode ({names[self._mode]}). Run one backward per forward "
+                f"({', '.join(sorted(_MODE_NAMES[m] for m in self._pending))}) ran before this backward; its gradients "
+                f"are all routed by the last forward's mode ({_MODE_NAMES[self._mode]}). Run one backward per forward "
                 "(or a forward whose graph is not backpropagated under torch.no_grad()), or use level='activation', "
                 "which routes each example.",
                 UserWarning,
@@ -710,9 +709,8 @@ class Router:
         if self.level != "param" or fired or not routed or not self._targets:
             return
         self.detach()
-        names = {FORGET: "forget", RETAIN: "retain"}
         raise RuntimeError(
-            f"This optimizer step had {'/'.join(names[m] for m in routed)} micro-batches, but none of the "
+            f"This optimizer step had {'/'.join(_MODE_NAMES[m] for m in routed)} micro-batches, but none of the "
             "router's gradient hooks fired: autograd computed with other tensors than the parameters the router "
             "hooked at attach, so the gradients would reach the optimizer unrouted. Were the model's parameters "
             "replaced after attach (load_state_dict(assign=True), to_empty(), re-sharding)? Attach the Router (or "
