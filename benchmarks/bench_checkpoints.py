@@ -14,8 +14,13 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
 * ``diff (floor)`` / ``apply-diff (floor)`` — a lower bound for *any* streamed diff / apply on this machine, not a
   usable implementation: per tensor, read the inputs (mmap), one bf16 ``sub`` / ``add``, append the raw bytes to
   one file. No header, no checksums, no exactness check or correction, no atomic publish, one thread. When a floor
-  itself misses a speed goal, no single-threaded streamed implementation can meet it here (several threads
-  reading and writing at once may; see docs/benchmarks.md).
+  itself misses a speed goal, no single-threaded streamed implementation can meet it here.
+* ``diff (floor, 2 threads)`` / ``apply-diff (floor, 2 threads)`` — the same arithmetic pipelined over both CPUs:
+  each shard's payload viewed through mmap as one flat tensor, ``sub`` / ``add`` in 16 MB blocks on the main
+  thread while a second thread writes the previous block (three rotating buffers). Still nothing else: no
+  header, checksums, exactness check or atomic publish. Every streamed diff / apply must at least read its two
+  inputs, compute and write new bytes, so where this floor misses a goal in every run, no implementation of
+  that kind meets it on this machine.
 * ``write (floor)`` — writing as many bytes as the checkpoint holds from memory into a new file, on one thread,
   nothing read or computed: the output side of any diff or apply (their output is new bytes), against the copy's
   in-kernel ``sendfile`` (``shutil``'s fast path on Linux). File writes vary several-fold between runs on a VM
@@ -48,7 +53,7 @@ from peakrss import peak_kb, reset_peak, status_kb
 
 OPS = (
     "copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)", "diff (floor)",
-    "apply-diff (floor)", "write (floor)",
+    "apply-diff (floor)", "diff (floor, 2 threads)", "apply-diff (floor, 2 threads)", "write (floor)",
 )  # fmt: skip
 GOAL_RSS_OPS = ("restore", "apply-diff")
 GOAL_SPEED = {
@@ -57,6 +62,8 @@ GOAL_SPEED = {
     "apply-diff": 0.9,
     "diff (floor)": 0.5,
     "apply-diff (floor)": 0.9,
+    "diff (floor, 2 threads)": 0.5,
+    "apply-diff (floor, 2 threads)": 0.9,
 }  # × the plain file copy's throughput
 GOAL_DIFF_SIZE = 1.1  # diff file ≤ 1.1× the bytes of the changed tensors (in the checkpoint's dtype)
 
@@ -194,6 +201,8 @@ def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> 
         shutil.copy(root / "base" / "model.safetensors.index.json", out)
     elif op in ("diff (floor)", "apply-diff (floor)"):
         floor_pass(root, out, op)
+    elif op in ("diff (floor, 2 threads)", "apply-diff (floor, 2 threads)"):
+        pipelined_floor_pass(root, out, op.startswith("diff"))
     elif op == "write (floor)":
         write_floor(root, out)
     else:
@@ -239,6 +248,65 @@ def floor_pass(root: Path, out: Path, op: str) -> None:
                 r = buf.resize_(x.numel())
                 torch.sub(b[n], x, out=r) if op == "diff (floor)" else torch.add(x, b[n], out=r)
                 w.write(memoryview(r.view(torch.uint8).numpy()))
+
+
+def _flat_payload(path: Path):
+    """The whole data section of a bf16 safetensors file as one flat tensor viewing its mmap (no copy)."""
+    import numpy as np
+    import torch
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return torch.frombuffer(np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n), dtype=torch.bfloat16)
+
+
+def pipelined_floor_pass(root: Path, out: Path, diff: bool) -> None:
+    """:func:`floor_pass` on both CPUs: compute the next block on this thread while another writes the last."""
+    import queue
+    import threading
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    block = 8 << 20  # elements: 16 MB of bf16
+    bufs = [torch.empty(block, dtype=torch.bfloat16) for _ in range(3)]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(len(bufs)):
+        free.put(i)
+
+    def writer() -> None:
+        while (item := todo.get()) is not None:
+            fd, i, n = item
+            view = memoryview(bufs[i][:n].view(torch.uint8).numpy())
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+            free.put(i)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    out.mkdir()
+    fds = []
+    try:
+        for f in sorted((root / "base").glob("*.safetensors")):
+            a = _flat_payload(f)
+            b = _flat_payload(root / ("post" if diff else "floor-delta") / f.name)
+            if a.numel() != b.numel():
+                raise RuntimeError(f"{f.name}: payloads differ in size ({a.numel()} vs {b.numel()} elements)")
+            fds.append(os.open(out / (f.name + ".raw"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+            for s in range(0, a.numel(), block):
+                e, i = min(a.numel(), s + block), free.get()
+                if diff:
+                    torch.sub(b[s:e], a[s:e], out=bufs[i][: e - s])
+                else:
+                    torch.add(a[s:e], b[s:e], out=bufs[i][: e - s])
+                todo.put((fds[-1], i, e - s))
+    finally:
+        todo.put(None)
+        thread.join()
+        for fd in fds:
+            os.close(fd)
 
 
 def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:
@@ -367,7 +435,7 @@ def main() -> None:
         if "apply-diff" in ops or "apply-diff (in RAM)" in ops:
             ops = [o for o in ops if o != "diff"]
             ops.insert(ops.index(next(o for o in ops if o.startswith("apply"))), "diff")
-        if "apply-diff (floor)" in ops:
+        if any(o.startswith("apply-diff (floor") for o in ops):
             write_floor_delta(root)
         for op in ops:
             runs = []

@@ -151,8 +151,12 @@ def between_entry(
     prints = beside(lambda: (tensor_fingerprint(base), tensor_fingerprint(tuned)))
     try:
         delta, misses, flags = _delta_blocks(base, tuned, dt, exact == "both")
-    finally:
-        base_print, target_print = prints.result()  # base and tuned may be reused buffers: done before return
+    except BaseException:
+        # base and tuned may be reused buffers: the thread is done with them before this returns; its own
+        # error, if any, must not replace the one raised here
+        concurrent.futures.wait([prints])
+        raise
+    base_print, target_print = prints.result()
     nonzero = flags.pop("nonzero")
     _warn_overflow(name, base, tuned, delta, misses[0])
     fields: dict[str, Any] = {"base": base_print, "target": target_print, **flags}

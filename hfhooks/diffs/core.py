@@ -514,7 +514,11 @@ class WeightDiff(HubMixin):
         """Masked-sparse storage with mask = (Δ ≠ 0); lossless (quantised entries are decoded first)."""
         entries = {
             n: replace(
-                e, load=mapped_loader(e, lambda p, e=e: sparsify_payload(e, p)), storage="sparse", levels=None
+                e,
+                load=mapped_loader(e, lambda p, e=e: sparsify_payload(e, p)),
+                storage="sparse",
+                levels=None,
+                transposed=False,  # a former factored entry's flag: sparse values are stored as Δ itself
             )
             for n, e in self.entries.items()
         }
@@ -529,7 +533,7 @@ class WeightDiff(HubMixin):
             if e.storage in ("dense", "factored"):
                 delta = e.dense()
                 if not bool(delta.ne(0).any()):
-                    e = replace(e, load=mapped_loader(e, lambda p: with_fix(p, {})), storage="zero")
+                    e = replace(e, load=mapped_loader(e, lambda p: with_fix(p, {})), storage="zero", transposed=False)
                 elif sparse_is_smaller(delta, limit=self._stored_bytes(n, e)):
                     load = mapped_loader(e, lambda p, e=e: sparsify_payload(e, p))
                     e = replace(e, load=load, storage="sparse", transposed=False)

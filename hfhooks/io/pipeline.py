@@ -33,11 +33,11 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     the caller stops early (``break``, an exception, ``close()``), the thread finishes the item it is computing,
     stops, and is joined before this generator returns, so nothing runs on behind the caller's back.
 
-    Torch's grad mode is thread-local: the producer runs with the caller's grad mode (at the first item).
+    Torch's grad and inference modes are thread-local: the producer runs with the caller's (at the first item).
     """
     if depth < 1:
         raise ValueError(f"depth={depth!r}: prefetch at least one item ahead (depth >= 1).")
-    import torch  # only for the grad mode: hfhooks.io keeps torch out of module import time
+    import torch  # only for the grad and inference modes: hfhooks.io keeps torch out of module import time
 
     # A slot is taken before an item is computed and given back when the caller takes one: the caller holds item
     # k while items k+1 .. k+depth may be ready or computing, never more (each is a tensor's Δ in memory). A
@@ -45,7 +45,7 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     slots = threading.Semaphore(depth)
     box: queue.Queue = queue.Queue()  # never full: the slots bound it
     stop = threading.Event()
-    grad = torch.is_grad_enabled()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def slot() -> bool:
         while not stop.is_set():  # the caller may have stopped: never wait forever for a slot
@@ -57,7 +57,7 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
 
     def produce() -> None:
         try:
-            with torch.set_grad_enabled(grad):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 while slot():
                     try:
                         item = next(source)

@@ -97,6 +97,13 @@ def plan_names(
                 f"Tuned model {t} ({src.label}): {bad[0]!r} has shape {tuple(src.shape(bad[0]))}, the base "
                 f"{tuple(base.shape(bad[0]))} ({len(bad)} tensor(s) differ)."
             )
+        ints = [n for n in merged if not src.dtype(n).is_floating_point]
+        if ints:
+            raise ValueError(
+                f"Tuned model {t} ({src.label}): {ints[0]!r} is {src.dtype(ints[0])} where the base's is "
+                f"{base.dtype(ints[0])} ({len(ints)} tensor(s)); only floating-point weights are merged. Narrow "
+                "with names= / layers=, or pass the model it was meant to be."
+            )
         extra = [n for n in src.names if n not in base]
         if extra:
             warnings.warn(
