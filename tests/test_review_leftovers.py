@@ -43,9 +43,13 @@ def test_to_sparse_clears_the_transposed_flag_of_a_factored_entry():
     for n in factored:
         assert sparse.entries[n].storage == "sparse" and not sparse.entries[n].transposed, n
         assert torch.equal(sparse.entries[n].dense(), d.entries[n].dense()), n
-    zeroed = WeightDiff._of(  # a factored entry whose Δ is zero: to_auto makes it a zero entry
-        {n: d.entries[n] for n in factored}, d.metadata, "test"
-    ).scale(0.0).to_auto()
+    zeroed = (
+        WeightDiff._of(  # a factored entry whose Δ is zero: to_auto makes it a zero entry
+            {n: d.entries[n] for n in factored}, d.metadata, "test"
+        )
+        .scale(0.0)
+        .to_auto()
+    )
     for n in factored:
         assert zeroed.entries[n].storage == "zero" and not zeroed.entries[n].transposed, n
 

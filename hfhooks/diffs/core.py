@@ -533,7 +533,9 @@ class WeightDiff(HubMixin):
             if e.storage in ("dense", "factored"):
                 delta = e.dense()
                 if not bool(delta.ne(0).any()):
-                    e = replace(e, load=mapped_loader(e, lambda p: with_fix(p, {})), storage="zero", transposed=False)
+                    e = replace(
+                        e, load=mapped_loader(e, lambda p: with_fix(p, {})), storage="zero", transposed=False
+                    )
                 elif sparse_is_smaller(delta, limit=self._stored_bytes(n, e)):
                     load = mapped_loader(e, lambda p, e=e: sparsify_payload(e, p))
                     e = replace(e, load=load, storage="sparse", transposed=False)
