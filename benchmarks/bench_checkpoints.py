@@ -11,16 +11,16 @@ in a fresh subprocess (peak RSS = the kernel's ``VmHWM``, reset after the import
   or ``--delta-dtype``);
 * ``apply-diff``        — :meth:`WeightDiff.apply` of that file to the base checkpoint (base checked per tensor);
 * ``apply-diff (in RAM)`` — load the checkpoint and the diff, add, save.
-* ``diff (floor)`` / ``apply-diff (floor)`` — a lower bound for *any* streamed diff / apply on this machine, not a
+* ``diff (floor)`` / ``apply-diff (floor)`` — a lower bound for a single-threaded streamed diff / apply here, not a
   usable implementation: per tensor, read the inputs (mmap), one bf16 ``sub`` / ``add``, append the raw bytes to
   one file. No header, no checksums, no exactness check or correction, no atomic publish, one thread. When a floor
   itself misses a speed goal, no single-threaded streamed implementation can meet it here.
-* ``diff (2-thread floor)`` / ``apply-diff (2-thread floor)`` — the same arithmetic pipelined over both CPUs:
-  each shard's payload viewed through mmap as one flat tensor, ``sub`` / ``add`` in 16 MB blocks on the main
-  thread while a second thread writes the previous block (three rotating buffers). Still nothing else: no
-  header, checksums, exactness check or atomic publish. Every streamed diff / apply must at least read its two
-  inputs, compute and write new bytes, so where this floor misses a goal in every run, no implementation of
-  that kind meets it on this machine.
+* ``diff (2-thread floor)`` / ``apply-diff (2-thread floor)`` — the same arithmetic pipelined: each shard's payload
+  viewed through mmap as one flat tensor, ``sub`` / ``add`` in 16 MB blocks on the main thread while a second
+  thread writes the previous block. Still nothing else: no header, checksums, exactness check or atomic publish.
+* ``diff (3-thread floor)`` / ``apply-diff (3-thread floor)`` — the same with the inputs read by ``preadv`` into two
+  reused buffers instead of mmap, and two writer threads (``pwrite`` at each block's offset). These floors bound
+  streamed pipelines of these shapes on this machine; they do not prove a bound for every possible design.
 * ``write (floor)`` — writing as many bytes as the checkpoint holds from memory into a new file, on one thread,
   nothing read or computed: the output side of any diff or apply (their output is new bytes), against the copy's
   in-kernel ``sendfile`` (``shutil``'s fast path on Linux). File writes vary several-fold between runs on a VM
@@ -53,7 +53,8 @@ from peakrss import peak_kb, reset_peak, status_kb
 
 OPS = (
     "copy", "restore", "restore (in RAM)", "diff", "apply-diff", "apply-diff (in RAM)", "diff (floor)",
-    "apply-diff (floor)", "diff (2-thread floor)", "apply-diff (2-thread floor)", "write (floor)",
+    "apply-diff (floor)", "diff (2-thread floor)", "apply-diff (2-thread floor)", "diff (3-thread floor)",
+    "apply-diff (3-thread floor)", "write (floor)",
 )  # fmt: skip
 GOAL_RSS_OPS = ("restore", "apply-diff")
 GOAL_SPEED = {
@@ -64,6 +65,8 @@ GOAL_SPEED = {
     "apply-diff (floor)": 0.9,
     "diff (2-thread floor)": 0.5,
     "apply-diff (2-thread floor)": 0.9,
+    "diff (3-thread floor)": 0.5,
+    "apply-diff (3-thread floor)": 0.9,
 }  # × the plain file copy's throughput
 GOAL_DIFF_SIZE = 1.1  # diff file ≤ 1.1× the bytes of the changed tensors (in the checkpoint's dtype)
 
@@ -203,6 +206,8 @@ def run_op(op: str, root: Path, layers: str, delta_dtype: str | None = None) -> 
         floor_pass(root, out, op)
     elif op in ("diff (2-thread floor)", "apply-diff (2-thread floor)"):
         pipelined_floor_pass(root, out, op.startswith("diff"))
+    elif op in ("diff (3-thread floor)", "apply-diff (3-thread floor)"):
+        pipelined_floor_pass(root, out, op.startswith("diff"), pread=True, writers=2)
     elif op == "write (floor)":
         write_floor(root, out)
     else:
@@ -250,63 +255,98 @@ def floor_pass(root: Path, out: Path, op: str) -> None:
                 w.write(memoryview(r.view(torch.uint8).numpy()))
 
 
-def _flat_payload(path: Path):
-    """The whole data section of a bf16 safetensors file as one flat tensor viewing its mmap (no copy)."""
-    import numpy as np
-    import torch
-
+def _payload_span(path: Path) -> tuple[int, int]:
+    """``(offset, bytes)`` of a safetensors file's data section."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-    return torch.frombuffer(np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n), dtype=torch.bfloat16)
+    return 8 + n, path.stat().st_size - 8 - n
 
 
-def pipelined_floor_pass(root: Path, out: Path, diff: bool) -> None:
-    """:func:`floor_pass` on both CPUs: compute the next block on this thread while another writes the last."""
+def pipelined_floor_pass(root: Path, out: Path, diff: bool, pread: bool = False, writers: int = 1) -> None:
+    """:func:`floor_pass` over several threads: this thread computes the next block while ``writers`` threads
+    write the ones before it (``pwrite`` at their offsets, so they may finish in any order). Inputs are viewed
+    through mmap (``pread=False``) or read with ``preadv`` into two reused buffers (``pread=True``)."""
     import queue
     import threading
     import warnings
 
+    import numpy as np
     import torch
 
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     block = 8 << 20  # elements: 16 MB of bf16
-    bufs = [torch.empty(block, dtype=torch.bfloat16) for _ in range(3)]
+    bufs = [torch.empty(block, dtype=torch.bfloat16) for _ in range(2 + writers)]
+    ins = [torch.empty(block, dtype=torch.bfloat16) for _ in range(2 if pread else 0)]
     free: queue.SimpleQueue = queue.SimpleQueue()
     todo: queue.SimpleQueue = queue.SimpleQueue()
+    failed: list[BaseException] = []
     for i in range(len(bufs)):
         free.put(i)
 
     def writer() -> None:
         while (item := todo.get()) is not None:
-            fd, i, n = item
-            view = memoryview(bufs[i][:n].view(torch.uint8).numpy())
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view) :]
+            fd, i, n, at = item
+            try:
+                view = memoryview(bufs[i][:n].view(torch.uint8).numpy())
+                while view:  # pwrite may write less than asked
+                    k = os.pwrite(fd, view, at)
+                    view, at = view[k:], at + k
+            except BaseException as e:  # the main thread re-raises it; a dead writer would leave it waiting
+                failed.append(e)
             free.put(i)
 
-    thread = threading.Thread(target=writer)
-    thread.start()
+    def read(path: Path, offset: int, count: int, into: torch.Tensor) -> torch.Tensor:
+        view, fd = memoryview(into.view(torch.uint8).numpy())[: 2 * count], os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < len(view):
+                k = os.preadv(fd, [view[got:]], offset + got)
+                if k <= 0:
+                    raise OSError(f"{path} ended early")
+                got += k
+        finally:
+            os.close(fd)
+        return into[:count]
+
+    threads = [threading.Thread(target=writer) for _ in range(writers)]
+    for t in threads:
+        t.start()
     out.mkdir()
     fds = []
     try:
         for f in sorted((root / "base").glob("*.safetensors")):
-            a = _flat_payload(f)
-            b = _flat_payload(root / ("post" if diff else "floor-delta") / f.name)
-            if a.numel() != b.numel():
-                raise RuntimeError(f"{f.name}: payloads differ in size ({a.numel()} vs {b.numel()} elements)")
+            other = root / ("post" if diff else "floor-delta") / f.name
+            (a_at, size), (b_at, b_size) = _payload_span(f), _payload_span(other)
+            if size != b_size:
+                raise RuntimeError(f"{f.name}: payloads differ in size ({size} vs {b_size} bytes)")
+            if not pread:
+                a, b = (
+                    torch.frombuffer(np.memmap(p, dtype=np.uint8, mode="r", offset=at), dtype=torch.bfloat16)
+                    for p, at in ((f, a_at), (other, b_at))
+                )
             fds.append(os.open(out / (f.name + ".raw"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
-            for s in range(0, a.numel(), block):
-                e, i = min(a.numel(), s + block), free.get()
-                if diff:
-                    torch.sub(b[s:e], a[s:e], out=bufs[i][: e - s])
+            for s in range(0, size // 2, block):
+                e, i = min(size // 2, s + block), free.get()
+                if failed:
+                    raise RuntimeError("a writer thread failed") from failed[0]
+                if pread:
+                    x, y = read(f, a_at + 2 * s, e - s, ins[0]), read(other, b_at + 2 * s, e - s, ins[1])
                 else:
-                    torch.add(a[s:e], b[s:e], out=bufs[i][: e - s])
-                todo.put((fds[-1], i, e - s))
+                    x, y = a[s:e], b[s:e]
+                if diff:
+                    torch.sub(y, x, out=bufs[i][: e - s])
+                else:
+                    torch.add(x, y, out=bufs[i][: e - s])
+                todo.put((fds[-1], i, e - s, 2 * s))
     finally:
-        todo.put(None)
-        thread.join()
+        for _ in threads:
+            todo.put(None)
+        for t in threads:
+            t.join()
         for fd in fds:
             os.close(fd)
+    if failed:
+        raise RuntimeError("a writer thread failed") from failed[0]
 
 
 def measure(op: str, root: Path, layers: str, delta_dtype: str | None) -> dict:

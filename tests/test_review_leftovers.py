@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import lora, make_model
 
+from hfhooks import ParamMask
 from hfhooks.diffs import WeightDiff, arithmetic
 from hfhooks.io.pipeline import prefetched
-from hfhooks.merging import merge
+from hfhooks.merging import MergeConfig, merge, merge_tensors
 
 
 def test_merge_refuses_an_integer_tuned_tensor_where_the_base_is_float():
@@ -23,6 +24,12 @@ def test_merge_refuses_an_integer_tuned_tensor_where_the_base_is_float():
         merge(base, [tuned], "task_arithmetic")
     merged = merge(base, [{"w": base["w"] + 1, "b": tuned["b"]}], "task_arithmetic")  # floats: merged
     assert torch.equal(merged.state_dict["w"], base["w"] + 1)
+    cfg = MergeConfig(method="task_arithmetic")
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor([True, False, True])):  # the tensor-level entry point
+        with pytest.raises(
+            TypeError, match=f"tuned model 0 is {bad.dtype} where the base's is torch.float32"
+        ):
+            merge_tensors(torch.zeros(3), [bad], cfg, "w")
 
 
 def test_to_sparse_clears_the_transposed_flag_of_a_factored_entry():
@@ -52,6 +59,13 @@ def test_to_sparse_clears_the_transposed_flag_of_a_factored_entry():
     )
     for n in factored:
         assert zeroed.entries[n].storage == "zero" and not zeroed.entries[n].transposed, n
+    quantized = d.quantize(256)
+    half = ParamMask({n: torch.rand(d.entries[n].shape, generator=g) < 0.5 for n in factored})
+    masked = d.restrict(mask=half)
+    for n in factored:
+        assert quantized.entries[n].storage == "quantized" and not quantized.entries[n].transposed, n
+        assert masked.entries[n].storage == "sparse" and not masked.entries[n].transposed, n
+        assert torch.equal(masked.entries[n].dense(), d.entries[n].dense() * half[n]), n
 
 
 def test_between_entry_reports_its_own_error_not_the_fingerprint_threads(monkeypatch):

@@ -468,6 +468,7 @@ class WeightDiff(HubMixin):
                         storage="quantized" if e.storage == "quantized" else "sparse",
                         **INEXACT,
                         changed=None,
+                        transposed=False,  # a former factored entry's values are Δ itself now
                     )
                 )
             entries = masked
@@ -507,6 +508,7 @@ class WeightDiff(HubMixin):
                 storage="quantized",
                 levels=levels,
                 **INEXACT,
+                transposed=False,  # codes of Δ itself, whatever the entry's storage was
             )
         return WeightDiff._of(entries, self.metadata, {"op": "quantize", "levels": levels})
 

@@ -437,6 +437,11 @@ def merge_tensors(
     readers = []
     for t, x in enumerate(tuned):
         x = x() if callable(x) else x
+        if not x.is_floating_point():  # would be cast and merged: the base's dtype is not the tuned model's
+            raise TypeError(
+                f"{name!r}: tuned model {t} is {x.dtype} where the base's is {base.dtype}; only floating-point "
+                "weights are merged."
+            )
         if tuple(x.shape) != tuple(base.shape):
             raise ValueError(
                 f"{name!r}: tuned model {t} has shape {tuple(x.shape)}, the base {tuple(base.shape)}; models "
