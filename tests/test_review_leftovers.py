@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 
@@ -112,3 +113,36 @@ def test_prefetched_tensors_made_under_inference_mode_are_inference_tensors():
     assert z.is_inference()
     (w,) = list(prefetched(x * k for k in (2,)))
     assert not w.is_inference()
+
+
+def test_streamed_apply_of_a_corrupt_diff_reports_the_crc_not_what_the_corruption_broke(
+    tmp_path, monkeypatch
+):
+    """A dense Δ's values are CRC-checked on the helper thread while θ + Δ is computed, so corrupt values can
+    make the arithmetic fail before the check reports; the error raised is the check's, with the arithmetic's
+    as its cause (it was the arithmetic's). Other storages check every part before decoding it."""
+    from hfhooks.diffs import DiffFileError
+    from hfhooks.io.safetensors import read_safetensors_header
+
+    base = make_model("llama")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 1e-2)
+    base.save_pretrained(tmp_path / "base")
+    d = WeightDiff.between(base, tuned, progress=False)
+    path = d.to_dense().save(tmp_path / "d.safetensors")
+    raw = bytearray(path.read_bytes())
+    for info in read_safetensors_header(path)[0].values():  # every entry: whichever is applied first
+        raw[info.start + (info.end - info.start) // 2] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+
+    def broken(*args, **kwargs):
+        raise IndexError("decoding went wrong")
+
+    monkeypatch.setattr(arithmetic, "_plus_blocks", broken)
+    lazy = WeightDiff.load(tmp_path / "bad.safetensors", lazy=True)
+    with pytest.raises(DiffFileError, match="CRC-32") as caught:
+        lazy.apply(tmp_path / "base", out=tmp_path / "out", progress=False)
+    assert isinstance(caught.value.__cause__, IndexError)
+    assert not (tmp_path / "out").exists()

@@ -457,6 +457,17 @@ def _add_payload(
     return out
 
 
+def _raise_failed_check(checks: list[concurrent.futures.Future], exc: Exception) -> None:
+    """After the arithmetic raised ``exc``: wait for the checks running beside it (they read θ and the read
+    buffer, which the caller may reuse next) and raise the first one's error, if any, as the cause to report —
+    a corrupt payload (CRC mismatch) can break decoding before its check finishes."""
+    concurrent.futures.wait(checks)
+    for check in checks:
+        error = check.exception()
+        if error is not None:
+            raise error from exc
+
+
 def apply_fn(
     name: str, entry: DiffEntry, scale: float, check_base: bool, buffer: ReadBuffer | None = None
 ) -> Callable[[Callable[[], torch.Tensor]], torch.Tensor | TensorBlocks]:
@@ -491,15 +502,23 @@ def apply_fn(
                 raise BaseMismatchError(mismatch_message([(name, bases[0], results[0])], None))
 
         if entry.storage != "dense":
-            out = _add_payload(theta, entry, payload, scale, fix)
+            try:
+                out = _add_payload(theta, entry, payload, scale, fix)
+            except Exception as exc:
+                _raise_failed_check(checks, exc)
+                raise
             finish()
             return out
 
         def blocks() -> Iterator[torch.Tensor]:
-            for i, _, block in _plus_blocks(theta, payload["values"], scale):
-                if fix:
-                    _apply_fix(block, i, payload)
-                yield block
+            try:
+                for i, _, block in _plus_blocks(theta, payload["values"], scale):
+                    if fix:
+                        _apply_fix(block, i, payload)
+                    yield block
+            except Exception as exc:  # not GeneratorExit: a writer that stops early closes this generator
+                _raise_failed_check(checks, exc)
+                raise
             finish()
 
         # _plus_blocks alternates two buffers: a block is written on a second thread while the next is computed
