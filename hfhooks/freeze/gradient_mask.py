@@ -4,12 +4,8 @@ Masking gradients alone does not freeze weights: decoupled weight decay shrinks 
 momentum or Adam state built up before the mask keeps moving them. The SalUn reference code shipped that bug
 for two years. :class:`GradientMask` closes every path:
 
-1. a gradient hook on each parameter zeroes the masked-out gradient entries before clipping and before DDP
-   reduction (so gradient-norm clipping only sees what will be applied, and all ranks agree): in one process
-   without DeepSpeed, a post-accumulate-grad hook masks ``.grad`` in place once accumulated; in a process group
-   or under DeepSpeed, a tensor hook masks each micro-batch's gradient before accumulation (DDP's reducer and
-   ZeRO's hooks read ``.grad`` right after accumulation); FSDP2's sharded parameters use the post-accumulate
-   form (see :meth:`GradientMask.attach`);
+1. a tensor hook on each parameter zeroes the masked-out gradient entries *before* accumulation, clipping and
+   DDP reduction (so gradient-norm clipping only sees what will be applied, and all ranks agree);
 2. with ``freeze="hard"`` (the default) an optimizer step post-hook copies the original values back into the
    masked-out coordinates after every step and zeroes their optimizer state (``exp_avg``, ``exp_avg_sq``,
    ``momentum_buffer``…), so they are bit-identical to their values at :meth:`GradientMask.attach` under any
@@ -705,16 +701,8 @@ class GradientMask:
         self._frozen = self._targets()
         self._hooks = hooks = HookSet(self, self.model)
         self._steps = 0
-        # One process, no DeepSpeed: nothing else reads the accumulated gradient before clipping and the step,
-        # so it is masked in place once accumulated: no new gradient tensor per backward (in the Trainer step of
-        # benchmarks/bench_gradient_mask.py, hooks + pre-step masking took 18.7-20.2 ms a step against
-        # 22.2-25.2 ms with the tensor hook). Elsewhere the tensor hook keeps the order obvious: DDP's reducer
-        # and ZeRO's hooks read (ZeRO: reduce and free) .grad right after accumulation.
-        in_place = not self._zero and not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        )
         for target in self._frozen:
-            if is_dtensor(target.param) or in_place:
+            if is_dtensor(target.param):
                 # FSDP2: the sharded parameter never sees an autograd gradient (the unsharded copy does); FSDP
                 # runs post-accumulate hooks on it once the reduce-scattered gradient shard is in place.
                 hooks.post_accumulate_grad_hook(target.param, target.mask_grad_, target.name)
