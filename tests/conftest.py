@@ -237,6 +237,17 @@ def lora(model: nn.Module, target_modules, modules_to_save=None, **kw) -> nn.Mod
         return peft.get_peft_model(model, cfg)
 
 
+def randomize_trainable(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
+    """Overwrite every trainable parameter with seeded normal noise × ``scale`` (a fresh LoRA's B is zero, so
+    its Δ would be too); returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def skip_unless_trainer_resumes() -> None:
     """transformers before ~4.50 torch.load()s its checkpoint's numpy RNG state with torch's default
     ``weights_only=True`` (since torch 2.6), so no run resumes there at all (with or without hfhooks)."""

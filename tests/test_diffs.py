@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import lora, make_model
+from conftest import lora, make_model, randomize_trainable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -509,12 +509,7 @@ def test_lora_diff_equals_merge_minus_base(tmp_path, arch, targets, kw):
     base = make_model(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = lora(copy.deepcopy(base), targets, **kw)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        peft_model = randomize_trainable(lora(copy.deepcopy(base), targets, **kw))
     d = WeightDiff.from_lora(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = params(copy.deepcopy(peft_model).merge_and_unload())

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 import threading
-import warnings
 
 import pytest
 import torch
-from conftest import lora, make_model
+from conftest import lora, make_model, randomize_trainable
 
 from hfhooks import ParamMask
 from hfhooks.diffs import WeightDiff, arithmetic
@@ -36,14 +35,8 @@ def test_merge_refuses_an_integer_tuned_tensor_where_the_base_is_float():
 def test_to_sparse_clears_the_transposed_flag_of_a_factored_entry():
     """GPT-2's fan_in_fan_out LoRA is a factored entry with ``transposed=True``; once stored sparse, the
     values are Δ itself and the flag no longer describes anything."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = lora(make_model("gpt2"), ["c_attn"], fan_in_fan_out=True)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = randomize_trainable(lora(make_model("gpt2"), ["c_attn"], fan_in_fan_out=True))
+    g = torch.Generator().manual_seed(1)
     d = WeightDiff.from_lora(model)
     factored = [n for n, e in d.entries.items() if e.storage == "factored"]
     assert factored and all(d.entries[n].transposed for n in factored)
